@@ -1,0 +1,9 @@
+"""Container backends: the seam between the pool and whatever runs sandbox containers.
+
+``base`` holds the typed Protocol and its data types; ``docker_engine`` is the Docker
+implementation and the only module of duckcell that imports ``docker``.
+"""
+
+from .base import ContainerInfo, ContainerState, SandboxBackend, SandboxHandle, SandboxSpec
+
+__all__ = ["ContainerInfo", "ContainerState", "SandboxBackend", "SandboxHandle", "SandboxSpec"]

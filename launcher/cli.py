@@ -1,0 +1,195 @@
+"""The ``duckcell`` command. It parses arguments and wires components; nothing else.
+
+Exit codes: 0 success, 1 the query failed (DuckDB's message on stderr), 2 anything else
+(bad input, no engine, missing image), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
+from .backend.docker_engine import DockerBackend
+from .config import LauncherConfig, load_config
+from .errors import DuckcellError
+from .executor import collect_table
+from .image import ImageBuilder
+from .instance import reap_orphans
+from .local import LocalLauncher
+from .output import FORMATS, write_result
+from .policy import load_policies, load_policy_file
+
+
+class Progress:
+    """Short progress lines on stderr for long steps; quiet when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.monotonic() - self._start
+            print(f"duckcell [{elapsed:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duckcell",
+        description="Run DuckDB queries, each in its own hardened sandbox container.",
+    )
+    parser.add_argument("--version", action="version", version=f"duckcell {__version__}")
+    parser.add_argument("--config", type=Path, help="launcher config YAML (or DUCKCELL_CONFIG)")
+    parser.add_argument("--state-dir", type=Path, help="launcher state (DUCKCELL_STATE_DIR)")
+    parser.add_argument("--policies-dir", type=Path, help="policy YAML directory")
+    parser.add_argument("--image", help="sandbox image tag (DUCKCELL_IMAGE)")
+    parser.add_argument("--launcher-id", help="label identifying this launcher's sandboxes")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    query = commands.add_parser("query", help="run one query in a fresh sandbox and print it")
+    query.add_argument("sql", help="SQL text (use - to read it from stdin)")
+    query.add_argument("--policy", default="default", help="policy name (default: default)")
+    query.add_argument("--format", choices=FORMATS, default="table")
+    query.add_argument("--output", "-o", type=Path, help="write the result to FILE")
+
+    image = commands.add_parser("image", help="sandbox image")
+    image_commands = image.add_subparsers(dest="image_command", required=True)
+    build = image_commands.add_parser("build", help="build the sandbox image if out of date")
+    build.add_argument("--base", help="base image (default: python:3.11-slim or offline)")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+    policy = commands.add_parser("policy", help="policies")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_commands.add_parser("list", help="list the policies the launcher would load")
+    check = policy_commands.add_parser("check", help="validate policy files")
+    check.add_argument("files", nargs="*", type=Path)
+
+    sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
+    sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
+    sandbox_commands.add_parser("list", help="list them")
+    sandbox_commands.add_parser("reap", help="remove those whose launcher process is gone")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> LauncherConfig:
+    return load_config(
+        flags={
+            "state_dir": args.state_dir,
+            "policies_dir": args.policies_dir,
+            "image": args.image,
+            "launcher_id": args.launcher_id,
+        },
+        config_file=args.config,
+    )
+
+
+async def _query(args: argparse.Namespace, progress: Progress) -> int:
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    if args.format == "parquet" and args.output is None:
+        raise DuckcellError("--format parquet needs --output FILE")
+    config = _config(args)
+    async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
+        policy = launcher.policies.get(args.policy)
+        progress(f"starting a {policy.runtime.value} sandbox (policy {policy.name})")
+        if policy.isolation.value == "session":
+            session = await launcher.sessions.open(policy)
+            execution = launcher.execute(sql, session_id=session.session_id)
+        else:
+            execution = launcher.execute(sql, policy=policy.name)
+        table = await collect_table(execution)
+        record = execution.record
+        progress(f"{table.num_rows} row(s) from sandbox {record.sandbox} in {record.total_s:.2f} s")
+    write_result(table, args.format, args.output)
+    return 0
+
+
+def _image_build(args: argparse.Namespace, progress: Progress) -> int:
+    config = _config(args)
+    built = ImageBuilder(tag=config.image, progress=Progress(True)).build(
+        base=args.base, force=args.force
+    )
+    state = "up to date" if built.reused else f"built in {built.seconds:.0f} s"
+    print(f"{built.tag} {state} (content hash {built.content_hash[:12]})")
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "list":
+        config = _config(args)
+        policies = load_policies(config.policies_dir)
+        for policy in policies:
+            limits = policy.limits
+            print(
+                f"{policy.name:<16} {policy.isolation.value:<8} {policy.runtime.value:<6} "
+                f"cpus={limits.cpus:g} memory={limits.memory_bytes // 2**20}MiB "
+                f"timeout={limits.statement_timeout_s:g}s warm={policy.warm_pool}  "
+                f"({policy.source})"
+            )
+        return 0
+    files = args.files or sorted(_config(args).policies_dir.glob("*.y*ml"))
+    for path in files:
+        load_policy_file(path)
+        print(f"{path}: ok")
+    return 0
+
+
+async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
+    config = _config(args)
+    backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
+    try:
+        await backend.ping()
+        if args.sandboxes_command == "list":
+            for info in await backend.list({LABEL_LAUNCHER: config.launcher_id}):
+                print(f"{info.name}  policy={info.labels.get(LABEL_POLICY, '?')}")
+            return 0
+        report = await reap_orphans(
+            backend,
+            launcher_id=config.launcher_id,
+            instances_dir=config.instances_dir,
+            run_dir=config.run_dir,
+            own_instance=None,
+        )
+        print(f"removed {len(report.removed)} orphaned sandbox(es); {report.kept_live} in use")
+        return 0
+    finally:
+        backend.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="duckcell: %(levelname)s %(name)s: %(message)s",
+    )
+    progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        if args.command == "query":
+            return asyncio.run(_query(args, progress))
+        if args.command == "image":
+            return _image_build(args, progress)
+        if args.command == "policy":
+            return _policy(args)
+        if args.command == "sandboxes":
+            return asyncio.run(_sandboxes(args, progress))
+    except DuckcellError as error:
+        print(f"duckcell: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("duckcell: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

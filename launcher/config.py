@@ -1,0 +1,132 @@
+"""The launcher's configuration: one frozen object, loaded in one place.
+
+Precedence: command-line flags > ``DUCKCELL_*`` environment > YAML file (``--config`` or
+``DUCKCELL_CONFIG``) > defaults. Components receive the part they need and never read the
+environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .resources import policies_dir
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/duckcell")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "duckcell"
+
+
+@dataclass(frozen=True, slots=True)
+class LauncherConfig:
+    launcher_id: str
+    state_dir: Path
+    policies_dir: Path
+    image: str = "duckcell-sandbox:latest"
+    cache_dir: Path | None = None
+    max_sandboxes: int = 8
+    queue_timeout_s: float = 30.0
+    engine_timeout_s: float = 30.0
+    start_timeout_s: float = 60.0
+    kill_grace_s: float = 5.0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"
+
+
+_ENV = {
+    "launcher_id": "DUCKCELL_LAUNCHER_ID",
+    "state_dir": "DUCKCELL_STATE_DIR",
+    "policies_dir": "DUCKCELL_POLICIES_DIR",
+    "image": "DUCKCELL_IMAGE",
+    "cache_dir": "DUCKCELL_CACHE_DIR",
+    "max_sandboxes": "DUCKCELL_MAX_SANDBOXES",
+    "queue_timeout_s": "DUCKCELL_QUEUE_TIMEOUT",
+    "engine_timeout_s": "DUCKCELL_ENGINE_TIMEOUT",
+    "start_timeout_s": "DUCKCELL_START_TIMEOUT",
+    "kill_grace_s": "DUCKCELL_KILL_GRACE",
+}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(LauncherConfig)}[name]
+    try:
+        if "Path" in str(kind):
+            return Path(str(value)).expanduser()
+        if kind == "int":
+            number = int(value)
+            if number < 1:
+                raise ValueError("must be at least 1")
+            return number
+        if kind == "float":
+            number = float(value)
+            if number <= 0:
+                raise ValueError("must be positive")
+            return number
+        return str(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{origin}: {name}: invalid value {value!r} ({error})") from None
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of settings")
+    known = {f.name for f in fields(LauncherConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+    return {key: _coerce(key, value, str(path)) for key, value in data.items()}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> LauncherConfig:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {
+        "launcher_id": f"local-{socket.gethostname()}",
+        "state_dir": _default_state_dir(),
+        "policies_dir": policies_dir(),
+    }
+    file_path = config_file
+    if file_path is None and env.get("DUCKCELL_CONFIG"):
+        file_path = Path(env["DUCKCELL_CONFIG"])
+    if file_path is not None:
+        values.update(_from_yaml(file_path))
+    for name, variable in _ENV.items():
+        if env.get(variable):
+            values[name] = _coerce(name, env[variable], f"environment {variable}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    return LauncherConfig(**values)
+
+
+def with_overrides(config: LauncherConfig, **changes: Any) -> LauncherConfig:
+    return replace(config, **changes)

@@ -1,0 +1,115 @@
+"""Every error duckcell raises on purpose, in one tree.
+
+    DuckcellError                      root; ``str(err)`` is a one-line message for a person
+    ├── ConfigError                    launcher configuration (file, env, flags)
+    ├── PolicyError                    a policy file is invalid (file, line, field)
+    │   └── UnknownPolicyError         a policy name that no file defines
+    ├── BackendError                   the container engine failed or is missing
+    │   ├── EngineUnavailableError     no Docker daemon answers
+    │   ├── ImageMissingError          the sandbox image is not built
+    │   └── EngineTimeoutError         an engine call passed its deadline
+    ├── ImageBuildError                building the sandbox image failed
+    ├── PoolError                      the warm pool cannot hand out a sandbox
+    │   ├── OverCapacityError          every sandbox slot stayed busy for the whole wait
+    │   └── SandboxStartError          a sandbox did not become ready
+    ├── SessionError                   unknown, closed or expired session
+    └── QueryError                     the query itself did not complete
+        ├── SqlError                   DuckDB refused or failed the statement (its message)
+        ├── QueryTimeoutError          statement timeout or hard wall-clock kill
+        ├── MemoryLimitError           the sandbox hit its memory limit
+        ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
+        ├── QueryCancelledError        cancelled by the caller
+        └── SandboxLostError           the sandbox died for another reason
+
+External errors (docker, grpc, DuckDB) are translated where they are met: the Docker backend,
+the runner client, the runner. Nothing outside those modules sees a foreign exception type.
+"""
+
+from __future__ import annotations
+
+
+class DuckcellError(Exception):
+    """Root of duckcell's errors. The message says what happened and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(DuckcellError):
+    """The launcher configuration is invalid."""
+
+
+class PolicyError(DuckcellError):
+    """A policy document is invalid; the message names file, line and field."""
+
+
+class UnknownPolicyError(PolicyError):
+    """No policy of that name exists."""
+
+
+class BackendError(DuckcellError):
+    """The container engine failed."""
+
+
+class EngineUnavailableError(BackendError):
+    """No Docker daemon answers."""
+
+
+class ImageMissingError(BackendError):
+    """The sandbox image is not present in the engine."""
+
+
+class EngineTimeoutError(BackendError):
+    """An engine call did not answer before its deadline."""
+
+
+class ImageBuildError(DuckcellError):
+    """Building the sandbox image failed."""
+
+
+class PoolError(DuckcellError):
+    """The pool could not provide a sandbox."""
+
+
+class OverCapacityError(PoolError):
+    """All sandbox slots stayed busy for the whole queue wait."""
+
+
+class SandboxStartError(PoolError):
+    """A sandbox container did not reach ready."""
+
+
+class SessionError(DuckcellError):
+    """The session is unknown, closed or expired."""
+
+
+class QueryError(DuckcellError):
+    """The query did not complete. ``reason`` is a short machine-readable word."""
+
+    exit_code = 1
+    reason = "error"
+
+
+class SqlError(QueryError):
+    """DuckDB refused or failed the statement; the message is DuckDB's."""
+
+    reason = "sql"
+
+
+class QueryTimeoutError(QueryError):
+    reason = "timeout"
+
+
+class MemoryLimitError(QueryError):
+    reason = "memory"
+
+
+class ResultLimitError(QueryError):
+    reason = "result_limit"
+
+
+class QueryCancelledError(QueryError):
+    reason = "cancelled"
+
+
+class SandboxLostError(QueryError):
+    reason = "sandbox_lost"

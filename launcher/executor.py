@@ -1,0 +1,248 @@
+"""Run one query: a sandbox from the pool (or the session), the runner, the result stream.
+
+Four things can end a query early and the caller is always told which: the runner's statement
+timeout, the launcher's hard wall-clock kill (timeout plus a grace, for calls DuckDB cannot
+interrupt), the container's memory limit (OOM kill, read back from the engine), and a cancel.
+Per-query sandboxes are released (destroyed) whatever happened; a session's sandbox is kept
+unless it was killed or lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.ipc
+
+from .backend.base import SandboxBackend
+from .errors import (
+    DuckcellError,
+    MemoryLimitError,
+    QueryCancelledError,
+    QueryError,
+    QueryTimeoutError,
+    SandboxLostError,
+)
+from .policy import Isolation, Policy
+from .pool import SandboxPool
+from .runner_client import QuerySummary, StreamBroken
+from .sandbox import Sandbox
+from .session import Session, SessionManager
+
+_EXIT_WAIT_S = 3.0
+
+
+@dataclass(slots=True)
+class QueryRecord:
+    """What happened to one query; the audit log and the CLI read it."""
+
+    query_id: str
+    policy: str
+    sandbox: str = ""
+    slot: str = ""
+    session_id: str | None = None
+    queued_s: float = 0.0
+    total_s: float = 0.0
+    summary: QuerySummary | None = None
+    outcome: str = "running"
+
+
+class QueryExecution:
+    """One query's run. Iterate ``chunks()`` once; cancel with ``cancel()``."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        sql: str,
+        policy: Policy,
+        session: Session | None,
+        query_id: str,
+    ) -> None:
+        self._executor = executor
+        self._sql = sql
+        self._policy = policy
+        self._session = session
+        self._sandbox: Sandbox | None = None
+        self._stop_reason: str | None = None
+        self.record = QueryRecord(
+            query_id, policy.name, session_id=session.session_id if session else None
+        )
+
+    @property
+    def query_id(self) -> str:
+        return self.record.query_id
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Arrow IPC stream bytes, in order. Raises QueryError subclasses."""
+        started = time.monotonic()
+        executor = self._executor
+        executor._running[self.query_id] = self
+        try:
+            if self._session is not None:
+                async with self._session.lock:
+                    self._session.active_queries += 1
+                    try:
+                        async for chunk in self._run_in(self._session.sandbox, started):
+                            yield chunk
+                    finally:
+                        self._session.active_queries -= 1
+                        self._session.last_used = time.monotonic()
+            else:
+                pool = executor._pool_for(self._policy)
+                sandbox = await pool.acquire()
+                try:
+                    async for chunk in self._run_in(sandbox, started):
+                        yield chunk
+                finally:
+                    pool.release(sandbox)
+            self.record.outcome = "ok"
+        except QueryError as error:
+            self.record.outcome = error.reason
+            raise
+        except DuckcellError as error:
+            self.record.outcome = type(error).__name__
+            raise
+        except asyncio.CancelledError:
+            self.record.outcome = "cancelled"
+            raise
+        finally:
+            self.record.total_s = time.monotonic() - started
+            executor._running.pop(self.query_id, None)
+
+    async def _run_in(self, sandbox: Sandbox, started: float) -> AsyncIterator[bytes]:
+        self._sandbox = sandbox
+        self.record.sandbox = sandbox.name
+        self.record.slot = sandbox.slot
+        self.record.queued_s = time.monotonic() - started
+        limits = self._policy.limits
+        hard_deadline = time.monotonic() + limits.statement_timeout_s + self._executor.kill_grace_s
+        stream = sandbox.client.execute(
+            query_id=self.query_id,
+            sql=self._sql,
+            timeout_s=limits.statement_timeout_s,
+            max_rows=limits.max_result_rows,
+            max_bytes=limits.max_result_bytes,
+        )
+        try:
+            while True:
+                remaining = hard_deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(anext(stream), max(0.0, remaining))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    self._stop_reason = "hard_kill"
+                    await self._executor.backend.kill(sandbox.handle)
+                    self._lose_session()
+                    raise self._hard_kill_error() from None
+                if isinstance(item, QuerySummary):
+                    self.record.summary = item
+                else:
+                    yield item
+        except StreamBroken as broken:
+            self._lose_session()
+            raise await self._explain_loss(sandbox, broken) from None
+        finally:
+            await stream.aclose()
+
+    def _hard_kill_error(self) -> QueryTimeoutError:
+        limits = self._policy.limits
+        return QueryTimeoutError(
+            f"query killed by the launcher after {limits.statement_timeout_s:g} s "
+            f"(+{self._executor.kill_grace_s:g} s grace): the statement timeout of policy "
+            f"{self._policy.name} could not interrupt it"
+        )
+
+    def _lose_session(self) -> None:
+        if self._session is not None:
+            self._executor.sessions.close(
+                self._session.session_id, "lost its sandbox when a query was killed"
+            )
+
+    async def _explain_loss(self, sandbox: Sandbox, broken: StreamBroken) -> QueryError:
+        if self._stop_reason == "cancelled":
+            return QueryCancelledError("query cancelled; its sandbox was destroyed")
+        if self._stop_reason == "hard_kill":
+            return self._hard_kill_error()
+        backend = self._executor.backend
+        state = await backend.inspect(sandbox.handle)
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        while state.status == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            state = await backend.inspect(sandbox.handle)
+        if state.oom_killed or state.exit_code == 137:
+            mib = self._policy.limits.memory_bytes // (1024 * 1024)
+            return MemoryLimitError(
+                f"query used more than the sandbox memory limit of {mib} MiB (policy "
+                f"{self._policy.name}); the sandbox was killed"
+            )
+        return SandboxLostError(
+            f"sandbox {sandbox.name} stopped during the query (status {state.status}, exit "
+            f"code {state.exit_code}; {broken.detail})"
+        )
+
+    async def cancel(self) -> None:
+        """Stop the query. A per-query sandbox is killed outright; a session's is interrupted."""
+        self._stop_reason = "cancelled"
+        sandbox = self._sandbox
+        if sandbox is None:
+            return
+        if self._session is None:
+            await self._executor.backend.kill(sandbox.handle)
+        else:
+            await sandbox.client.cancel(self.query_id)
+
+
+class Executor:
+    def __init__(
+        self,
+        backend: SandboxBackend,
+        pool_for: Callable[[Policy], SandboxPool],
+        sessions: SessionManager,
+        *,
+        kill_grace_s: float = 5.0,
+    ) -> None:
+        self.backend = backend
+        self.sessions = sessions
+        self.kill_grace_s = kill_grace_s
+        self._pool_for = pool_for
+        self._running: dict[str, QueryExecution] = {}
+
+    def execute(
+        self,
+        sql: str,
+        *,
+        policy: Policy | None = None,
+        session_id: str | None = None,
+        query_id: str | None = None,
+    ) -> QueryExecution:
+        session = self.sessions.get(session_id) if session_id else None
+        if session is not None:
+            policy = session.policy
+        if policy is None:
+            raise ValueError("execute needs a policy or a session")
+        if session is None and policy.isolation is Isolation.SESSION:
+            raise QueryError(
+                f"policy {policy.name} is a session policy: open a session to run queries"
+            )
+        return QueryExecution(self, sql, policy, session, query_id or uuid.uuid4().hex)
+
+    async def cancel(self, query_id: str) -> bool:
+        execution = self._running.get(query_id)
+        if execution is None:
+            return False
+        await execution.cancel()
+        return True
+
+    def running(self) -> list[str]:
+        return list(self._running)
+
+
+async def collect_table(execution: QueryExecution) -> pa.Table:
+    """Run a query to the end and decode its whole result (CLI and tests; not the hot path)."""
+    parts = [chunk async for chunk in execution.chunks()]
+    return pa.ipc.open_stream(b"".join(parts)).read_all()

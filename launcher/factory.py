@@ -1,0 +1,98 @@
+"""Bring one sandbox from nothing to ready, or leave nothing behind.
+
+Ready means the container runs, the runner answered a real RPC over the socket and the
+warm-up Arrow IPC decoded on our side: the pool never hands out a half-started sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+
+from .backend.base import SandboxBackend, SandboxHandle
+from .backend.docker_engine import new_sandbox_name
+from .errors import DuckcellError, SandboxStartError
+from .policy import Policy
+from .runner_client import RunnerClient
+from .sandbox import Sandbox, build_spec
+
+_EXIT_POLL_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class FactorySettings:
+    image: str
+    launcher_id: str
+    instance_id: str
+    cache_dir: str | None
+    start_timeout_s: float = 60.0
+
+
+class SandboxFactory:
+    def __init__(self, backend: SandboxBackend, settings: FactorySettings) -> None:
+        self.backend = backend
+        self.settings = settings
+
+    async def start(self, policy: Policy) -> Sandbox:
+        settings = self.settings
+        slot = uuid.uuid4().hex[:16]
+        spec = build_spec(
+            policy,
+            name=new_sandbox_name(),
+            slot=slot,
+            image=settings.image,
+            launcher_id=settings.launcher_id,
+            instance_id=settings.instance_id,
+            cache_dir=settings.cache_dir,
+        )
+        handle = await self.backend.create(spec)
+        client: RunnerClient | None = None
+        try:
+            await self.backend.start(handle)
+            client = RunnerClient(handle.runner_target)
+            await self._wait_ready(handle, client)
+        except BaseException as error:
+            await self._discard(handle, client, error)
+            raise
+        return Sandbox(handle=handle, policy=policy, client=client, slot=slot)
+
+    async def _wait_ready(self, handle: SandboxHandle, client: RunnerClient) -> None:
+        """Wait for Ready, but notice at once if the container exits instead."""
+        ready = asyncio.ensure_future(client.wait_ready(self.settings.start_timeout_s))
+        try:
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=_EXIT_POLL_S)
+                if ready.done():
+                    break
+                state = await self.backend.inspect(handle)
+                if state.status in ("exited", "dead", "missing"):
+                    logs = (await self.backend.logs(handle)).strip().splitlines()
+                    tail = logs[-1] if logs else "no output"
+                    raise SandboxStartError(
+                        f"sandbox {handle.name} exited with code {state.exit_code} before it "
+                        f"was ready: {tail}"
+                    )
+            ready.result()
+        finally:
+            ready.cancel()
+
+    async def _discard(
+        self, handle: SandboxHandle, client: RunnerClient | None, error: BaseException
+    ) -> None:
+        # Shielded: a cancelled start must still remove what it created.
+        async def cleanup() -> None:
+            if client is not None:
+                await client.close()
+            with contextlib.suppress(DuckcellError):
+                await self.backend.remove(handle)
+
+        await asyncio.shield(cleanup())
+
+    async def destroy(self, sandbox: Sandbox) -> None:
+        """Kill and remove; removal is a forced remove, so PID 1 never gets a grace period."""
+        try:
+            await sandbox.client.close()
+        finally:
+            await self.backend.remove(sandbox.handle)

@@ -1,0 +1,145 @@
+"""The launcher on one host, wired: config -> engine -> orphan reaping -> pools -> executor.
+
+Used by the CLI's embedded mode, the tests and the benchmark; the tunnel worker will wrap
+the same object. Shutdown is ordered: stop taking queries, end sessions, close pools (which
+destroys every sandbox), release the instance lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import TracebackType
+
+from .backend.docker_engine import DockerBackend
+from .capacity import Capacity
+from .config import LauncherConfig
+from .errors import ImageMissingError
+from .executor import Executor, QueryExecution
+from .factory import FactorySettings, SandboxFactory
+from .instance import InstanceLock, ReapReport, reap_orphans
+from .policy import Policy, PolicySet, load_policies
+from .pool import SandboxPool
+from .session import Session, SessionManager
+
+
+class LocalLauncher:
+    def __init__(
+        self,
+        config: LauncherConfig,
+        *,
+        policies: PolicySet | None = None,
+        warm_override: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.policies = policies if policies is not None else load_policies(config.policies_dir)
+        self._warm_override = warm_override
+        self._progress = progress or (lambda message: None)
+        self._pools: dict[str, SandboxPool] = {}
+        self._lock: InstanceLock | None = None
+        self.backend: DockerBackend | None = None
+        self.capacity = Capacity(config.max_sandboxes)
+        self.sessions = SessionManager(self.pool_for)
+        self._executor: Executor | None = None
+        self.reaped: ReapReport | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
+        self.backend = backend
+        await backend.ping()
+        if not await backend.image_present(config.image):
+            raise ImageMissingError(
+                f"sandbox image {config.image} is not built; run `duckcell image build` "
+                "(or `make image`)"
+            )
+        self._lock = InstanceLock(config.instances_dir)
+        self.reaped = await reap_orphans(
+            backend,
+            launcher_id=config.launcher_id,
+            instances_dir=config.instances_dir,
+            run_dir=config.run_dir,
+            own_instance=self._lock.instance_id,
+        )
+        if self.reaped.removed:
+            self._progress(f"removed {len(self.reaped.removed)} orphaned sandbox(es)")
+        factory = SandboxFactory(
+            backend,
+            FactorySettings(
+                image=config.image,
+                launcher_id=config.launcher_id,
+                instance_id=self._lock.instance_id,
+                cache_dir=str(config.cache_dir) if config.cache_dir else None,
+                start_timeout_s=config.start_timeout_s,
+            ),
+        )
+        self._factory = factory
+        self._executor = Executor(
+            backend, self.pool_for, self.sessions, kill_grace_s=config.kill_grace_s
+        )
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            raise RuntimeError("LocalLauncher.start() was not called")
+        return self._executor
+
+    def pool_for(self, policy: Policy) -> SandboxPool:
+        pool = self._pools.get(policy.name)
+        if pool is None:
+            pool = SandboxPool(
+                policy,
+                self._factory,
+                self.capacity,
+                warm=self._warm_override,
+                queue_timeout_s=self.config.queue_timeout_s,
+            )
+            self._pools[policy.name] = pool
+            pool.start()
+        return pool
+
+    async def warm(self, policy_name: str, timeout_s: float = 120.0) -> SandboxPool:
+        """Start a policy's pool and wait for its first fill, reporting progress."""
+        pool = self.pool_for(self.policies.get(policy_name))
+        self._progress(f"warming pool {policy_name}: {pool.warm} sandbox(es)")
+        await pool.wait_warm(timeout_s)
+        return pool
+
+    def execute(
+        self, sql: str, *, policy: str | None = None, session_id: str | None = None
+    ) -> QueryExecution:
+        chosen = self.policies.get(policy) if policy else None
+        return self.executor.execute(sql, policy=chosen, session_id=session_id)
+
+    async def open_session(self, policy: str = "agent-session") -> Session:
+        return await self.sessions.open(self.policies.get(policy))
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)
+
+    async def close(self) -> None:
+        for query_id in self.executor.running() if self._executor else []:
+            await self.executor.cancel(query_id)
+        await self.sessions.close_all()
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        if self._lock is not None:
+            self._lock.release()
+        if self.backend is not None:
+            self.backend.close()
+
+    async def __aenter__(self) -> LocalLauncher:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

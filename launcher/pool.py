@@ -1,0 +1,272 @@
+"""A warm pool of ready sandboxes for one policy.
+
+Checkout is O(1): a ready sandbox is popped from a deque, or the caller waits in a FIFO of
+futures that the filler serves as sandboxes come up. The filler is the only place that
+creates sandboxes; it runs in the background and keeps ``warm + waiting`` sandboxes ready or
+starting, never doing engine work under a lock (there is none: one event loop owns the
+state). Per-query sandboxes are never reused: release destroys off the critical path and
+wakes the filler for a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+
+from .capacity import Capacity
+from .errors import (
+    DuckcellError,
+    EngineUnavailableError,
+    ImageMissingError,
+    OverCapacityError,
+    SandboxStartError,
+)
+from .factory import SandboxFactory
+from .policy import Isolation, Policy
+from .sandbox import Sandbox, SandboxState
+
+log = logging.getLogger(__name__)
+
+# Errors no retry will fix: waiting queries fail at once instead of at their queue timeout.
+_FATAL = (ImageMissingError, EngineUnavailableError)
+
+
+class SandboxPool:
+    def __init__(
+        self,
+        policy: Policy,
+        factory: SandboxFactory,
+        capacity: Capacity,
+        *,
+        warm: int | None = None,
+        queue_timeout_s: float = 30.0,
+        max_parallel_starts: int = 2,
+    ) -> None:
+        self.policy = policy
+        self.warm = policy.warm_pool if warm is None else warm
+        self._factory = factory
+        self._capacity = capacity
+        self._queue_timeout_s = queue_timeout_s
+        self._max_parallel_starts = max_parallel_starts
+        self._ready: deque[Sandbox] = deque()
+        self._waiters: deque[asyncio.Future[Sandbox]] = deque()
+        self._live: set[Sandbox] = set()
+        self._starting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()  # tells the filler to look again
+        self._changed = asyncio.Event()  # a sandbox became ready or a start failed
+        self._filler: asyncio.Task[None] | None = None
+        self._closed = False
+        self._failures = 0
+        self.last_error: DuckcellError | None = None
+        capacity.register(self, self._wake.set)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._filler is None:
+            self._filler = asyncio.get_running_loop().create_task(self._fill_loop())
+
+    async def wait_warm(self, timeout_s: float) -> None:
+        """Wait until ``warm`` sandboxes are ready (the first fill, shown as progress)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._ready) < self.warm:
+            if isinstance(self.last_error, _FATAL):
+                raise self.last_error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                detail = f" (last error: {self.last_error})" if self.last_error else ""
+                raise SandboxStartError(
+                    f"pool {self.policy.name}: only {len(self._ready)} of {self.warm} "
+                    f"sandboxes ready after {timeout_s:.0f} s{detail}"
+                )
+            self._changed.clear()
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def close(self) -> None:
+        """Stop filling, fail waiters, destroy every sandbox this pool owns."""
+        self._closed = True
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(OverCapacityError("launcher is shutting down"))
+        for sandbox in list(self._live):
+            self._destroy_later(sandbox)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- checkout -------------------------------------------------------------------------
+    async def acquire(self) -> Sandbox:
+        if self._closed:
+            raise OverCapacityError(f"pool {self.policy.name} is closed")
+        if self._ready:
+            return self._hand_out(self._ready.popleft())
+        if isinstance(self.last_error, _FATAL) and self._starting == 0:
+            raise self.last_error
+        waiter: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        try:
+            return self._hand_out(
+                await asyncio.wait_for(asyncio.shield(waiter), self._queue_timeout_s)
+            )
+        except TimeoutError:
+            raise self._timeout_error() from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Served after we gave up: put it back for the next caller.
+                sandbox = waiter.result()
+                if sandbox.state is SandboxState.READY:
+                    self._offer(sandbox)
+            elif not waiter.done():
+                waiter.cancel()
+
+    def _hand_out(self, sandbox: Sandbox) -> Sandbox:
+        sandbox.state = SandboxState.BUSY
+        self._wake.set()
+        return sandbox
+
+    def _timeout_error(self) -> DuckcellError:
+        if self._capacity.used >= self._capacity.limit and self._starting == 0:
+            return OverCapacityError(
+                f"over capacity: all {self._capacity.limit} sandbox slots stayed busy for "
+                f"{self._queue_timeout_s:.0f} s; retry later or raise max_sandboxes"
+            )
+        detail = f" (last error: {self.last_error})" if self.last_error else ""
+        return SandboxStartError(
+            f"no {self.policy.name} sandbox became ready within "
+            f"{self._queue_timeout_s:.0f} s{detail}"
+        )
+
+    def release(self, sandbox: Sandbox) -> None:
+        """Done with a sandbox: per-query sandboxes (and broken ones) are destroyed."""
+        sandbox.queries += 1
+        self._destroy_later(sandbox)
+
+    def discard(self, sandbox: Sandbox) -> None:
+        self._destroy_later(sandbox)
+
+    # --- Reclaimable ----------------------------------------------------------------------
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
+    def reclaim_idle(self) -> bool:
+        if not self._ready:
+            return False
+        self._destroy_later(self._ready.pop())
+        return True
+
+    # --- filling --------------------------------------------------------------------------
+    def _deficit(self) -> int:
+        want = self.warm + len(self._waiters)
+        return want - len(self._ready) - self._starting
+
+    async def _fill_loop(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            while (
+                self._deficit() > 0
+                and self._starting < self._max_parallel_starts
+                and self._take_slot()
+            ):
+                self._starting += 1
+                self._spawn(self._start_one())
+            await self._wake.wait()
+
+    def _take_slot(self) -> bool:
+        if self._capacity.try_take():
+            return True
+        if self._waiters:
+            self._capacity.reclaim(self)
+        return False
+
+    async def _start_one(self) -> None:
+        try:
+            sandbox = await self._factory.start(self.policy)
+        except DuckcellError as error:
+            self._starting -= 1
+            self._capacity.give_back()
+            self._on_failure(error)
+            return
+        except BaseException:
+            self._starting -= 1
+            self._capacity.give_back()
+            raise
+        self._starting -= 1
+        self._failures = 0
+        self.last_error = None
+        self._live.add(sandbox)
+        if self._closed:
+            self._destroy_later(sandbox)
+        else:
+            self._offer(sandbox)
+
+    def _on_failure(self, error: DuckcellError) -> None:
+        self.last_error = error
+        self._changed.set()
+        self._failures += 1
+        log.warning("pool %s: sandbox start failed: %s", self.policy.name, error)
+        if isinstance(error, _FATAL):
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(error)
+            return
+        # Back off before the filler tries again, so a broken engine is not hammered.
+        delay = min(5.0, 0.2 * 2 ** min(self._failures, 5))
+        asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def _offer(self, sandbox: Sandbox) -> None:
+        sandbox.state = SandboxState.READY
+        self._changed.set()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(sandbox)
+                return
+        self._ready.append(sandbox)
+
+    def _destroy_later(self, sandbox: Sandbox) -> None:
+        if sandbox.state is SandboxState.DESTROYING:
+            return
+        sandbox.state = SandboxState.DESTROYING
+        with contextlib.suppress(ValueError):
+            self._ready.remove(sandbox)
+        self._spawn(self._destroy(sandbox))
+
+    async def _destroy(self, sandbox: Sandbox) -> None:
+        try:
+            await self._factory.destroy(sandbox)
+        except DuckcellError as error:
+            log.warning("could not remove sandbox %s: %s", sandbox.name, error)
+        finally:
+            self._live.discard(sandbox)
+            self._capacity.give_back()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- introspection --------------------------------------------------------------------
+    @property
+    def isolation(self) -> Isolation:
+        return self.policy.isolation
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "ready": len(self._ready),
+            "starting": self._starting,
+            "waiting": len(self._waiters),
+            "live": len(self._live),
+        }

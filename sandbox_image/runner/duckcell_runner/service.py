@@ -1,0 +1,256 @@
+"""The Runner gRPC service: runs SQL on the locked connection and streams Arrow IPC.
+
+One query runs at a time on the sandbox's single connection (a session's queries queue behind
+each other). Three things can stop a running query from here: the statement timeout (a timer
+that interrupts DuckDB, beside DuckDB's own ``max_execution_time``, which does not stop every
+long call), a Cancel RPC, and the caller going away (the RPC's termination callback).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import duckdb
+import grpc
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from launcher.protocol import runner_pb2 as pb
+from launcher.protocol import runner_pb2_grpc as pb_grpc
+
+from . import __version__
+
+# Statements a sandbox never runs, whatever the locked configuration would say. ATTACH is
+# here because DuckDB allows attaching a database file inside an allowed directory.
+_DENIED = {
+    "ATTACH": "ATTACH is not allowed in a duckcell sandbox; query catalog tables instead",
+    "DETACH": "DETACH is not allowed in a duckcell sandbox",
+    "LOAD": "INSTALL and LOAD are not allowed in a duckcell sandbox; extensions are fixed "
+    "by the sandbox image",
+    "EXPORT": "EXPORT DATABASE is not allowed in a duckcell sandbox",
+    "COPY_DATABASE": "COPY FROM DATABASE is not allowed in a duckcell sandbox",
+}
+# Statement types whose rows come from a lazy relation (no extra copy); others are
+# executed directly and their (small) result read afterwards.
+_QUERY_TYPES = {"SELECT", "EXPLAIN"}
+# Keep each gRPC message well under clients' 16 MiB default.
+_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class QueryFailed(Exception):
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Running:
+    query_id: str
+    stop_reason: int = pb.FAILURE_REASON_UNSPECIFIED
+    done: bool = False
+
+
+class _ChunkSink:
+    """File-like sink for the IPC writer; hands back what was written since the last take."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def _statement_kind(statement: duckdb.Statement) -> str:
+    return str(statement.type).rsplit(".", 1)[-1]
+
+
+def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    if batch.nbytes <= _MAX_CHUNK_BYTES or batch.num_rows <= 1:
+        yield batch
+        return
+    parts = -(-batch.nbytes // _MAX_CHUNK_BYTES)
+    step = max(1, -(-batch.num_rows // parts))
+    for offset in range(0, batch.num_rows, step):
+        yield batch.slice(offset, step)
+
+
+class RunnerService(pb_grpc.RunnerServicer):
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        *,
+        default_timeout_s: float,
+        batch_rows: int,
+    ) -> None:
+        self._con = con
+        self._default_timeout_s = default_timeout_s
+        self._batch_rows = batch_rows
+        self._warmup_ipc = b""
+        self._startup_seconds = 0.0
+        self._exclusive = threading.Lock()  # one query at a time on the connection
+        self._state = threading.Lock()  # guards _running
+        self._running: _Running | None = None
+
+    def warm_up(self, started: float) -> None:
+        """Run one query through the whole Execute path so a tenant's first query is not cold."""
+        request = pb.ExecuteRequest(query_id="warmup", sql="SELECT 42::INTEGER AS answer")
+        chunks = list(self._execute(request, _Running("warmup")))
+        if not chunks or not chunks[-1].HasField("summary"):
+            raise RuntimeError("runner warm-up query failed")
+        self._warmup_ipc = b"".join(chunk.ipc for chunk in chunks if chunk.HasField("ipc"))
+        self._startup_seconds = time.perf_counter() - started
+
+    # --- RPCs -------------------------------------------------------------------------
+    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.ReadyReply:
+        return pb.ReadyReply(
+            runner_version=__version__,
+            duckdb_version=duckdb.__version__,
+            warmup_ipc=self._warmup_ipc,
+            startup_seconds=self._startup_seconds,
+        )
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelReply:
+        return pb.CancelReply(interrupted=self._stop(request.query_id, pb.FAILURE_REASON_CANCELLED))
+
+    def Execute(
+        self, request: pb.ExecuteRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecuteChunk]:
+        with self._exclusive:
+            running = _Running(request.query_id)
+            with self._state:
+                self._running = running
+            # The RPC ending early (client cancel, launcher gone) must stop DuckDB too.
+            context.add_callback(lambda: self._stop(running.query_id, pb.FAILURE_REASON_CANCELLED))
+            timeout_s = request.timeout_seconds or self._default_timeout_s
+            timer = threading.Timer(
+                timeout_s, self._stop, (running.query_id, pb.FAILURE_REASON_TIMEOUT)
+            )
+            timer.daemon = True
+            timer.start()
+            try:
+                yield from self._execute(request, running)
+            except QueryFailed as failed:
+                yield pb.ExecuteChunk(
+                    failure=pb.Failure(reason=failed.reason, message=failed.message)
+                )
+            finally:
+                timer.cancel()
+                with self._state:
+                    running.done = True
+                    self._running = None
+
+    # --- internals ----------------------------------------------------------------------
+    def _stop(self, query_id: str, reason: int) -> bool:
+        with self._state:
+            running = self._running
+            if running is None or running.done or running.query_id != query_id:
+                return False
+            if running.stop_reason == pb.FAILURE_REASON_UNSPECIFIED:
+                running.stop_reason = reason
+        self._con.interrupt()
+        return True
+
+    def _execute(self, request: pb.ExecuteRequest, running: _Running) -> Iterator[pb.ExecuteChunk]:
+        started = time.perf_counter()
+        statements = self._parse(request.sql)
+        last = statements[-1]
+        kind = _statement_kind(last)
+        reader: pa.RecordBatchReader | None = None
+        try:
+            for statement in statements[:-1]:
+                # Every execute() result must be run to its end before the next statement.
+                self._con.execute(statement.query).complete()
+            if kind in _QUERY_TYPES:
+                batch_rows = request.batch_rows or self._batch_rows
+                reader = self._con.sql(last.query).to_arrow_reader(batch_rows)
+            else:
+                # Non-SELECT results (a row count) are tiny: the copy DuckDB warns of is moot.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    reader = self._con.execute(last.query).to_arrow_reader()
+            rows, sent = 0, 0
+            for data, chunk_rows in self._ipc_chunks(reader):
+                rows += chunk_rows
+                sent += len(data)
+                self._check_limits(request, rows, sent)
+                yield pb.ExecuteChunk(ipc=data)
+        except duckdb.Error as error:
+            raise self._translate(error, running) from None
+        finally:
+            # A half-read result keeps the connection busy until it is destroyed.
+            if reader is not None:
+                reader.close()
+                del reader
+        yield pb.ExecuteChunk(
+            summary=pb.Summary(
+                rows=rows,
+                ipc_bytes=sent,
+                execute_seconds=time.perf_counter() - started,
+                statement_type=kind,
+            )
+        )
+
+    def _parse(self, sql: str) -> list[duckdb.Statement]:
+        try:
+            statements = self._con.extract_statements(sql)
+        except duckdb.Error as error:
+            raise QueryFailed(pb.FAILURE_REASON_SQL, str(error)) from None
+        if not statements:
+            raise QueryFailed(pb.FAILURE_REASON_SQL, "no SQL statement given")
+        for statement in statements:
+            denied = _DENIED.get(_statement_kind(statement))
+            if denied:
+                raise QueryFailed(pb.FAILURE_REASON_DENIED, f"Permission Error: {denied}")
+        return statements
+
+    def _ipc_chunks(self, reader: pa.RecordBatchReader) -> Iterator[tuple[bytes, int]]:
+        sink = _ChunkSink()
+        with ipc.new_stream(sink, reader.schema) as writer:
+            yield sink.take(), 0
+            for batch in reader:
+                for part in _slices(batch):
+                    writer.write_batch(part)
+                    yield sink.take(), part.num_rows
+        yield sink.take(), 0  # end-of-stream marker
+
+    @staticmethod
+    def _check_limits(request: pb.ExecuteRequest, rows: int, sent: int) -> None:
+        if request.max_rows and rows > request.max_rows:
+            raise QueryFailed(
+                pb.FAILURE_REASON_RESULT_LIMIT,
+                f"result has more than {request.max_rows} rows (policy max_result_rows)",
+            )
+        if request.max_bytes and sent > request.max_bytes:
+            raise QueryFailed(
+                pb.FAILURE_REASON_RESULT_LIMIT,
+                f"result is larger than {request.max_bytes} bytes (policy max_result_bytes)",
+            )
+
+    @staticmethod
+    def _translate(error: duckdb.Error, running: _Running) -> QueryFailed:
+        if isinstance(error, duckdb.InterruptException) or "maximum execution time" in str(error):
+            reason = running.stop_reason or pb.FAILURE_REASON_TIMEOUT
+            if reason == pb.FAILURE_REASON_CANCELLED:
+                return QueryFailed(reason, "query cancelled")
+            return QueryFailed(pb.FAILURE_REASON_TIMEOUT, f"statement timeout: {error}")
+        if isinstance(error, duckdb.OutOfMemoryException):
+            return QueryFailed(pb.FAILURE_REASON_MEMORY, str(error))
+        return QueryFailed(pb.FAILURE_REASON_SQL, str(error))

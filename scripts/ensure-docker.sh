@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Make sure a Docker engine answers, with gVisor registered as the `runsc` runtime.
+#
+# An engine that already answers is left as it is (only runsc is registered when that is
+# possible), so people with Docker installed never need more. On a fresh Debian host, as
+# root, it installs docker.io, runsc and debootstrap, registers runsc and starts dockerd.
+# Safe to run again: when everything is in place it returns in well under two seconds.
+set -euo pipefail
+
+readonly RUNSC=/usr/bin/runsc
+# --network=none: sandboxes never get a network. --host-uds=create: the runner creates its gRPC
+# socket in a bind-mounted host directory; without this flag gVisor keeps the socket inside
+# the sandbox and the launcher on the host cannot connect to it.
+readonly RUNSC_ARGS='["--network=none", "--host-uds=create"]'
+readonly DOCKERD_LOG=/var/log/duckcell-dockerd.log
+readonly APT_LOG=/var/log/duckcell-apt.log
+readonly START_DEADLINE_S=60
+
+say() { echo "duckcell: $*" >&2; }
+die() {
+	say "$*"
+	exit 1
+}
+
+engine_answers() { timeout "${1:-5}" docker info >/dev/null 2>&1; }
+
+runtimes_json() { timeout 5 docker info --format '{{json .Runtimes}}' 2>/dev/null || true; }
+
+engine_has_runsc() { [[ $(runtimes_json) == *'"runsc"'* ]]; }
+
+# The engine we would reconfigure must be the dockerd running on this host, not a remote one.
+local_dockerd_pid() {
+	case "${DOCKER_HOST:-unix:///var/run/docker.sock}" in
+	unix:///var/run/docker.sock | unix:///run/docker.sock) pidof -s dockerd || true ;;
+	*) true ;;
+	esac
+}
+
+# The daemon.json a running dockerd reads: its --config-file flag, else the default.
+daemon_config_of() {
+	local pid=$1 arg take_next=0
+	if [[ -n $pid && -r /proc/$pid/cmdline ]]; then
+		while IFS= read -r -d '' arg; do
+			if ((take_next)); then
+				echo "$arg"
+				return
+			fi
+			case $arg in
+			--config-file=*) echo "${arg#*=}" && return ;;
+			--config-file) take_next=1 ;;
+			esac
+		done <"/proc/$pid/cmdline"
+	fi
+	echo /etc/docker/daemon.json
+}
+
+# Adds runsc (and the two flags it needs) to daemon.json, keeping everything else. Prints
+# "changed" when it wrote the file. python3 is there: duckcell itself is a Python program.
+register_runsc() {
+	local config=$1
+	mkdir -p "$(dirname "$config")"
+	python3 - "$config" "$RUNSC" "$RUNSC_ARGS" <<'PY'
+import json, os, sys
+
+path, binary, wanted = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    with open(path) as f:
+        config = json.load(f)
+except FileNotFoundError:
+    config = {}
+except ValueError as error:
+    sys.exit(f"duckcell: {path} is not valid JSON ({error}); fix it, then run this again")
+runtime = config.setdefault("runtimes", {}).setdefault("runsc", {"path": binary})
+args = runtime.setdefault("runtimeArgs", [])
+missing = [a for a in wanted if a not in args]
+if not missing:
+    sys.exit(0)
+args.extend(missing)
+if os.path.exists(path) and not os.path.exists(path + ".duckcell-backup"):
+    os.link(path, path + ".duckcell-backup")
+tmp = path + ".duckcell-tmp"
+with open(tmp, "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+os.replace(tmp, path)
+print("changed")
+PY
+}
+
+# $1: the dockerd we started, if any; when it exits there is no point in waiting on.
+wait_for_engine() {
+	local started_pid=${1:-} deadline=$((SECONDS + START_DEADLINE_S)) problem=""
+	until engine_answers 5; do
+		if [[ -n $started_pid ]] && ! kill -0 "$started_pid" 2>/dev/null; then
+			problem="dockerd exited"
+		elif ((SECONDS >= deadline)); then
+			problem="dockerd did not answer within ${START_DEADLINE_S} s"
+		fi
+		if [[ -n $problem ]]; then
+			say "$problem; last lines of $DOCKERD_LOG:"
+			tail -n 25 "$DOCKERD_LOG" >&2 || true
+			exit 1
+		fi
+		sleep 0.5
+	done
+}
+
+# After a SIGHUP dockerd reloads its runtimes; give it a moment to show runsc.
+confirm_runsc() {
+	local _
+	for _ in {1..10}; do
+		engine_has_runsc && return 0
+		sleep 0.3
+	done
+	return 1
+}
+
+# Engine already up: only try to add runsc, and never fail the caller over it.
+ensure_runsc_on_running_engine() {
+	local runtimes pid
+	runtimes=$(runtimes_json)
+	if [[ $runtimes == *'"runsc"'* ]]; then
+		[[ $runtimes == *host-uds=create* || $runtimes == *host-uds=all* ]] ||
+			say "note: runsc is registered without --host-uds=create, so gVisor sandboxes" \
+				"cannot hand their socket to the launcher; add it to runsc's runtimeArgs"
+		return 0
+	fi
+	pid=$(local_dockerd_pid)
+	if [[ $EUID -ne 0 || -z $pid || ! -x $RUNSC ]]; then
+		say "note: the Docker engine has no runsc runtime, so gVisor policies cannot run" \
+			"(to add it: sudo apt-get install runsc && sudo $0)"
+		return 0
+	fi
+	if [[ $(register_runsc "$(daemon_config_of "$pid")") == changed ]]; then
+		say "registered runsc; reloading dockerd"
+	fi
+	kill -HUP "$pid"
+	confirm_runsc || say "note: dockerd did not pick up runsc; see its log"
+}
+
+missing_packages() {
+	command -v dockerd >/dev/null || echo docker.io
+	[[ -x $RUNSC ]] || echo runsc
+	command -v debootstrap >/dev/null || echo debootstrap
+}
+
+install_packages() {
+	local packages=("$@")
+	say "installing ${packages[*]} (apt-get; log $APT_LOG) ..."
+	export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
+	# A fresh host may still be running its own apt jobs: wait for the lock, do not fail.
+	if ! {
+		apt-get -o DPkg::Lock::Timeout=120 update -q &&
+			apt-get -o DPkg::Lock::Timeout=120 install -y -q "${packages[@]}"
+	} >>"$APT_LOG" 2>&1; then
+		tail -n 20 "$APT_LOG" >&2
+		die "apt-get could not install ${packages[*]} (last lines above)"
+	fi
+}
+
+main() {
+	if command -v docker >/dev/null && engine_answers 5; then
+		ensure_runsc_on_running_engine
+		exit 0
+	fi
+	if [[ $EUID -ne 0 ]]; then
+		# (Captured first: under pipefail, docker's own failure would hide grep's match.)
+		local answer
+		answer=$(timeout 5 docker info 2>&1 || true)
+		if [[ $answer == *"permission denied"* ]]; then
+			die "a Docker engine runs but $(id -un) may not use it: join the docker group" \
+				"(sudo usermod -aG docker $(id -un), then log in again) or use sudo"
+		fi
+		die "no Docker engine answers and installing one needs root: run sudo $0" \
+			"(or start your Docker engine / set DOCKER_HOST)"
+	fi
+	command -v apt-get >/dev/null ||
+		die "no Docker engine answers and this host has no apt-get: install and start" \
+			"Docker (with gVisor's runsc) yourself, then run this again"
+
+	local missing
+	mapfile -t missing < <(missing_packages)
+	((${#missing[@]} == 0)) || install_packages "${missing[@]}"
+
+	local pid config changed started_pid=""
+	pid=$(pidof -s dockerd || true)
+	config=$(daemon_config_of "$pid")
+	changed=$(register_runsc "$config")
+	[[ $changed != changed ]] || say "registered runsc in $config"
+
+	if [[ -n $pid ]]; then
+		# A dockerd that runs but does not answer yet is starting up; a reload is enough.
+		[[ $changed != changed ]] || kill -HUP "$pid"
+		say "waiting for the running dockerd (pid $pid) ..."
+	else
+		say "starting dockerd (log $DOCKERD_LOG) ..."
+		# setsid + nohup: the engine must outlive this script and the CI step that ran it.
+		setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+		started_pid=$!
+		disown
+	fi
+	wait_for_engine "$started_pid"
+	confirm_runsc || die "dockerd answers but does not list runsc; check $config and $DOCKERD_LOG"
+	say "Docker engine ready: $(docker info --format \
+		'{{.ServerVersion}}, runtimes:{{range $name, $_ := .Runtimes}} {{$name}}{{end}}')"
+}
+
+main "$@"

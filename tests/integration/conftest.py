@@ -1,0 +1,146 @@
+"""Integration tier: the real Docker engine, the real sandbox image, real DuckDB.
+
+A missing engine or image is a failure here, never a skip. Every sandbox a test creates is
+labelled with a launcher id starting with ``test-``; at the end of the session any such
+container still present fails the run (and is removed so the next run starts clean).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import docker
+import pytest
+
+from launcher.config import LauncherConfig, load_config
+from launcher.executor import QueryExecution
+from launcher.image import ImageBuilder
+from launcher.local import LocalLauncher
+from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
+
+T = TypeVar("T")
+IMAGE = os.environ.get("DUCKCELL_TEST_IMAGE", "duckcell-sandbox:latest")
+REPO = Path(__file__).resolve().parents[2]
+
+# Small limits so memory, timeout and result-limit tests finish in seconds.
+_TIGHT = """\
+name: {name}
+isolation: {isolation}
+runtime: runc
+limits:
+  cpus: 1
+  memory: 256MiB
+  pids: 128
+  scratch: 64MiB
+  statement_timeout: 2s
+  max_result_rows: 100000
+  max_result_bytes: 64MiB
+duckdb:
+  threads: 1
+  memory_limit: 128MiB
+  max_temp_directory_size: 32MiB
+session:
+  idle_ttl: 30s
+  max_lifetime: 5m
+pool:
+  warm: 0
+"""
+
+
+@pytest.fixture(scope="session")
+def policies_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped policies plus two tight ones for the limit tests."""
+    directory = tmp_path_factory.mktemp("policies")
+    for shipped in (REPO / "policies").glob("*.yaml"):
+        (directory / shipped.name).write_text(shipped.read_text())
+    (directory / "tight.yaml").write_text(_TIGHT.format(name="tight", isolation="query"))
+    (directory / "tight-session.yaml").write_text(
+        _TIGHT.format(name="tight-session", isolation="session")
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except docker.errors.DockerException as error:
+        pytest.fail(f"no Docker engine answers ({error}); run scripts/ensure-docker.sh")
+    yield client
+    leftovers = [
+        c
+        for c in client.containers.list(all=True, filters={"label": "duckcell.launcher"})
+        # Only this run's: another test run on the same engine may be going on.
+        if c.labels.get("duckcell.launcher", "").startswith(f"{TEST_LAUNCHER_PREFIX}{RUN_ID}")
+    ]
+    for container in leftovers:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+    assert not leftovers, f"tests left sandboxes behind: {[c.name for c in leftovers]}"
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def image(engine: docker.DockerClient) -> str:
+    if os.environ.get("DUCKCELL_TEST_IMAGE"):
+        engine.images.get(IMAGE)
+        return IMAGE
+    ImageBuilder(client=engine, tag=IMAGE).build()
+    return IMAGE
+
+
+def make_config(image: str, policies: Path, **overrides: object) -> LauncherConfig:
+    flags: dict[str, object] = {
+        "state_dir": tempfile.mkdtemp(prefix="dct"),
+        "image": image,
+        "launcher_id": f"{TEST_LAUNCHER_PREFIX}{RUN_ID}-{uuid.uuid4().hex[:6]}",
+        "policies_dir": policies,
+        "queue_timeout_s": 60,
+    }
+    flags.update(overrides)
+    return load_config(flags=flags, env={})
+
+
+@pytest.fixture
+def config(image: str, policies_dir: Path) -> LauncherConfig:
+    return make_config(image, policies_dir)
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def with_launcher(
+    config: LauncherConfig,
+    body: Callable[[LocalLauncher], Awaitable[T]],
+    *,
+    warm: int | None = 0,
+) -> T:
+    async with LocalLauncher(config, warm_override=warm) as launcher:
+        return await body(launcher)
+
+
+async def until_in_sandbox(
+    execution: QueryExecution, task: asyncio.Future, timeout: float = 60
+) -> None:
+    """Wait until a query has its sandbox (it is running there), failing fast if it ended."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not execution.record.sandbox:
+        if task.done():
+            task.result()
+            raise AssertionError("query ended before it reached a sandbox")
+        assert asyncio.get_running_loop().time() < deadline, "query never reached a sandbox"
+        await asyncio.sleep(0.02)
+
+
+def containers_of(engine: docker.DockerClient, launcher_id: str) -> list[str]:
+    found = engine.containers.list(all=True, filters={"label": f"duckcell.launcher={launcher_id}"})
+    return [c.name for c in found]

@@ -1,0 +1,230 @@
+"""The pool, sessions and executor over FakeBackend: real runners, no Docker engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from launcher.capacity import Capacity
+from launcher.errors import (
+    ImageMissingError,
+    OverCapacityError,
+    QueryCancelledError,
+    SandboxLostError,
+    SandboxStartError,
+    SessionError,
+    SqlError,
+)
+from launcher.executor import Executor, collect_table
+from launcher.factory import FactorySettings, SandboxFactory
+from launcher.policy import Policy, load_policy_text
+from launcher.pool import SandboxPool
+from launcher.session import SessionManager
+
+from .fakes import FakeBackend
+
+T = TypeVar("T")
+
+QUERY_POLICY = """
+name: q
+isolation: query
+runtime: runc
+limits: {cpus: 1, memory: 512MiB, pids: 128, scratch: 64MiB, statement_timeout: 5s}
+pool: {warm: 2}
+"""
+SESSION_POLICY = QUERY_POLICY.replace("name: q", "name: s").replace("query\n", "session\n", 1)
+
+
+class Harness:
+    def __init__(self, backend: FakeBackend, capacity: int = 8, queue_timeout_s: float = 5) -> None:
+        self.backend = backend
+        self.factory = SandboxFactory(
+            backend, FactorySettings("img", "unit", "inst", None, start_timeout_s=5)
+        )
+        self.capacity = Capacity(capacity)
+        self.queue_timeout_s = queue_timeout_s
+        self.pools: dict[str, SandboxPool] = {}
+        self.sessions = SessionManager(self.pool_for)
+        self.executor = Executor(backend, self.pool_for, self.sessions, kill_grace_s=1)
+
+    def pool_for(self, policy: Policy) -> SandboxPool:
+        if policy.name not in self.pools:
+            pool = SandboxPool(
+                policy, self.factory, self.capacity, queue_timeout_s=self.queue_timeout_s
+            )
+            pool.start()
+            self.pools[policy.name] = pool
+        return self.pools[policy.name]
+
+    async def close(self) -> None:
+        await self.sessions.close_all()
+        for pool in self.pools.values():
+            await pool.close()
+
+
+def scenario(body: Callable[[Harness], Awaitable[T]], **kwargs: object) -> T:
+    async def main() -> T:
+        harness = Harness(FakeBackend(), **kwargs)  # type: ignore[arg-type]
+        try:
+            return await body(harness)
+        finally:
+            await harness.close()
+            assert harness.backend.live() == 0, "pool left containers behind"
+
+    return asyncio.run(main())
+
+
+QUERY = load_policy_text(QUERY_POLICY, "<test>")
+SESSION = load_policy_text(SESSION_POLICY, "<test>")
+
+
+def test_pool_warms_to_its_size_and_never_reuses_a_sandbox() -> None:
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(10)
+        assert pool.stats()["ready"] == 2
+        seen = set()
+        for _ in range(4):
+            execution = h.executor.execute("SELECT 1", policy=QUERY)
+            await collect_table(execution)
+            seen.add(execution.record.sandbox)
+        assert len(seen) == 4
+        await pool.wait_warm(10)
+        assert pool.stats()["ready"] == 2
+
+    scenario(body)
+
+
+def test_temp_table_does_not_survive_into_the_next_query() -> None:
+    async def body(h: Harness) -> None:
+        await collect_table(h.executor.execute("CREATE TEMP TABLE t AS SELECT 1", policy=QUERY))
+        with pytest.raises(SqlError, match="t does not exist"):
+            await collect_table(h.executor.execute("SELECT * FROM t", policy=QUERY))
+
+    scenario(body)
+
+
+def test_session_keeps_state_and_expires_when_idle() -> None:
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(SESSION)
+        sid = session.session_id
+        await collect_table(
+            h.executor.execute("CREATE TEMP TABLE t AS SELECT 5 AS v", session_id=sid)
+        )
+        table = await collect_table(h.executor.execute("SELECT v FROM t", session_id=sid))
+        assert table.to_pylist() == [{"v": 5}]
+        session.last_used -= SESSION.session.idle_ttl_s + 1
+        assert h.sessions.reap() == [sid]
+        with pytest.raises(SessionError, match="idle"):
+            h.executor.execute("SELECT 1", session_id=sid)
+
+    scenario(body)
+
+
+def test_query_policy_cannot_open_a_session() -> None:
+    async def body(h: Harness) -> None:
+        with pytest.raises(SessionError, match="isolation: session"):
+            await h.sessions.open(QUERY)
+
+    scenario(body)
+
+
+def test_over_capacity_after_queue_timeout() -> None:
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        held = [await pool.acquire(), await pool.acquire()]
+        with pytest.raises(OverCapacityError, match="all 2 sandbox slots"):
+            await pool.acquire()
+        for sandbox in held:
+            pool.release(sandbox)
+
+    scenario(body, capacity=2, queue_timeout_s=0.3)
+
+
+def test_missing_image_fails_waiters_at_once() -> None:
+    async def body(h: Harness) -> None:
+        h.backend.images.clear()
+        pool = h.pool_for(QUERY)
+        with pytest.raises(ImageMissingError):
+            await asyncio.wait_for(pool.acquire(), 3)
+
+    scenario(body)
+
+
+def test_a_runner_that_never_starts_is_removed() -> None:
+    async def body(h: Harness) -> None:
+        h.backend.fail_start = True
+        with pytest.raises(SandboxStartError, match="exited with code 1"):
+            await h.factory.start(QUERY)
+        assert h.backend.live() == 0
+
+    scenario(body)
+
+
+def test_cancel_kills_the_per_query_sandbox() -> None:
+    async def body(h: Harness) -> None:
+        execution = h.executor.execute(
+            "SELECT sum(hash(range)) FROM range(100000000000)", policy=QUERY
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        for _ in range(200):
+            if execution.record.sandbox:
+                break
+            await asyncio.sleep(0.01)
+        assert await h.executor.cancel(execution.query_id)
+        with pytest.raises(QueryCancelledError):
+            await task
+
+    scenario(body)
+
+
+def test_session_cancel_interrupts_but_keeps_the_session() -> None:
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(SESSION)
+        sid = session.session_id
+        execution = h.executor.execute(
+            "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        for _ in range(200):
+            if execution.record.sandbox:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert await h.executor.cancel(execution.query_id)
+        with pytest.raises(QueryCancelledError):
+            await task
+        table = await collect_table(h.executor.execute("SELECT 2 AS x", session_id=sid))
+        assert table.to_pylist() == [{"x": 2}]
+
+    scenario(body)
+
+
+def test_oom_killed_sandbox_is_reported_as_memory_limit() -> None:
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(10)
+        execution = h.executor.execute(
+            "SELECT sum(hash(range)) FROM range(100000000000)", policy=QUERY
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        for _ in range(200):
+            if execution.record.sandbox:
+                break
+            await asyncio.sleep(0.01)
+        container = next(
+            c for c in h.backend.containers.values() if c.spec.name == execution.record.sandbox
+        )
+        container.oom_killed = True
+        assert container.server is not None
+        container.server.stop(0)
+        container.status = "exited"
+        with pytest.raises(Exception) as caught:
+            await task
+        assert "memory limit of 512 MiB" in str(caught.value)
+        assert not isinstance(caught.value, SandboxLostError)
+
+    scenario(body)
