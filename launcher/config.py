@@ -35,6 +35,7 @@ class LauncherConfig:
     image: str = "duckcell-sandbox:latest"
     cache_dir: Path | None = None
     max_sandboxes: int = 8
+    max_parallel_starts: int = 2
     queue_timeout_s: float = 30.0
     engine_timeout_s: float = 30.0
     start_timeout_s: float = 60.0
@@ -56,6 +57,7 @@ _ENV = {
     "image": "DUCKCELL_IMAGE",
     "cache_dir": "DUCKCELL_CACHE_DIR",
     "max_sandboxes": "DUCKCELL_MAX_SANDBOXES",
+    "max_parallel_starts": "DUCKCELL_MAX_PARALLEL_STARTS",
     "queue_timeout_s": "DUCKCELL_QUEUE_TIMEOUT",
     "engine_timeout_s": "DUCKCELL_ENGINE_TIMEOUT",
     "start_timeout_s": "DUCKCELL_START_TIMEOUT",

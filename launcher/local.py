@@ -94,6 +94,7 @@ class LocalLauncher:
                 self.capacity,
                 warm=self._warm_override,
                 queue_timeout_s=self.config.queue_timeout_s,
+                max_parallel_starts=self.config.max_parallel_starts,
             )
             self._pools[policy.name] = pool
             pool.start()

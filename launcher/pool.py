@@ -2,10 +2,10 @@
 
 Checkout is O(1): a ready sandbox is popped from a deque, or the caller waits in a FIFO of
 futures that the filler serves as sandboxes come up. The filler is the only place that
-creates sandboxes; it runs in the background and keeps ``warm + waiting`` sandboxes ready or
-starting, never doing engine work under a lock (there is none: one event loop owns the
-state). Per-query sandboxes are never reused: release destroys off the critical path and
-wakes the filler for a replacement.
+creates sandboxes; it runs in the background and keeps ``warm + waiting`` sandboxes ready,
+starting or (per-query mode) busy, never doing engine work under a lock (there is none: one
+event loop owns the state). Per-query sandboxes are never reused: release destroys off the
+critical path and wakes the filler for the replacement.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class SandboxPool:
         self._waiters: deque[asyncio.Future[Sandbox]] = deque()
         self._live: set[Sandbox] = set()
         self._starting = 0
+        self._busy = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # tells the filler to look again
         self._changed = asyncio.Event()  # a sandbox became ready or a start failed
@@ -133,6 +134,7 @@ class SandboxPool:
 
     def _hand_out(self, sandbox: Sandbox) -> Sandbox:
         sandbox.state = SandboxState.BUSY
+        self._busy += 1
         self._wake.set()
         return sandbox
 
@@ -169,7 +171,14 @@ class SandboxPool:
     # --- filling --------------------------------------------------------------------------
     def _deficit(self) -> int:
         want = self.warm + len(self._waiters)
-        return want - len(self._ready) - self._starting
+        have = len(self._ready) + self._starting
+        if self.policy.isolation is Isolation.QUERY:
+            # A busy per-query sandbox is replaced when it is released, not when it is
+            # checked out: on a small host a container start beside a running query slows
+            # that query down (measured: a 10M-row aggregate 1.27x -> 1.04x of in-process).
+            # A query that finds nothing ready is a waiter and starts one at once.
+            have += self._busy
+        return want - have
 
     async def _fill_loop(self) -> None:
         while not self._closed:
@@ -239,7 +248,10 @@ class SandboxPool:
     def _destroy_later(self, sandbox: Sandbox) -> None:
         if sandbox.state is SandboxState.DESTROYING:
             return
+        if sandbox.state is SandboxState.BUSY:
+            self._busy -= 1
         sandbox.state = SandboxState.DESTROYING
+        self._wake.set()
         with contextlib.suppress(ValueError):
             self._ready.remove(sandbox)
         self._spawn(self._destroy(sandbox))
@@ -268,5 +280,6 @@ class SandboxPool:
             "ready": len(self._ready),
             "starting": self._starting,
             "waiting": len(self._waiters),
+            "busy": self._busy,
             "live": len(self._live),
         }

@@ -170,6 +170,7 @@ def test_over_capacity_after_the_queue_wait(image: str, policies_dir: object) ->
     config = make_config(image, policies_dir, max_sandboxes=1, queue_timeout_s=1)
 
     async def body(launcher: LocalLauncher) -> None:
+        await launcher.warm("tight")
         holder = launcher.execute("SELECT sleep_ms(1500)", policy="tight")
         task = asyncio.ensure_future(collect_table(holder))
         await until_in_sandbox(holder, task)
