@@ -1,0 +1,145 @@
+"""The results: targets met or missed, the table on stdout, and the JSON files."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.stats import Json
+
+
+def target(name: str, value: float, op: str, limit: float, unit: str = "x") -> Json:
+    met = value <= limit if op == "<=" else value >= limit
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "target": f"{op} {limit:g}{unit}",
+        "met": met,
+    }
+
+
+def targets(cases: Json, throughput: list[Json]) -> list[Json]:
+    p50 = {key: float(row["median_ms"]) for key, row in cases.items()}
+    warm = p50["select42_warm_pool"]
+    added = warm - p50["select42_in_process"]
+    rows = [
+        target("SELECT 42: warm-pool p50 added over in-process", added, "<=", 10, " ms"),
+        target(
+            "SELECT 42: cold docker run p50 / warm-pool p50",
+            p50["select42_cold_docker_run"] / warm,
+            ">=",
+            50,
+        ),
+        target(
+            "aggregate: warm-pool p50 / in-process p50",
+            p50["aggregate_warm_pool"] / p50["aggregate_in_process"],
+            "<=",
+            1.2,
+        ),
+    ]
+    for row in throughput:
+        concurrency = row["launcher"]["concurrency"]
+        name = f"sustained, concurrency {concurrency}: launcher q/s / engine churn c/s"
+        rows.append(target(name, row["ratio"], ">=", 0.9))
+    return rows
+
+
+# --- reporting ------------------------------------------------------------------------------
+_CASES = (
+    ("1a", "select42_in_process", "SELECT 42, in-process DuckDB"),
+    ("1b", "select42_warm_pool", "SELECT 42, warm-pool sandbox"),
+    ("1b*", "select42_warm_pool_refill_held", "SELECT 42, warm pool, refill held (diag.)"),
+    ("1c", "select42_cold_docker_run", "SELECT 42, cold docker run --rm"),
+    ("2a", "aggregate_in_process", "10M-row aggregate, in-process, threads=1"),
+    ("2b", "aggregate_warm_pool", "10M-row aggregate, warm-pool sandbox"),
+    ("2b*", "aggregate_warm_pool_refill_held", "aggregate, warm pool, refill held (diag.)"),
+)
+_PARTS = ("total", "checkout", "first_chunk", "stream", "runner", "decode")
+
+
+def render(result: Json) -> str:
+    machine, cases, pol = result["machine"], result["cases"], result["machine"]["policy"]
+    threads = pol["duckdb_threads"]
+    lines = [
+        f"duckcell sandbox benchmark, {machine['date_utc']}, nproc {machine['nproc']}, "
+        f"docker {machine['docker_server']}, runtime {machine['runtime']}, {machine['image']}",
+        f"policy {pol['name']}: {pol['cpus']:g} CPU, DuckDB threads {threads}; the in-process "
+        f"aggregate runs with SET threads={threads} to match",
+        f"load average (1 min) {machine['loadavg_at_start'][0]:.2f} at start, "
+        f"{machine['loadavg_at_end'][0]:.2f} at end; in-process and warm-pool reps are "
+        "interleaved, so both see the same background load",
+        "",
+        f"{'case':<48}{'n':>4}{'median ms':>11}{'p95 ms':>10}{'vs 1a/2a':>10}",
+    ]
+    for tag, key, title in _CASES:
+        row = cases[key]
+        base = cases["aggregate_in_process" if tag[0] == "2" else "select42_in_process"]
+        ratio = row["median_ms"] / base["median_ms"]
+        lines.append(
+            f"{tag:<4}{title:<44}{row['n']:>4}{row['median_ms']:>11.2f}{row['p95_ms']:>10.2f}"
+            f"{ratio:>9.1f}x"
+        )
+    lines += ["", "warm-pool query, where the time goes (medians, ms)"]
+    lines.append(f"{'':<22}" + "".join(f"{part:>12}" for part in _PARTS) + f"{'chunks':>8}")
+    for tag, key, title in _CASES:
+        if "breakdown" in cases[key]:
+            parts = cases[key]["breakdown"]
+            values = "".join(f"{parts[part + '_median_ms']:>12.2f}" for part in _PARTS)
+            lines.append(f"{tag:<4}{title.split(',')[0]:<18}{values}{parts['chunks_median']:>8g}")
+    lines.append(
+        "1b*/2b*: diagnostic, the pool's refill held back until the query ends (the pool starts "
+        "the replacement sandbox at checkout, beside the query)"
+    )
+    lines += ["", *render_throughput(result), "", "targets"]
+    for row in result["targets"]:
+        value = f"{row['value']:.2f}{row['unit']}"
+        verdict = "met" if row["met"] else "MISSED"
+        lines.append(f"  {row['name']:<62}{value:>9}  target {row['target']:<9} {verdict}")
+    return "\n".join(lines)
+
+
+def render_throughput(result: Json) -> list[str]:
+    starts = result["sandbox_start"]
+    phases = ("create", "start", "socket", "ready", "runner_startup", "remove")
+    n = starts["dial_at_once"]["create"]["n"]
+    lines = [
+        f"sandbox start, n={n} each (medians, ms; socket and ready count from start's return)",
+        f"{'':<36}"
+        + "".join(f"{phase:>9}" for phase in phases[:-2])
+        + f"{'runner':>9}{'remove':>9}",
+    ]
+    for mode, title in (
+        ("dial_at_once", "dial at once (as the factory)"),
+        ("dial_after_socket", "dial once runner.sock exists"),
+    ):
+        values = "".join(f"{starts[mode][phase]['median_ms']:>9.0f}" for phase in phases)
+        lines.append(f"  {title:<34}{values}")
+    lines += [
+        "",
+        f"{'sustained SELECT 42':<20}{'conc':>5}{'queries':>8}{'launcher q/s':>14}"
+        f"{'engine c/s':>12}{'ratio':>7}{'query p50 ms':>14}{'queued p50 ms':>15}",
+    ]
+    for row in result["sustained"]:
+        run_, churn = row["launcher"], row["engine_churn"]
+        lines.append(
+            f"{'':<20}{run_['concurrency']:>5}{run_['queries']:>8}{run_['queries_per_s']:>14.2f}"
+            f"{churn['containers_per_s']:>12.2f}{row['ratio']:>7.2f}"
+            f"{run_['latency']['median_ms']:>14.0f}{run_['queued']['median_ms']:>15.0f}"
+        )
+    lines.append(
+        "engine c/s: create + start + remove(force) with the sandbox's flags via the docker SDK; "
+        "it never waits for the runner"
+    )
+    return lines
+
+
+def write_results(result: Json, output: Path) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    path = output / f"sandbox-{stamp}.json"
+    path.write_text(text)
+    (output / "latest-sandbox.json").write_text(text)
+    return path
