@@ -26,16 +26,14 @@ class Capacity:
             raise ValueError("capacity limit must be at least 1")
         self.limit = limit
         self._used = 0
-        self._wakers: list[Callable[[], None]] = []
-        self._pools: list[Reclaimable] = []
+        self._pools: list[tuple[Reclaimable, Callable[[], None]]] = []
 
     @property
     def used(self) -> int:
         return self._used
 
     def register(self, pool: Reclaimable, wake: Callable[[], None]) -> None:
-        self._pools.append(pool)
-        self._wakers.append(wake)
+        self._pools.append((pool, wake))
 
     def try_take(self) -> bool:
         if self._used >= self.limit:
@@ -43,13 +41,20 @@ class Capacity:
         self._used += 1
         return True
 
-    def give_back(self) -> None:
-        self._used = max(0, self._used - 1)
-        for wake in self._wakers:
-            wake()
+    def give_back(self, skip: Reclaimable | None = None) -> None:
+        """Return a slot and wake the pools (but ``skip``: a pool backing off a failure)."""
+        if self._used <= 0:
+            raise RuntimeError("capacity slot given back twice")
+        self._used -= 1
+        for pool, wake in self._pools:
+            if pool is not skip:
+                wake()
+
+    def others_waiting(self, asking: Reclaimable) -> bool:
+        return any(pool is not asking and pool.has_waiters() for pool, _ in self._pools)
 
     def reclaim(self, asking: Reclaimable) -> bool:
-        for pool in self._pools:
+        for pool, _ in self._pools:
             if pool is not asking and not pool.has_waiters() and pool.reclaim_idle():
                 return True
         return False

@@ -7,6 +7,7 @@ environment themselves.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Mapping
@@ -111,9 +112,9 @@ def load_config(
     config_file: Path | None = None,
 ) -> LauncherConfig:
     env = os.environ if env is None else env
+    state_dir = _default_state_dir()
     values: dict[str, Any] = {
-        "launcher_id": f"local-{socket.gethostname()}",
-        "state_dir": _default_state_dir(),
+        "state_dir": state_dir,
         "policies_dir": policies_dir(),
     }
     file_path = config_file
@@ -127,7 +128,19 @@ def load_config(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    if "launcher_id" not in values:
+        values["launcher_id"] = default_launcher_id(values["state_dir"])
     return LauncherConfig(**values)
+
+
+def default_launcher_id(state_dir: Path) -> str:
+    """Host name plus a digest of the state directory.
+
+    Orphan reaping trusts the instance locks in one state directory, so two launchers on one
+    host with different state directories (root and a user, say) must never share an id.
+    """
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 def with_overrides(config: LauncherConfig, **changes: Any) -> LauncherConfig:

@@ -10,10 +10,12 @@ unless it was killed or lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.ipc
@@ -34,6 +36,7 @@ from .sandbox import Sandbox
 from .session import Session, SessionManager
 
 _EXIT_WAIT_S = 3.0
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -68,6 +71,7 @@ class QueryExecution:
         self._session = session
         self._sandbox: Sandbox | None = None
         self._stop_reason: str | None = None
+        self._cancelled = asyncio.Event()
         self.record = QueryRecord(
             query_id, policy.name, session_id=session.session_id if session else None
         )
@@ -83,17 +87,11 @@ class QueryExecution:
         executor._running[self.query_id] = self
         try:
             if self._session is not None:
-                async with self._session.lock:
-                    self._session.active_queries += 1
-                    try:
-                        async for chunk in self._run_in(self._session.sandbox, started):
-                            yield chunk
-                    finally:
-                        self._session.active_queries -= 1
-                        self._session.last_used = time.monotonic()
+                async for chunk in self._run_in_session(self._session, started):
+                    yield chunk
             else:
                 pool = executor._pool_for(self._policy)
-                sandbox = await pool.acquire()
+                sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
                 try:
                     async for chunk in self._run_in(sandbox, started):
                         yield chunk
@@ -112,6 +110,40 @@ class QueryExecution:
         finally:
             self.record.total_s = time.monotonic() - started
             executor._running.pop(self.query_id, None)
+
+    async def _run_in_session(self, session: Session, started: float) -> AsyncIterator[bytes]:
+        # A session runs one query at a time; the lock is the queue.
+        await self._unless_cancelled(session.lock.acquire(), lambda _: session.lock.release())
+        try:
+            # The session may have ended while this query waited for its turn.
+            self._executor.sessions.get(session.session_id)
+            session.active_queries += 1
+            try:
+                async for chunk in self._run_in(session.sandbox, started):
+                    yield chunk
+            finally:
+                session.active_queries -= 1
+                session.last_used = time.monotonic()
+        finally:
+            session.lock.release()
+
+    async def _unless_cancelled(self, waiting: Awaitable[T], give_back: Callable[[T], object]) -> T:
+        """Wait for a sandbox (or the session's turn) unless cancel() comes first."""
+        task = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, DuckcellError):
+                    await task
+        if task.cancelled() or self._stop_reason == "cancelled":
+            if task.done() and not task.cancelled() and task.exception() is None:
+                give_back(task.result())
+            raise QueryCancelledError("query cancelled while it waited for a sandbox")
+        return task.result()
 
     async def _run_in(self, sandbox: Sandbox, started: float) -> AsyncIterator[bytes]:
         self._sandbox = sandbox
@@ -144,8 +176,10 @@ class QueryExecution:
                 else:
                     yield item
         except StreamBroken as broken:
+            # Explain first: losing the session removes the container we must inspect.
+            error = await self._explain_loss(sandbox, broken)
             self._lose_session()
-            raise await self._explain_loss(sandbox, broken) from None
+            raise error from None
         finally:
             await stream.aclose()
 
@@ -153,8 +187,9 @@ class QueryExecution:
         limits = self._policy.limits
         return QueryTimeoutError(
             f"query killed by the launcher after {limits.statement_timeout_s:g} s "
-            f"(+{self._executor.kill_grace_s:g} s grace): the statement timeout of policy "
-            f"{self._policy.name} could not interrupt it"
+            f"(+{self._executor.kill_grace_s:g} s grace) past the statement timeout of policy "
+            f"{self._policy.name}: DuckDB could not be interrupted, or the result was read "
+            "too slowly"
         )
 
     def _lose_session(self) -> None:
@@ -168,13 +203,20 @@ class QueryExecution:
             return QueryCancelledError("query cancelled; its sandbox was destroyed")
         if self._stop_reason == "hard_kill":
             return self._hard_kill_error()
+        if self._session is not None:
+            why = self._executor.sessions.ended_reason(self._session.session_id)
+            if why:
+                return SandboxLostError(
+                    f"session {self._session.session_id} ended during the query: it {why}"
+                )
         backend = self._executor.backend
         state = await backend.inspect(sandbox.handle)
         deadline = time.monotonic() + _EXIT_WAIT_S
         while state.status == "running" and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             state = await backend.inspect(sandbox.handle)
-        if state.oom_killed or state.exit_code == 137:
+        # Only the engine's OOMKilled flag: exit 137 is any SIGKILL, not just the OOM killer.
+        if state.oom_killed:
             mib = self._policy.limits.memory_bytes // (1024 * 1024)
             return MemoryLimitError(
                 f"query used more than the sandbox memory limit of {mib} MiB (policy "
@@ -186,8 +228,12 @@ class QueryExecution:
         )
 
     async def cancel(self) -> None:
-        """Stop the query. A per-query sandbox is killed outright; a session's is interrupted."""
+        """Stop the query. A per-query sandbox is killed outright; a session's is interrupted.
+
+        A query still waiting for its sandbox (or its session's turn) stops waiting.
+        """
         self._stop_reason = "cancelled"
+        self._cancelled.set()
         sandbox = self._sandbox
         if sandbox is None:
             return

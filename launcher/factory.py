@@ -12,11 +12,10 @@ import uuid
 from dataclasses import dataclass
 
 from .backend.base import SandboxBackend, SandboxHandle
-from .backend.docker_engine import new_sandbox_name
 from .errors import DuckcellError, SandboxStartError
 from .policy import Policy
 from .runner_client import RunnerClient
-from .sandbox import Sandbox, build_spec
+from .sandbox import Sandbox, build_spec, new_sandbox_name
 
 _EXIT_POLL_S = 0.25
 

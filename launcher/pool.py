@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 
@@ -62,6 +63,7 @@ class SandboxPool:
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
         self._failures = 0
+        self._retry_at = 0.0  # the filler starts nothing before this (monotonic) time
         self.last_error: DuckcellError | None = None
         capacity.register(self, self._wake.set)
 
@@ -110,8 +112,9 @@ class SandboxPool:
             raise OverCapacityError(f"pool {self.policy.name} is closed")
         if self._ready:
             return self._hand_out(self._ready.popleft())
-        if isinstance(self.last_error, _FATAL) and self._starting == 0:
-            raise self.last_error
+        if self._retry_at == math.inf:
+            # A fatal start error stopped the filler; this caller's wait is one new attempt.
+            self._retry_at = 0.0
         waiter: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wake.set()
@@ -184,7 +187,8 @@ class SandboxPool:
         while not self._closed:
             self._wake.clear()
             while (
-                self._deficit() > 0
+                time.monotonic() >= self._retry_at
+                and self._deficit() > 0
                 and self._starting < self._max_parallel_starts
                 and self._take_slot()
             ):
@@ -193,6 +197,9 @@ class SandboxPool:
             await self._wake.wait()
 
     def _take_slot(self) -> bool:
+        # A pool only refilling its warm stock leaves a free slot to a pool with waiters.
+        if not self._waiters and self._capacity.others_waiting(self):
+            return False
         if self._capacity.try_take():
             return True
         if self._waiters:
@@ -202,10 +209,13 @@ class SandboxPool:
     async def _start_one(self) -> None:
         try:
             sandbox = await self._factory.start(self.policy)
-        except DuckcellError as error:
+        except Exception as error:  # any failure is recorded and backed off, never lost
             self._starting -= 1
-            self._capacity.give_back()
+            if not isinstance(error, DuckcellError):
+                error = SandboxStartError(f"sandbox start failed: {type(error).__name__}: {error}")
             self._on_failure(error)
+            # Wake the other pools only: this one waits for its retry time.
+            self._capacity.give_back(skip=self)
             return
         except BaseException:
             self._starting -= 1
@@ -213,6 +223,7 @@ class SandboxPool:
             raise
         self._starting -= 1
         self._failures = 0
+        self._retry_at = 0.0
         self.last_error = None
         self._live.add(sandbox)
         if self._closed:
@@ -226,6 +237,8 @@ class SandboxPool:
         self._failures += 1
         log.warning("pool %s: sandbox start failed: %s", self.policy.name, error)
         if isinstance(error, _FATAL):
+            # No retry fixes these: stop filling until a caller asks again.
+            self._retry_at = math.inf
             while self._waiters:
                 waiter = self._waiters.popleft()
                 if not waiter.done():
@@ -233,6 +246,7 @@ class SandboxPool:
             return
         # Back off before the filler tries again, so a broken engine is not hammered.
         delay = min(5.0, 0.2 * 2 ** min(self._failures, 5))
+        self._retry_at = time.monotonic() + delay
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     def _offer(self, sandbox: Sandbox) -> None:

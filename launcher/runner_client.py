@@ -5,6 +5,7 @@ Protobuf types stop here: callers get bytes of Arrow IPC, a QuerySummary, or a Q
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -128,6 +129,14 @@ class RunnerClient:
                     raise error_type(chunk.failure.message)
         except grpc.aio.AioRpcError as error:
             raise StreamBroken(f"{error.code().name}: {error.details()}") from None
+        except grpc.aio.UsageError as error:
+            raise StreamBroken(f"channel closed: {error}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled: let it through
+            # Closing the channel (sandbox destroyed under us) cancels its calls.
+            raise StreamBroken("the sandbox's channel was closed during the query") from None
         finally:
             call.cancel()
         raise StreamBroken("runner closed the stream without a summary")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -51,6 +52,10 @@ class Sandbox:
     @property
     def name(self) -> str:
         return self.handle.name
+
+
+def new_sandbox_name() -> str:
+    return f"duckcell-{uuid.uuid4().hex[:12]}"
 
 
 def build_spec(

@@ -78,6 +78,9 @@ class SessionManager:
             raise SessionError(f"unknown session {session_id}")
         return session
 
+    def ended_reason(self, session_id: str) -> str | None:
+        return self._ended.get(session_id)
+
     def close(self, session_id: str, why: str = "was closed") -> None:
         session = self._sessions.pop(session_id, None)
         if session is None:

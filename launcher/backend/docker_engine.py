@@ -8,9 +8,9 @@ can leave the engine holding a request open. Docker exceptions become BackendErr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -29,8 +29,8 @@ RUNNER_DIR = "/run/duckcell"
 SANDBOX_UID = 65534
 
 _ENGINE_HELP = (
-    "start a Docker engine (on this kind of host: sudo scripts/ensure-docker.sh) "
-    "or point DOCKER_HOST at one"
+    "start a Docker engine (from a duckcell checkout: sudo scripts/ensure-docker.sh, "
+    "or `make engine`) or point DOCKER_HOST at one"
 )
 
 
@@ -72,7 +72,7 @@ class DockerBackend:
             raise ImageMissingError(
                 f"sandbox image missing ({error.explanation}); run `duckcell image build`"
             ) from None
-        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as error:
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as error:
             if isinstance(error, docker.errors.APIError):
                 raise BackendError(f"Docker engine refused {what}: {error.explanation}") from None
             if isinstance(error, requests.exceptions.ReadTimeout):
@@ -111,6 +111,9 @@ class DockerBackend:
             container_id = await self._call("create", lambda: self._create(spec, socket_dir))
         except BaseException:
             shutil.rmtree(socket_dir, ignore_errors=True)
+            # A create that timed out here may still complete in the engine: remove by name.
+            with contextlib.suppress(Exception):
+                await self.remove_by_id(spec.name)
             raise
         return SandboxHandle(container_id, spec.name, f"unix://{socket_dir / SOCKET_NAME}")
 
@@ -220,7 +223,3 @@ class DockerBackend:
 
     def close(self) -> None:
         self._client.close()
-
-
-def new_sandbox_name() -> str:
-    return f"duckcell-{uuid.uuid4().hex[:12]}"

@@ -74,7 +74,10 @@ def engine() -> Iterator[docker.DockerClient]:
         client.ping()
     except docker.errors.DockerException as error:
         pytest.fail(f"no Docker engine answers ({error}); run scripts/ensure-docker.sh")
+    volumes_before = {v.name for v in client.volumes.list()}
     yield client
+    new_volumes = sorted({v.name for v in client.volumes.list()} - volumes_before)
+    assert not new_volumes, f"tests left volumes behind: {new_volumes}"
     leftovers = [
         c
         for c in client.containers.list(all=True, filters={"label": "duckcell.launcher"})

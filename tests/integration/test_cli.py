@@ -129,10 +129,11 @@ def test_killed_launcher_leaves_no_sandbox_after_restart(
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Mid-query: the runner logs one line when a query starts.
         deadline = time.monotonic() + 60
-        while not _running(engine, launcher_id):
-            assert process.poll() is None, "launcher exited before its sandbox ran"
-            assert time.monotonic() < deadline, "sandbox never started"
+        while not _query_started(engine, launcher_id):
+            assert process.poll() is None, "launcher exited before its query ran"
+            assert time.monotonic() < deadline, "query never started in a sandbox"
             time.sleep(0.1)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -143,6 +144,6 @@ def test_killed_launcher_leaves_no_sandbox_after_restart(
     assert containers_of(engine, launcher_id) == []
 
 
-def _running(engine: docker.DockerClient, launcher_id: str) -> bool:
+def _query_started(engine: docker.DockerClient, launcher_id: str) -> bool:
     found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
-    return any(c.status == "running" for c in found)
+    return any(b"query" in c.logs() and b"started" in c.logs() for c in found)

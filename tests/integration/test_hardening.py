@@ -76,6 +76,7 @@ def test_container_spec_has_every_hardening_flag(
 ) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
+    cache.chmod(0o777)  # writable by uid 65534 on the host: only the :ro mount can refuse
     config = make_config(image, policies_dir, cache_dir=cache)
     attrs, probe = _inspect_live_sandbox(config, engine, "default")
     host = attrs["HostConfig"]
@@ -88,7 +89,9 @@ def test_container_spec_has_every_hardening_flag(
     assert host["Memory"] == 1024**3
     assert host["MemorySwap"] == 1024**3
     assert host["NanoCpus"] == 1_000_000_000
-    assert "size=" in host["Tmpfs"]["/scratch"]
+    for mount in ("/scratch", "/tmp"):
+        assert "size=" in host["Tmpfs"][mount] and "noexec" in host["Tmpfs"][mount]
+    assert {u["Name"]: u["Hard"] for u in host["Ulimits"]} == {"nofile": 1024}
     assert host["Runtime"] == "runc"
     binds = {b.split(":")[1]: b for b in host["Binds"]}
     assert binds["/cache"].endswith(":ro")
@@ -106,7 +109,7 @@ def test_container_spec_has_every_hardening_flag(
     assert probe["root_writable"] is False
     assert probe["cache_writable"] is False
     assert probe["scratch_writable"] is True
-    assert probe["scratch_bytes"] <= 1024**3
+    assert probe["scratch_bytes"] == 1024**3  # policy default: scratch 1GiB
     secretish = [k for k in probe["env_keys"] if any(w in k for w in ("KEY", "SECRET", "TOKEN"))]
     assert secretish == []
 

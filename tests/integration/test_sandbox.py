@@ -6,6 +6,7 @@ How each promise is checked is said in each test's docstring.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import docker
 import pytest
@@ -96,7 +97,8 @@ def test_memory_hungry_query_fails_cleanly(config: LauncherConfig) -> None:
 
     async def body(launcher: LocalLauncher) -> None:
         execution = launcher.execute("SELECT length(repeat('x', 1500000000)) AS n", policy="tight")
-        with pytest.raises((MemoryLimitError, SqlError)) as caught:
+        # DuckDB's own out-of-memory error and the engine's OOM kill both map to this.
+        with pytest.raises(MemoryLimitError) as caught:
             await collect_table(execution)
         assert "memory" in str(caught.value).lower()
         # The launcher stays usable afterwards.
@@ -113,9 +115,11 @@ def test_statement_timeout_ends_a_long_query(config: LauncherConfig) -> None:
         execution = launcher.execute(
             "SELECT sum(hash(range)) FROM range(100000000000)", policy="tight"
         )
-        with pytest.raises(QueryTimeoutError, match="statement timeout"):
+        with pytest.raises(QueryTimeoutError, match="statement timeout") as caught:
             await collect_table(execution)
-        assert execution.record.total_s < 30
+        # The runner's interrupt ended it, not the launcher's kill 5 s later.
+        assert "killed by the launcher" not in str(caught.value)
+        assert execution.record.total_s < 4
 
     run(with_launcher(config, body))
 
@@ -198,8 +202,18 @@ HOSTILE = [
 ]
 
 
-def test_hostile_sql_is_refused_in_a_real_sandbox(config: LauncherConfig) -> None:
-    """Every probe fails with a specific message, inside a real container (one each)."""
+def test_hostile_sql_is_refused_in_a_real_sandbox(
+    image: str, policies_dir: Path, tmp_path: Path
+) -> None:
+    """Every probe fails with a specific message, inside a real container (one each).
+
+    A cache directory the sandbox user could write to is mounted, so the /cache probe is
+    refused by the read-only mount itself, not by file permissions.
+    """
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    config = make_config(image, policies_dir, cache_dir=cache)
 
     async def body(launcher: LocalLauncher) -> None:
         for sql, message in HOSTILE:

@@ -228,3 +228,84 @@ def test_oom_killed_sandbox_is_reported_as_memory_limit() -> None:
         assert not isinstance(caught.value, SandboxLostError)
 
     scenario(body)
+
+
+def test_failing_starts_back_off_instead_of_spinning() -> None:
+    """A start that keeps failing is retried with backoff, not thousands of times a second."""
+
+    async def body(h: Harness) -> None:
+        h.backend.fail_start = True
+        pool = h.pool_for(QUERY)
+        with pytest.raises(SandboxStartError):
+            await pool.wait_warm(1.0)
+        await asyncio.sleep(1.0)
+        assert h.backend.created <= 8, f"{h.backend.created} starts in ~2 s"
+
+    scenario(body)
+
+
+def test_missing_image_stops_the_filler_until_asked_again() -> None:
+    async def body(h: Harness) -> None:
+        h.backend.images.clear()
+        pool = h.pool_for(QUERY)
+        with pytest.raises(ImageMissingError):
+            await pool.acquire()
+        await asyncio.sleep(0.5)
+        before = h.backend.created
+        await asyncio.sleep(0.5)
+        assert h.backend.created == before  # nothing retried on its own
+        h.backend.images.add("img")  # the image gets built; the next query works
+        await collect_table(h.executor.execute("SELECT 1", policy=QUERY))
+
+    scenario(body)
+
+
+def test_cancel_while_queued_stops_waiting() -> None:
+    """A query waiting for a slot is cancelled without ever running."""
+
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        held = await pool.acquire()
+        queued = h.executor.execute("CREATE TEMP TABLE ran AS SELECT 1", policy=QUERY)
+        task = asyncio.ensure_future(collect_table(queued))
+        await asyncio.sleep(0.2)
+        assert await h.executor.cancel(queued.query_id)
+        with pytest.raises(QueryCancelledError, match="waited"):
+            await task
+        assert queued.record.sandbox == ""
+        pool.release(held)
+
+    scenario(body, capacity=1, queue_timeout_s=5)
+
+
+def test_a_waiting_pool_gets_the_slot_of_an_idle_warm_sandbox() -> None:
+    """With one slot held by pool q's idle warm sandbox, a query of pool s still runs."""
+
+    async def body(h: Harness) -> None:
+        await h.pool_for(QUERY).wait_warm(10)
+        session = await asyncio.wait_for(h.sessions.open(SESSION), 10)
+        execution = h.executor.execute("SELECT 3 AS x", session_id=session.session_id)
+        table = await collect_table(execution)
+        assert table.to_pylist() == [{"x": 3}]
+
+    scenario(body, capacity=2, queue_timeout_s=5)
+
+
+def test_closing_a_session_under_a_running_query_is_a_clear_error() -> None:
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(SESSION)
+        sid = session.session_id
+        execution = h.executor.execute(
+            "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        for _ in range(200):
+            if execution.record.sandbox:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        h.sessions.close(sid, "reached its max lifetime of 1 s")
+        with pytest.raises(SandboxLostError, match="ended during the query"):
+            await task
+
+    scenario(body)

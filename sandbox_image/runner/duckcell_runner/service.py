@@ -8,6 +8,7 @@ long call), a Cancel RPC, and the caller going away (the RPC's termination callb
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -134,6 +135,8 @@ class RunnerService(pb_grpc.RunnerServicer):
         self, request: pb.ExecuteRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteChunk]:
         with self._exclusive:
+            # One line per query for `docker logs`: its id, never its SQL.
+            print(f"runner: query {request.query_id} started", file=sys.stderr, flush=True)
             running = _Running(request.query_id)
             with self._state:
                 self._running = running
@@ -165,7 +168,8 @@ class RunnerService(pb_grpc.RunnerServicer):
                 return False
             if running.stop_reason == pb.FAILURE_REASON_UNSPECIFIED:
                 running.stop_reason = reason
-        self._con.interrupt()
+            # Under the lock: a late timer or cancel must not interrupt the next query.
+            self._con.interrupt()
         return True
 
     def _execute(self, request: pb.ExecuteRequest, running: _Running) -> Iterator[pb.ExecuteChunk]:
