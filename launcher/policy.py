@@ -22,7 +22,9 @@ Keys (``required`` or the default):
     limits.max_result_bytes         null (unlimited)
     duckdb.threads                  max(1, ceil(limits.cpus)); 1 to 1024
     duckdb.memory_limit             60% of limits.memory; must stay below limits.memory
-    duckdb.max_temp_directory_size  90% of limits.scratch; at most limits.scratch
+    duckdb.max_temp_directory_size  90% of limits.scratch, but no more than limits.memory less
+                                    duckdb.memory_limit and 64MiB (or a quarter) of headroom:
+                                    the /scratch tmpfs counts against limits.memory
     session.idle_ttl                5m; at most session.max_lifetime
     session.max_lifetime            1h
     access.catalogs                 ["*"] (case-sensitive globs, see ``visible``)
@@ -308,12 +310,33 @@ def _duckdb(r: Reader, sec: Section, limits: Limits) -> DuckDBSettings:
         node, limit = sec.values["memory_limit"], format_size(limits.memory_bytes)
         expected = f"less than limits.memory ({limit}) so DuckDB spills before the kernel kills it"
         r.fail(node, "duckdb.memory_limit", f"expected {expected}, got {found(node)}")
-    temp = r.get(sec, "max_temp_directory_size", limits.scratch_bytes * 9 // 10, r.size, 0)
+    # Spilled data lives in the /scratch tmpfs, whose pages count against the container's
+    # memory limit: buffer pool + spill must leave headroom for the runner, or a spilling
+    # query is OOM-killed instead of failing with DuckDB's own message.
+    budget = max(0, limits.memory_bytes - memory - _headroom(limits))
+    default_temp = min(limits.scratch_bytes * 9 // 10, budget)
+    temp = r.get(sec, "max_temp_directory_size", default_temp, r.size, 0)
     if temp > limits.scratch_bytes:
         node, scratch = sec.values["max_temp_directory_size"], format_size(limits.scratch_bytes)
         expected = f"at most limits.scratch ({scratch}), the tmpfs DuckDB spills to"
         r.fail(node, "duckdb.max_temp_directory_size", f"expected {expected}, got {found(node)}")
+    if temp > budget:
+        node = sec.values.get("max_temp_directory_size") or sec.values["memory_limit"]
+        key = (
+            "max_temp_directory_size" if "max_temp_directory_size" in sec.values else "memory_limit"
+        )
+        expected = (
+            f"duckdb.memory_limit + duckdb.max_temp_directory_size at most "
+            f"{format_size(limits.memory_bytes - _headroom(limits))} (limits.memory less "
+            f"{format_size(_headroom(limits))} for the runner): spilled data in the /scratch "
+            "tmpfs counts against limits.memory"
+        )
+        r.fail(node, f"duckdb.{key}", f"expected {expected}, got {found(node)}")
     return DuckDBSettings(threads, memory, temp)
+
+
+def _headroom(limits: Limits) -> int:
+    return min(64 * MiB, limits.memory_bytes // 4)
 
 
 def _session(r: Reader, sec: Section) -> SessionSettings:

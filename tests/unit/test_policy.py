@@ -386,7 +386,8 @@ def test_defaults() -> None:
     assert (limits.max_result_rows, limits.max_result_bytes) == (None, None)
     assert policy.duckdb.threads == 1
     assert policy.duckdb.memory_limit_bytes == GiB * 6 // 10
-    assert policy.duckdb.max_temp_directory_bytes == GiB * 9 // 10
+    # The spill default is capped so buffer pool + spill (tmpfs, charged to memory) fit.
+    assert policy.duckdb.max_temp_directory_bytes == GiB - GiB * 6 // 10 - 64 * MiB
     assert (policy.session.idle_ttl_s, policy.session.max_lifetime_s) == (300.0, 3600.0)
     assert policy.access == Access(("*",), ("*",))
     assert policy.writes == Writes(False, ())
@@ -695,3 +696,17 @@ def test_shipped_policies_leave_room_beside_duckdb(name: str) -> None:
     policy = load_policies(POLICIES_DIR).get(name)
     used = policy.duckdb.memory_limit_bytes + policy.duckdb.max_temp_directory_bytes
     assert used <= policy.limits.memory_bytes - 64 * MiB
+
+
+def test_spill_and_buffer_pool_must_fit_in_memory(tmp_path: Path) -> None:
+    text = (
+        "name: t\nisolation: query\nruntime: runc\nlimits:\n  cpus: 1\n  memory: 1GiB\n"
+        "  scratch: 1GiB\nduckdb:\n  memory_limit: 600MiB\n  max_temp_directory_size: 900MiB\n"
+    )
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        load_policy_file(path)
+    message = str(caught.value)
+    assert f"{path}:10: duckdb.max_temp_directory_size" in message
+    assert "counts against limits.memory" in message
