@@ -25,11 +25,11 @@ import pyarrow as pa
 
 from bench.stats import Json, Progress, summarize
 from launcher.backend.base import LABEL_LAUNCHER, SandboxSpec
-from launcher.backend.docker_engine import RUNNER_DIR, DockerBackend, new_sandbox_name
+from launcher.backend.docker_engine import DockerBackend, container_config
 from launcher.config import LauncherConfig
 from launcher.policy import Policy
 from launcher.runner_client import RunnerClient
-from launcher.sandbox import build_spec
+from launcher.sandbox import build_spec, new_sandbox_name
 
 
 async def sandbox_starts(
@@ -116,38 +116,11 @@ def sandbox_spec(config: LauncherConfig, policy: Policy) -> SandboxSpec:
 
 
 def churn_one(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path) -> float:
-    """create + start + remove(force) with the flags of launcher/backend/docker_engine.py."""
+    """create + start + remove(force) with the launcher's own container config."""
     socket_dir.mkdir(mode=0o777)
     os.chmod(socket_dir, 0o777)
-    host_config = api.create_host_config(
-        binds={str(socket_dir): {"bind": RUNNER_DIR, "mode": "rw"}},
-        network_mode="none",
-        read_only=True,
-        tmpfs={
-            "/scratch": f"rw,nosuid,nodev,noexec,size={spec.scratch_bytes},mode=1777",
-            "/tmp": f"rw,nosuid,nodev,noexec,size={spec.tmp_bytes},mode=1777",
-        },
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
-        pids_limit=spec.pids,
-        mem_limit=spec.memory_bytes,
-        memswap_limit=spec.memory_bytes,
-        nano_cpus=int(spec.cpus * 1e9),
-        ulimits=[docker.types.Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
-        runtime=spec.runtime,
-        ipc_mode="private",
-    )
     started = time.perf_counter()
-    container = api.create_container(
-        image=spec.image,
-        name=spec.name,
-        user=spec.user,
-        environment=dict(spec.environment),
-        labels=dict(spec.labels),
-        host_config=host_config,
-        network_disabled=True,
-        detach=True,
-    )
+    container = api.create_container(**container_config(api, spec, socket_dir))
     try:
         api.start(container["Id"])
     finally:

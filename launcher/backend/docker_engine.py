@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -118,38 +118,7 @@ class DockerBackend:
         return SandboxHandle(container_id, spec.name, f"unix://{socket_dir / SOCKET_NAME}")
 
     def _create(self, spec: SandboxSpec, socket_dir: Path) -> str:
-        binds = {str(socket_dir): {"bind": RUNNER_DIR, "mode": "rw"}}
-        if spec.cache_dir:
-            binds[spec.cache_dir] = {"bind": "/cache", "mode": "ro"}
-        host_config = self._api.create_host_config(
-            binds=binds,
-            network_mode="none",
-            read_only=True,
-            tmpfs={
-                "/scratch": f"rw,nosuid,nodev,noexec,size={spec.scratch_bytes},mode=1777",
-                "/tmp": f"rw,nosuid,nodev,noexec,size={spec.tmp_bytes},mode=1777",
-            },
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
-            pids_limit=spec.pids,
-            mem_limit=spec.memory_bytes,
-            memswap_limit=spec.memory_bytes,  # no swap: the limit is the limit
-            nano_cpus=int(spec.cpus * 1e9),
-            ulimits=[docker.types.Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
-            runtime=spec.runtime,
-            ipc_mode="private",
-            auto_remove=False,
-        )
-        created = self._api.create_container(
-            image=spec.image,
-            name=spec.name,
-            user=spec.user,
-            environment=dict(spec.environment),
-            labels=dict(spec.labels),
-            host_config=host_config,
-            network_disabled=True,
-            detach=True,
-        )
+        created = self._api.create_container(**container_config(self._api, spec, socket_dir))
         return str(created["Id"])
 
     async def start(self, handle: SandboxHandle) -> None:
@@ -223,3 +192,39 @@ class DockerBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def container_config(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path) -> dict[str, Any]:
+    """The ``create_container`` arguments of a sandbox: every hardening flag lives here."""
+    binds = {str(socket_dir): {"bind": RUNNER_DIR, "mode": "rw"}}
+    if spec.cache_dir:
+        binds[spec.cache_dir] = {"bind": "/cache", "mode": "ro"}
+    host_config = api.create_host_config(
+        binds=binds,
+        network_mode="none",
+        read_only=True,
+        tmpfs={
+            "/scratch": f"rw,nosuid,nodev,noexec,size={spec.scratch_bytes},mode=1777",
+            "/tmp": f"rw,nosuid,nodev,noexec,size={spec.tmp_bytes},mode=1777",
+        },
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        pids_limit=spec.pids,
+        mem_limit=spec.memory_bytes,
+        memswap_limit=spec.memory_bytes,  # no swap: the limit is the limit
+        nano_cpus=int(spec.cpus * 1e9),
+        ulimits=[docker.types.Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
+        runtime=spec.runtime,
+        ipc_mode="private",
+        auto_remove=False,
+    )
+    return {
+        "image": spec.image,
+        "name": spec.name,
+        "user": spec.user,
+        "environment": dict(spec.environment),
+        "labels": dict(spec.labels),
+        "host_config": host_config,
+        "network_disabled": True,
+        "detach": True,
+    }

@@ -18,7 +18,7 @@ from launcher.errors import (
     SessionError,
     SqlError,
 )
-from launcher.executor import Executor, collect_table
+from launcher.executor import Executor, QueryExecution, collect_table
 from launcher.factory import FactorySettings, SandboxFactory
 from launcher.policy import Policy, load_policy_text
 from launcher.pool import SandboxPool
@@ -78,6 +78,17 @@ def scenario(body: Callable[[Harness], Awaitable[T]], **kwargs: object) -> T:
 
 
 QUERY = load_policy_text(QUERY_POLICY, "<test>")
+
+
+async def until_in_sandbox(execution: QueryExecution) -> None:
+    """Wait (bounded) until a query has been handed its sandbox."""
+    for _ in range(500):
+        if execution.record.sandbox:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("query never reached a sandbox")
+
+
 SESSION = load_policy_text(SESSION_POLICY, "<test>")
 
 
@@ -170,10 +181,7 @@ def test_cancel_kills_the_per_query_sandbox() -> None:
             "SELECT sum(hash(range)) FROM range(100000000000)", policy=QUERY
         )
         task = asyncio.ensure_future(collect_table(execution))
-        for _ in range(200):
-            if execution.record.sandbox:
-                break
-            await asyncio.sleep(0.01)
+        await until_in_sandbox(execution)
         assert await h.executor.cancel(execution.query_id)
         with pytest.raises(QueryCancelledError):
             await task
@@ -189,10 +197,7 @@ def test_session_cancel_interrupts_but_keeps_the_session() -> None:
             "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
         )
         task = asyncio.ensure_future(collect_table(execution))
-        for _ in range(200):
-            if execution.record.sandbox:
-                break
-            await asyncio.sleep(0.01)
+        await until_in_sandbox(execution)
         await asyncio.sleep(0.2)
         assert await h.executor.cancel(execution.query_id)
         with pytest.raises(QueryCancelledError):
@@ -211,10 +216,7 @@ def test_oom_killed_sandbox_is_reported_as_memory_limit() -> None:
             "SELECT sum(hash(range)) FROM range(100000000000)", policy=QUERY
         )
         task = asyncio.ensure_future(collect_table(execution))
-        for _ in range(200):
-            if execution.record.sandbox:
-                break
-            await asyncio.sleep(0.01)
+        await until_in_sandbox(execution)
         container = next(
             c for c in h.backend.containers.values() if c.spec.name == execution.record.sandbox
         )
@@ -299,10 +301,7 @@ def test_closing_a_session_under_a_running_query_is_a_clear_error() -> None:
             "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
         )
         task = asyncio.ensure_future(collect_table(execution))
-        for _ in range(200):
-            if execution.record.sandbox:
-                break
-            await asyncio.sleep(0.01)
+        await until_in_sandbox(execution)
         await asyncio.sleep(0.1)
         h.sessions.close(sid, "reached its max lifetime of 1 s")
         with pytest.raises(SandboxLostError, match="ended during the query"):
