@@ -12,8 +12,8 @@ Each case is measured against its baseline in the same run:
 
 Between warm-pool repetitions the pool is left to refill and settle, untimed, so a repetition
 measures checkout + query and never its own container start. Two diagnostics say where the
-time goes: warm-pool reps with the pool's refill held back until the query ends (``1b*``,
-``2b*``), and a sandbox start breakdown (create, start, socket, runner Ready, remove) with the
+time goes: warm-pool reps with the pool's warm size at 0 during the query, so no container
+start can run beside it (``1b*``, ``2b*``), and a sandbox start breakdown (create, start, socket, runner Ready, remove) with the
 runner dialled at once, as the launcher does, and once its socket exists.
 
 Everything the run creates carries the label ``duckcell.launcher=bench-<pid>`` and is removed

@@ -89,8 +89,8 @@ def render(result: Json) -> str:
             values = "".join(f"{parts[part + '_median_ms']:>12.2f}" for part in _PARTS)
             lines.append(f"{tag:<4}{title.split(',')[0]:<18}{values}{parts['chunks_median']:>8g}")
     lines.append(
-        "1b*/2b*: diagnostic, the pool's refill held back until the query ends (the pool starts "
-        "the replacement sandbox at checkout, beside the query)"
+        "1b*/2b*: diagnostic, the pool's warm size set to 0 during the query, so no container "
+        "start can run beside it (the pool already replaces a sandbox at release, not checkout)"
     )
     lines += ["", *render_throughput(result), "", "targets"]
     for row in result["targets"]:
