@@ -13,8 +13,9 @@ Each case is measured against its baseline in the same run:
 Between warm-pool repetitions the pool is left to refill and settle, untimed, so a repetition
 measures checkout + query and never its own container start. Two diagnostics say where the
 time goes: warm-pool reps with the pool's warm size at 0 during the query, so no container
-start can run beside it (``1b*``, ``2b*``), and a sandbox start breakdown (create, start, socket, runner Ready, remove) with the
-runner dialled at once, as the launcher does, and once its socket exists.
+start can run beside it (``1b*``, ``2b*``), and a sandbox start breakdown (create, start,
+socket, runner Ready, remove) with the runner dialled at once, as the launcher does, and
+once its socket exists.
 
 Everything the run creates carries the label ``duckcell.launcher=bench-<pid>`` and is removed
 at the end, whatever happens. Progress goes to stderr, the table to stdout, JSON to
