@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import docker
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
@@ -64,8 +65,6 @@ def test_query_formats(cli_env: dict, fmt: str, expected: str) -> None:
 
 
 def test_query_parquet_output(cli_env: dict, tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-
     out = tmp_path / "r.parquet"
     done = _duckcell(
         "query", "--format", "parquet", "--output", str(out), "FROM range(5)", env=cli_env
