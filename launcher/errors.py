@@ -13,13 +13,21 @@
     │   ├── OverCapacityError          every sandbox slot stayed busy for the whole wait
     │   └── SandboxStartError          a sandbox did not become ready
     ├── SessionError                   unknown, closed or expired session
-    └── QueryError                     the query itself did not complete
-        ├── SqlError                   DuckDB refused or failed the statement (its message)
-        ├── QueryTimeoutError          statement timeout or hard wall-clock kill
-        ├── MemoryLimitError           the sandbox hit its memory limit
-        ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
-        ├── QueryCancelledError        cancelled by the caller
-        └── SandboxLostError           the sandbox died for another reason
+    ├── QueryError                     the query itself did not complete
+    │   ├── SqlError                   DuckDB refused or failed the statement (its message)
+    │   ├── QueryTimeoutError          statement timeout or hard wall-clock kill
+    │   ├── MemoryLimitError           the sandbox hit its memory limit
+    │   ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
+    │   ├── QueryCancelledError        cancelled by the caller
+    │   └── SandboxLostError           the sandbox died for another reason
+    └── ControlPlaneError              the control plane's CA, store or enrollment failed
+        ├── CertificateError           a CA, certificate or CSR is invalid or unreadable
+        └── EnrollmentError            an enrollment token was refused (``reason`` says why)
+            ├── MalformedTokenError    the text is not a well-formed enrollment token
+            ├── UnknownTokenError      no such token, or its secret does not match
+            ├── ExpiredTokenError      the token's lifetime has passed
+            ├── UsedTokenError         the token was already redeemed once
+            └── CaMismatchError        the token was made for another control plane's CA
 
 External errors (docker, grpc, DuckDB) are translated where they are met: the Docker backend,
 the runner client, the runner. Nothing outside those modules sees a foreign exception type.
@@ -113,3 +121,40 @@ class QueryCancelledError(QueryError):
 
 class SandboxLostError(QueryError):
     reason = "sandbox_lost"
+
+
+class ControlPlaneError(DuckcellError):
+    """The control plane's CA, store or enrollment failed."""
+
+
+class CertificateError(ControlPlaneError):
+    """A CA, certificate or CSR is invalid, unreadable or not signed by the expected CA."""
+
+
+class EnrollmentError(ControlPlaneError):
+    """An enrollment token was refused. ``reason`` is a short machine-readable word.
+
+    Messages never contain the token's secret: they end up in logs and on terminals.
+    """
+
+    reason = "refused"
+
+
+class MalformedTokenError(EnrollmentError):
+    reason = "malformed"
+
+
+class UnknownTokenError(EnrollmentError):
+    reason = "unknown"
+
+
+class ExpiredTokenError(EnrollmentError):
+    reason = "expired"
+
+
+class UsedTokenError(EnrollmentError):
+    reason = "used"
+
+
+class CaMismatchError(EnrollmentError):
+    reason = "ca_mismatch"

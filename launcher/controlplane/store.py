@@ -1,0 +1,63 @@
+"""The control plane's SQLite database: opening it and bringing its schema up to date.
+
+One file under the data directory holds all control-plane state. Each component gets a
+connection and owns its own queries; this module only owns the schema, so the tables stay
+visible in one place. Migrations are numbered by SQLite's ``user_version``: append, never edit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from launcher.errors import ControlPlaneError
+
+DATABASE_FILE = "controlplane.sqlite3"
+# Writers serialize in SQLite; a busy timeout turns a concurrent write into a short wait instead
+# of an immediate "database is locked".
+BUSY_TIMEOUT_S = 10.0
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: one-time enrollment tokens. Only a hash of the secret is kept.
+    """
+    CREATE TABLE enrollment_tokens (
+        id          TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        used_at     REAL
+    );
+    """,
+)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database at ``path`` with the schema up to date.
+
+    WAL lets readers proceed while a writer commits. Each thread must open its own connection.
+    Raises ``ControlPlaneError`` when the file cannot be opened or is from a newer duckcell.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        _migrate(conn, path)
+    except sqlite3.Error as exc:
+        raise ControlPlaneError(f"cannot open control-plane database {path}: {exc}") from None
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply missing migrations in one transaction, so two processes cannot both apply one."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise ControlPlaneError(
+                f"{path} has schema version {version}, newer than this duckcell supports "
+                f"({len(MIGRATIONS)}): upgrade duckcell"
+            )
+        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {number}")
