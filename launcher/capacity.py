@@ -19,6 +19,8 @@ class Reclaimable(Protocol):
 
     def has_waiters(self) -> bool: ...
 
+    def unmet_demand(self) -> int: ...
+
 
 class Capacity:
     def __init__(self, limit: int) -> None:
@@ -50,8 +52,16 @@ class Capacity:
             if pool is not skip:
                 wake()
 
-    def others_waiting(self, asking: Reclaimable) -> bool:
-        return any(pool is not asking and pool.has_waiters() for pool, _ in self._pools)
+    def free(self) -> int:
+        return self.limit - self._used
+
+    def demand_elsewhere(self, asking: Reclaimable) -> int:
+        """Slots other pools' waiting queries still need."""
+        return sum(pool.unmet_demand() for pool, _ in self._pools if pool is not asking)
+
+    def wake_all(self) -> None:
+        for _, wake in self._pools:
+            wake()
 
     def reclaim(self, asking: Reclaimable) -> bool:
         for pool, _ in self._pools:

@@ -10,7 +10,6 @@ unless it was killed or lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -128,20 +127,22 @@ class QueryExecution:
             session.lock.release()
 
     async def _unless_cancelled(self, waiting: Awaitable[T], give_back: Callable[[T], object]) -> T:
-        """Wait for a sandbox (or the session's turn) unless cancel() comes first."""
+        """Wait for a sandbox (or the session's turn) unless cancel() comes first.
+
+        Whatever way this is left early (cancel(), or the caller's task being cancelled), a
+        sandbox or lock the wait obtained anyway is given back, now or when it arrives.
+        """
         task = asyncio.ensure_future(waiting)
         stop = asyncio.ensure_future(self._cancelled.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            _abandon(task, give_back)
+            raise
         finally:
             stop.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, DuckcellError):
-                    await task
-        if task.cancelled() or self._stop_reason == "cancelled":
-            if task.done() and not task.cancelled() and task.exception() is None:
-                give_back(task.result())
+        if self._stop_reason == "cancelled":
+            _abandon(task, give_back)
             raise QueryCancelledError("query cancelled while it waited for a sandbox")
         return task.result()
 
@@ -286,6 +287,17 @@ class Executor:
 
     def running(self) -> list[str]:
         return list(self._running)
+
+
+def _abandon(task: asyncio.Future[T], give_back: Callable[[T], object]) -> None:
+    """Stop a wait nobody will use; if it obtained something after all, give it back."""
+
+    def settle(done: asyncio.Future[T]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            give_back(done.result())
+
+    task.cancel()
+    task.add_done_callback(settle)
 
 
 async def collect_table(execution: QueryExecution) -> pa.Table:

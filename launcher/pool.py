@@ -127,6 +127,7 @@ class SandboxPool:
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._capacity.wake_all()
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Served after we gave up: put it back for the next caller.
                 sandbox = waiter.result()
@@ -165,6 +166,12 @@ class SandboxPool:
     def has_waiters(self) -> bool:
         return bool(self._waiters)
 
+    def unmet_demand(self) -> int:
+        """Waiting queries not yet covered by a start, if this pool may start now."""
+        if time.monotonic() < self._retry_at:
+            return 0
+        return max(0, len(self._waiters) - self._starting)
+
     def reclaim_idle(self) -> bool:
         if not self._ready:
             return False
@@ -197,8 +204,9 @@ class SandboxPool:
             await self._wake.wait()
 
     def _take_slot(self) -> bool:
-        # A pool only refilling its warm stock leaves a free slot to a pool with waiters.
-        if not self._waiters and self._capacity.others_waiting(self):
+        # A pool only refilling its warm stock leaves the last free slots to pools whose
+        # queries are waiting (and that can start now).
+        if not self._waiters and self._capacity.free() <= self._capacity.demand_elsewhere(self):
             return False
         if self._capacity.try_take():
             return True
@@ -243,6 +251,7 @@ class SandboxPool:
                 waiter = self._waiters.popleft()
                 if not waiter.done():
                     waiter.set_exception(error)
+            self._capacity.wake_all()
             return
         # Back off before the filler tries again, so a broken engine is not hammered.
         delay = min(5.0, 0.2 * 2 ** min(self._failures, 5))
@@ -256,6 +265,7 @@ class SandboxPool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(sandbox)
+                self._capacity.wake_all()  # demand fell: pools that deferred may refill
                 return
         self._ready.append(sandbox)
 

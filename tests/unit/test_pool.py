@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -306,5 +308,63 @@ def test_closing_a_session_under_a_running_query_is_a_clear_error() -> None:
         h.sessions.close(sid, "reached its max lifetime of 1 s")
         with pytest.raises(SandboxLostError, match="ended during the query"):
             await task
+
+    scenario(body)
+
+
+async def _consume(execution: QueryExecution) -> None:
+    async for _ in execution.chunks():
+        pass
+
+
+@pytest.mark.parametrize("ticks", [1, 2, 3, 4])
+def test_consumer_cancelled_during_hand_out_leaks_nothing(ticks: int) -> None:
+    """A client that disconnects just as its sandbox is handed over gives it back."""
+
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(10)
+        task = asyncio.ensure_future(_consume(h.executor.execute("SELECT 1", policy=QUERY)))
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pool.wait_warm(10)
+        assert pool.stats()["busy"] == 0
+        session = await h.sessions.open(SESSION)
+        sid = session.session_id
+        task = asyncio.ensure_future(_consume(h.executor.execute("SELECT 1", session_id=sid)))
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # The session's turn was given back: its next query runs.
+        next_query = h.executor.execute("SELECT 2 AS x", session_id=sid)
+        table = await asyncio.wait_for(collect_table(next_query), 5)
+        assert table.to_pylist() == [{"x": 2}]
+
+    scenario(body)
+
+
+def test_session_cancel_before_the_runner_sees_the_query() -> None:
+    """A cancel that reaches the runner before the query's Execute is not lost."""
+
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(SESSION)
+        execution = h.executor.execute(
+            "SELECT sum(hash(range)) FROM range(100000000000)", session_id=session.session_id
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        for _ in range(100_000):  # a few loop ticks: cancel before Execute reaches the runner
+            if execution.record.sandbox:
+                break
+            await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await h.executor.cancel(execution.query_id)
+        with pytest.raises(QueryCancelledError):
+            await task
+        assert time.monotonic() - started < 3  # not the 5 s statement timeout
 
     scenario(body)

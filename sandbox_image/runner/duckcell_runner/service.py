@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -109,6 +110,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         self._exclusive = threading.Lock()  # one query at a time on the connection
         self._state = threading.Lock()  # guards _running
         self._running: _Running | None = None
+        self._cancelled_early: deque[str] = deque(maxlen=256)
 
     def warm_up(self, started: float) -> None:
         """Run one query through the whole Execute path so a tenant's first query is not cold."""
@@ -129,7 +131,12 @@ class RunnerService(pb_grpc.RunnerServicer):
         )
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelReply:
-        return pb.CancelReply(interrupted=self._stop(request.query_id, pb.FAILURE_REASON_CANCELLED))
+        interrupted = self._stop(request.query_id, pb.FAILURE_REASON_CANCELLED)
+        if not interrupted:
+            # The query may not have reached us yet (or waits behind another): remember it.
+            with self._state:
+                self._cancelled_early.append(request.query_id)
+        return pb.CancelReply(interrupted=interrupted)
 
     def Execute(
         self, request: pb.ExecuteRequest, context: grpc.ServicerContext
@@ -137,6 +144,15 @@ class RunnerService(pb_grpc.RunnerServicer):
         with self._exclusive:
             # One line per query for `docker logs`: its id, never its SQL.
             print(f"runner: query {request.query_id} started", file=sys.stderr, flush=True)
+            with self._state:
+                cancelled = request.query_id in self._cancelled_early
+            if cancelled:
+                yield pb.ExecuteChunk(
+                    failure=pb.Failure(
+                        reason=pb.FAILURE_REASON_CANCELLED, message="query cancelled"
+                    )
+                )
+                return
             running = _Running(request.query_id)
             with self._state:
                 self._running = running
