@@ -19,6 +19,7 @@ from . import __version__
 from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from .backend.docker_engine import DockerBackend
 from .config import LauncherConfig, load_config
+from .controlplane.datadir import ControlPlaneData
 from .errors import DuckcellError
 from .executor import collect_table
 from .image import ImageBuilder
@@ -26,6 +27,7 @@ from .instance import reap_orphans
 from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
+from .policy_yaml import parse_duration
 
 
 class Progress:
@@ -73,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands.add_parser("list", help="list the policies the launcher would load")
     check = policy_commands.add_parser("check", help="validate policy files")
     check.add_argument("files", nargs="*", type=Path)
+
+    control = commands.add_parser("controlplane", help="the reference control plane")
+    control_commands = control.add_subparsers(dest="controlplane_command", required=True)
+    ca = control_commands.add_parser("ca", help="print the CA certificate (PEM), creating it")
+    ca.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    token = control_commands.add_parser("token", help="enrollment tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new one-time enrollment token")
+    create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -143,6 +155,19 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controlplane(args: argparse.Namespace) -> int:
+    data = ControlPlaneData(args.data)
+    if args.controlplane_command == "ca":
+        sys.stdout.write(data.ca().cert_pem().decode())
+        return 0
+    ttl = parse_duration(args.ttl)
+    if ttl is None or ttl <= 0:
+        raise DuckcellError(f"--ttl: expected a duration like 30m or 1h, got {args.ttl!r}")
+    # The token alone on stdout, so `TOKEN=$(duckcell controlplane token create ...)` works.
+    print(data.tokens().create(ttl))
+    return 0
+
+
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
     config = _config(args)
     backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
@@ -179,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _image_build(args, progress)
         if args.command == "policy":
             return _policy(args)
+        if args.command == "controlplane":
+            return _controlplane(args)
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
     except DuckcellError as error:

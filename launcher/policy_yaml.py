@@ -204,7 +204,7 @@ class Reader:
     def duration(self, node: Node, name: str) -> float:
         expected = 'a duration like "30s", "5m" or "250ms"'
         kind = self.expect(node, name, ("int", "float", "str"), expected)
-        value = _parse_duration(node.value) if kind == "str" else _float(node)
+        value = parse_duration(node.value) if kind == "str" else _float(node)
         if value is None or not math.isfinite(value):
             self.fail(node, name, f"expected {expected}, got {found(node)}")
         if value < 0.001:
@@ -263,6 +263,7 @@ def _parse_size(text: str) -> int | None:
     return int(Decimal(match[1]) * factor)  # Decimal: no float rounding or overflow
 
 
-def _parse_duration(text: str) -> float | None:
+def parse_duration(text: str) -> float | None:
+    """ "30s", "5m", "1h", "250ms" or plain seconds; None when it is none of those."""
     match = _DURATION_RE.fullmatch(text.strip())
     return float(match[1]) * _DURATION_UNITS[match[2]] if match else None

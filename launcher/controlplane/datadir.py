@@ -1,0 +1,35 @@
+"""The control plane's data directory: its CA (``ca/``) and its SQLite state.
+
+Every control-plane command takes ``--data DIR`` and reaches its parts through here, so the
+layout is decided in one place.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ca import CertificateAuthority
+from .store import open_database
+from .tokens import EnrollmentTokens
+
+CA_DIR = "ca"
+DATABASE = "controlplane.db"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneData:
+    root: Path
+
+    def ca(self) -> CertificateAuthority:
+        """The CA, created on first use (key file mode 0600)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return CertificateAuthority.load_or_create(self.root / CA_DIR)
+
+    def database(self) -> sqlite3.Connection:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return open_database(self.root / DATABASE)
+
+    def tokens(self) -> EnrollmentTokens:
+        return EnrollmentTokens(self.database(), ca_fingerprint=self.ca().fingerprint())
