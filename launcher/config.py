@@ -11,7 +11,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,3 @@ def default_launcher_id(state_dir: Path) -> str:
     """
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()}-{digest}"
-
-
-def with_overrides(config: LauncherConfig, **changes: Any) -> LauncherConfig:
-    return replace(config, **changes)

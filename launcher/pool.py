@@ -156,10 +156,6 @@ class SandboxPool:
 
     def release(self, sandbox: Sandbox) -> None:
         """Done with a sandbox: per-query sandboxes (and broken ones) are destroyed."""
-        sandbox.queries += 1
-        self._destroy_later(sandbox)
-
-    def discard(self, sandbox: Sandbox) -> None:
         self._destroy_later(sandbox)
 
     # --- Reclaimable ----------------------------------------------------------------------
@@ -295,10 +291,6 @@ class SandboxPool:
         task.add_done_callback(self._tasks.discard)
 
     # --- introspection --------------------------------------------------------------------
-    @property
-    def isolation(self) -> Isolation:
-        return self.policy.isolation
-
     def stats(self) -> dict[str, int]:
         return {
             "ready": len(self._ready),

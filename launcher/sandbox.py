@@ -47,7 +47,6 @@ class Sandbox:
     slot: str
     state: SandboxState = SandboxState.READY
     created_at: float = field(default_factory=time.monotonic)
-    queries: int = 0
 
     @property
     def name(self) -> str:

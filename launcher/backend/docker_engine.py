@@ -187,9 +187,6 @@ class DockerBackend:
             for item in found
         ]
 
-    def socket_dirs(self) -> list[Path]:
-        return [path for path in self._run_dir.iterdir() if path.is_dir()]
-
     def close(self) -> None:
         self._client.close()
 
