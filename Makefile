@@ -20,7 +20,7 @@ image: install engine
 
 proto: install
 	$(PYTHON) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		launcher/protocol/runner.proto
+		launcher/protocol/runner.proto launcher/protocol/controlplane.proto
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -10,6 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +23,8 @@ from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from .backend.docker_engine import DockerBackend
 from .config import LauncherConfig, load_config
 from .controlplane.datadir import ControlPlaneData
+from .controlplane.server import ControlPlaneServer
+from .enroll import enroll
 from .errors import DuckcellError
 from .executor import collect_table
 from .image import ImageBuilder
@@ -85,6 +90,23 @@ def _parser() -> argparse.ArgumentParser:
     create = token_commands.add_parser("create", help="print a new one-time enrollment token")
     create.add_argument("--data", type=Path, required=True, help="control plane data directory")
     create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
+    serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
+    serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    serve.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra name the TLS certificate is valid for (repeatable)",
+    )
+
+    join = commands.add_parser("enroll", help="enroll this worker with a control plane")
+    join.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
+    token_source = join.add_mutually_exclusive_group()
+    token_source.add_argument("--token", help="one-time token (or DUCKCELL_ENROLL_TOKEN)")
+    token_source.add_argument("--token-file", type=Path, help="read the token from FILE")
+    join.add_argument("--state", type=Path, required=True, help="worker state directory")
+    join.add_argument("--name", default=socket.gethostname(), help="worker name (host name)")
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -155,8 +177,52 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    server = ControlPlaneServer(ControlPlaneData(args.data), args.listen, args.host)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    print(
+        f"duckcell: control plane listening on {server.address} (CA {server.fingerprint()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await stopping.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def _enroll_token(args: argparse.Namespace) -> str:
+    """The token from --token, --token-file or DUCKCELL_ENROLL_TOKEN (kept out of `ps`)."""
+    if args.token is not None:
+        return args.token
+    if args.token_file is not None:
+        try:
+            return args.token_file.read_text().strip()
+        except OSError as exc:
+            raise DuckcellError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+    token = os.environ.get("DUCKCELL_ENROLL_TOKEN")
+    if not token:
+        raise DuckcellError(
+            "no enrollment token: pass --token-file FILE, set DUCKCELL_ENROLL_TOKEN, or --token"
+        )
+    return token
+
+
+async def _enroll(args: argparse.Namespace) -> int:
+    identity = await enroll(args.control_plane, _enroll_token(args), args.state, args.name)
+    print(identity.worker_id)
+    return 0
+
+
 def _controlplane(args: argparse.Namespace) -> int:
     data = ControlPlaneData(args.data)
+    if args.controlplane_command == "serve":
+        return asyncio.run(_serve(args))
     if args.controlplane_command == "ca":
         sys.stdout.write(data.ca().cert_pem().decode())
         return 0
@@ -206,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "controlplane":
             return _controlplane(args)
+        if args.command == "enroll":
+            return asyncio.run(_enroll(args))
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
     except DuckcellError as error:

@@ -28,6 +28,18 @@ MIGRATIONS: tuple[str, ...] = (
         used_at     REAL
     );
     """,
+    # 2: enrolled workers. The certificate serial is up to 159 bits, so it is kept as hex text.
+    """
+    CREATE TABLE workers (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        cert_serial TEXT NOT NULL UNIQUE,
+        token_id    TEXT NOT NULL UNIQUE REFERENCES enrollment_tokens (id),
+        version     TEXT NOT NULL,
+        enrolled_at REAL NOT NULL,
+        revoked_at  REAL
+    );
+    """,
 )
 
 

@@ -6,13 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
-GENERATED = ["runner_pb2.py", "runner_pb2.pyi", "runner_pb2_grpc.py"]
+PROTOS = ["runner", "controlplane"]
 
 
-def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", PROTOS)
+def test_generated_code_is_up_to_date(tmp_path: Path, name: str) -> None:
     (tmp_path / "launcher" / "protocol").mkdir(parents=True)
-    proto = "launcher/protocol/runner.proto"
+    proto = f"launcher/protocol/{name}.proto"
     (tmp_path / proto).write_bytes((REPO / proto).read_bytes())
     subprocess.run(
         [
@@ -29,7 +32,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         cwd=tmp_path,
         check=True,
     )
-    for name in GENERATED:
-        fresh = (tmp_path / "launcher" / "protocol" / name).read_bytes()
-        committed = (REPO / "launcher" / "protocol" / name).read_bytes()
-        assert fresh == committed, f"launcher/protocol/{name} is stale: run `make proto`"
+    for generated in [f"{name}_pb2.py", f"{name}_pb2.pyi", f"{name}_pb2_grpc.py"]:
+        fresh = (tmp_path / "launcher" / "protocol" / generated).read_bytes()
+        committed = (REPO / "launcher" / "protocol" / generated).read_bytes()
+        assert fresh == committed, f"launcher/protocol/{generated} is stale: run `make proto`"

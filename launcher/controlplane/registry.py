@@ -1,0 +1,97 @@
+"""The control plane's worker registry: who enrolled, with which certificate, and when.
+
+A worker id (``wkr-<12 hex>``) is assigned by the control plane at enrollment and becomes the
+CN of the worker's client certificate; the certificate serial recorded here is what mTLS on
+the tunnel will check (and revocation will refuse). Raises ``ControlPlaneError`` when SQLite
+fails.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from launcher.errors import ControlPlaneError
+
+from .tokens import Clock
+
+WORKER_ID_PREFIX = "wkr-"
+
+
+def new_worker_id() -> str:
+    """A fresh worker id; 48 random bits, so collisions are left to the primary key to catch."""
+    return WORKER_ID_PREFIX + secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """One enrolled worker, as the registry stores it."""
+
+    worker_id: str
+    name: str
+    cert_serial: int
+    token_id: str
+    version: str
+    enrolled_at: float
+    revoked_at: float | None
+
+
+_COLUMNS = "id, name, cert_serial, token_id, version, enrolled_at, revoked_at"
+_Row = tuple[str, str, str, str, str, float, float | None]
+
+
+def _worker(row: _Row) -> Worker:
+    worker_id, name, serial_hex, token_id, version, enrolled_at, revoked_at = row
+    return Worker(worker_id, name, int(serial_hex, 16), token_id, version, enrolled_at, revoked_at)
+
+
+class WorkerRegistry:
+    """Records enrolled workers in the control plane's database.
+
+    Takes a SQLite connection (see ``store.open_database``) owned by the caller and used from one
+    thread, and a clock (seconds since the epoch) so tests control time.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Clock = time.time) -> None:
+        self._conn = conn
+        self._clock = clock
+
+    def register(
+        self, *, worker_id: str, name: str, cert_serial: int, token_id: str, version: str
+    ) -> Worker:
+        """Store a newly enrolled worker and return it."""
+        worker = Worker(worker_id, name, cert_serial, token_id, version, self._clock(), None)
+        try:
+            with self._conn:
+                self._conn.execute(
+                    f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        worker_id,
+                        name,
+                        f"{cert_serial:x}",
+                        token_id,
+                        version,
+                        worker.enrolled_at,
+                        None,
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise ControlPlaneError(f"registering worker {worker_id} failed: {exc}") from None
+        return worker
+
+    def get(self, worker_id: str) -> Worker | None:
+        rows = self._select("WHERE id = ?", (worker_id,))
+        return rows[0] if rows else None
+
+    def list(self) -> list[Worker]:
+        """Every worker, oldest enrollment first."""
+        return self._select("ORDER BY enrolled_at, id", ())
+
+    def _select(self, where: str, params: tuple[object, ...]) -> list[Worker]:
+        try:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM workers {where}", params).fetchall()
+        except sqlite3.Error as exc:
+            raise ControlPlaneError(f"reading the worker registry failed: {exc}") from None
+        return [_worker(row) for row in rows]
