@@ -23,8 +23,9 @@ from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from .backend.docker_engine import DockerBackend
 from .config import LauncherConfig, load_config
 from .controlplane.datadir import ControlPlaneData
+from .controlplane.registry import Worker, WorkerRegistry
 from .controlplane.server import ControlPlaneServer
-from .enroll import enroll
+from .enroll import Identity, enroll
 from .errors import DuckcellError
 from .executor import collect_table
 from .image import ImageBuilder
@@ -33,6 +34,7 @@ from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
 from .policy_yaml import parse_duration
+from .tunnel import TunnelClient
 
 
 class Progress:
@@ -99,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="extra name the TLS certificate is valid for (repeatable)",
     )
+    serve.add_argument(
+        "--tunnel-listen", help="HOST:PORT for the workers' mTLS tunnel (default: next port)"
+    )
+    workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
+    workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    worker_admin = control_commands.add_parser("worker", help="manage one worker")
+    worker_commands = worker_admin.add_subparsers(dest="worker_command", required=True)
+    revoke = worker_commands.add_parser(
+        "revoke", help="revoke a worker: its tunnel closes and it cannot reconnect"
+    )
+    revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    revoke.add_argument("worker_id", metavar="ID", help="worker id (wkr-...)")
 
     join = commands.add_parser("enroll", help="enroll this worker with a control plane")
     join.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
@@ -107,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     token_source.add_argument("--token-file", type=Path, help="read the token from FILE")
     join.add_argument("--state", type=Path, required=True, help="worker state directory")
     join.add_argument("--name", default=socket.gethostname(), help="worker name (host name)")
+
+    run = commands.add_parser(
+        "worker",
+        help="keep this worker's tunnel to the control plane open until SIGTERM",
+        description="Dial out to the control plane over mTLS, send heartbeats, reconnect with "
+        "backoff. This release only keeps the tunnel: query execution through it and draining "
+        "running queries on SIGTERM come later. HTTPS_PROXY/NO_PROXY are honoured.",
+    )
+    run.add_argument("--state", type=Path, required=True, help="worker state directory")
+    run.add_argument(
+        "--control-plane", help="HOST:PORT of the tunnel (default: from the enrolled identity)"
+    )
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -178,14 +204,16 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = ControlPlaneServer(ControlPlaneData(args.data), args.listen, args.host)
+    data = ControlPlaneData(args.data)
+    server = ControlPlaneServer(data, args.listen, args.host, tunnel_listen=args.tunnel_listen)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     print(
-        f"duckcell: control plane listening on {server.address} (CA {server.fingerprint()})",
+        f"duckcell: control plane listening on {server.address}, tunnel on "
+        f"{server.tunnel_address} (CA {server.fingerprint()})",
         file=sys.stderr,
         flush=True,
     )
@@ -226,11 +254,50 @@ def _controlplane(args: argparse.Namespace) -> int:
     if args.controlplane_command == "ca":
         sys.stdout.write(data.ca().cert_pem().decode())
         return 0
+    if args.controlplane_command == "workers":
+        _print_workers(WorkerRegistry(data.database()).list(), time.time())
+        return 0
+    if args.controlplane_command == "worker":
+        worker = WorkerRegistry(data.database()).revoke(args.worker_id)
+        print(
+            f"revoked {worker.worker_id} ({worker.name}); a running control plane closes its "
+            "tunnel within one heartbeat"
+        )
+        return 0
     ttl = parse_duration(args.ttl)
     if ttl is None or ttl <= 0:
         raise DuckcellError(f"--ttl: expected a duration like 30m or 1h, got {args.ttl!r}")
     # The token alone on stdout, so `TOKEN=$(duckcell controlplane token create ...)` works.
     print(data.tokens().create(ttl))
+    return 0
+
+
+def _print_workers(workers: list[Worker], now: float) -> None:
+    rows = [("ID", "NAME", "STATE", "LAST HEARTBEAT", "VERSION")]
+    for worker in workers:
+        state = "revoked" if worker.revoked_at else "online" if worker.online else "offline"
+        beat = "-" if worker.last_heartbeat is None else f"{now - worker.last_heartbeat:.0f}s ago"
+        rows.append((worker.worker_id, worker.name, state, beat, worker.version))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    identity = Identity.load(args.state)
+    client = TunnelClient(identity, address=args.control_plane)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, client.stop)
+    address = args.control_plane or identity.tunnel_address
+    print(
+        f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await client.run()
     return 0
 
 
@@ -274,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _controlplane(args)
         if args.command == "enroll":
             return asyncio.run(_enroll(args))
+        if args.command == "worker":
+            return asyncio.run(_worker(args))
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
     except DuckcellError as error:

@@ -82,6 +82,42 @@ class Identity:
     name: str
     control_plane: str
     directory: Path
+    tunnel_port: int = 0
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Identity:
+        """The identity ``enroll`` wrote under ``state_dir``; raises ``ControlPlaneError``."""
+        directory = state_dir / IDENTITY_DIR
+        try:
+            document = json.loads((directory / IDENTITY_FILE).read_text())
+            return cls(
+                worker_id=document["worker_id"],
+                name=document["name"],
+                control_plane=document["control_plane"],
+                directory=directory,
+                tunnel_port=int(document.get("tunnel_port", 0)),
+            )
+        except FileNotFoundError:
+            raise ControlPlaneError(
+                f"{directory} holds no worker identity: run `duckcell enroll --state {state_dir}` "
+                "first"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ControlPlaneError(
+                f"cannot read the worker identity in {directory}: {exc!r}; remove it and enroll "
+                "again"
+            ) from None
+
+    @property
+    def tunnel_address(self) -> str:
+        """Where the tunnel listens: the enrollment host with the port the control plane gave."""
+        if not self.tunnel_port:
+            raise ControlPlaneError(
+                f"{self.directory / IDENTITY_FILE} names no tunnel port: pass --control-plane "
+                "HOST:PORT of the control plane's tunnel"
+            )
+        host = self.control_plane.rpartition(":")[0]
+        return f"{host}:{self.tunnel_port}"
 
     @property
     def key_path(self) -> Path:
@@ -113,7 +149,7 @@ async def enroll(control_plane: str, token: str, state_dir: Path, name: str) -> 
             f"the control plane at {control_plane} returned a certificate for another key: "
             "enroll again with a new token"
         )
-    identity = Identity(reply.worker_id, name, control_plane, target)
+    identity = Identity(reply.worker_id, name, control_plane, target, reply.tunnel_port)
     _write_identity(identity, key_pem, reply.certificate_pem, ca_pem)
     return identity
 
@@ -228,6 +264,7 @@ def _write_identity(identity: Identity, key_pem: bytes, cert_pem: bytes, ca_pem:
             "worker_id": identity.worker_id,
             "name": identity.name,
             "control_plane": identity.control_plane,
+            "tunnel_port": identity.tunnel_port,
         }
         (tmp / IDENTITY_FILE).write_text(json.dumps(document, indent=2) + "\n")
         _refuse_existing(identity.directory)  # another enroll may have finished meanwhile

@@ -20,8 +20,9 @@
     │   ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
     │   ├── QueryCancelledError        cancelled by the caller
     │   └── SandboxLostError           the sandbox died for another reason
-    └── ControlPlaneError              the control plane's CA, store or enrollment failed
+    └── ControlPlaneError              the control plane's CA, store, enrollment or tunnel failed
         ├── CertificateError           a CA, certificate or CSR is invalid or unreadable
+        ├── TunnelRefusedError         the control plane refused this worker's tunnel for good
         └── EnrollmentError            an enrollment token was refused (``reason`` says why)
             ├── MalformedTokenError    the text is not a well-formed enrollment token
             ├── UnknownTokenError      no such token, or its secret does not match
@@ -158,3 +159,14 @@ class UsedTokenError(EnrollmentError):
 
 class CaMismatchError(EnrollmentError):
     reason = "ca_mismatch"
+
+
+class TunnelRefusedError(ControlPlaneError):
+    """The control plane refused the worker's tunnel (revoked, unknown, incompatible version).
+
+    ``reason`` is the control plane's word for it; retrying cannot help, so the worker stops.
+    """
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -344,6 +344,12 @@ def verify_chain(
     return cert
 
 
+def subject_and_serial(cert_pem: bytes) -> tuple[str, int]:
+    """(CN, serial) of a certificate: how the tunnel names the worker behind a verified peer."""
+    cert = _load_cert(cert_pem, "certificate")
+    return _subject_cn(cert), cert.serial_number
+
+
 def _subject_cn(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else cert.subject.rfc4514_string()

@@ -2,16 +2,18 @@
 
 A worker id (``wkr-<12 hex>``) is assigned by the control plane at enrollment and becomes the
 CN of the worker's client certificate; the certificate serial recorded here is what mTLS on
-the tunnel will check (and revocation will refuse). Raises ``ControlPlaneError`` when SQLite
-fails.
+the tunnel checks, and a revoked worker is refused there. The tunnel also records here whether a
+worker is online, its last heartbeat, version and labels. Raises ``ControlPlaneError`` when
+SQLite fails.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launcher.errors import ControlPlaneError
 
@@ -36,15 +38,30 @@ class Worker:
     version: str
     enrolled_at: float
     revoked_at: float | None
+    online: bool = False
+    last_heartbeat: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 _COLUMNS = "id, name, cert_serial, token_id, version, enrolled_at, revoked_at"
-_Row = tuple[str, str, str, str, str, float, float | None]
+_ALL_COLUMNS = f"{_COLUMNS}, online, last_heartbeat, labels"
+_Row = tuple[str, str, str, str, str, float, float | None, int, float | None, str]
 
 
 def _worker(row: _Row) -> Worker:
-    worker_id, name, serial_hex, token_id, version, enrolled_at, revoked_at = row
-    return Worker(worker_id, name, int(serial_hex, 16), token_id, version, enrolled_at, revoked_at)
+    worker_id, name, serial_hex, token_id, version, enrolled, revoked, online, beat, labels = row
+    return Worker(
+        worker_id,
+        name,
+        int(serial_hex, 16),
+        token_id,
+        version,
+        enrolled,
+        revoked,
+        bool(online),
+        beat,
+        json.loads(labels),
+    )
 
 
 class WorkerRegistry:
@@ -89,9 +106,56 @@ class WorkerRegistry:
         """Every worker, oldest enrollment first."""
         return self._select("ORDER BY enrolled_at, id", ())
 
+    def revoke(self, worker_id: str) -> Worker:
+        """Mark a worker revoked (its certificate is refused from now on) and return it.
+
+        Revoking twice keeps the first time. Raises ``ControlPlaneError`` for an unknown id. A
+        running control plane closes the worker's tunnel at its next heartbeat at the latest.
+        """
+        self._write(
+            "UPDATE workers SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+            (self._clock(), worker_id),
+        )
+        worker = self.get(worker_id)
+        if worker is None:
+            raise ControlPlaneError(
+                f"no worker {worker_id!r}: `duckcell controlplane workers` lists the ids"
+            )
+        return worker
+
+    def mark_online(
+        self, worker_id: str, *, version: str | None = None, labels: dict[str, str] | None = None
+    ) -> None:
+        """Record a heartbeat (and, on Hello, the worker's version and labels)."""
+        self._write(
+            "UPDATE workers SET online = 1, last_heartbeat = ?, version = coalesce(?, version), "
+            "labels = coalesce(?, labels) WHERE id = ?",
+            (
+                self._clock(),
+                version,
+                None if labels is None else json.dumps(labels, sort_keys=True),
+                worker_id,
+            ),
+        )
+
+    def mark_offline(self, worker_id: str | None = None) -> None:
+        """Mark one worker offline, or every worker (on start, after a crash left some online)."""
+        if worker_id is None:
+            self._write("UPDATE workers SET online = 0", ())
+        else:
+            self._write("UPDATE workers SET online = 0 WHERE id = ?", (worker_id,))
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+        try:
+            with self._conn:
+                self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise ControlPlaneError(f"writing the worker registry failed: {exc}") from None
+
     def _select(self, where: str, params: tuple[object, ...]) -> list[Worker]:
         try:
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM workers {where}", params).fetchall()
+            sql = f"SELECT {_ALL_COLUMNS} FROM workers {where}"
+            rows = self._conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise ControlPlaneError(f"reading the worker registry failed: {exc}") from None
         return [_worker(row) for row in rows]

@@ -1,9 +1,14 @@
-"""The control plane's gRPC server. So far it serves enrollment; the tunnel comes next.
+"""The control plane's gRPC server: enrollment and the workers' tunnel, on two ports.
 
-Enrollment runs over server-authenticated TLS: a new worker has no certificate yet, so client
-certificates are requested but not required. The certificate chain the server presents is its
-leaf followed by the CA certificate, because the worker pins the CA by reading it from the
-handshake and comparing its hash with the one its token carries (see ``launcher.enroll``).
+Enrollment runs over server-authenticated TLS: a new worker has no certificate yet. The tunnel
+runs over mutual TLS: its port requires a client certificate signed by the CA. They cannot share
+one port because gRPC's Python server either ignores client certificates or requires them; it
+has no "request but do not require" mode (with ``require_client_auth=False`` the certificate is
+not even asked for, so the peer's identity would be unknown). Both services are registered on
+both ports; a tunnel call on the enrollment port has no certificate and gets UNAUTHENTICATED.
+The enrollment reply tells the worker the tunnel port. The certificate chain the server presents
+is its leaf followed by the CA certificate, because the worker pins the CA by reading it from
+the handshake and comparing its hash with the one its token carries (see ``launcher.enroll``).
 
 All database work happens on the event loop's thread: the SQLite connection is opened in
 ``start`` and used by one thread only, and each enrollment is a couple of short writes.
@@ -26,8 +31,9 @@ from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
 from .ca import CertificateAuthority
 from .datadir import ControlPlaneData
-from .registry import WorkerRegistry, new_worker_id
+from .registry import Worker, WorkerRegistry, new_worker_id
 from .tokens import Clock, EnrollmentTokens
+from .tunnel import DEFAULT_HEARTBEAT_INTERVAL_S, TunnelService, revoked_refusal
 from .wire import REASON_KEY, split_address
 
 log = logging.getLogger(__name__)
@@ -42,11 +48,16 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
     """Swaps a one-time token and a CSR for a worker id and a signed client certificate."""
 
     def __init__(
-        self, ca: CertificateAuthority, tokens: EnrollmentTokens, registry: WorkerRegistry
+        self,
+        ca: CertificateAuthority,
+        tokens: EnrollmentTokens,
+        registry: WorkerRegistry,
+        tunnel_port: int,
     ) -> None:
         self._ca = ca
         self._tokens = tokens
         self._registry = registry
+        self._tunnel_port = tunnel_port
 
     async def Enroll(  # the generated servicer's method name
         self, request: pb.EnrollRequest, context: aio.ServicerContext
@@ -79,15 +90,17 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             certificate_pem=cert_pem,
             ca_pem=self._ca.cert_pem(),
             control_plane_version=__version__,
+            tunnel_port=self._tunnel_port,
         )
 
 
 class ControlPlaneServer:
     """The reference control plane's network side: ``await start()``, then ``await stop()``.
 
-    ``listen`` is ``HOST:PORT``; port 0 picks a free port, readable from ``port`` after start.
-    ``hosts`` are extra names the TLS certificate is valid for. Raises ``ControlPlaneError``
-    when the address cannot be bound.
+    ``listen`` is ``HOST:PORT`` for enrollment; the tunnel listens on ``tunnel_listen``, by
+    default the same host and the next port. Port 0 picks a free port, readable from ``port`` and
+    ``tunnel_port`` after start. ``hosts`` are extra names the TLS certificate is valid for.
+    Raises ``ControlPlaneError`` when an address cannot be bound.
     """
 
     def __init__(
@@ -96,22 +109,34 @@ class ControlPlaneServer:
         listen: str,
         hosts: list[str] | None = None,
         *,
+        tunnel_listen: str | None = None,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         clock: Clock = time.time,
     ) -> None:
         self._data = data
         self._listen = listen
-        self._host, _ = split_address(listen)
+        self._host, port = split_address(listen)
+        self._tunnel_listen = tunnel_listen or _next_port(listen, port)
+        self._heartbeat_interval_s = heartbeat_interval_s
         self._hosts = [*DEFAULT_HOSTS, *([] if self._host in _WILDCARDS else [self._host])]
         self._hosts += hosts or []
         self._clock = clock
         self._server: aio.Server | None = None
         self._conn: sqlite3.Connection | None = None
+        self._tunnel: TunnelService | None = None
+        self._registry: WorkerRegistry | None = None
         self.port = 0
+        self.tunnel_port = 0
 
     @property
     def address(self) -> str:
         host = f"[{self._host}]" if _is_ipv6(self._host) else self._host
         return f"{host}:{self.port}"
+
+    @property
+    def tunnel_address(self) -> str:
+        host = f"[{self._host}]" if _is_ipv6(self._host) else self._host
+        return f"{host}:{self.tunnel_port}"
 
     def fingerprint(self) -> str:
         return self._data.ca().fingerprint()
@@ -119,33 +144,63 @@ class ControlPlaneServer:
     async def start(self) -> None:
         ca = self._data.ca()
         cert_pem, key_pem = ca.issue_server_cert(self._hosts)
-        credentials = grpc.ssl_server_credentials(
-            [(key_pem, cert_pem + ca.cert_pem())],
-            root_certificates=ca.cert_pem(),
-            require_client_auth=False,
-        )
+        pairs = [(key_pem, cert_pem + ca.cert_pem())]
         self._conn = self._data.database()
         tokens = EnrollmentTokens(self._conn, ca_fingerprint=ca.fingerprint(), clock=self._clock)
-        registry = WorkerRegistry(self._conn, clock=self._clock)
+        self._registry = WorkerRegistry(self._conn, clock=self._clock)
+        self._registry.mark_offline()  # nobody is connected yet, whatever a crash left behind
         server = aio.server()
-        pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(ca, tokens, registry), server)
-        try:
-            self.port = server.add_secure_port(self._listen, credentials)
-        except RuntimeError as exc:
-            raise ControlPlaneError(
-                f"cannot listen on {self._listen}: {exc}; is the port in use?"
-            ) from None
+        self.port = _bind(server, self._listen, grpc.ssl_server_credentials(pairs))
+        mutual = grpc.ssl_server_credentials(
+            pairs, root_certificates=ca.cert_pem(), require_client_auth=True
+        )
+        self.tunnel_port = _bind(server, self._tunnel_listen, mutual)
+        enrollment = EnrollmentService(ca, tokens, self._registry, self.tunnel_port)
+        pb_grpc.add_EnrollmentServicer_to_server(enrollment, server)
+        self._tunnel = TunnelService(
+            self._registry, heartbeat_interval_s=self._heartbeat_interval_s
+        )
+        pb_grpc.add_TunnelServicer_to_server(self._tunnel, server)
         await server.start()
         self._server = server
 
+    async def revoke(self, worker_id: str) -> Worker:
+        """Revoke a worker and close its tunnel now (the CLI, in another process, only writes
+        the database; the tunnel then notices at the worker's next heartbeat)."""
+        if self._registry is None or self._tunnel is None:
+            raise ControlPlaneError("the control plane is not running")
+        worker = self._registry.revoke(worker_id)
+        self._tunnel.disconnect(worker_id, revoked_refusal(worker_id))
+        return worker
+
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Stop accepting, give running calls ``grace`` seconds, then close the database."""
+        """Stop accepting, give running calls ``grace`` seconds, then close the database.
+
+        Tunnels never finish by themselves, so they are told to close first (their workers
+        reconnect with backoff until a control plane answers again).
+        """
+        if self._tunnel is not None:
+            self._tunnel.close_all("the control plane is shutting down")
+            self._tunnel = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._registry = None
+
+
+def _bind(server: aio.Server, listen: str, credentials: grpc.ServerCredentials) -> int:
+    try:
+        return server.add_secure_port(listen, credentials)
+    except RuntimeError as exc:
+        raise ControlPlaneError(f"cannot listen on {listen}: {exc}; is the port in use?") from None
+
+
+def _next_port(listen: str, port: int) -> str:
+    """The default tunnel address: the enrollment port plus one (or any free port for 0)."""
+    return f"{listen.rpartition(':')[0]}:{port + 1 if port else 0}"
 
 
 def _is_ipv6(host: str) -> bool:

@@ -3,6 +3,7 @@
 One file under the data directory holds all control-plane state. Each component gets a
 connection and owns its own queries; this module only owns the schema, so the tables stay
 visible in one place. Migrations are numbered by SQLite's ``user_version``: append, never edit.
+A migration may hold several statements separated by ``;`` (none contains a literal ``;``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at  REAL
     );
     """,
+    # 3: the tunnel's view of each worker. `version` (from migration 2) is updated on each Hello.
+    """
+    ALTER TABLE workers ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workers ADD COLUMN last_heartbeat REAL;
+    ALTER TABLE workers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -71,5 +78,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 f"({len(MIGRATIONS)}): upgrade duckcell"
             )
         for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            conn.execute(sql)
+            # Statement by statement: executescript would commit and break the transaction.
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")

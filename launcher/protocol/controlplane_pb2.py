@@ -24,17 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$launcher/protocol/controlplane.proto\x12\x18\x64uckcell.controlplane.v1\"\\\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\x12\x16\n\x0eworker_version\x18\x04 \x01(\t\"h\n\x0b\x45nrollReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1d\n\x15\x63ontrol_plane_version\x18\x04 \x01(\t2f\n\nEnrollment\x12X\n\x06\x45nroll\x12\'.duckcell.controlplane.v1.EnrollRequest\x1a%.duckcell.controlplane.v1.EnrollReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$launcher/protocol/controlplane.proto\x12\x18\x64uckcell.controlplane.v1\"\\\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\x12\x16\n\x0eworker_version\x18\x04 \x01(\t\"}\n\x0b\x45nrollReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1d\n\x15\x63ontrol_plane_version\x18\x04 \x01(\t\x12\x13\n\x0btunnel_port\x18\x05 \x01(\r\"\x83\x01\n\rWorkerMessage\x12\x30\n\x05hello\x18\x01 \x01(\x0b\x32\x1f.duckcell.controlplane.v1.HelloH\x00\x12\x38\n\theartbeat\x18\x02 \x01(\x0b\x32#.duckcell.controlplane.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x8b\x01\n\x05Hello\x12\x16\n\x0eworker_version\x18\x01 \x01(\t\x12;\n\x06labels\x18\x02 \x03(\x0b\x32+.duckcell.controlplane.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\x12\x17\n\x0frunning_queries\x18\x02 \x01(\r\"\x84\x01\n\x0e\x43ontrolMessage\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.duckcell.controlplane.v1.WelcomeH\x00\x12\x34\n\x07refusal\x18\x02 \x01(\x0b\x32!.duckcell.controlplane.v1.RefusalH\x00\x42\x06\n\x04\x62ody\"Z\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontrol_plane_version\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"*\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2f\n\nEnrollment\x12X\n\x06\x45nroll\x12\'.duckcell.controlplane.v1.EnrollRequest\x1a%.duckcell.controlplane.v1.EnrollReply2j\n\x06Tunnel\x12`\n\x07\x43onnect\x12\'.duckcell.controlplane.v1.WorkerMessage\x1a(.duckcell.controlplane.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'launcher.protocol.controlplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HELLO_LABELSENTRY']._loaded_options = None
+  _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ENROLLREQUEST']._serialized_start=66
   _globals['_ENROLLREQUEST']._serialized_end=158
   _globals['_ENROLLREPLY']._serialized_start=160
-  _globals['_ENROLLREPLY']._serialized_end=264
-  _globals['_ENROLLMENT']._serialized_start=266
-  _globals['_ENROLLMENT']._serialized_end=368
+  _globals['_ENROLLREPLY']._serialized_end=285
+  _globals['_WORKERMESSAGE']._serialized_start=288
+  _globals['_WORKERMESSAGE']._serialized_end=419
+  _globals['_HELLO']._serialized_start=422
+  _globals['_HELLO']._serialized_end=561
+  _globals['_HELLO_LABELSENTRY']._serialized_start=516
+  _globals['_HELLO_LABELSENTRY']._serialized_end=561
+  _globals['_HEARTBEAT']._serialized_start=563
+  _globals['_HEARTBEAT']._serialized_end=621
+  _globals['_CONTROLMESSAGE']._serialized_start=624
+  _globals['_CONTROLMESSAGE']._serialized_end=756
+  _globals['_WELCOME']._serialized_start=758
+  _globals['_WELCOME']._serialized_end=848
+  _globals['_REFUSAL']._serialized_start=850
+  _globals['_REFUSAL']._serialized_end=892
+  _globals['_ENROLLMENT']._serialized_start=894
+  _globals['_ENROLLMENT']._serialized_end=996
+  _globals['_TUNNEL']._serialized_start=998
+  _globals['_TUNNEL']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

@@ -98,3 +98,79 @@ class Enrollment:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TunnelStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Connect = channel.stream_stream(
+                '/duckcell.controlplane.v1.Tunnel/Connect',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.FromString,
+                _registered_method=True)
+
+
+class TunnelServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Connect(self, request_iterator, context):
+        """The worker's long-lived link: it sends Hello, then a Heartbeat every heartbeat_interval_ms.
+        The control plane answers Hello with Welcome, or with Refusal and PERMISSION_DENIED (revoked,
+        unknown worker, certificate mismatch, incompatible version). No client certificate:
+        UNAUTHENTICATED. RunQuery, Cancel and session open/close messages come next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TunnelServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'duckcell.controlplane.v1.Tunnel', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('duckcell.controlplane.v1.Tunnel', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Tunnel:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/duckcell.controlplane.v1.Tunnel/Connect',
+            launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

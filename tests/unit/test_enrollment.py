@@ -90,7 +90,10 @@ def test_round_trip_writes_a_verified_identity(
         "worker_id": identity.worker_id,
         "name": "db-host-1",
         "control_plane": control_plane.address,
+        "tunnel_port": identity.tunnel_port,
     }
+    assert identity.tunnel_port > 0
+    assert Identity.load(tmp_path / "worker") == identity
     assert _contents(tmp_path / "worker") == [
         identity.directory,
         *sorted(identity.directory.iterdir()),

@@ -1,0 +1,242 @@
+"""The control plane's side of the tunnel: one long-lived stream per enrolled worker.
+
+A worker dials in over mutual TLS (the server requires a client certificate signed by its CA on
+the tunnel port) and is named by its certificate's CN; the serial must be the one recorded at
+enrollment, and a revoked, unknown or incompatible worker gets a ``Refusal`` message followed by
+PERMISSION_DENIED. Otherwise it is welcomed with the heartbeat interval, marked online, and its
+heartbeats keep it so; each heartbeat also re-reads the registry, so a revocation made by another
+process (the CLI) closes the stream within one interval. The stream ends, and the worker is marked
+offline, when the worker hangs up, misses three heartbeats, or is revoked here (``disconnect``).
+
+Each stream's messages are read by a small pump task into an inbox queue; ``disconnect`` puts a
+close order in the same queue, so the handler has one place to wait and all its database work
+stays on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from launcher import __version__
+from launcher.errors import CertificateError
+from launcher.protocol import controlplane_pb2 as pb
+from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+
+from .ca import subject_and_serial
+from .registry import Worker, WorkerRegistry
+from .wire import REASON_KEY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+# A worker that misses this many heartbeats in a row is taken for gone.
+MISSED_HEARTBEATS = 3
+HELLO_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """An order to end a stream: with a refusal (final), a status (the worker may retry), or
+    neither (the worker hung up)."""
+
+    refusal: pb.Refusal | None = None
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+@dataclass(slots=True)
+class _Link:
+    worker_id: str
+    inbox: asyncio.Queue[pb.WorkerMessage | _Close] = field(default_factory=asyncio.Queue)
+
+
+def major(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+class TunnelService(pb_grpc.TunnelServicer):
+    """Serves ``Tunnel.Connect`` and keeps the map of live streams, one per worker id."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        *,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        version: str = __version__,
+    ) -> None:
+        self._registry = registry
+        self._interval_s = heartbeat_interval_s
+        self._version = version
+        self._live: dict[str, _Link] = {}
+
+    def online(self) -> list[str]:
+        """Ids of the workers with a live stream on this server."""
+        return sorted(self._live)
+
+    def disconnect(self, worker_id: str, refusal: pb.Refusal) -> bool:
+        """Close ``worker_id``'s stream with ``refusal``; False when it has none here."""
+        link = self._live.get(worker_id)
+        if link is not None:
+            link.inbox.put_nowait(_Close(refusal=refusal))
+        return link is not None
+
+    def close_all(self, message: str) -> None:
+        """End every stream with UNAVAILABLE: the workers will reconnect."""
+        for link in self._live.values():
+            link.inbox.put_nowait(_Close(code=grpc.StatusCode.UNAVAILABLE, message=message))
+
+    async def Connect(  # the generated servicer's method name
+        self,
+        request_iterator: object,  # unused: messages are read with context.read()
+        context: aio.ServicerContext[pb.WorkerMessage, pb.ControlMessage],
+    ) -> None:
+        # Hello is read before any refusal: aborting while the worker is still sending it would
+        # show the worker a local INTERNAL error instead of the refusal.
+        hello = await self._hello(context)
+        worker_id, serial = await self._peer(context)
+        refusal = _standing(worker_id, serial, self._registry.get(worker_id))
+        if refusal is None:
+            refusal = self._version_refusal(hello.worker_version)
+        if refusal is not None:
+            await _refuse(context, worker_id, refusal)
+        link = _Link(worker_id)
+        previous = self._live.get(worker_id)
+        if previous is not None:  # a stale stream the server has not noticed dying yet
+            message = "replaced by a newer connection of the same worker"
+            previous.inbox.put_nowait(_Close(code=grpc.StatusCode.ABORTED, message=message))
+        self._live[worker_id] = link
+        pump = asyncio.create_task(_pump(context, link))
+        try:
+            self._registry.mark_online(
+                worker_id, version=hello.worker_version, labels=dict(hello.labels)
+            )
+            log.info("worker %s connected (version %s)", worker_id, hello.worker_version)
+            await context.write(pb.ControlMessage(welcome=self._welcome(worker_id)))
+            close = await self._watch(link, serial)
+        finally:
+            pump.cancel()
+            if self._live.get(worker_id) is link:
+                del self._live[worker_id]
+                self._registry.mark_offline(worker_id)
+            log.info("worker %s disconnected", worker_id)
+        if close.refusal is not None:
+            await _refuse(context, worker_id, close.refusal)
+        if close.code is not None:
+            await context.abort(close.code, close.message)
+
+    async def _peer(self, context: aio.ServicerContext) -> tuple[str, int]:
+        """The worker id and certificate serial of the verified client certificate."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the tunnel needs the worker's client certificate: connect to the tunnel port "
+                "with the identity `duckcell enroll` wrote",
+            )
+        try:
+            return subject_and_serial(pems[0])
+        except CertificateError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        raise AssertionError("unreachable: abort raises")
+
+    async def _hello(self, context: aio.ServicerContext) -> pb.Hello:
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                message = await context.read()
+        except TimeoutError:
+            message = aio.EOF
+        if message is aio.EOF or not message.HasField("hello"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a tunnel must open with a Hello message"
+            )
+        return message.hello
+
+    def _version_refusal(self, worker_version: str) -> pb.Refusal | None:
+        if major(worker_version) == major(self._version):
+            return None
+        return pb.Refusal(
+            reason="version",
+            message=f"worker version {worker_version or '(none)'} is not compatible with control "
+            f"plane version {self._version} (major versions differ): upgrade the older side",
+        )
+
+    def _welcome(self, worker_id: str) -> pb.Welcome:
+        return pb.Welcome(
+            worker_id=worker_id,
+            control_plane_version=self._version,
+            heartbeat_interval_ms=round(self._interval_s * 1000),
+        )
+
+    async def _watch(self, link: _Link, serial: int) -> _Close:
+        """Handle the worker's messages until something ends the stream; say how to end it."""
+        silence_s = MISSED_HEARTBEATS * self._interval_s
+        while True:
+            try:
+                async with asyncio.timeout(silence_s):
+                    item = await link.inbox.get()
+            except TimeoutError:
+                log.warning("worker %s missed %d heartbeats", link.worker_id, MISSED_HEARTBEATS)
+                return _Close(
+                    code=grpc.StatusCode.UNAVAILABLE,
+                    message=f"no heartbeat for {silence_s:g} s: reconnect",
+                )
+            if isinstance(item, _Close):
+                return item
+            if item.HasField("heartbeat"):
+                # Re-read the registry: a revocation by another process shows up here.
+                worker = self._registry.get(link.worker_id)
+                refusal = _standing(link.worker_id, serial, worker)
+                if refusal is not None:
+                    return _Close(refusal=refusal)
+                self._registry.mark_online(link.worker_id)
+
+
+async def _pump(context: aio.ServicerContext, link: _Link) -> None:
+    """Move the worker's messages into the inbox; a hang-up becomes an empty close order."""
+    try:
+        while (message := await context.read()) is not aio.EOF:
+            link.inbox.put_nowait(message)
+    finally:
+        link.inbox.put_nowait(_Close())
+
+
+def _standing(worker_id: str, serial: int, worker: Worker | None) -> pb.Refusal | None:
+    """Why this certificate may not hold a tunnel, or None when it may."""
+    if worker is None:
+        return pb.Refusal(
+            reason="unknown_worker",
+            message=f"no enrolled worker {worker_id}: enroll again with a new token",
+        )
+    if worker.revoked_at is not None:
+        return revoked_refusal(worker_id)
+    if worker.cert_serial != serial:
+        return pb.Refusal(
+            reason="certificate",
+            message=f"certificate serial {serial:x} is not the one worker {worker_id} enrolled "
+            "with: use the identity `duckcell enroll` wrote, or enroll again",
+        )
+    return None
+
+
+def revoked_refusal(worker_id: str) -> pb.Refusal:
+    return pb.Refusal(
+        reason="revoked",
+        message=f"worker {worker_id} was revoked on the control plane: to bring this host back, "
+        "remove its identity directory and enroll it again with a new token",
+    )
+
+
+async def _refuse(context: aio.ServicerContext, worker_id: str, refusal: pb.Refusal) -> None:
+    """Send the refusal as the stream's last message, then end it with PERMISSION_DENIED."""
+    log.info("tunnel of worker %s refused (%s)", worker_id, refusal.reason)
+    await context.write(pb.ControlMessage(refusal=refusal))
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        refusal.message,
+        trailing_metadata=((REASON_KEY, refusal.reason),),
+    )

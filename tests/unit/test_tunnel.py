@@ -1,0 +1,323 @@
+"""The worker's tunnel over real mutual TLS on loopback; the control plane runs in-process.
+
+The server runs on its own event loop in a thread (as in test_enrollment.py); each test drives
+the worker on its own loop and waits on conditions with deadlines, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from launcher.cli import main
+from launcher.controlplane.ca import CertificateAuthority, generate_worker_key_and_csr
+from launcher.controlplane.datadir import ControlPlaneData
+from launcher.controlplane.registry import Worker, WorkerRegistry
+from launcher.controlplane.server import ControlPlaneServer
+from launcher.enroll import Identity, enroll
+from launcher.errors import TunnelRefusedError
+from launcher.protocol import controlplane_pb2 as pb
+from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+from launcher.tunnel import Backoff, TunnelClient
+
+INTERVAL_S = 0.1
+DEADLINE_S = 5.0
+FAST = Backoff(base_s=0.02, cap_s=0.2)
+
+
+class ControlPlane:
+    """A control plane on a thread's event loop that tests can stop, restart and revoke on."""
+
+    def __init__(self, data: ControlPlaneData) -> None:
+        self.data = data
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: ControlPlaneServer | None = None
+        self.listen, self.tunnel_listen = "127.0.0.1:0", "127.0.0.1:0"
+
+    async def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    async def start(self) -> None:
+        self.server = ControlPlaneServer(
+            self.data,
+            self.listen,
+            tunnel_listen=self.tunnel_listen,
+            heartbeat_interval_s=INTERVAL_S,
+        )
+        await self._on_loop(self.server.start())
+        # A restart comes back on the same ports.
+        self.listen, self.tunnel_listen = self.server.address, self.server.tunnel_address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self._on_loop(self.server.stop(0))
+            self.server = None
+
+    async def revoke(self, worker_id: str) -> Worker:
+        assert self.server is not None
+        return await self._on_loop(self.server.revoke(worker_id))
+
+    async def enroll(self, state: Path) -> Identity:
+        assert self.server is not None
+        return await enroll(self.server.address, self.data.tokens().create(), state, "w1")
+
+    def worker(self, worker_id: str) -> Worker:
+        worker = WorkerRegistry(self.data.database()).get(worker_id)
+        assert worker is not None
+        return worker
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    cp = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    try:
+        yield cp
+    finally:
+        cp.close()
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+
+
+def test_worker_is_online_within_a_heartbeat_and_offline_after_it_stops(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        client = TunnelClient(identity, labels={"zone": "a"}, backoff=FAST)
+        running = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+        first = control_plane.worker(identity.worker_id).last_heartbeat
+        assert first is not None and control_plane.worker(identity.worker_id).online
+        await eventually(
+            lambda: (control_plane.worker(identity.worker_id).last_heartbeat or 0) > first,
+            "heartbeats keep arriving",
+        )
+        worker = control_plane.worker(identity.worker_id)
+        assert worker.labels == {"zone": "a"}
+
+        assert main(["controlplane", "workers", "--data", str(control_plane.data.root)]) == 0
+        out = capsys.readouterr().out
+        assert identity.worker_id in out and "online" in out and "s ago" in out
+
+        client.stop()
+        await asyncio.wait_for(running, DEADLINE_S)
+        await eventually(
+            lambda: not control_plane.worker(identity.worker_id).online, "offline after stop"
+        )
+        assert client.connections == 1 and client.refusal is None
+
+    run(scenario)
+
+
+def _raw_credentials(
+    ca_pem: bytes, key_pem: bytes | None, cert_pem: bytes | None
+) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
+
+
+async def _raw_connect(address: str, credentials: grpc.ChannelCredentials) -> aio.AioRpcError:
+    """Open Connect, send Hello and read until the server ends the stream with an error."""
+    async with aio.secure_channel(address, credentials) as channel:
+        call = pb_grpc.TunnelStub(channel).Connect()
+        # A write racing the server's abort fails locally; reading gives the real status.
+        with contextlib.suppress(aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(pb.WorkerMessage(hello=pb.Hello(worker_version="0.1.0")))
+        with pytest.raises(aio.AioRpcError) as failed:
+            while await call.read() is not aio.EOF:
+                pass
+    return failed.value
+
+
+def test_certificates_of_another_ca_and_no_certificate_are_refused(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        assert control_plane.server is not None
+        ca_pem = control_plane.data.ca().cert_pem()
+        other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
+        key_pem, csr_pem = generate_worker_key_and_csr("intruder")
+        forged, _ = other.sign_worker_csr(csr_pem, worker_id=identity.worker_id)
+        tunnel = control_plane.server.tunnel_address
+
+        error = await _raw_connect(tunnel, _raw_credentials(ca_pem, key_pem, forged))
+        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+        error = await _raw_connect(tunnel, _raw_credentials(ca_pem, None, None))
+        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+        # The enrollment port does not ask for a certificate, so there the tunnel says why.
+        address = control_plane.server.address
+        error = await _raw_connect(address, _raw_credentials(ca_pem, key_pem, forged))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "client certificate" in (error.details() or "")
+        assert not control_plane.worker(identity.worker_id).online
+
+    run(scenario)
+
+
+def test_a_certificate_other_than_the_enrolled_one_is_refused(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        assert control_plane.server is not None
+        key_pem, csr_pem = generate_worker_key_and_csr("copy")
+        ca = control_plane.data.ca()
+        second, _ = ca.sign_worker_csr(csr_pem, worker_id=identity.worker_id)
+        credentials = _raw_credentials(ca.cert_pem(), key_pem, second)
+        error = await _raw_connect(control_plane.server.tunnel_address, credentials)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "is not the one worker" in (error.details() or "")
+
+    run(scenario)
+
+
+def test_revoked_worker_is_disconnected_and_not_let_back(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        client = TunnelClient(identity, backoff=FAST)
+        running = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+
+        await control_plane.revoke(identity.worker_id)
+        with pytest.raises(TunnelRefusedError, match="was revoked") as refused:
+            await asyncio.wait_for(running, DEADLINE_S)
+        assert refused.value.reason == "revoked" and client.refusal is refused.value
+        assert client.connections == 1  # it did not try again
+        await eventually(lambda: not control_plane.worker(identity.worker_id).online, "offline")
+
+        again = TunnelClient(identity, backoff=FAST)
+        with pytest.raises(TunnelRefusedError, match="was revoked"):
+            await asyncio.wait_for(again.run(), DEADLINE_S)
+        assert again.connections == 0
+
+    run(scenario)
+
+
+def test_revocation_by_the_cli_closes_the_tunnel_within_a_heartbeat(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        client = TunnelClient(identity, backoff=FAST)
+        running = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+
+        data = str(control_plane.data.root)
+        assert main(["controlplane", "worker", "revoke", "--data", data, identity.worker_id]) == 0
+        assert f"revoked {identity.worker_id}" in capsys.readouterr().out
+        with pytest.raises(TunnelRefusedError) as refused:
+            await asyncio.wait_for(running, DEADLINE_S)
+        assert refused.value.reason == "revoked"
+        assert main(["controlplane", "workers", "--data", data]) == 0
+        assert "revoked" in capsys.readouterr().out
+
+    run(scenario)
+
+
+def test_incompatible_version_is_refused_naming_both(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        client = TunnelClient(identity, backoff=FAST, version="9.0.0")
+        with pytest.raises(TunnelRefusedError) as refused:
+            await asyncio.wait_for(client.run(), DEADLINE_S)
+        assert refused.value.reason == "version"
+        assert "9.0.0" in str(refused.value) and "0.1.0" in str(refused.value)
+
+    run(scenario)
+
+
+def test_silent_worker_is_marked_offline_after_three_missed_heartbeats(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        assert control_plane.server is not None
+        credentials = _raw_credentials(
+            identity.ca_path.read_bytes(),
+            identity.key_path.read_bytes(),
+            identity.cert_path.read_bytes(),
+        )
+        # Hello, then silence: the watchdog ends the stream with UNAVAILABLE.
+        error = await _raw_connect(control_plane.server.tunnel_address, credentials)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no heartbeat" in (error.details() or "")
+        assert not control_plane.worker(identity.worker_id).online
+
+    run(scenario)
+
+
+def test_worker_reconnects_by_itself_after_a_control_plane_restart(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        delays: list[float] = []
+
+        async def sleep(delay: float) -> None:
+            delays.append(delay)
+            await asyncio.sleep(delay)
+
+        client = TunnelClient(identity, backoff=FAST, sleep=sleep)
+        running = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+
+        await control_plane.stop()
+        await eventually(lambda: not client.connected.is_set(), "the tunnel dropped")
+        await eventually(lambda: len(delays) >= 2, "it retried while the control plane was down")
+        await control_plane.start()
+        await eventually(lambda: client.connections == 2, "it reconnected by itself")
+        assert control_plane.worker(identity.worker_id).online
+        assert all(0 <= delay <= FAST.cap_s for delay in delays)
+
+        client.stop()
+        await asyncio.wait_for(running, DEADLINE_S)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("draw", "attempt", "expected"),
+    [(0.0, 5, 0.0), (0.999, 0, 0.4995), (0.5, 3, 2.0), (1.0, 10, 30.0), (1.0, 1000, 30.0)],
+)
+def test_backoff_is_exponential_with_full_jitter_and_capped(
+    draw: float, attempt: int, expected: float
+) -> None:
+    backoff = Backoff(base_s=0.5, cap_s=30.0, random=lambda: draw)
+    assert backoff.delay(attempt) == pytest.approx(expected)
