@@ -34,7 +34,9 @@ from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
 from .policy_yaml import parse_duration
+from .remote import ControlPlaneClient
 from .tunnel import TunnelClient
+from .tunnel_queries import ExecutorQueryRunner
 
 
 class Progress:
@@ -70,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--policy", default="default", help="policy name (default: default)")
     query.add_argument("--format", choices=FORMATS, default="table")
     query.add_argument("--output", "-o", type=Path, help="write the result to FILE")
+    query.add_argument(
+        "--control-plane", help="HOST:PORT: run on a worker through this control plane"
+    )
+    query.add_argument("--api-key", help="API key for --control-plane (or DUCKCELL_API_KEY)")
+    query.add_argument(
+        "--ca-file", type=Path, help="the control plane's CA (`duckcell controlplane ca`)"
+    )
 
     image = commands.add_parser("image", help="sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True)
@@ -92,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     create = token_commands.add_parser("create", help="print a new one-time enrollment token")
     create.add_argument("--data", type=Path, required=True, help="control plane data directory")
     create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
+    apikey = control_commands.add_parser("apikey", help="API keys for query clients")
+    apikey_commands = apikey.add_subparsers(dest="apikey_command", required=True)
+    key_create = apikey_commands.add_parser("create", help="print a new API key")
+    key_create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    key_create.add_argument("--role", required=True, help="the role the key's queries run as")
     serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
     serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
     serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
@@ -126,8 +140,9 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="keep this worker's tunnel to the control plane open until SIGTERM",
         description="Dial out to the control plane over mTLS, send heartbeats, reconnect with "
-        "backoff. This release only keeps the tunnel: query execution through it and draining "
-        "running queries on SIGTERM come later. HTTPS_PROXY/NO_PROXY are honoured.",
+        "backoff, and run the queries the control plane routes here in this host's sandboxes "
+        "(launcher config as for `duckcell query`). On SIGTERM running queries are cancelled; "
+        "draining them first comes later. HTTPS_PROXY/NO_PROXY are honoured.",
     )
     run.add_argument("--state", type=Path, required=True, help="worker state directory")
     run.add_argument(
@@ -157,6 +172,8 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if args.format == "parquet" and args.output is None:
         raise DuckcellError("--format parquet needs --output FILE")
+    if args.control_plane:
+        return await _remote_query(args, sql, progress)
     config = _config(args)
     async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
         policy = launcher.policies.get(args.policy)
@@ -169,6 +186,24 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
         table = await collect_table(execution)
         record = execution.record
         progress(f"{table.num_rows} row(s) from sandbox {record.sandbox} in {record.total_s:.2f} s")
+    write_result(table, args.format, args.output)
+    return 0
+
+
+async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) -> int:
+    api_key = args.api_key or os.environ.get("DUCKCELL_API_KEY")
+    if not api_key:
+        raise DuckcellError("--control-plane needs --api-key KEY (or DUCKCELL_API_KEY)")
+    if args.ca_file is None:
+        raise DuckcellError("--control-plane needs --ca-file PEM (`duckcell controlplane ca`)")
+    try:
+        ca_pem = args.ca_file.read_bytes()
+    except OSError as exc:
+        raise DuckcellError(f"--ca-file: cannot read {args.ca_file}: {exc}") from None
+    progress(f"running on a worker through {args.control_plane} (policy {args.policy})")
+    async with ControlPlaneClient(args.control_plane, api_key, ca_pem) as client:
+        table = await client.table(sql, args.policy)
+    progress(f"{table.num_rows} row(s)")
     write_result(table, args.format, args.output)
     return 0
 
@@ -254,6 +289,10 @@ def _controlplane(args: argparse.Namespace) -> int:
     if args.controlplane_command == "ca":
         sys.stdout.write(data.ca().cert_pem().decode())
         return 0
+    if args.controlplane_command == "apikey":
+        # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
+        print(data.api_keys().create(args.role))
+        return 0
     if args.controlplane_command == "workers":
         _print_workers(WorkerRegistry(data.database()).list(), time.time())
         return 0
@@ -285,19 +324,21 @@ def _print_workers(workers: list[Worker], now: float) -> None:
         )
 
 
-async def _worker(args: argparse.Namespace) -> int:
+async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     identity = Identity.load(args.state)
-    client = TunnelClient(identity, address=args.control_plane)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, client.stop)
-    address = args.control_plane or identity.tunnel_address
-    print(
-        f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
-        file=sys.stderr,
-        flush=True,
-    )
-    await client.run()
+    async with LocalLauncher(_config(args), progress=progress) as launcher:
+        runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
+        client = TunnelClient(identity, address=args.control_plane, runner=runner)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, client.stop)
+        address = args.control_plane or identity.tunnel_address
+        print(
+            f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await client.run()
     return 0
 
 
@@ -342,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "enroll":
             return asyncio.run(_enroll(args))
         if args.command == "worker":
-            return asyncio.run(_worker(args))
+            return asyncio.run(_worker(args, progress))
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
     except DuckcellError as error:

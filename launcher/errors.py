@@ -23,12 +23,18 @@
     └── ControlPlaneError              the control plane's CA, store, enrollment or tunnel failed
         ├── CertificateError           a CA, certificate or CSR is invalid or unreadable
         ├── TunnelRefusedError         the control plane refused this worker's tunnel for good
+        ├── ApiKeyError                an API key is missing, malformed or unknown
+        ├── WorkerUnavailableError     no worker online, or the worker left during the query
+        ├── RemoteQueryError           the control plane failed a query for another reason
         └── EnrollmentError            an enrollment token was refused (``reason`` says why)
             ├── MalformedTokenError    the text is not a well-formed enrollment token
             ├── UnknownTokenError      no such token, or its secret does not match
             ├── ExpiredTokenError      the token's lifetime has passed
             ├── UsedTokenError         the token was already redeemed once
             └── CaMismatchError        the token was made for another control plane's CA
+
+A query run through the control plane fails with the same ``QueryError`` subclass as a local
+one: its ``reason`` crosses the wire and ``query_error`` turns it back into the class.
 
 External errors (docker, grpc, DuckDB) are translated where they are met: the Docker backend,
 the runner client, the runner. Nothing outside those modules sees a foreign exception type.
@@ -170,3 +176,38 @@ class TunnelRefusedError(ControlPlaneError):
     def __init__(self, message: str, reason: str = "refused") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ApiKeyError(ControlPlaneError):
+    """An API key is missing, malformed, unknown or does not match."""
+
+
+class WorkerUnavailableError(ControlPlaneError):
+    """No worker is online to run the query, or its worker disconnected during the query."""
+
+
+class RemoteQueryError(ControlPlaneError):
+    """The control plane answered a query with an error that is not a ``QueryError``."""
+
+
+_QUERY_ERRORS: dict[str, type[QueryError]] = {
+    cls.reason: cls
+    for cls in (
+        SqlError,
+        QueryTimeoutError,
+        MemoryLimitError,
+        ResultLimitError,
+        QueryCancelledError,
+        SandboxLostError,
+    )
+}
+
+
+def query_error(reason: str, message: str) -> QueryError:
+    """The ``QueryError`` for a ``reason`` that crossed the wire; unknown reasons keep theirs."""
+    cls = _QUERY_ERRORS.get(reason)
+    if cls is not None:
+        return cls(message)
+    error = QueryError(message)
+    error.reason = reason or QueryError.reason
+    return error

@@ -8,6 +8,11 @@ fleet of workers does not reconnect in lockstep after a control-plane restart). 
 (revoked, unknown worker, incompatible version) is final: ``run`` raises
 ``TunnelRefusedError`` and does not dial again. ``stop`` ends ``run`` cleanly.
 
+``RunQuery`` and ``Cancel`` messages go to ``QueryTasks`` (``launcher.tunnel_queries``), which
+runs each query with the ``QueryRunner`` given to the client and pushes its results on a call of
+its own. Queries belong to one stream: when it ends (or on ``stop``) they are cancelled, which
+releases their sandboxes, and the control plane tells their clients the worker left.
+
 Retry or stop, by gRPC status: PERMISSION_DENIED with a refusal reason and UNAUTHENTICATED (no
 certificate reached the server: wrong port or identity) stop; every other status, including
 UNAVAILABLE (control plane down or restarting) and a failed TLS handshake, is retried.
@@ -30,11 +35,12 @@ import grpc
 from grpc import aio
 
 from launcher import __version__
-from launcher.controlplane.wire import REASON_KEY
+from launcher.controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
 from launcher.enroll import Identity
 from launcher.errors import TunnelRefusedError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+from launcher.tunnel_queries import NoQueryRunner, QueryRunner, QueryTasks
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ class TunnelClient:
 
     ``address`` defaults to the identity's tunnel address. ``sleep`` is what backoff waits
     with, so tests can observe or shorten it. ``connected`` is set while a welcomed stream is
-    up; ``refusal`` holds the final refusal, if any.
+    up; ``refusal`` holds the final refusal, if any. ``runner`` runs the queries the control
+    plane sends; without one, each is answered with an error.
     """
 
     def __init__(
@@ -71,8 +78,11 @@ class TunnelClient:
         backoff: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
         version: str = __version__,
+        runner: QueryRunner | None = None,
     ) -> None:
         self._identity = identity
+        self._runner: QueryRunner = runner or NoQueryRunner()
+        self._queries: QueryTasks | None = None
         self._address = address or identity.tunnel_address
         self._labels = labels or {}
         self._backoff = backoff or Backoff()
@@ -128,8 +138,9 @@ class TunnelClient:
 
     async def _connect_once(self, credentials: grpc.ChannelCredentials) -> None:
         """One stream, from dial to its end; returns normally on stop or a clean hang-up."""
-        async with aio.secure_channel(self._address, credentials) as channel:
-            call = pb_grpc.TunnelStub(channel).Connect()
+        async with aio.secure_channel(self._address, credentials, MESSAGE_OPTIONS) as channel:
+            stub = pb_grpc.TunnelStub(channel)
+            call = stub.Connect()
             try:
                 hello = pb.Hello(worker_version=self._version, labels=self._labels)
                 await _send(call, pb.WorkerMessage(hello=hello))
@@ -145,39 +156,55 @@ class TunnelClient:
                     welcome.worker_id,
                     welcome.control_plane_version,
                 )
-                await self._serve(call, welcome.heartbeat_interval_ms / 1000)
+                await self._serve(call, QueryTasks(self._runner, stub), welcome)
             finally:
                 self.connected.clear()
                 call.cancel()
 
-    async def _serve(self, call: aio.StreamStreamCall, interval_s: float) -> None:
+    @property
+    def running_queries(self) -> int:
+        return len(self._queries) if self._queries is not None else 0
+
+    async def _serve(
+        self, call: aio.StreamStreamCall, queries: QueryTasks, welcome: pb.Welcome
+    ) -> None:
         """Heartbeat and read until the stream ends or ``stop`` is called.
 
         Only the reader says how the stream ended: a heartbeat write that loses a race with the
         server closing the stream fails with a local INTERNAL error that hides the real status
         (a refusal, say), so the heartbeat task just stops and the reader reports.
         """
+        self._queries = queries
+        interval_s = welcome.heartbeat_interval_ms / 1000
         heartbeat = asyncio.create_task(self._heartbeat(call, interval_s))
-        reader = asyncio.create_task(self._read_all(call))
+        reader = asyncio.create_task(self._read_all(call, queries))
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (heartbeat, reader, stopper):
                 task.cancel()
+            # Before the channel closes: each query releases its sandbox.
+            await queries.close()
+            self._queries = None
         if reader.done() and not reader.cancelled():
             reader.result()  # a refusal or a gRPC error surfaces here
 
     async def _heartbeat(self, call: aio.StreamStreamCall, interval_s: float) -> None:
         while True:
-            beat = pb.Heartbeat(sent_unix_ms=int(time.time() * 1000), running_queries=0)
+            beat = pb.Heartbeat(
+                sent_unix_ms=int(time.time() * 1000), running_queries=self.running_queries
+            )
             if not await _send(call, pb.WorkerMessage(heartbeat=beat)):
                 return
             await asyncio.sleep(interval_s)
 
-    async def _read_all(self, call: aio.StreamStreamCall) -> None:
-        while await self._read(call) is not None:
-            pass  # RunQuery, Cancel and session messages will be dispatched here
+    async def _read_all(self, call: aio.StreamStreamCall, queries: QueryTasks) -> None:
+        while (message := await self._read(call)) is not None:
+            if message.HasField("run_query"):
+                queries.start(message.run_query)
+            elif message.HasField("cancel"):
+                await queries.cancel(message.cancel.query_id)
 
     async def _read(self, call: aio.StreamStreamCall) -> pb.ControlMessage | None:
         """The next message, or None at a clean end; a refusal raises ``TunnelRefusedError``."""

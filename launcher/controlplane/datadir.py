@@ -10,6 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .apikeys import ApiKeys
 from .ca import CertificateAuthority
 from .store import open_database
 from .tokens import EnrollmentTokens
@@ -33,3 +34,6 @@ class ControlPlaneData:
 
     def tokens(self) -> EnrollmentTokens:
         return EnrollmentTokens(self.database(), ca_fingerprint=self.ca().fingerprint())
+
+    def api_keys(self) -> ApiKeys:
+        return ApiKeys(self.database())

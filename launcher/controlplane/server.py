@@ -1,6 +1,7 @@
 """The control plane's gRPC server: enrollment and the workers' tunnel, on two ports.
 
-Enrollment runs over server-authenticated TLS: a new worker has no certificate yet. The tunnel
+Enrollment and the clients' ``Query`` service run over server-authenticated TLS: a new worker
+has no certificate yet, and clients authenticate with an API key instead. The tunnel
 runs over mutual TLS: its port requires a client certificate signed by the CA. They cannot share
 one port because gRPC's Python server either ignores client certificates or requires them; it
 has no "request but do not require" mode (with ``require_client_auth=False`` the certificate is
@@ -29,12 +30,15 @@ from launcher.errors import CertificateError, ControlPlaneError, EnrollmentError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
+from .apikeys import ApiKeys
 from .ca import CertificateAuthority
 from .datadir import ControlPlaneData
+from .query import QueryService
 from .registry import Worker, WorkerRegistry, new_worker_id
+from .routing import QueryRouter
 from .tokens import Clock, EnrollmentTokens
 from .tunnel import DEFAULT_HEARTBEAT_INTERVAL_S, TunnelService, revoked_refusal
-from .wire import REASON_KEY, split_address
+from .wire import MESSAGE_OPTIONS, REASON_KEY, split_address
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +153,7 @@ class ControlPlaneServer:
         tokens = EnrollmentTokens(self._conn, ca_fingerprint=ca.fingerprint(), clock=self._clock)
         self._registry = WorkerRegistry(self._conn, clock=self._clock)
         self._registry.mark_offline()  # nobody is connected yet, whatever a crash left behind
-        server = aio.server()
+        server = aio.server(options=MESSAGE_OPTIONS)
         self.port = _bind(server, self._listen, grpc.ssl_server_credentials(pairs))
         mutual = grpc.ssl_server_credentials(
             pairs, root_certificates=ca.cert_pem(), require_client_auth=True
@@ -157,10 +161,13 @@ class ControlPlaneServer:
         self.tunnel_port = _bind(server, self._tunnel_listen, mutual)
         enrollment = EnrollmentService(ca, tokens, self._registry, self.tunnel_port)
         pb_grpc.add_EnrollmentServicer_to_server(enrollment, server)
+        router = QueryRouter()
         self._tunnel = TunnelService(
-            self._registry, heartbeat_interval_s=self._heartbeat_interval_s
+            self._registry, router, heartbeat_interval_s=self._heartbeat_interval_s
         )
         pb_grpc.add_TunnelServicer_to_server(self._tunnel, server)
+        # Served on both ports like the others; clients use the enrollment port (server TLS).
+        pb_grpc.add_QueryServicer_to_server(QueryService(ApiKeys(self._conn), router), server)
         await server.start()
         self._server = server
 

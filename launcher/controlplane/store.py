@@ -47,6 +47,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE workers ADD COLUMN last_heartbeat REAL;
     ALTER TABLE workers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     """,
+    # 4: API keys for clients of the query service. Only a hash of the secret is kept.
+    """
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    """,
 )
 
 

@@ -10,13 +10,16 @@ offline, when the worker hangs up, misses three heartbeats, or is revoked here (
 
 Each stream's messages are read by a small pump task into an inbox queue; ``disconnect`` puts a
 close order in the same queue, so the handler has one place to wait and all its database work
-stays on the event loop's thread.
+stays on the event loop's thread. Messages to the worker (``RunQuery``, ``Cancel``) go through
+the outbox the ``QueryRouter`` hands out on connect; a writer task per stream drains it.
+``PushResults`` calls are handed to the router, which relays them to the waiting client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +32,7 @@ from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
 from .ca import subject_and_serial
 from .registry import Worker, WorkerRegistry
+from .routing import Outbox, QueryRouter, UnknownQueryError
 from .wire import REASON_KEY
 
 log = logging.getLogger(__name__)
@@ -65,11 +69,13 @@ class TunnelService(pb_grpc.TunnelServicer):
     def __init__(
         self,
         registry: WorkerRegistry,
+        router: QueryRouter,
         *,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         version: str = __version__,
     ) -> None:
         self._registry = registry
+        self._router = router
         self._interval_s = heartbeat_interval_s
         self._version = version
         self._live: dict[str, _Link] = {}
@@ -111,15 +117,24 @@ class TunnelService(pb_grpc.TunnelServicer):
             previous.inbox.put_nowait(_Close(code=grpc.StatusCode.ABORTED, message=message))
         self._live[worker_id] = link
         pump = asyncio.create_task(_pump(context, link))
+        writer: asyncio.Task[None] | None = None
+        outbox: Outbox | None = None
         try:
             self._registry.mark_online(
                 worker_id, version=hello.worker_version, labels=dict(hello.labels)
             )
             log.info("worker %s connected (version %s)", worker_id, hello.worker_version)
             await context.write(pb.ControlMessage(welcome=self._welcome(worker_id)))
+            # Routed only once welcomed: a RunQuery must never precede the Welcome.
+            outbox = self._router.worker_connected(worker_id)
+            writer = asyncio.create_task(_write(context, outbox))
             close = await self._watch(link, serial)
         finally:
             pump.cancel()
+            if writer is not None:
+                writer.cancel()
+            if outbox is not None:
+                self._router.worker_gone(worker_id, outbox)
             if self._live.get(worker_id) is link:
                 del self._live[worker_id]
                 self._registry.mark_offline(worker_id)
@@ -128,6 +143,26 @@ class TunnelService(pb_grpc.TunnelServicer):
             await _refuse(context, worker_id, close.refusal)
         if close.code is not None:
             await context.abort(close.code, close.message)
+
+    async def PushResults(  # the generated servicer's method name
+        self,
+        request_iterator: AsyncIterator[pb.ResultChunk],
+        context: aio.ServicerContext[pb.ResultChunk, pb.PushAck],
+    ) -> pb.PushAck:
+        worker_id, serial = await self._peer(context)
+        refusal = _standing(worker_id, serial, self._registry.get(worker_id))
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal.message)
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("query_id"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "PushResults must open with the query id"
+            )
+        try:
+            await self._router.accept(worker_id, first.query_id, request_iterator)
+        except UnknownQueryError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return pb.PushAck()
 
     async def _peer(self, context: aio.ServicerContext) -> tuple[str, int]:
         """The worker id and certificate serial of the verified client certificate."""
@@ -203,6 +238,17 @@ async def _pump(context: aio.ServicerContext, link: _Link) -> None:
             link.inbox.put_nowait(message)
     finally:
         link.inbox.put_nowait(_Close())
+
+
+async def _write(context: aio.ServicerContext, outbox: Outbox) -> None:
+    """Send the router's messages to the worker; a failed write means the stream is over,
+    which the pump reports."""
+    while True:
+        message = await outbox.get()
+        try:
+            await context.write(message)
+        except (aio.AioRpcError, asyncio.InvalidStateError, RuntimeError):
+            return
 
 
 def _standing(worker_id: str, serial: int, worker: Worker | None) -> pb.Refusal | None:

@@ -1,4 +1,4 @@
-"""What both ends of the control-plane link agree on: addresses and refusal metadata.
+"""What both ends of the control-plane link agree on: addresses, refusal metadata, limits.
 
 The worker side (``launcher/enroll.py``) imports this, never the server module.
 """
@@ -10,6 +10,14 @@ from launcher.errors import ControlPlaneError
 # Trailing metadata naming why enrollment was refused (EnrollmentError.reason), so the worker can
 # raise the same error class; the message itself travels as the status details.
 REASON_KEY = "duckcell-reason"
+
+# Arrow IPC chunks can pass gRPC's default 4 MiB message limit; every channel and server on the
+# query path takes this one instead.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$launcher/protocol/controlplane.proto\x12\x18\x64uckcell.controlplane.v1\"\\\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\x12\x16\n\x0eworker_version\x18\x04 \x01(\t\"}\n\x0b\x45nrollReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1d\n\x15\x63ontrol_plane_version\x18\x04 \x01(\t\x12\x13\n\x0btunnel_port\x18\x05 \x01(\r\"\x83\x01\n\rWorkerMessage\x12\x30\n\x05hello\x18\x01 \x01(\x0b\x32\x1f.duckcell.controlplane.v1.HelloH\x00\x12\x38\n\theartbeat\x18\x02 \x01(\x0b\x32#.duckcell.controlplane.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x8b\x01\n\x05Hello\x12\x16\n\x0eworker_version\x18\x01 \x01(\t\x12;\n\x06labels\x18\x02 \x03(\x0b\x32+.duckcell.controlplane.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\x12\x17\n\x0frunning_queries\x18\x02 \x01(\r\"\x84\x01\n\x0e\x43ontrolMessage\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.duckcell.controlplane.v1.WelcomeH\x00\x12\x34\n\x07refusal\x18\x02 \x01(\x0b\x32!.duckcell.controlplane.v1.RefusalH\x00\x42\x06\n\x04\x62ody\"Z\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontrol_plane_version\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"*\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2f\n\nEnrollment\x12X\n\x06\x45nroll\x12\'.duckcell.controlplane.v1.EnrollRequest\x1a%.duckcell.controlplane.v1.EnrollReply2j\n\x06Tunnel\x12`\n\x07\x43onnect\x12\'.duckcell.controlplane.v1.WorkerMessage\x1a(.duckcell.controlplane.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$launcher/protocol/controlplane.proto\x12\x18\x64uckcell.controlplane.v1\"\\\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\x12\x16\n\x0eworker_version\x18\x04 \x01(\t\"}\n\x0b\x45nrollReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1d\n\x15\x63ontrol_plane_version\x18\x04 \x01(\t\x12\x13\n\x0btunnel_port\x18\x05 \x01(\r\"\x83\x01\n\rWorkerMessage\x12\x30\n\x05hello\x18\x01 \x01(\x0b\x32\x1f.duckcell.controlplane.v1.HelloH\x00\x12\x38\n\theartbeat\x18\x02 \x01(\x0b\x32#.duckcell.controlplane.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x8b\x01\n\x05Hello\x12\x16\n\x0eworker_version\x18\x01 \x01(\t\x12;\n\x06labels\x18\x02 \x03(\x0b\x32+.duckcell.controlplane.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\x12\x17\n\x0frunning_queries\x18\x02 \x01(\r\"\xf1\x01\n\x0e\x43ontrolMessage\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.duckcell.controlplane.v1.WelcomeH\x00\x12\x34\n\x07refusal\x18\x02 \x01(\x0b\x32!.duckcell.controlplane.v1.RefusalH\x00\x12\x37\n\trun_query\x18\x03 \x01(\x0b\x32\".duckcell.controlplane.v1.RunQueryH\x00\x12\x32\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32 .duckcell.controlplane.v1.CancelH\x00\x42\x06\n\x04\x62ody\"9\n\x08RunQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0b\n\x03sql\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"\x1a\n\x06\x43\x61ncel\x12\x10\n\x08query_id\x18\x01 \x01(\t\"n\n\x0bResultChunk\x12\x12\n\x08query_id\x18\x01 \x01(\tH\x00\x12\r\n\x03ipc\x18\x02 \x01(\x0cH\x00\x12\x34\n\x07outcome\x18\x03 \x01(\x0b\x32!.duckcell.controlplane.v1.OutcomeH\x00\x42\x06\n\x04\x62ody\"D\n\x07Outcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x04\"\t\n\x07PushAck\"Z\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontrol_plane_version\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"*\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"+\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"Y\n\nQueryChunk\x12\r\n\x03ipc\x18\x01 \x01(\x0cH\x00\x12\x34\n\x07outcome\x18\x02 \x01(\x0b\x32!.duckcell.controlplane.v1.OutcomeH\x00\x42\x06\n\x04\x62ody2f\n\nEnrollment\x12X\n\x06\x45nroll\x12\'.duckcell.controlplane.v1.EnrollRequest\x1a%.duckcell.controlplane.v1.EnrollReply2\xc5\x01\n\x06Tunnel\x12`\n\x07\x43onnect\x12\'.duckcell.controlplane.v1.WorkerMessage\x1a(.duckcell.controlplane.v1.ControlMessage(\x01\x30\x01\x12Y\n\x0bPushResults\x12%.duckcell.controlplane.v1.ResultChunk\x1a!.duckcell.controlplane.v1.PushAck(\x01\x32^\n\x05Query\x12U\n\x03Run\x12&.duckcell.controlplane.v1.QueryRequest\x1a$.duckcell.controlplane.v1.QueryChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,13 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=563
   _globals['_HEARTBEAT']._serialized_end=621
   _globals['_CONTROLMESSAGE']._serialized_start=624
-  _globals['_CONTROLMESSAGE']._serialized_end=756
-  _globals['_WELCOME']._serialized_start=758
-  _globals['_WELCOME']._serialized_end=848
-  _globals['_REFUSAL']._serialized_start=850
-  _globals['_REFUSAL']._serialized_end=892
-  _globals['_ENROLLMENT']._serialized_start=894
-  _globals['_ENROLLMENT']._serialized_end=996
-  _globals['_TUNNEL']._serialized_start=998
-  _globals['_TUNNEL']._serialized_end=1104
+  _globals['_CONTROLMESSAGE']._serialized_end=865
+  _globals['_RUNQUERY']._serialized_start=867
+  _globals['_RUNQUERY']._serialized_end=924
+  _globals['_CANCEL']._serialized_start=926
+  _globals['_CANCEL']._serialized_end=952
+  _globals['_RESULTCHUNK']._serialized_start=954
+  _globals['_RESULTCHUNK']._serialized_end=1064
+  _globals['_OUTCOME']._serialized_start=1066
+  _globals['_OUTCOME']._serialized_end=1134
+  _globals['_PUSHACK']._serialized_start=1136
+  _globals['_PUSHACK']._serialized_end=1145
+  _globals['_WELCOME']._serialized_start=1147
+  _globals['_WELCOME']._serialized_end=1237
+  _globals['_REFUSAL']._serialized_start=1239
+  _globals['_REFUSAL']._serialized_end=1281
+  _globals['_QUERYREQUEST']._serialized_start=1283
+  _globals['_QUERYREQUEST']._serialized_end=1326
+  _globals['_QUERYCHUNK']._serialized_start=1328
+  _globals['_QUERYCHUNK']._serialized_end=1417
+  _globals['_ENROLLMENT']._serialized_start=1419
+  _globals['_ENROLLMENT']._serialized_end=1521
+  _globals['_TUNNEL']._serialized_start=1524
+  _globals['_TUNNEL']._serialized_end=1721
+  _globals['_QUERY']._serialized_start=1723
+  _globals['_QUERY']._serialized_end=1817
 # @@protoc_insertion_point(module_scope)

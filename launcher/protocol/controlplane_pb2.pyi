@@ -64,12 +64,58 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_unix_ms: _Optional[int] = ..., running_queries: _Optional[int] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
-    __slots__ = ("welcome", "refusal")
+    __slots__ = ("welcome", "refusal", "run_query", "cancel")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    RUN_QUERY_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     refusal: Refusal
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
+    run_query: RunQuery
+    cancel: Cancel
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., run_query: _Optional[_Union[RunQuery, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+
+class RunQuery(_message.Message):
+    __slots__ = ("query_id", "sql", "policy")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    sql: str
+    policy: str
+    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ("query_id",)
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    def __init__(self, query_id: _Optional[str] = ...) -> None: ...
+
+class ResultChunk(_message.Message):
+    __slots__ = ("query_id", "ipc", "outcome")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    ipc: bytes
+    outcome: Outcome
+    def __init__(self, query_id: _Optional[str] = ..., ipc: _Optional[bytes] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("ok", "reason", "message", "rows")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    message: str
+    rows: int
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("worker_id", "control_plane_version", "heartbeat_interval_ms")
@@ -88,3 +134,19 @@ class Refusal(_message.Message):
     reason: str
     message: str
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("sql", "policy")
+    SQL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    sql: str
+    policy: str
+    def __init__(self, sql: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class QueryChunk(_message.Message):
+    __slots__ = ("ipc", "outcome")
+    IPC_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ipc: bytes
+    outcome: Outcome
+    def __init__(self, ipc: _Optional[bytes] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...

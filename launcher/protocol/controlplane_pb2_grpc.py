@@ -114,6 +114,11 @@ class TunnelStub:
                 request_serializer=launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.SerializeToString,
                 response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.FromString,
                 _registered_method=True)
+        self.PushResults = channel.stream_unary(
+                '/duckcell.controlplane.v1.Tunnel/PushResults',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.ResultChunk.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class TunnelServicer:
@@ -123,7 +128,18 @@ class TunnelServicer:
         """The worker's long-lived link: it sends Hello, then a Heartbeat every heartbeat_interval_ms.
         The control plane answers Hello with Welcome, or with Refusal and PERMISSION_DENIED (revoked,
         unknown worker, certificate mismatch, incompatible version). No client certificate:
-        UNAUTHENTICATED. RunQuery, Cancel and session open/close messages come next.
+        UNAUTHENTICATED. After Welcome the control plane sends RunQuery and Cancel on this stream;
+        session open/close messages come later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushResults(self, request_iterator, context):
+        """One call per query, opened by the worker after a RunQuery: the first chunk names the query,
+        then the runner's Arrow IPC stream bytes follow untouched, then one final Outcome. Each query
+        has its own flow-controlled stream, so a slow client never blocks the tunnel or other
+        queries. A query the control plane no longer waits for answers NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +152,11 @@ def add_TunnelServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.FromString,
                     response_serializer=launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.SerializeToString,
+            ),
+            'PushResults': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushResults,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.ResultChunk.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.PushAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -165,6 +186,120 @@ class Tunnel:
             '/duckcell.controlplane.v1.Tunnel/Connect',
             launcher_dot_protocol_dot_controlplane__pb2.WorkerMessage.SerializeToString,
             launcher_dot_protocol_dot_controlplane__pb2.ControlMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushResults(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/duckcell.controlplane.v1.Tunnel/PushResults',
+            launcher_dot_protocol_dot_controlplane__pb2.ResultChunk.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class QueryStub:
+    """The client-facing query service, on the enrollment (server-TLS) port. Every call carries
+    metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
+    No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
+    maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Run = channel.unary_stream(
+                '/duckcell.controlplane.v1.Query/Run',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.FromString,
+                _registered_method=True)
+
+
+class QueryServicer:
+    """The client-facing query service, on the enrollment (server-TLS) port. Every call carries
+    metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
+    No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
+    maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    """
+
+    def Run(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QueryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Run': grpc.unary_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'duckcell.controlplane.v1.Query', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('duckcell.controlplane.v1.Query', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Query:
+    """The client-facing query service, on the enrollment (server-TLS) port. Every call carries
+    metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
+    No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
+    maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    """
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duckcell.controlplane.v1.Query/Run',
+            launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.FromString,
             options,
             channel_credentials,
             insecure,

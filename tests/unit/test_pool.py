@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -361,10 +360,9 @@ def test_session_cancel_before_the_runner_sees_the_query() -> None:
             if execution.record.sandbox:
                 break
             await asyncio.sleep(0)
-        started = time.monotonic()
         assert await h.executor.cancel(execution.query_id)
+        # A lost cancel would end the query at the 5 s statement timeout instead.
         with pytest.raises(QueryCancelledError):
             await task
-        assert time.monotonic() - started < 3  # not the 5 s statement timeout
 
     scenario(body)

@@ -1,0 +1,92 @@
+"""A client of the control plane's ``Query`` service: run SQL on some worker, get Arrow back.
+
+The control plane's enrollment port serves ``Query.Run`` over server-authenticated TLS; the
+client verifies it against the CA (``duckcell controlplane ca``) and authenticates with an API
+key in the ``authorization`` metadata. gRPC statuses are translated here: a failed query raises
+the same ``QueryError`` subclass a local run would (its ``reason`` travels as trailing
+metadata), a refused key ``ApiKeyError``, no or a lost worker ``WorkerUnavailableError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pyarrow as pa
+import pyarrow.ipc
+from grpc import aio
+
+from .controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
+from .errors import (
+    ApiKeyError,
+    DuckcellError,
+    RemoteQueryError,
+    WorkerUnavailableError,
+    query_error,
+)
+from .protocol import controlplane_pb2 as pb
+from .protocol import controlplane_pb2_grpc as pb_grpc
+
+
+class ControlPlaneClient:
+    """``async with ControlPlaneClient(address, api_key, ca_pem) as client``, then ``chunks``."""
+
+    def __init__(self, address: str, api_key: str, ca_pem: bytes) -> None:
+        self._address = address
+        self._metadata = (("authorization", f"Bearer {api_key.strip()}"),)
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        self._channel = aio.secure_channel(address, credentials, MESSAGE_OPTIONS)
+        self._stub = pb_grpc.QueryStub(self._channel)
+
+    async def chunks(
+        self, sql: str, policy: str = "", *, timeout_s: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """The result's Arrow IPC stream bytes as they arrive; raises ``DuckcellError``s."""
+        call = self._stub.Run(
+            pb.QueryRequest(sql=sql, policy=policy), metadata=self._metadata, timeout=timeout_s
+        )
+        finished = False
+        try:
+            async for chunk in call:
+                if chunk.HasField("ipc"):
+                    yield chunk.ipc
+                else:
+                    finished = True
+        except aio.AioRpcError as error:
+            raise self._translate(error) from None
+        finally:
+            call.cancel()  # a no-op when finished; stops the query when the caller left early
+        if not finished:
+            raise RemoteQueryError(
+                f"control plane {self._address} ended the result without an outcome: run it again"
+            )
+
+    async def table(
+        self, sql: str, policy: str = "", *, timeout_s: float | None = None
+    ) -> pa.Table:
+        """Run ``sql`` and decode its whole result (the CLI; tests)."""
+        parts = [chunk async for chunk in self.chunks(sql, policy, timeout_s=timeout_s)]
+        return pa.ipc.open_stream(b"".join(parts)).read_all()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> ControlPlaneClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _translate(self, error: aio.AioRpcError) -> DuckcellError:
+        code = error.code()
+        details = error.details() or code.name
+        reason = dict(error.trailing_metadata() or ()).get(REASON_KEY)
+        if reason:
+            return query_error(str(reason), details)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return ApiKeyError(details)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return WorkerUnavailableError(f"{details} (control plane {self._address})")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RemoteQueryError(f"no complete answer from {self._address} in time: {details}")
+        return RemoteQueryError(f"control plane {self._address}: {code.name}: {details}")

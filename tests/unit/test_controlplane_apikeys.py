@@ -1,0 +1,52 @@
+"""API keys: the format, what is stored, and every refusal."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from launcher.controlplane.apikeys import ApiKeys
+from launcher.controlplane.store import open_database
+from launcher.errors import ApiKeyError, ControlPlaneError
+
+
+def test_a_key_verifies_to_its_role_and_only_its_secrets_hash_is_stored(tmp_path: Path) -> None:
+    conn = open_database(tmp_path / "cp.db")
+    keys = ApiKeys(conn, clock=lambda: 1000.0)
+    key = keys.create("analyst")
+    prefix, key_id, secret = key.split(".")
+    assert prefix == "dck1" and len(key_id) == 16 and len(secret) == 43
+
+    verified = keys.verify(key)
+    assert (verified.key_id, verified.role) == (key_id, "analyst")
+    rows = conn.execute("SELECT id, secret_hash, role, created_at FROM api_keys").fetchall()
+    assert rows == [(key_id, hashlib.sha256(secret.encode()).hexdigest(), "analyst", 1000.0)]
+    dump = "\n".join(conn.iterdump())
+    assert secret not in dump
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda key: key[:-1] + ("A" if key[-1] != "A" else "B"), "unknown API key"),
+        (lambda key: "dck1.0123456789abcdef." + key.split(".")[2], "unknown API key"),
+        (lambda key: key[:-3], "malformed"),
+        (lambda key: "", "malformed"),
+    ],
+)
+def test_wrong_unknown_and_malformed_keys_are_refused_without_quoting_them(
+    tmp_path: Path, mangle: object, message: str
+) -> None:
+    keys = ApiKeys(open_database(tmp_path / "cp.db"))
+    key = keys.create("analyst")
+    bad = mangle(key)  # type: ignore[operator]
+    with pytest.raises(ApiKeyError, match=message) as refused:
+        keys.verify(bad)
+    assert key.split(".")[2] not in str(refused.value)
+
+
+def test_a_role_must_be_a_plain_word(tmp_path: Path) -> None:
+    with pytest.raises(ControlPlaneError, match="--role"):
+        ApiKeys(open_database(tmp_path / "cp.db")).create("no spaces please")

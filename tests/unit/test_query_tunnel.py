@@ -1,0 +1,272 @@
+"""A query's whole path on loopback: client -> control plane -> tunnel -> worker -> executor.
+
+Real TLS for the client, real mutual TLS for the tunnel, and the worker's queries run by the
+real executor over FakeBackend (real runners, real DuckDB; no Docker). The control plane runs on
+its own event loop in a thread (``test_tunnel.ControlPlane``); worker and client share the
+test's loop. Every wait has a deadline, so a hang fails the test instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow.compute as pc
+import pytest
+from grpc import aio
+
+from launcher.cli import main
+from launcher.controlplane.datadir import ControlPlaneData
+from launcher.errors import ApiKeyError, SqlError, WorkerUnavailableError
+from launcher.executor import QueryRecord
+from launcher.policy import PolicySet, load_policy_text
+from launcher.protocol import controlplane_pb2 as pb
+from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+from launcher.remote import ControlPlaneClient
+from launcher.tunnel import TunnelClient
+from launcher.tunnel_queries import ExecutorQueryRunner
+
+from .fakes import FakeBackend
+from .test_pool import Harness
+from .test_tunnel import DEADLINE_S, FAST, ControlPlane
+
+POLICY = """
+name: default
+isolation: query
+runtime: runc
+limits: {cpus: 1, memory: 512MiB, pids: 128, scratch: 64MiB, statement_timeout: 2s}
+pool: {warm: 2}
+"""
+# Runs until the statement timeout (2 s) unless something stops it first.
+LONG_SQL = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3"
+
+
+@dataclass
+class Stack:
+    control_plane: ControlPlane
+    harness: Harness
+    worker: TunnelClient | None
+    client: ControlPlaneClient
+    api_key: str
+    records: list[QueryRecord]
+
+    @property
+    def address(self) -> str:
+        assert self.control_plane.server is not None
+        return self.control_plane.server.address
+
+    def ca_pem(self) -> bytes:
+        return self.control_plane.data.ca().cert_pem()
+
+    async def until_running(self) -> None:
+        await eventually(lambda: bool(self.harness.executor.running()), "the query started")
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    cp = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    try:
+        yield cp
+    finally:
+        cp.close()
+
+
+@asynccontextmanager
+async def stack(
+    control_plane: ControlPlane, tmp_path: Path, *, worker: bool = True
+) -> AsyncIterator[Stack]:
+    await control_plane.start()
+    harness = Harness(FakeBackend(), capacity=24)
+    records: list[QueryRecord] = []
+    runner = ExecutorQueryRunner(
+        harness.executor,
+        PolicySet([load_policy_text(POLICY, "<test>")]),
+        on_finished=records.append,
+    )
+    tunnel: TunnelClient | None = None
+    running: asyncio.Task[None] | None = None
+    if worker:
+        identity = await control_plane.enroll(tmp_path / "worker")
+        tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
+        running = asyncio.create_task(tunnel.run())
+        await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+    api_key = control_plane.data.api_keys().create("analyst")
+    assert control_plane.server is not None
+    ca_pem = control_plane.data.ca().cert_pem()
+    client = ControlPlaneClient(control_plane.server.address, api_key, ca_pem)
+    try:
+        yield Stack(control_plane, harness, tunnel, client, api_key, records)
+    finally:
+        await client.close()
+        if tunnel is not None and running is not None:
+            tunnel.stop()
+            await asyncio.wait_for(running, DEADLINE_S)
+        await harness.close()
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+async def raw_run(s: Stack, metadata: tuple[tuple[str, str], ...], sql: str) -> aio.AioRpcError:
+    """Call Query.Run without the client class; return the status it ends with."""
+    credentials = grpc.ssl_channel_credentials(s.ca_pem())
+    async with aio.secure_channel(s.address, credentials) as channel:
+        call = pb_grpc.QueryStub(channel).Run(pb.QueryRequest(sql=sql), metadata=metadata)
+        with pytest.raises(aio.AioRpcError) as failed:
+            async for _ in call:
+                pass
+    return failed.value
+
+
+def test_a_query_round_trips_through_the_tunnel(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            table = await s.client.table("SELECT i, i * 2 AS j FROM range(5) t(i) ORDER BY i")
+            assert table.column_names == ["i", "j"]
+            assert table.column("i").to_pylist() == [0, 1, 2, 3, 4]
+            assert table.column("j").to_pylist() == [0, 2, 4, 6, 8]
+            assert [r.outcome for r in s.records] == ["ok"]
+
+    run(scenario)
+
+
+def test_a_sql_error_reaches_the_client_with_duckdbs_message(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            with pytest.raises(SqlError, match="no_such_table"):
+                await s.client.table("SELECT * FROM no_such_table")
+            bearer = (("authorization", f"Bearer {s.api_key}"),)
+            error = await raw_run(s, bearer, "SELEC 1")
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "syntax error" in (error.details() or "")
+
+    run(scenario)
+
+
+def test_a_wrong_or_missing_api_key_is_unauthenticated(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            key_id = s.api_key.split(".")[1]
+            wrong = f"dck1.{key_id}.{'x' * 43}"
+            async with ControlPlaneClient(s.address, wrong, s.ca_pem()) as intruder:
+                with pytest.raises(ApiKeyError, match="unknown API key"):
+                    await intruder.table("SELECT 1")
+            for metadata in [(), (("authorization", "Bearer nonsense"),)]:
+                error = await raw_run(s, metadata, "SELECT 1")
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert s.records == []  # nothing reached the worker
+
+    run(scenario)
+
+
+def test_no_worker_online_is_unavailable(control_plane: ControlPlane, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, worker=False) as s:
+            with pytest.raises(WorkerUnavailableError, match="no worker online"):
+                await s.client.table("SELECT 1")
+            error = await raw_run(s, (("authorization", f"Bearer {s.api_key}"),), "SELECT 1")
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(scenario)
+
+
+def test_a_worker_stopping_mid_query_fails_the_query_instead_of_hanging(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
+            await s.until_running()
+            assert s.worker is not None
+            s.worker.stop()
+            with pytest.raises(WorkerUnavailableError, match="disconnected during the query"):
+                await asyncio.wait_for(query, DEADLINE_S)
+            await eventually(lambda: len(s.records) == 1, "the worker ended its query")
+            assert s.records[0].outcome == "cancelled"
+
+    run(scenario)
+
+
+def test_a_client_cancel_cancels_the_query_on_the_worker(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
+            await s.until_running()
+            query.cancel()
+            await eventually(lambda: len(s.records) == 1, "the worker ended its query")
+            assert s.records[0].outcome == "cancelled"
+            assert s.harness.executor.running() == []
+            # The tunnel is still up and serves the next query.
+            assert (await s.client.table("SELECT 42 AS x")).column("x").to_pylist() == [42]
+
+    run(scenario)
+
+
+def test_twenty_concurrent_queries_share_one_tunnel(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            sqls = [
+                f"SELECT {n} AS n, count(*) AS c FROM range({n * 1000}) t(i)" for n in range(20)
+            ]
+            tables = await asyncio.gather(*(s.client.table(sql) for sql in sqls))
+            for n, table in enumerate(tables):
+                assert table.to_pylist() == [{"n": n, "c": n * 1000}]
+            assert len(s.records) == 20 and {r.outcome for r in s.records} == {"ok"}
+            assert s.worker is not None and s.worker.running_queries == 0
+
+    run(scenario)
+
+
+def test_a_million_row_result_arrives_complete(control_plane: ControlPlane, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            table = await s.client.table("SELECT i FROM range(1000000) t(i)")
+            assert table.num_rows == 1_000_000
+            assert pc.sum(table.column("i")).as_py() == 999_999 * 1_000_000 // 2
+
+    run(scenario)
+
+
+def test_the_cli_runs_a_query_through_the_control_plane(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            data = str(control_plane.data.root)
+            assert main(["controlplane", "apikey", "create", "--data", data, "--role", "bi"]) == 0
+            key = capsys.readouterr().out.strip()
+            assert key.startswith("dck1.") and "\n" not in key
+            ca_file = tmp_path / "ca.pem"
+            ca_file.write_bytes(s.ca_pem())
+            remote = ["--control-plane", s.address, "--api-key", key, "--ca-file", str(ca_file)]
+            argv = ["-q", "query", *remote, "--format", "csv", "SELECT 7 AS answer"]
+            assert await asyncio.to_thread(main, argv) == 0
+            assert capsys.readouterr().out.split() == ['"answer"', "7"]
+            argv = ["-q", "query", *remote, "SELECT * FROM no_such_table"]
+            assert await asyncio.to_thread(main, argv) == 1
+            assert "no_such_table" in capsys.readouterr().err
+
+    run(scenario)
