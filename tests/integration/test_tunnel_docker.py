@@ -7,6 +7,9 @@ abandons frees its sandbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -14,7 +17,7 @@ import pytest
 
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.errors import SqlError
+from launcher.errors import SqlError, WorkerUnavailableError
 from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
@@ -24,6 +27,8 @@ from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 from .conftest import containers_of
 
 pytestmark = pytest.mark.docker
+# What the sandbox's runner prints to stderr as it begins executing a query.
+_STARTED = re.compile(rb"runner: query \S+ started")
 
 
 def test_queries_through_the_tunnel_run_in_real_sandboxes(
@@ -64,3 +69,116 @@ def test_queries_through_the_tunnel_run_in_real_sandboxes(
         asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
         control_plane.close()
+
+
+def test_killing_the_worker_mid_query_fails_the_client_and_leaves_no_sandbox(
+    config: LauncherConfig, engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Issue 3 promise: kill the worker mid-query and the client gets a clear error, not a
+    hang, and no sandbox remains. The worker stops abruptly (its tunnel task cancelled, its
+    launcher closed) while a real sandbox is running the query."""
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        launcher = LocalLauncher(config, warm_override=1)
+        closed = False
+        try:
+            await launcher.start()
+            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
+            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
+            running = asyncio.create_task(tunnel.run())
+            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+            assert control_plane.server is not None
+            async with ControlPlaneClient(
+                control_plane.server.address,
+                control_plane.data.api_keys().create("analyst"),
+                control_plane.data.ca().cert_pem(),
+            ) as client:
+                # The default policy allows 60 s per statement: only the kill can end it early.
+                query = asyncio.create_task(client.table("SELECT sleep_ms(30000)", timeout_s=60))
+                await _until_query_started(engine, config.launcher_id, query)
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(running, DEADLINE_S)
+                closed = True
+                await launcher.close()
+                with pytest.raises(WorkerUnavailableError, match="disconnected during the query"):
+                    await asyncio.wait_for(query, DEADLINE_S)
+        finally:
+            if not closed:
+                await launcher.close()
+        assert containers_of(engine, config.launcher_id) == []
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        control_plane.close()
+
+
+def test_the_worker_reconnects_after_a_control_plane_restart_and_serves_the_next_query(
+    config: LauncherConfig, engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Issue 3 promise: kill the control plane and restart it on the same ports; the worker
+    reconnects by itself and the next query succeeds in a real sandbox."""
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+
+    async def one_query(sql: str) -> list[dict[str, object]]:
+        assert control_plane.server is not None
+        async with ControlPlaneClient(
+            control_plane.server.address,
+            control_plane.data.api_keys().create("analyst"),
+            control_plane.data.ca().cert_pem(),
+        ) as client:
+            return (await client.table(sql, timeout_s=60)).to_pylist()
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        async with LocalLauncher(config, warm_override=1) as launcher:
+            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
+            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
+            running = asyncio.create_task(tunnel.run())
+            try:
+                await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+                assert await one_query("SELECT 1 AS before") == [{"before": 1}]
+                await control_plane.stop()
+                await _until(lambda: not tunnel.connected.is_set(), "the tunnel dropped")
+                await control_plane.start()
+                await _until(lambda: tunnel.connections == 2, "the worker reconnected")
+                assert control_plane.worker(identity.worker_id).online
+                assert await one_query("SELECT 2 AS after") == [{"after": 2}]
+            finally:
+                tunnel.stop()
+                await asyncio.wait_for(running, DEADLINE_S)
+        assert containers_of(engine, config.launcher_id) == []
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        control_plane.close()
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+    assert condition(), what
+
+
+async def _until_query_started(
+    engine: docker.DockerClient, launcher_id: str, query: asyncio.Task[object]
+) -> None:
+    """Wait until one of this launcher's sandboxes logs that its runner started a query."""
+
+    def started() -> bool:
+        found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
+        return any(_STARTED.search(c.logs()) for c in found)
+
+    async with asyncio.timeout(60):
+        while not await asyncio.to_thread(started):
+            if query.done():
+                query.result()
+                raise AssertionError("the query ended before a sandbox started it")
+            await asyncio.sleep(0.2)

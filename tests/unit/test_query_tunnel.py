@@ -78,10 +78,10 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
 
 @asynccontextmanager
 async def stack(
-    control_plane: ControlPlane, tmp_path: Path, *, worker: bool = True
+    control_plane: ControlPlane, tmp_path: Path, *, worker: bool = True, capacity: int = 24
 ) -> AsyncIterator[Stack]:
     await control_plane.start()
-    harness = Harness(FakeBackend(), capacity=24)
+    harness = Harness(FakeBackend(), capacity=capacity)
     records: list[QueryRecord] = []
     runner = ExecutorQueryRunner(
         harness.executor,
@@ -236,6 +236,56 @@ def test_twenty_concurrent_queries_share_one_tunnel(
                 assert table.to_pylist() == [{"n": n, "c": n * 1000}]
             assert len(s.records) == 20 and {r.outcome for r in s.records} == {"ok"}
             assert s.worker is not None and s.worker.running_queries == 0
+
+    run(scenario)
+
+
+def test_fifty_concurrent_queries_through_one_tunnel_all_complete_correctly(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Issue 3 promise: 50 concurrent queries through one tunnel all complete, each with its
+    own correct result (no result crossed to another query, none lost or stalled)."""
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, capacity=50) as s:
+            sqls = [
+                f"SELECT {n} AS n, count(*) AS c, sum(i) AS s FROM range({n * 100}) t(i)"
+                for n in range(50)
+            ]
+            tables = await asyncio.gather(
+                *(s.client.table(sql, timeout_s=DEADLINE_S * 2) for sql in sqls)
+            )
+            for n, table in enumerate(tables):
+                total = n * 100 * (n * 100 - 1) // 2 if n else None
+                assert table.to_pylist() == [{"n": n, "c": n * 100, "s": total}]
+            assert len(s.records) == 50 and {r.outcome for r in s.records} == {"ok"}
+            assert s.worker is not None and s.worker.connections == 1
+            assert s.worker.running_queries == 0
+
+    run(scenario)
+
+
+def test_a_query_succeeds_after_the_control_plane_restarts_while_the_worker_is_idle(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Issue 3 promise: kill the control plane and restart it on the same ports; the worker
+    reconnects by itself (no restart, same identity) and the next query runs on it."""
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            assert s.worker is not None
+            worker = s.worker
+            assert (await s.client.table("SELECT 1 AS x")).column("x").to_pylist() == [1]
+            address = s.address
+            await control_plane.stop()
+            await eventually(lambda: not worker.connected.is_set(), "the tunnel dropped")
+            await control_plane.start()
+            assert s.address == address  # same ports
+            await eventually(lambda: worker.connections == 2, "the worker reconnected")
+            async with ControlPlaneClient(s.address, s.api_key, s.ca_pem()) as client:
+                table = await client.table("SELECT 2 AS x", timeout_s=DEADLINE_S)
+            assert table.column("x").to_pylist() == [2]
+            assert [r.outcome for r in s.records] == ["ok", "ok"]
 
     run(scenario)
 
