@@ -9,6 +9,9 @@ Each case is measured against its baseline in the same run:
    vs a warm-pool sandbox.
 3. Sustained per-query throughput through the launcher while the pool refills, vs the engine's
    own create+start+remove churn of the same image, flags and concurrency.
+4. Through the reference control plane and the worker's mTLS tunnel vs the local path, on the
+   same warm pool: ``SELECT 42`` latency added, and the throughput of a 10M-row result
+   (``--skip-tunnel`` leaves it out).
 
 Between warm-pool repetitions the pool is left to refill and settle, untimed, so a repetition
 measures checkout + query and never its own container start. Two diagnostics say where the
@@ -23,7 +26,7 @@ at the end, whatever happens. Progress goes to stderr, the table to stdout, JSON
 
 This script parses the flags and wires the run; the measurements live in ``cases.py`` (the
 baselines and the launcher) and ``engine.py`` (sandbox starts, engine churn, the machine), the
-targets, table and JSON in ``report.py``.
+targets, table and JSON in ``report.py``, the tunnel case in ``tunnel.py``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from bench.cases import (
 from bench.engine import engine_churn, machine_info, remove_leftovers, sandbox_starts
 from bench.report import render, targets, write_results
 from bench.stats import Json, Progress, summarize
+from bench.tunnel import tunnel_cases
 from launcher.backend.base import LABEL_LAUNCHER
 from launcher.config import LauncherConfig, load_config
 from launcher.errors import DuckcellError
@@ -73,6 +77,8 @@ class Plan:
     start_repeat: int
     sustained_queries: int
     concurrencies: tuple[int, ...]
+    tunnel_repeat: int  # 0: --skip-tunnel
+    tunnel_wide_repeat: int
     image: str
     output: Path
 
@@ -103,7 +109,7 @@ async def run(plan: Plan, launcher_id: str, progress: Progress) -> Json:
         }
         result.update(await measure(plan, config, policies, api, progress))
         result["machine"]["loadavg_at_end"] = os.getloadavg()
-        result["targets"] = targets(result["cases"], result["sustained"])
+        result["targets"] = targets(result["cases"], result["sustained"], result.get("tunnel"))
         return result
     finally:
         api.close()
@@ -150,10 +156,24 @@ async def measure(
     starts = await sandbox_starts(
         config, policy, plan.start_repeat, config.state_dir / "probe", progress
     )
+    tunnel: Json = {}
+    if plan.tunnel_repeat:
+        progress(
+            f"4 control plane + tunnel vs local: SELECT 42 x{plan.tunnel_repeat}, "
+            f"10M-row result x{plan.tunnel_wide_repeat}"
+        )
+        tunnel["tunnel"] = await tunnel_cases(
+            config,
+            policies,
+            plan.tunnel_repeat,
+            plan.tunnel_wide_repeat,
+            config.state_dir / "tunnel",
+            progress,
+        )
     throughput = []
     for concurrency in plan.concurrencies:
         throughput.append(await throughput_pair(plan, config, policies, api, concurrency, progress))
-    return {"cases": cases, "sandbox_start": starts, "sustained": throughput}
+    return {"cases": cases, "sandbox_start": starts, "sustained": throughput} | tunnel
 
 
 async def throughput_pair(
@@ -200,6 +220,11 @@ def parse_args(argv: list[str] | None) -> Plan:
         help="repetitions per latency case (default 30, 5 with --quick)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
+    parser.add_argument(
+        "--skip-tunnel",
+        action="store_true",
+        help="leave out the control plane + tunnel vs local path case",
+    )
     parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
     parser.add_argument(
         "--output",
@@ -215,6 +240,8 @@ def parse_args(argv: list[str] | None) -> Plan:
         start_repeat=2 if args.quick else 5,
         sustained_queries=10 if args.quick else 40,
         concurrencies=(2,) if args.quick else (2, 4),
+        tunnel_repeat=0 if args.skip_tunnel else repeat,
+        tunnel_wide_repeat=0 if args.skip_tunnel else (2 if args.quick else 5),
         image=args.image,
         output=args.output,
     )

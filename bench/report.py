@@ -20,7 +20,7 @@ def target(name: str, value: float, op: str, limit: float, unit: str = "x") -> J
     }
 
 
-def targets(cases: Json, throughput: list[Json]) -> list[Json]:
+def targets(cases: Json, throughput: list[Json], tunnel: Json | None = None) -> list[Json]:
     p50 = {key: float(row["median_ms"]) for key, row in cases.items()}
     warm = p50["select42_warm_pool"]
     added = warm - p50["select42_in_process"]
@@ -43,6 +43,13 @@ def targets(cases: Json, throughput: list[Json]) -> list[Json]:
         concurrency = row["launcher"]["concurrency"]
         name = f"sustained, concurrency {concurrency}: launcher q/s / engine churn c/s"
         rows.append(target(name, row["ratio"], ">=", 0.9))
+    if tunnel:
+        added = tunnel["added_p50_ms"]
+        rows.append(
+            target("SELECT 42: tunnel p50 added over local warm pool", added, "<=", 5, " ms")
+        )
+        ratio = tunnel["throughput_ratio"]
+        rows.append(target("10M-row result: tunnel MB/s / local MB/s", ratio, ">=", 0.6))
     return rows
 
 
@@ -92,7 +99,7 @@ def render(result: Json) -> str:
         "1b*/2b*: diagnostic, the pool's warm size set to 0 during the query, so no container "
         "start can run beside it (the pool already replaces a sandbox at release, not checkout)"
     )
-    lines += ["", *render_throughput(result), "", "targets"]
+    lines += ["", *render_throughput(result), *render_tunnel(result.get("tunnel")), "", "targets"]
     for row in result["targets"]:
         value = f"{row['value']:.2f}{row['unit']}"
         verdict = "met" if row["met"] else "MISSED"
@@ -131,6 +138,38 @@ def render_throughput(result: Json) -> list[str]:
     lines.append(
         "engine c/s: create + start + remove(force) with the sandbox's flags via the docker SDK; "
         "it never waits for the runner"
+    )
+    return lines
+
+
+def render_tunnel(tunnel: Json | None) -> list[str]:
+    if not tunnel:
+        return []
+    local, remote = tunnel["select42_local"], tunnel["select42_tunnel"]
+    lines = [
+        "",
+        "control plane + mTLS tunnel vs the local path, same warm pool, reps interleaved",
+        f"{'case':<48}{'n':>4}{'median ms':>11}{'p95 ms':>10}{'added':>10}",
+        f"{'4a':<4}{'SELECT 42, local warm pool (execute)':<44}{local['n']:>4}"
+        f"{local['median_ms']:>11.2f}{local['p95_ms']:>10.2f}",
+        f"{'4b':<4}{'SELECT 42, control plane + tunnel':<44}{remote['n']:>4}"
+        f"{remote['median_ms']:>11.2f}{remote['p95_ms']:>10.2f}"
+        f"{tunnel['added_p50_ms']:>+8.2f}ms",
+        f"{'':<48}{'':>4}{'':>11}{'p95 added':>10}{tunnel['added_p95_ms']:>+8.2f}ms",
+        "",
+        f"{'10M-row result, 2 x int64':<36}{'n':>4}{'median ms':>11}{'1st chunk':>11}"
+        f"{'MB':>8}{'chunks':>8}{'MB/s':>8}{'ratio':>7}",
+    ]
+    for tag, key, title in (("4c", "wide_local", "local"), ("4d", "wide_tunnel", "tunnel")):
+        row = tunnel[key]
+        ratio = row["mb_per_s"] / tunnel["wide_local"]["mb_per_s"]
+        lines.append(
+            f"{tag:<4}{title:<32}{row['time']['n']:>4}{row['time']['median_ms']:>11.0f}"
+            f"{row['first_chunk']['median_ms']:>11.0f}{row['bytes'] / 1e6:>8.0f}"
+            f"{row['chunks']:>8}{row['mb_per_s']:>8.0f}{ratio:>7.2f}"
+        )
+    lines.append(
+        "from the call to the last chunk decoded with pyarrow; MB = 10^6 bytes of Arrow IPC"
     )
     return lines
 

@@ -1,0 +1,203 @@
+"""What the control plane and the worker's tunnel add over the local path, on the same warm pool.
+
+The local path is ``LocalLauncher.execute`` in this process. The tunnel path is a
+``ControlPlaneClient`` -> the reference control plane (TLS) -> the worker's mTLS tunnel ->
+the same launcher's executor -> the same pool. The control plane runs on its own event loop in
+a thread, as it would in its own process; the worker and the client share the bench's loop.
+
+Two cases, local and tunnel reps interleaved so both see the same background load:
+
+* ``SELECT 42``: latency, the pool refilled and settled (untimed) before every rep;
+* a 10M-row, two-int64-column result: bytes/s from the call to the last chunk decoded, the
+  same consumer for both paths (collect the IPC chunks, decode with pyarrow, count rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.ipc
+
+from bench.cases import POLICY, SELECT_42, settle
+from bench.stats import Json, Progress, summarize
+from launcher.config import LauncherConfig
+from launcher.controlplane.datadir import ControlPlaneData
+from launcher.controlplane.server import ControlPlaneServer
+from launcher.enroll import enroll
+from launcher.executor import collect_table
+from launcher.local import LocalLauncher
+from launcher.policy import PolicySet
+from launcher.pool import SandboxPool
+from launcher.remote import ControlPlaneClient
+from launcher.tunnel import TunnelClient
+from launcher.tunnel_queries import ExecutorQueryRunner
+
+WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
+WIDE_ROWS = 10_000_000
+CONNECT_TIMEOUT_S = 30.0
+T = TypeVar("T")
+
+
+class ControlPlaneThread:
+    """The reference control plane on its own event loop thread, on loopback ports."""
+
+    def __init__(self, data: ControlPlaneData) -> None:
+        self.data = data
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.server = ControlPlaneServer(data, "127.0.0.1:0", tunnel_listen="127.0.0.1:0")
+
+    async def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    async def __aenter__(self) -> ControlPlaneThread:
+        self._thread.start()
+        await self._on_loop(self.server.start())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self._on_loop(self.server.stop(0))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._loop.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    seconds: float
+    first_chunk: float
+    bytes: int
+    rows: int
+    chunks: int
+
+
+async def consume(chunks: AsyncIterator[bytes]) -> Transfer:
+    """Collect a result's IPC chunks, decode them with pyarrow, and count bytes and rows."""
+    started = time.perf_counter()
+    parts: list[bytes] = []
+    first = started
+    async for chunk in chunks:
+        if not parts:
+            first = time.perf_counter()
+        parts.append(chunk)
+    rows = pa.ipc.open_stream(b"".join(parts)).read_all().num_rows
+    size = sum(len(part) for part in parts)
+    return Transfer(time.perf_counter() - started, first - started, size, rows, len(parts))
+
+
+async def tunnel_cases(
+    config: LauncherConfig,
+    policies: PolicySet,
+    reps: int,
+    wide_reps: int,
+    work_dir: Path,
+    progress: Progress,
+) -> Json:
+    """Both cases through one control plane, one enrolled worker and one warm pool."""
+    async with ControlPlaneThread(ControlPlaneData(work_dir / "cp")) as control_plane:
+        address, data = control_plane.server.address, control_plane.data
+        identity = await enroll(address, data.tokens().create(), work_dir / "worker", "bench")
+        async with LocalLauncher(
+            config, policies=policies, warm_override=2, progress=progress
+        ) as launcher:
+            pool = await launcher.warm(POLICY)
+            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
+            tunnel = TunnelClient(identity, runner=runner)
+            running = asyncio.create_task(tunnel.run())
+            try:
+                await asyncio.wait_for(tunnel.connected.wait(), CONNECT_TIMEOUT_S)
+                api_key = data.api_keys().create("analyst")
+                async with ControlPlaneClient(address, api_key, data.ca().cert_pem()) as client:
+                    paths = Paths(launcher, client)
+                    latency = await latency_case(paths, pool, reps, progress)
+                    throughput = await throughput_case(paths, pool, wide_reps, progress)
+            finally:
+                tunnel.stop()
+                await asyncio.wait_for(running, CONNECT_TIMEOUT_S)
+    return {"queries": {"select42": SELECT_42, "wide": WIDE}} | latency | throughput
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    launcher: LocalLauncher
+    client: ControlPlaneClient
+
+    async def local_select(self) -> float:
+        started = time.perf_counter()
+        await collect_table(self.launcher.execute(SELECT_42, policy=POLICY))
+        return time.perf_counter() - started
+
+    async def tunnel_select(self) -> float:
+        started = time.perf_counter()
+        await self.client.table(SELECT_42, policy=POLICY)
+        return time.perf_counter() - started
+
+    async def local_wide(self) -> Transfer:
+        return await consume(self.launcher.execute(WIDE, policy=POLICY).chunks())
+
+    async def tunnel_wide(self) -> Transfer:
+        return await consume(self.client.chunks(WIDE, policy=POLICY))
+
+
+async def latency_case(paths: Paths, pool: SandboxPool, reps: int, progress: Progress) -> Json:
+    for warm_up in (paths.local_select, paths.tunnel_select):  # first calls, lazy imports
+        await settle(pool)
+        await warm_up()
+    local: list[float] = []
+    tunnel: list[float] = []
+    for i in range(reps):
+        await settle(pool)
+        local.append(await paths.local_select())
+        await settle(pool)
+        tunnel.append(await paths.tunnel_select())
+        if (i + 1) % 10 == 0 or i + 1 == reps:
+            progress(f"4a/4b SELECT 42 local vs tunnel: {i + 1}/{reps}")
+    local_s, tunnel_s = summarize(local), summarize(tunnel)
+    return {
+        "select42_local": local_s,
+        "select42_tunnel": tunnel_s,
+        "added_p50_ms": tunnel_s["median_ms"] - local_s["median_ms"],
+        "added_p95_ms": tunnel_s["p95_ms"] - local_s["p95_ms"],
+    }
+
+
+async def throughput_case(paths: Paths, pool: SandboxPool, reps: int, progress: Progress) -> Json:
+    samples: dict[str, list[Transfer]] = {"local": [], "tunnel": []}
+    for i in range(reps):
+        for name, run in (("local", paths.local_wide), ("tunnel", paths.tunnel_wide)):
+            await settle(pool)
+            transfer = await run()
+            if transfer.rows != WIDE_ROWS:
+                raise RuntimeError(f"{name} 10M-row result had {transfer.rows} rows")
+            samples[name].append(transfer)
+        local, tunnel = samples["local"][-1], samples["tunnel"][-1]
+        progress(
+            f"4c/4d 10M-row result {i + 1}/{reps}: local {local.bytes / local.seconds / 1e6:.0f}"
+            f" MB/s, tunnel {tunnel.bytes / tunnel.seconds / 1e6:.0f} MB/s"
+        )
+    rows = {name: transfer_summary(transfers) for name, transfers in samples.items()}
+    ratio = rows["tunnel"]["mb_per_s"] / rows["local"]["mb_per_s"]
+    return {"wide_local": rows["local"], "wide_tunnel": rows["tunnel"], "throughput_ratio": ratio}
+
+
+def transfer_summary(transfers: list[Transfer]) -> Json:
+    """MB/s of the median rep (MB = 10^6 bytes of Arrow IPC stream)."""
+    times = summarize([t.seconds for t in transfers])
+    size = transfers[0].bytes
+    return {
+        "time": times,
+        "first_chunk": summarize([t.first_chunk for t in transfers]),
+        "bytes": size,
+        "rows": transfers[0].rows,
+        "chunks": transfers[0].chunks,
+        "mb_per_s": size / (times["median_ms"] / 1000) / 1e6,
+    }
