@@ -45,11 +45,7 @@ from launcher.errors import (
     CaMismatchError,
     CertificateError,
     ControlPlaneError,
-    EnrollmentError,
-    ExpiredTokenError,
-    MalformedTokenError,
-    UnknownTokenError,
-    UsedTokenError,
+    enrollment_error,
 )
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
@@ -61,17 +57,6 @@ CA_FILE = "ca.crt"
 IDENTITY_FILE = "identity.json"
 CONNECT_TIMEOUT_S = 10.0
 ENROLL_TIMEOUT_S = 30.0
-
-_REFUSALS: dict[str, type[EnrollmentError]] = {
-    cls.reason: cls
-    for cls in (
-        MalformedTokenError,
-        UnknownTokenError,
-        ExpiredTokenError,
-        UsedTokenError,
-        CaMismatchError,
-    )
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +228,7 @@ def _translate(control_plane: str, error: aio.AioRpcError) -> ControlPlaneError:
     code = error.code()
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         reason = dict(error.trailing_metadata() or ()).get(REASON_KEY, "")
-        return _REFUSALS.get(str(reason), EnrollmentError)(details)
+        return enrollment_error(str(reason), details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return CertificateError(f"the control plane refused the request: {details}")
     return ControlPlaneError(

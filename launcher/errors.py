@@ -211,3 +211,20 @@ def query_error(reason: str, message: str) -> QueryError:
     error = QueryError(message)
     error.reason = reason or QueryError.reason
     return error
+
+
+_ENROLLMENT_ERRORS: dict[str, type[EnrollmentError]] = {
+    cls.reason: cls
+    for cls in (
+        MalformedTokenError,
+        UnknownTokenError,
+        ExpiredTokenError,
+        UsedTokenError,
+        CaMismatchError,
+    )
+}
+
+
+def enrollment_error(reason: str, message: str) -> EnrollmentError:
+    """The ``EnrollmentError`` for a refusal ``reason`` that crossed the wire."""
+    return _ENROLLMENT_ERRORS.get(reason, EnrollmentError)(message)
