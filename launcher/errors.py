@@ -13,12 +13,19 @@
     │   ├── OverCapacityError          every sandbox slot stayed busy for the whole wait
     │   └── SandboxStartError          a sandbox did not become ready
     ├── SessionError                   unknown, closed or expired session
+    ├── CatalogError                   a catalog file is invalid (file, line, field) or names
+    │                                  an unknown table or connection
+    ├── SecretError                    a secret reference cannot be resolved on this host
+    ├── ObjectStoreError               object storage (S3 or a local source) failed
+    ├── CacheError                     the cache directory is unusable or an entry is bad
     ├── QueryError                     the query itself did not complete
     │   ├── SqlError                   DuckDB refused or failed the statement (its message)
     │   ├── QueryTimeoutError          statement timeout or hard wall-clock kill
     │   ├── MemoryLimitError           the sandbox hit its memory limit
     │   ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
     │   ├── QueryCancelledError        cancelled by the caller
+    │   ├── WorkerShutdownError        the worker shut down (drained) before the query ended
+    │   ├── QueryDeniedError           refused before anything ran (statement, table, prefix)
     │   └── SandboxLostError           the sandbox died for another reason
     └── ControlPlaneError              the control plane's CA, store, enrollment or tunnel failed
         ├── CertificateError           a CA, certificate or CSR is invalid or unreadable
@@ -97,6 +104,25 @@ class SessionError(DuckcellError):
     """The session is unknown, closed or expired."""
 
 
+class CatalogError(DuckcellError):
+    """A catalog file is invalid (file, line, field), or a name it lacks was asked for."""
+
+
+class SecretError(DuckcellError):
+    """A secret reference ({env: NAME}, {file: PATH}) cannot be resolved on this host.
+
+    The message names the reference, never a value.
+    """
+
+
+class ObjectStoreError(DuckcellError):
+    """Listing or fetching objects failed (S3 or S3-compatible endpoint, or a local source)."""
+
+
+class CacheError(DuckcellError):
+    """The cache directory is unusable, or an entry failed its integrity check twice."""
+
+
 class QueryError(DuckcellError):
     """The query did not complete. ``reason`` is a short machine-readable word."""
 
@@ -124,6 +150,18 @@ class ResultLimitError(QueryError):
 
 class QueryCancelledError(QueryError):
     reason = "cancelled"
+
+
+class WorkerShutdownError(QueryError):
+    """The worker was shutting down and cancelled the query after its drain grace period."""
+
+    reason = "worker_shutdown"
+
+
+class QueryDeniedError(QueryError):
+    """Refused before anything ran: a denied statement, table or write destination."""
+
+    reason = "denied"
 
 
 class SandboxLostError(QueryError):
@@ -198,6 +236,8 @@ _QUERY_ERRORS: dict[str, type[QueryError]] = {
         MemoryLimitError,
         ResultLimitError,
         QueryCancelledError,
+        WorkerShutdownError,
+        QueryDeniedError,
         SandboxLostError,
     )
 }
