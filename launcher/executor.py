@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from .backend.base import SandboxBackend
+from .datapath import TableFiles
 from .errors import (
     DuckcellError,
     MemoryLimitError,
@@ -63,9 +64,11 @@ class QueryExecution:
         policy: Policy,
         session: Session | None,
         query_id: str,
+        tables: TableFiles | None = None,
     ) -> None:
         self._executor = executor
         self._sql = sql
+        self._tables = tables if tables is not None else TableFiles()
         self._policy = policy
         self._session = session
         self._sandbox: Sandbox | None = None
@@ -80,7 +83,10 @@ class QueryExecution:
         return self.record.query_id
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Arrow IPC stream bytes, in order. Raises QueryError subclasses."""
+        """Arrow IPC stream bytes, in order. Raises QueryError subclasses.
+
+        The query's table files stay leased in the cache until this ends, however it ends.
+        """
         started = time.monotonic()
         executor = self._executor
         executor._running[self.query_id] = self
@@ -107,6 +113,7 @@ class QueryExecution:
             self.record.outcome = "cancelled"
             raise
         finally:
+            self._tables.release()
             self.record.total_s = time.monotonic() - started
             executor._running.pop(self.query_id, None)
 
@@ -159,6 +166,7 @@ class QueryExecution:
             timeout_s=limits.statement_timeout_s,
             max_rows=limits.max_result_rows,
             max_bytes=limits.max_result_bytes,
+            tables=self._tables.bindings,
         )
         try:
             while True:
@@ -266,17 +274,25 @@ class Executor:
         policy: Policy | None = None,
         session_id: str | None = None,
         query_id: str | None = None,
+        tables: TableFiles | None = None,
     ) -> QueryExecution:
-        session = self.sessions.get(session_id) if session_id else None
-        if session is not None:
-            policy = session.policy
-        if policy is None:
-            raise ValueError("execute needs a policy or a session")
-        if session is None and policy.isolation is Isolation.SESSION:
-            raise QueryError(
-                f"policy {policy.name} is a session policy: open a session to run queries"
-            )
-        return QueryExecution(self, sql, policy, session, query_id or uuid.uuid4().hex)
+        """A query ready to run; ``tables`` (from ``DataPath.prepare``) are bound in its sandbox
+        and released when it ends."""
+        try:
+            session = self.sessions.get(session_id) if session_id else None
+            if session is not None:
+                policy = session.policy
+            if policy is None:
+                raise ValueError("execute needs a policy or a session")
+            if session is None and policy.isolation is Isolation.SESSION:
+                raise QueryError(
+                    f"policy {policy.name} is a session policy: open a session to run queries"
+                )
+        except BaseException:
+            if tables is not None:
+                tables.release()  # the query will never run: unpin its files now
+            raise
+        return QueryExecution(self, sql, policy, session, query_id or uuid.uuid4().hex, tables)
 
     async def cancel(self, query_id: str) -> bool:
         execution = self._running.get(query_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +15,7 @@ import grpc.aio
 import pyarrow as pa
 import pyarrow.ipc
 
+from .catalog import Binding
 from .errors import (
     MemoryLimitError,
     QueryCancelledError,
@@ -105,14 +106,22 @@ class RunnerClient:
         timeout_s: float,
         max_rows: int | None,
         max_bytes: int | None,
+        tables: Sequence[Binding] = (),
     ) -> AsyncIterator[bytes | QuerySummary]:
-        """Yield IPC slices, then one QuerySummary. Raises QueryError or StreamBroken."""
+        """Yield IPC slices, then one QuerySummary. Raises QueryError or StreamBroken.
+
+        ``tables`` become temp views in the sandbox; the sandbox's first query also limits
+        its file access to their files for the rest of the sandbox's life.
+        """
         request = pb.ExecuteRequest(
             query_id=query_id,
             sql=sql,
             timeout_seconds=timeout_s,
             max_rows=max_rows or 0,
             max_bytes=max_bytes or 0,
+            tables=[
+                pb.TableBinding(name=t.name, format=t.format, paths=list(t.paths)) for t in tables
+            ],
         )
         call = self._stub.Execute(request)
         try:

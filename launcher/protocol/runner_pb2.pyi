@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -42,20 +43,32 @@ class ReadyReply(_message.Message):
     def __init__(self, runner_version: _Optional[str] = ..., duckdb_version: _Optional[str] = ..., warmup_ipc: _Optional[bytes] = ..., startup_seconds: _Optional[float] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("query_id", "sql", "timeout_seconds", "max_rows", "max_bytes", "batch_rows")
+    __slots__ = ("query_id", "sql", "timeout_seconds", "max_rows", "max_bytes", "batch_rows", "tables")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     sql: str
     timeout_seconds: float
     max_rows: int
     max_bytes: int
     batch_rows: int
-    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableBinding]
+    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., batch_rows: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableBinding, _Mapping]]] = ...) -> None: ...
+
+class TableBinding(_message.Message):
+    __slots__ = ("name", "format", "paths")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: str
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecuteChunk(_message.Message):
     __slots__ = ("ipc", "summary", "failure")

@@ -194,9 +194,11 @@ HOSTILE = [
     ("SET enable_external_access = true", "configuration has been locked"),
     ("SET memory_limit = '100GB'", "configuration has been locked"),
     ("ATTACH '/scratch/x.db' AS x", "ATTACH is not allowed"),
-    # /cache is in allowed_directories (read access), so DuckDB would write: the read-only
-    # mount is what refuses it.
-    ("COPY (SELECT 1) TO '/cache/x.csv'", "Read-only file system"),
+    # A sandbox may touch only /scratch and the files of its query's tables: the shared cache
+    # can be neither listed nor written (its read-only mount is proven in test_hardening.py).
+    ("COPY (SELECT 1) TO '/cache/x.csv'", "Permission Error"),
+    ("SELECT * FROM glob('/cache/*')", "Permission Error"),
+    ("SELECT * FROM read_parquet('/cache/*.parquet')", "Permission Error"),
     ("COPY (SELECT 1) TO '/tmp/x.csv'", "Permission Error"),
     ("SELECT * FROM glob('/*')", "Permission Error"),
 ]
@@ -207,8 +209,8 @@ def test_hostile_sql_is_refused_in_a_real_sandbox(
 ) -> None:
     """Every probe fails with a specific message, inside a real container (one each).
 
-    A cache directory the sandbox user could write to is mounted, so the /cache probe is
-    refused by the read-only mount itself, not by file permissions.
+    A cache directory the sandbox user could write to is mounted, so the /cache probes are
+    refused by DuckDB's lock, not by file permissions.
     """
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o777)

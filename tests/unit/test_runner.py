@@ -1,4 +1,4 @@
-"""The runner's lock-down and statement gate, in-process against real DuckDB.
+"""The runner's lock-down, statement gate and table bindings, in-process against real DuckDB.
 
 The same probes run inside a real container in tests/integration/test_sandbox.py; here they
 run fast and also check the layer beneath the gate (DuckDB's own lock) directly.
@@ -6,16 +6,27 @@ run fast and also check the layer beneath the gate (DuckDB's own lock) directly.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import duckdb
+import grpc
 import pyarrow.ipc as ipc
 import pytest
 
-from duckcell_runner.lockdown import RunnerConfig, lockdown_statements, open_locked
+from duckcell_runner.lockdown import (
+    RunnerConfig,
+    lock_statements,
+    lockdown_statements,
+    open_locked,
+)
 from duckcell_runner.service import RunnerService
+from launcher.catalog import Binding
 from launcher.protocol import runner_pb2 as pb
+from launcher.protocol import runner_pb2_grpc as pb_grpc
+from launcher.runner_client import RunnerClient
 
 
 @pytest.fixture
@@ -23,6 +34,12 @@ def dirs(tmp_path: Path) -> RunnerConfig:
     (tmp_path / "cache").mkdir()
     (tmp_path / "scratch").mkdir()
     (tmp_path / "outside.csv").write_text("a\n1\n")
+    con = duckdb.connect()
+    for name, value in (("a", 1), ("b", 2), ("other", 40), ("it's", 7)):
+        target = f"{tmp_path}/cache/{name}.parquet".replace("'", "''")
+        con.execute(f"COPY (SELECT {value} AS x) TO '{target}'")
+    (tmp_path / "cache" / "zones.csv").write_text("id,zone\n1,north\n2,south\n")
+    con.close()
     return RunnerConfig(
         socket_path=str(tmp_path / "r.sock"),
         cache_dir=str(tmp_path / "cache"),
@@ -33,7 +50,7 @@ def dirs(tmp_path: Path) -> RunnerConfig:
 
 @pytest.fixture
 def service(dirs: RunnerConfig) -> Iterator[RunnerService]:
-    runner = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=1024)
+    runner = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=1024, config=dirs)
     runner.warm_up(0.0)
     yield runner
 
@@ -43,7 +60,7 @@ class _Context:
         pass
 
 
-def execute(service: RunnerService, sql: str, **kwargs: int) -> tuple[list, pb.ExecuteChunk]:
+def execute(service: RunnerService, sql: str, **kwargs: object) -> tuple[list, pb.ExecuteChunk]:
     chunks = list(service.Execute(pb.ExecuteRequest(query_id="q", sql=sql, **kwargs), _Context()))
     data = b"".join(c.ipc for c in chunks if c.HasField("ipc"))
     rows = ipc.open_stream(data).read_all().to_pylist() if data else []
@@ -51,17 +68,21 @@ def execute(service: RunnerService, sql: str, **kwargs: int) -> tuple[list, pb.E
 
 
 def test_lock_is_the_last_setting() -> None:
-    statements = lockdown_statements(RunnerConfig())
+    statements = lockdown_statements(RunnerConfig(), ["/cache/a.parquet"])
     assert statements[-1] == "SET lock_configuration = true"
     assert statements[-2] == "SET enable_external_access = false"
-    # These two cannot be set once external access is off.
+    assert "SET allowed_directories = ['/scratch/']" in statements  # not /cache/
+    assert "SET allowed_paths = ['/cache/a.parquet']" in statements
+    # These cannot be set once external access is off.
     order = [s.split()[1] for s in statements]
-    assert order.index("allowed_directories") < order.index("enable_external_access")
-    assert order.index("temp_directory") < order.index("enable_external_access")
+    for setting in ("allowed_directories", "allowed_paths", "temp_directory"):
+        assert order.index(setting) < order.index("enable_external_access")
 
 
 def test_locked_connection_refuses_changes_directly(dirs: RunnerConfig) -> None:
     con = open_locked(dirs)
+    for statement in lock_statements(dirs, [f"{dirs.cache_dir}/a.parquet"]):
+        con.execute(statement)
     with pytest.raises(duckdb.Error, match="locked"):
         con.execute("SET enable_external_access = true")
     with pytest.raises(duckdb.Error, match="Permission"):
@@ -89,6 +110,7 @@ def test_python_variables_are_not_visible_to_sql(service: RunnerService) -> None
         ("SET threads = 64", pb.FAILURE_REASON_SQL, "configuration has been locked"),
         ("RESET memory_limit", pb.FAILURE_REASON_SQL, "configuration has been locked"),
         ("COPY (SELECT 1) TO '/tmp/out.csv'", pb.FAILURE_REASON_SQL, "Permission Error"),
+        ("SELECT * FROM glob('/*')", pb.FAILURE_REASON_SQL, "Permission Error"),
         ("SELEC 1", pb.FAILURE_REASON_SQL, "Parser Error"),
         ("", pb.FAILURE_REASON_SQL, "no SQL statement"),
     ],
@@ -140,3 +162,130 @@ def test_large_batches_are_cut_below_the_message_cap(service: RunnerService) -> 
     )
     assert max(len(c.ipc) for c in chunks if c.HasField("ipc")) < 5 * 1024 * 1024
     assert chunks[-1].summary.rows == 20000
+
+
+# --- table bindings and the lock they set ------------------------------------------------------
+
+
+def binding(dirs: RunnerConfig, name: str, *files: str, fmt: str = "parquet") -> pb.TableBinding:
+    return pb.TableBinding(name=name, format=fmt, paths=[f"{dirs.cache_dir}/{f}" for f in files])
+
+
+def test_the_first_query_is_locked_before_it_runs(service: RunnerService) -> None:
+    """Start-up leaves the configuration open for the lock; the first query finds it locked."""
+    _, last = execute(service, "SET threads = 64")
+    assert last.failure.reason == pb.FAILURE_REASON_SQL
+    assert "configuration has been locked" in last.failure.message
+
+
+def test_bound_tables_read_their_files_and_nothing_else(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    trips = binding(dirs, "trips", "a.parquet", "b.parquet")
+    zones = binding(dirs, "Zones", "zones.csv", fmt="csv")
+    rows, _ = execute(
+        service,
+        "SELECT sum(x) AS total, (SELECT count(*) FROM zones) AS zones FROM trips",
+        tables=[trips, zones],
+    )
+    assert rows == [{"total": 3, "zones": 2}]
+    cache = dirs.cache_dir
+    for sql in (
+        f"SELECT * FROM '{cache}/other.parquet'",
+        f"SELECT * FROM glob('{cache}/*')",
+        f"SELECT * FROM read_parquet('{cache}/*.parquet')",
+        f"COPY (SELECT 1) TO '{cache}/x.csv'",
+        f"SELECT * FROM read_text('{cache}/zones.csv.bak')",
+    ):
+        _, last = execute(service, sql, tables=[trips])
+        assert last.failure.reason == pb.FAILURE_REASON_SQL, sql
+        assert "Permission Error" in last.failure.message, sql
+
+
+def test_names_and_paths_are_quoted(service: RunnerService, dirs: RunnerConfig) -> None:
+    odd = binding(dirs, 'we"ird name', "it's.parquet")
+    rows, _ = execute(service, 'SELECT x FROM "we""ird name"', tables=[odd])
+    assert rows == [{"x": 7}]
+
+
+def test_a_locked_session_refuses_files_it_did_not_allow(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    trips = binding(dirs, "trips", "a.parquet")
+    rows, _ = execute(
+        service, "CREATE TEMP TABLE kept AS SELECT 5 AS k; FROM trips", tables=[trips]
+    )
+    assert rows == [{"x": 1}]
+    # The same table again, and no table at all, are fine; the session's state is kept.
+    rows, _ = execute(service, "SELECT k, (SELECT x FROM trips) AS x FROM kept", tables=[trips])
+    assert rows == [{"k": 5, "x": 1}]
+    grown = binding(dirs, "trips", "a.parquet", "other.parquet")
+    _, last = execute(service, "SELECT * FROM trips", tables=[grown])
+    assert last.failure.reason == pb.FAILURE_REASON_DENIED
+    assert "can read only the tables bound when its first query locked it" in last.failure.message
+    assert "table trips" in last.failure.message
+    rows, _ = execute(service, "SELECT k FROM kept")
+    assert rows == [{"k": 5}]
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (pb.TableBinding(name="t", format="parquet", paths=["/etc/passwd"]), "not a normalised"),
+        (pb.TableBinding(name="t", format="parquet", paths=["{cache}/../x"]), "not a normalised"),
+        (pb.TableBinding(name="t", format="parquet", paths=["{cache}/*"]), "glob"),
+        (pb.TableBinding(name="t", format="parquet", paths=["{cache}/[ab].parquet"]), "glob"),
+        (pb.TableBinding(name="t", format="json", paths=["{cache}/a.parquet"]), "format 'json'"),
+        (pb.TableBinding(name="t", format="parquet"), "has no files"),
+        (pb.TableBinding(name="", format="parquet", paths=["{cache}/a.parquet"]), "no name"),
+    ],
+)
+def test_bad_bindings_are_denied_before_anything_runs(
+    service: RunnerService, dirs: RunnerConfig, table: pb.TableBinding, message: str
+) -> None:
+    paths = [path.format(cache=dirs.cache_dir) for path in table.paths]
+    bad = pb.TableBinding(name=table.name, format=table.format, paths=paths)
+    _, last = execute(service, "SELECT 1", tables=[bad])
+    assert last.failure.reason == pb.FAILURE_REASON_DENIED
+    assert message in last.failure.message
+    # Nothing was locked by the refused request: a good first query still binds its table.
+    rows, _ = execute(service, "FROM t", tables=[binding(dirs, "t", "b.parquet")])
+    assert rows == [{"x": 2}]
+
+
+def test_a_bad_file_fails_the_query_with_duckdbs_message(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    _, last = execute(service, "FROM z", tables=[binding(dirs, "z", "zones.csv")])  # not parquet
+    assert last.failure.reason == pb.FAILURE_REASON_SQL
+    assert "zones.csv" in last.failure.message
+
+
+def test_runner_client_sends_bindings_over_the_socket(dirs: RunnerConfig) -> None:
+    """``RunnerClient.execute(tables=...)`` turns domain Bindings into the protocol's."""
+    service = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=1024, config=dirs)
+    service.warm_up(0.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RunnerServicer_to_server(service, server)
+    server.add_insecure_port(f"unix://{dirs.socket_path}")
+    server.start()
+
+    async def body() -> list[dict[str, object]]:
+        client = RunnerClient(f"unix://{dirs.socket_path}")
+        paths = (f"{dirs.cache_dir}/a.parquet", f"{dirs.cache_dir}/b.parquet")
+        stream = client.execute(
+            query_id="q",
+            sql="SELECT sum(x) AS total FROM trips",
+            timeout_s=2,
+            max_rows=None,
+            max_bytes=None,
+            tables=[Binding("trips", "parquet", paths)],
+        )
+        data = b"".join([item async for item in stream if isinstance(item, bytes)])
+        await client.close()
+        return ipc.open_stream(data).read_all().to_pylist()
+
+    try:
+        assert asyncio.run(body()) == [{"total": 3}]
+    finally:
+        server.stop(0)

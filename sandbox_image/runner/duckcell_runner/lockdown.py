@@ -1,14 +1,24 @@
-"""Open DuckDB with the sandbox's locked configuration.
+"""Open DuckDB with the sandbox's configuration, and lock it down to one query's files.
+
+Locking happens in two steps. At start, ``open_locked`` applies every setting that does not
+depend on a query (memory, threads, timeouts, the temp directory...); no tenant SQL runs yet.
+Before the sandbox's first query, the runner applies ``lock_statements``: file access narrowed
+to the /scratch directory plus exactly the cached files of that query's tables
+(``allowed_paths``), external access off, configuration locked. So a query cannot list or read
+another table's files in the shared /cache, not even with ``glob('/cache/*')``.
 
 The order matters and was established against hostile probes: startup-only options go into
-``connect``; ``temp_directory`` and ``allowed_directories`` must be set while external access is
-still on; ``lock_configuration`` comes last because nothing can be set after it.
+``connect``; ``temp_directory``, ``allowed_directories`` and ``allowed_paths`` must be set while
+external access is still on; ``lock_configuration`` comes last because nothing can be set after
+it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -48,10 +58,9 @@ def _dir(path: str) -> str:
     return path.rstrip("/") + "/"
 
 
-def lockdown_statements(config: RunnerConfig) -> list[str]:
-    """The SET statements, in the only order that works, ending with the lock."""
+def startup_statements(config: RunnerConfig) -> list[str]:
+    """The SET statements applied at start, before anything is known of the first query."""
     temp_dir = _dir(config.scratch_dir) + "duckdb_tmp"
-    allowed = ", ".join(_quote(_dir(d)) for d in (config.cache_dir, config.scratch_dir))
     return [
         "SET allow_persistent_secrets = false",
         "SET enable_progress_bar = false",
@@ -64,14 +73,47 @@ def lockdown_statements(config: RunnerConfig) -> list[str]:
         # Without an explicit temp directory DuckDB spills to ./.tmp and allowlists it.
         f"SET temp_directory = {_quote(temp_dir)}",
         f"SET max_temp_directory_size = '{config.max_temp_directory_bytes}B'",
-        f"SET allowed_directories = [{allowed}]",
+    ]
+
+
+def lock_statements(config: RunnerConfig, paths: Sequence[str]) -> list[str]:
+    """The SET statements that lock the sandbox to /scratch and ``paths``, ending with the lock.
+
+    ``paths`` must have passed ``path_problem``: an allowed path is compared as written, so a
+    glob in it would allow that glob.
+    """
+    allowed = ", ".join(_quote(path) for path in paths)
+    return [
+        f"SET allowed_directories = [{_quote(_dir(config.scratch_dir))}]",
+        f"SET allowed_paths = [{allowed}]",
         "SET enable_external_access = false",
         "SET lock_configuration = true",
     ]
 
 
+def lockdown_statements(config: RunnerConfig, paths: Sequence[str] = ()) -> list[str]:
+    """Every SET statement a sandbox gets, in the only order that works."""
+    return startup_statements(config) + lock_statements(config, paths)
+
+
+_GLOB = re.compile(r"[*?\[\]{}]")
+
+
+def path_problem(config: RunnerConfig, path: str) -> str | None:
+    """Why ``path`` may not be bound (None if it may): a plain file path under the cache."""
+    if not path.startswith(_dir(config.cache_dir)) or os.path.normpath(path) != path:
+        return f"table file {json.dumps(path)} is not a normalised path under {config.cache_dir}"
+    if _GLOB.search(path) or "\0" in path:
+        return f"table file {json.dumps(path)} contains glob or NUL characters"
+    return None
+
+
 def open_locked(config: RunnerConfig) -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory connection of its own (never the module-level default one), locked."""
+    """A fresh in-memory connection of its own (never the module-level default one).
+
+    Only ``startup_statements`` are applied: the caller must apply ``lock_statements`` before
+    it runs any SQL it did not write (``RunnerService`` does, on the first Execute).
+    """
     con = duckdb.connect(
         ":memory:",
         config={
@@ -81,6 +123,6 @@ def open_locked(config: RunnerConfig) -> duckdb.DuckDBPyConnection:
             "allow_unsigned_extensions": False,
         },
     )
-    for statement in lockdown_statements(config):
+    for statement in startup_statements(config):
         con.execute(statement)
     return con

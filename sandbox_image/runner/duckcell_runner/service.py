@@ -1,9 +1,13 @@
 """The Runner gRPC service: runs SQL on the locked connection and streams Arrow IPC.
 
 One query runs at a time on the sandbox's single connection (a session's queries queue behind
-each other). Three things can stop a running query from here: the statement timeout (a timer
-that interrupts DuckDB, beside DuckDB's own ``max_execution_time``, which does not stop every
-long call), a Cancel RPC, and the caller going away (the RPC's termination callback).
+each other). The first Execute locks the connection before any of its SQL runs: file access
+becomes /scratch plus the files of that query's catalog tables, which are then bound as temp
+views. A session's later queries may only bind files that first lock allowed.
+
+Three things can stop a running query from here: the statement timeout (a timer that interrupts
+DuckDB, beside DuckDB's own ``max_execution_time``, which does not stop every long call), a
+Cancel RPC, and the caller going away (the RPC's termination callback).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -25,6 +29,7 @@ from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
 
 from . import __version__
+from .lockdown import RunnerConfig, lock_statements, path_problem
 
 # Statements a sandbox never runs, whatever the locked configuration would say. ATTACH is
 # here because DuckDB allows attaching a database file inside an allowed directory.
@@ -41,6 +46,12 @@ _DENIED = {
 _QUERY_TYPES = {"SELECT", "EXPLAIN"}
 # Keep each gRPC message well under clients' 16 MiB default.
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_READERS = {"parquet": "read_parquet", "csv": "read_csv"}
+_SESSION_LOCKED = (
+    "Permission Error: this session's sandbox can read only the tables bound when its first "
+    "query locked it, and table {name} was not among them (or its files have changed since); "
+    "open a new session to query it"
+)
 
 
 class QueryFailed(Exception):
@@ -80,6 +91,14 @@ class _ChunkSink:
         return data
 
 
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _statement_kind(statement: duckdb.Statement) -> str:
     return str(statement.type).rsplit(".", 1)[-1]
 
@@ -101,8 +120,12 @@ class RunnerService(pb_grpc.RunnerServicer):
         *,
         default_timeout_s: float,
         batch_rows: int,
+        config: RunnerConfig | None = None,
     ) -> None:
         self._con = con
+        self._config = config if config is not None else RunnerConfig.from_env()
+        self._allowed: frozenset[str] | None = None  # set by the first Execute's lock
+        self._broken: str | None = None  # the lock failed half-way: serve nothing more
         self._default_timeout_s = default_timeout_s
         self._batch_rows = batch_rows
         self._warmup_ipc = b""
@@ -165,6 +188,7 @@ class RunnerService(pb_grpc.RunnerServicer):
             timer.daemon = True
             timer.start()
             try:
+                self._prepare(request.tables, running)
                 yield from self._execute(request, running)
             except QueryFailed as failed:
                 yield pb.ExecuteChunk(
@@ -177,6 +201,49 @@ class RunnerService(pb_grpc.RunnerServicer):
                     self._running = None
 
     # --- internals ----------------------------------------------------------------------
+    def _prepare(self, tables: Sequence[pb.TableBinding], running: _Running) -> None:
+        """Lock the sandbox (first query) or check the lock covers ``tables``, then bind them."""
+        if self._broken is not None:
+            raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken)
+        for table in tables:
+            problem = self._binding_problem(table)
+            if problem is not None:
+                raise QueryFailed(pb.FAILURE_REASON_DENIED, f"Permission Error: {problem}")
+        paths = {path for table in tables for path in table.paths}
+        if self._allowed is None:
+            try:
+                for statement in lock_statements(self._config, sorted(paths)):
+                    self._con.execute(statement)
+            except duckdb.Error as error:
+                self._broken = f"the sandbox could not be locked ({error}); it serves no query"
+                raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken) from None
+            self._allowed = frozenset(paths)
+        for table in tables:
+            if not self._allowed.issuperset(table.paths):
+                raise QueryFailed(pb.FAILURE_REASON_DENIED, _SESSION_LOCKED.format(name=table.name))
+        try:
+            for table in tables:
+                files = ", ".join(_quote(path) for path in table.paths)
+                self._con.execute(
+                    f"CREATE OR REPLACE TEMP VIEW {_identifier(table.name)} AS "
+                    f"SELECT * FROM {_READERS[table.format]}([{files}])"
+                )
+        except duckdb.Error as error:
+            raise self._translate(error, running) from None
+
+    def _binding_problem(self, table: pb.TableBinding) -> str | None:
+        if not table.name or "\0" in table.name:
+            return "a table binding has no name"
+        if table.format not in _READERS:
+            return f"table {table.name} has format {table.format!r}; expected parquet or csv"
+        if not table.paths:
+            return f"table {table.name} has no files to read"
+        for path in table.paths:
+            problem = path_problem(self._config, path)
+            if problem is not None:
+                return f"table {table.name}: {problem}"
+        return None
+
     def _stop(self, query_id: str, reason: int) -> bool:
         with self._state:
             running = self._running

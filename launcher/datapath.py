@@ -1,0 +1,158 @@
+"""The data path of one query: catalog tables -> object listings -> cache lease -> bindings.
+
+``DataPath.prepare`` runs on the host before the query reaches a sandbox. It asks DuckDB's
+parser which catalog tables the SQL names, lists each table's objects through its connection,
+leases them in the shared cache (downloading what is missing), and returns the bindings the
+runner turns into temp views over ``/cache/...`` files, together with the lease that keeps those
+files from eviction until the query ends. Secrets are resolved here, on the host, only for the
+connections a query uses; they go into the object store client and nowhere else: never into a
+sandbox, its environment or its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from .cache import CacheLease, ObjectCache
+from .catalog import Binding, Catalog, Connection, Table
+from .errors import CatalogError, QueryDeniedError
+from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
+from .policy import Policy, visible
+
+SANDBOX_CACHE = "/cache"  # where the cache root is mounted (read-only) in every sandbox
+DEFAULT_CACHE_BUDGET_BYTES = 10 * 2**30
+# Files a table made of a prefix or directory reads; a table naming one object reads it as is.
+_EXTENSIONS = {
+    "parquet": (".parquet", ".parq", ".pq"),
+    "csv": (".csv", ".csv.gz", ".csv.zst", ".tsv", ".tsv.gz"),
+}
+
+StoreFactory = Callable[[Connection, Mapping[str, str] | None], ObjectStore]
+
+
+@dataclass(slots=True)
+class TableFiles:
+    """A query's bindings and the cache leases that pin their files; release when it ends."""
+
+    bindings: tuple[Binding, ...] = ()
+    leases: list[CacheLease] = field(default_factory=list)
+
+    def release(self) -> None:
+        leases, self.leases = self.leases, []
+        for lease in leases:
+            lease.release()
+
+    async def __aenter__(self) -> TableFiles:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def store_for(connection: Connection, environ: Mapping[str, str] | None = None) -> ObjectStore:
+    """An object store client for ``connection``, its secrets resolved on this host.
+
+    Raises SecretError naming a reference that cannot be resolved.
+    """
+    if connection.kind == "local":
+        return LocalStore()
+    refs = (connection.access_key_id, connection.secret_access_key, connection.session_token)
+    key_id, secret, token = (ref.resolve(environ) if ref else None for ref in refs)
+    return S3Store(
+        endpoint_url=connection.endpoint,
+        region=connection.region,
+        path_style=connection.path_style,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        session_token=token,
+    )
+
+
+class DataPath:
+    """Prepares the catalog tables of queries; one per launcher, shared by its queries.
+
+    Object store clients are built once per connection, when a query first needs one, so a
+    connection whose secret is missing fails only the queries that read it.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        cache: ObjectCache,
+        *,
+        environ: Mapping[str, str] | None = None,
+        stores: StoreFactory = store_for,
+    ) -> None:
+        self.catalog = catalog
+        self.cache = cache
+        self._environ = environ
+        self._make_store = stores
+        self._stores: dict[str, ObjectStore] = {}
+
+    async def prepare(self, sql: str, policy: Policy) -> TableFiles:
+        """The bindings for the catalog tables ``sql`` names, their files leased in the cache.
+
+        Raises SqlError (unparseable SQL), QueryDeniedError (the policy may not read a table's
+        connection), CatalogError (a table without files), SecretError, ObjectStoreError or
+        CacheError; nothing stays leased then.
+        """
+        tables = self.catalog.referenced(sql)
+        for table in tables:
+            if not visible(policy.access.connections, table.connection):
+                raise QueryDeniedError(
+                    f"policy {policy.name} may not read connection {table.connection} (table "
+                    f"{table.name}); use a policy whose access.connections includes it"
+                )
+        listings = await asyncio.gather(*(self._list(table) for table in tables))
+        files = TableFiles()
+        try:
+            bindings = [
+                await self._lease(t, refs, files) for t, refs in zip(tables, listings, strict=True)
+            ]
+        except BaseException:
+            files.release()
+            raise
+        files.bindings = tuple(bindings)
+        return files
+
+    async def _list(self, table: Table) -> list[ObjectRef]:
+        refs = await self._store(table.connection).list(table.path)
+        named = len(refs) == 1 and (
+            table.path == refs[0].key or table.path.endswith("/" + refs[0].key)
+        )
+        if not named:  # a prefix or directory: only its data files, not _SUCCESS, .crc, README
+            refs = [ref for ref in refs if _reads(ref.key, table.format)]
+        if not refs:
+            suffixes = ", ".join(_EXTENSIONS[table.format])
+            raise CatalogError(
+                f"table {table.name} has no {table.format} files ({suffixes}) under "
+                f"{table.path}; check the table's path in the catalog"
+            )
+        return refs
+
+    async def _lease(self, table: Table, refs: list[ObjectRef], files: TableFiles) -> Binding:
+        lease = await self.cache.lease(self._store(table.connection), refs)
+        files.leases.append(lease)
+        paths = tuple(f"{SANDBOX_CACHE}/{path}" for path in lease.paths)
+        return Binding(table.name, table.format, paths)
+
+    def _store(self, name: str) -> ObjectStore:
+        store = self._stores.get(name)
+        if store is None:
+            store = self._make_store(self.catalog.connections[name], self._environ)
+            self._stores[name] = store
+        return store
+
+
+def _reads(key: str, fmt: str) -> bool:
+    """Whether a table of format ``fmt`` reads the object at ``key`` (not _SUCCESS, .crc...)."""
+    name = key.rsplit("/", 1)[-1].lower()
+    return not name.startswith(("_", ".")) and name.endswith(_EXTENSIONS[fmt])

@@ -1,0 +1,160 @@
+"""Catalog tables through real sandboxes: listed, leased in the cache, bound, and fenced off.
+
+The tables are a local-kind connection's Parquet files, so the path is the same as for S3
+(list -> cache lease -> bindings -> temp views) without an S3 server. What each test proves is
+in its docstring.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from launcher.cache import ObjectCache
+from launcher.catalog import load_catalog
+from launcher.config import LauncherConfig
+from launcher.datapath import DataPath
+from launcher.errors import SqlError
+from launcher.executor import collect_table
+from launcher.local import LocalLauncher
+from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
+
+from .conftest import make_config, run, with_launcher
+
+pytestmark = pytest.mark.docker
+
+CATALOG = """\
+connections:
+  samples: {kind: local}
+tables:
+  trips: {connection: samples, path: trips, format: parquet}
+  payroll: {connection: samples, path: payroll.parquet, format: parquet}
+"""
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "trips").mkdir(parents=True)
+    con = duckdb.connect()
+    con.execute(f"COPY (FROM range(0, 600) t(i)) TO '{data}/trips/part-0.parquet'")
+    con.execute(f"COPY (FROM range(600, 1000) t(i)) TO '{data}/trips/part-1.parquet'")
+    (data / "trips" / "_SUCCESS").write_text("")  # not a Parquet file: must not be read
+    con.execute(f"COPY (SELECT 'alice' AS who, 250000 AS salary) TO '{data}/payroll.parquet'")
+    con.close()
+    (data / "catalog.yaml").write_text(CATALOG)
+    return data / "catalog.yaml"
+
+
+@pytest.fixture
+def cached_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    return make_config(image, policies_dir, cache_dir=cache)
+
+
+def test_a_multi_file_table_is_read_through_the_cache(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """Both Parquet files of the table reach the sandbox via /cache; a second run downloads
+    nothing (the cached entries are reused)."""
+    assert cached_config.cache_dir is not None
+    cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache)
+
+    async def body(launcher: LocalLauncher) -> None:
+        policy = launcher.policies.get("default")
+        sql = "SELECT count(*) AS n, sum(i) AS total FROM Trips"
+        for _ in range(2):
+            tables = await data.prepare(sql, policy)
+            assert [len(b.paths) for b in tables.bindings] == [2]
+            assert all(p.startswith("/cache/objects/") for p in tables.bindings[0].paths)
+            execution = launcher.executor.execute(sql, policy=policy, tables=tables)
+            table = await collect_table(execution)
+            assert table.to_pylist() == [{"n": 1000, "total": sum(range(1000))}]
+            assert tables.leases == []  # released when the query ended
+        assert cache.stats().entries == 2
+        await cache.close()
+
+    run(with_launcher(cached_config, body))
+
+
+def test_a_query_cannot_read_cached_files_of_tables_it_did_not_reference(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """payroll's file sits in the shared cache (an earlier query read it); a query that binds
+    only trips can neither read that file by its path nor list the cache to find it."""
+    assert cached_config.cache_dir is not None
+    cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache)
+
+    async def body(launcher: LocalLauncher) -> None:
+        policy = launcher.policies.get("default")
+
+        async def query(sql: str, reads: str) -> list[dict[str, object]]:
+            tables = await data.prepare(reads, policy)
+            execution = launcher.executor.execute(sql, policy=policy, tables=tables)
+            return (await collect_table(execution)).to_pylist()
+
+        first = await query("SELECT who FROM payroll", "SELECT who FROM payroll")
+        assert first == [{"who": "alice"}]
+        async with await data.prepare("FROM payroll", policy) as files:
+            payroll = files.bindings[0].paths[0]
+        for probe in (
+            f"SELECT * FROM read_parquet('{payroll}')",
+            f"SELECT * FROM read_parquet(['{payroll}'])",
+            "SELECT * FROM glob('/cache/*')",
+            "SELECT * FROM glob('/cache/objects/**')",
+            "SELECT * FROM read_parquet('/cache/objects/*/*.parquet')",
+        ):
+            with pytest.raises(SqlError, match="Permission Error"):
+                await query(f"SELECT count(*) FROM trips; {probe}", "SELECT * FROM trips")
+        await cache.close()
+
+    run(with_launcher(cached_config, body))
+
+
+def test_duckcell_query_with_a_catalog(
+    image: str, policies_dir: Path, catalog_file: Path, tmp_path: Path
+) -> None:
+    """`duckcell query --catalog FILE --cache-dir DIR` reads catalog tables by name; the cache
+    directory is created and filled; a missing secret only fails queries that need it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUCKCELL_")}
+    env.update(
+        DUCKCELL_IMAGE=image,
+        DUCKCELL_POLICIES_DIR=str(policies_dir),
+        DUCKCELL_STATE_DIR=str(tmp_path / "state"),
+        DUCKCELL_LAUNCHER_ID=f"{TEST_LAUNCHER_PREFIX}{RUN_ID}-catalog",
+    )
+    catalog_file.write_text(
+        CATALOG.replace(
+            "connections:\n",
+            "connections:\n  lake: {kind: s3, access_key_id: {env: NOPE_KEY_ID}, "
+            "secret_access_key: {env: NOPE_SECRET}}\n",
+        )
+        + "  remote: {connection: lake, path: 's3://bucket/x/', format: parquet}\n"
+    )
+    cache = tmp_path / "cli-cache"
+
+    def duckcell(sql: str) -> subprocess.CompletedProcess[str]:
+        args = ["query", "--catalog", str(catalog_file), "--cache-dir", str(cache)]
+        return subprocess.run(
+            [sys.executable, "-m", "launcher.cli", *args, "--format", "csv", sql],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = duckcell("SELECT count(*) AS n FROM trips")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '"n"\n1000\n'
+    assert len(list((cache / "objects").glob("*/*.parquet"))) == 2
+    done = duckcell("SELECT * FROM remote")
+    assert done.returncode == 2
+    assert "secret env:NOPE_KEY_ID is not set" in done.stderr

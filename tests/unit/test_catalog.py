@@ -1,0 +1,426 @@
+"""Catalog loading and table references: every bad document names its line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.catalog import (
+    Catalog,
+    Connection,
+    SecretRef,
+    Table,
+    load_catalog,
+    parse_catalog,
+    table_names,
+)
+from launcher.errors import CatalogError, SecretError, SqlError
+
+SOURCE = "/srv/catalogs/cat.yaml"
+
+# Lines 1 to 8; the bad documents below append from line 9 or replace a line.
+BASE = """\
+connections:
+  lake: {kind: s3, endpoint: "http://127.0.0.1:9000", region: us-east-1, path_style: true,
+         access_key_id: {env: LAKE_KEY_ID}, secret_access_key: {env: LAKE_SECRET}}
+  samples: {kind: local}
+tables:
+  trips: {connection: lake, path: "s3://bucket/trips/", format: parquet}
+  zones: {connection: samples, path: "sample_data/zones.csv", format: csv}
+  # end of the base document
+"""
+
+
+def with_line(line: int, text: str) -> str:
+    """BASE with one line (1-based) replaced."""
+    lines = BASE.splitlines()
+    lines[line - 1] = text
+    return "\n".join(lines) + "\n"
+
+
+def load(text: str) -> Catalog:
+    return parse_catalog(text, SOURCE)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(CatalogError) as caught:
+        load(text)
+    return str(caught.value)
+
+
+def test_the_documented_shape_loads() -> None:
+    catalog = load(BASE)
+    assert catalog.connections["lake"] == Connection(
+        name="lake",
+        kind="s3",
+        endpoint="http://127.0.0.1:9000",
+        region="us-east-1",
+        path_style=True,
+        access_key_id=SecretRef(env="LAKE_KEY_ID"),
+        secret_access_key=SecretRef(env="LAKE_SECRET"),
+    )
+    assert catalog.connections["samples"] == Connection(name="samples", kind="local")
+    assert catalog.tables["trips"] == Table("trips", "lake", "s3://bucket/trips/", "parquet")
+    # A local path is taken from the catalog file's directory.
+    assert catalog.tables["zones"].path == "/srv/catalogs/sample_data/zones.csv"
+
+
+def test_extended_keys_load() -> None:
+    text = (
+        "connections:\n"
+        "  vault:\n"
+        "    kind: s3\n"
+        "    access_key_id: {file: /run/secrets/key_id}\n"
+        "    secret_access_key: {file: /run/secrets/secret}\n"
+        "    session_token: {env: AWS_SESSION_TOKEN}\n"
+        "    worker: wkr-0123456789ab\n"
+        "  disk: {kind: local}\n"
+        "tables:\n"
+        "  Events: {connection: vault, path: 's3://logs.example/events/2026/', format: csv}\n"
+        "  archive: {connection: disk, path: /data/../data/archive, format: parquet}\n"
+    )
+    catalog = load(text)
+    vault = catalog.connections["vault"]
+    assert vault.worker == "wkr-0123456789ab"
+    assert vault.session_token == SecretRef(env="AWS_SESSION_TOKEN")
+    assert vault.secret_access_key is not None
+    assert vault.secret_access_key.describe() == "file:/run/secrets/secret"
+    assert vault.endpoint is None and vault.path_style is False
+    assert catalog.tables["archive"].path == "/data/archive"
+
+
+def test_empty_sections_make_an_empty_catalog() -> None:
+    assert load("connections:\ntables:\n") == Catalog.EMPTY
+    assert load("{}\n") == Catalog.EMPTY
+
+
+BAD_DOCUMENTS = [
+    # --- YAML itself and the top level --------------------------------------------------------
+    ("syntax", BASE + "  x: {connection: [a\n", 10, "", "invalid YAML"),
+    ("empty-document", "# nothing\n", 1, "", "expected a mapping of catalog keys, got an empty"),
+    ("top-level-list", "- lake\n", 1, "", "expected a mapping of catalog keys, got a list"),
+    ("unknown-top", BASE + "tabels: {}\n", 9, "tabels", 'did you mean "tables"?'),
+    (
+        "tables-list",
+        "connections:\ntables: [trips]\n",
+        2,
+        "tables",
+        "expected a mapping from each name",
+    ),
+    # --- connections ---------------------------------------------------------------------------
+    (
+        "literal-secret",
+        with_line(3, "         access_key_id: {env: A}, secret_access_key: hunter2}"),
+        3,
+        "connections.lake.secret_access_key",
+        "expected a reference {env: NAME} or {file: PATH}, not a literal value",
+    ),
+    (
+        "literal-secret-number",
+        with_line(3, "         access_key_id: 12345, secret_access_key: {env: S}}"),
+        3,
+        "connections.lake.access_key_id",
+        "not a literal value",
+    ),
+    (
+        "secret-value-key",
+        with_line(3, "         access_key_id: {value: AKIA}, secret_access_key: {env: S}}"),
+        3,
+        "connections.lake.access_key_id.value",
+        "unknown key; expected env, file",
+    ),
+    (
+        "secret-both",
+        with_line(3, "         access_key_id: {env: A, file: /k}, secret_access_key: {env: S}}"),
+        3,
+        "connections.lake.access_key_id",
+        "expected exactly one of env or file, got 2",
+    ),
+    (
+        "secret-relative-file",
+        with_line(3, "         access_key_id: {file: k.txt}, secret_access_key: {env: S}}"),
+        3,
+        "connections.lake.access_key_id.file",
+        'expected an absolute path, got "k.txt"',
+    ),
+    (
+        "secret-bad-env",
+        with_line(3, "         access_key_id: {env: 'A B'}, secret_access_key: {env: S}}"),
+        3,
+        "connections.lake.access_key_id.env",
+        "expected an environment variable name",
+    ),
+    (
+        "secret-half",
+        with_line(3, "         access_key_id: {env: A}}"),
+        2,
+        "connections.lake.secret_access_key",
+        "expected with access_key_id (both or neither); add it",
+    ),
+    ("kind-missing", with_line(4, "  samples: {}"), 4, "connections.samples.kind", "missing"),
+    (
+        "kind-unknown",
+        with_line(4, "  samples: {kind: gcs}"),
+        4,
+        "connections.samples.kind",
+        'expected "s3" or "local", got "gcs"',
+    ),
+    (
+        "local-with-endpoint",
+        with_line(4, "  samples: {kind: local, endpoint: 'http://x'}"),
+        4,
+        "connections.samples.endpoint",
+        "expected only with kind s3",
+    ),
+    (
+        "table-connection-typo",
+        BASE + "  more: {connection: lake2, path: x, format: csv}\n",
+        9,
+        "tables.more.connection",
+        'expected one of "lake", "samples", got "lake2"',
+    ),
+    (
+        "endpoint-scheme",
+        with_line(
+            2, '  lake: {kind: s3, endpoint: "ftp://h", region: us-east-1, path_style: true,'
+        ),
+        2,
+        "connections.lake.endpoint",
+        "expected a URL like http://host:9000",
+    ),
+    (
+        "path-style-quoted",
+        with_line(2, '  lake: {kind: s3, region: us-east-1, path_style: "yes",'),
+        2,
+        "connections.lake.path_style",
+        "remove the quotes",
+    ),
+    (
+        "unknown-connection-key",
+        with_line(4, "  samples: {kind: local, root: /data}"),
+        4,
+        "connections.samples.root",
+        "unknown key",
+    ),
+    (
+        "connection-name",
+        with_line(4, "  'my lake': {kind: local}"),
+        4,
+        "connections",
+        'expected a connection name, got "my lake"',
+    ),
+    (
+        "token-without-keys",
+        with_line(4, "  samples: {kind: s3, session_token: {env: T}}"),
+        4,
+        "connections.samples.session_token",
+        "expected only with access_key_id and secret_access_key",
+    ),
+    # --- tables --------------------------------------------------------------------------------
+    (
+        "table-name-not-identifier",
+        BASE + "  trips-2024: {connection: lake, path: 's3://bucket/t/', format: parquet}\n",
+        9,
+        "tables",
+        'expected a SQL identifier, got "trips-2024"',
+    ),
+    (
+        "table-name-case-duplicate",
+        BASE + "  TRIPS: {connection: lake, path: 's3://bucket/t/', format: parquet}\n",
+        9,
+        "tables.TRIPS",
+        "expected a unique name, but SQL reads it as trips",
+    ),
+    (
+        "table-name-duplicate",
+        BASE + "  trips: {connection: lake, path: 's3://bucket/t/', format: parquet}\n",
+        9,
+        "tables.trips",
+        "first on line 6",
+    ),
+    (
+        "table-unknown-connection",
+        with_line(6, "  trips: {connection: pond, path: 's3://bucket/t/', format: parquet}"),
+        6,
+        "tables.trips.connection",
+        'expected one of "lake", "samples", got "pond"',
+    ),
+    (
+        "table-connection-missing",
+        with_line(6, "  trips: {path: 's3://bucket/t/', format: parquet}"),
+        6,
+        "tables.trips.connection",
+        "missing required key",
+    ),
+    (
+        "s3-path-not-s3",
+        with_line(6, "  trips: {connection: lake, path: '/data/trips', format: parquet}"),
+        6,
+        "tables.trips.path",
+        'expected a path like "s3://bucket/prefix/"',
+    ),
+    (
+        "s3-path-no-slash",
+        with_line(6, "  trips: {connection: lake, path: 's3://bucket', format: parquet}"),
+        6,
+        "tables.trips.path",
+        'got "s3://bucket"',
+    ),
+    (
+        "s3-path-dot-dot",
+        with_line(6, "  trips: {connection: lake, path: 's3://bucket/a/../b/', format: parquet}"),
+        6,
+        "tables.trips.path",
+        "no . or .. segments",
+    ),
+    (
+        "path-glob",
+        with_line(6, "  trips: {connection: lake, path: 's3://bucket/*.parquet', format: parquet}"),
+        6,
+        "tables.trips.path",
+        "not a glob",
+    ),
+    (
+        "local-path-url",
+        with_line(7, "  zones: {connection: samples, path: 's3://bucket/z/', format: csv}"),
+        7,
+        "tables.zones.path",
+        "a local file or directory for the local connection samples",
+    ),
+    (
+        "format-unknown",
+        with_line(7, "  zones: {connection: samples, path: z.json, format: json}"),
+        7,
+        "tables.zones.format",
+        'expected "parquet" or "csv", got "json"',
+    ),
+    (
+        "format-missing",
+        with_line(7, "  zones: {connection: samples, path: z.csv}"),
+        7,
+        "tables.zones.format",
+        "missing required key",
+    ),
+    (
+        "table-scalar",
+        with_line(7, "  zones: samples"),
+        7,
+        "tables.zones",
+        'expected a mapping, got "samples"',
+    ),
+    (
+        "table-unknown-key",
+        with_line(7, "  zones: {connection: samples, path: z.csv, format: csv, header: true}"),
+        7,
+        "tables.zones.header",
+        "unknown key",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "fragment"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_DOCUMENTS],
+)
+def test_bad_document_names_line_and_field(text: str, line: int, field: str, fragment: str) -> None:
+    message = error_of(text)
+    prefix = f"{SOURCE}:{line}: " + (f"{field}: " if field else "")
+    assert message.startswith(prefix), message
+    assert fragment in message, message
+    assert "\n" not in message
+
+
+def test_a_literal_secret_never_appears_in_the_message() -> None:
+    message = error_of(with_line(3, "         access_key_id: {env: A}, secret_access_key: s3kr1t}"))
+    assert "s3kr1t" not in message
+
+
+def test_load_catalog_reads_a_file_and_anchors_local_paths(tmp_path: Path) -> None:
+    (tmp_path / "cat.yaml").write_text(BASE)
+    catalog = load_catalog(tmp_path / "cat.yaml")
+    assert catalog.tables["zones"].path == str(tmp_path / "sample_data" / "zones.csv")
+    with pytest.raises(CatalogError, match=r"missing.yaml: cannot read the catalog file"):
+        load_catalog(tmp_path / "missing.yaml")
+
+
+def test_json_round_trip_keeps_names_and_references_only() -> None:
+    catalog = load(BASE)
+    text = catalog.to_json()
+    assert Catalog.from_json(text) == catalog
+    assert "LAKE_SECRET" in text  # the reference's name, which is all the catalog holds
+    with pytest.raises(CatalogError, match=r"tables\.x\.connection"):
+        Catalog.from_json(
+            '{"tables": {"x": {"connection": "nope", "path": "/a", "format": "csv"}}}'
+        )
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def test_env_secret_resolves_or_names_the_reference() -> None:
+    ref = SecretRef(env="LAKE_SECRET")
+    assert ref.resolve({"LAKE_SECRET": "v4lue"}) == "v4lue"
+    with pytest.raises(SecretError, match="secret env:LAKE_SECRET is not set") as caught:
+        ref.resolve({"OTHER": "v4lue"})
+    assert "v4lue" not in str(caught.value)
+
+
+def test_file_secret_strips_one_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("abc\n\n")
+    assert SecretRef(file=str(path)).resolve() == "abc\n"
+    path.write_text("abc\r\n")
+    assert SecretRef(file=str(path)).resolve() == "abc"
+    path.write_text("abc")
+    assert SecretRef(file=str(path)).resolve() == "abc"
+    missing = SecretRef(file=str(tmp_path / "nope"))
+    with pytest.raises(SecretError, match=r"secret file:.*/nope cannot be read on this worker"):
+        missing.resolve()
+    path.write_text("\n")
+    with pytest.raises(SecretError, match="is empty"):
+        SecretRef(file=str(path)).resolve()
+
+
+def test_a_secret_ref_names_exactly_one_source() -> None:
+    with pytest.raises(ValueError):
+        SecretRef()
+    with pytest.raises(ValueError):
+        SecretRef(env="A", file="/b")
+
+
+# --- referenced tables -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT * FROM trips", ["trips"]),
+        ("SELECT * FROM TRIPS t JOIN Zones z ON t.zone = z.id", ["trips", "zones"]),
+        ("SELECT * FROM trips JOIN zones USING (id)", ["trips", "zones"]),  # binds nothing
+        ("WITH zones AS (SELECT 1 AS id) SELECT * FROM zones", []),  # a CTE, not the table
+        ("SELECT * FROM other_temp_table", []),
+        ("SELECT count(*) FROM trips WHERE zone IN (SELECT id FROM zones)", ["trips", "zones"]),
+        ("CREATE TEMP TABLE mine AS SELECT * FROM zones; SELECT * FROM mine", ["zones"]),
+        ("COPY (SELECT * FROM trips) TO '/scratch/out.parquet'", ["trips"]),
+        ("SELECT * FROM read_parquet('/etc/passwd')", []),  # never opened on this host
+        ("SELECT 42", []),
+        # Binding fails (a session's temp table, USING): every identifier token, a superset.
+        ("INSERT INTO mine SELECT * FROM trips JOIN zones USING (id)", ["trips", "zones"]),
+        ("DROP TABLE mine", []),
+        ('EXPLAIN SELECT * FROM "Trips"', ["trips"]),
+    ],
+)
+def test_referenced_tables_come_from_the_parser(sql: str, expected: list[str]) -> None:
+    assert [table.name for table in load(BASE).referenced(sql)] == expected
+
+
+def test_unparseable_sql_raises_duckdbs_message() -> None:
+    with pytest.raises(SqlError, match='Parser Error: syntax error at or near "SELEC"'):
+        load(BASE).referenced("SELEC * FROM trips")
+
+
+def test_table_names_do_not_touch_the_host_filesystem() -> None:
+    # A non-SELECT statement is bound on a private connection that has no file access.
+    with pytest.raises(SqlError, match="Permission Error"):
+        table_names("CREATE TEMP TABLE t AS SELECT * FROM read_text('/etc/hostname')")

@@ -1,0 +1,166 @@
+"""The data path: referenced tables -> listings -> cache leases -> bindings, with an in-memory
+object store handed in through the constructor and a real cache in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from launcher.cache import ObjectCache
+from launcher.catalog import Catalog, Connection, parse_catalog
+from launcher.datapath import DataPath, store_for
+from launcher.errors import CatalogError, QueryDeniedError, SecretError, SqlError
+from launcher.objectstore import ObjectRef, ObjectStore
+from launcher.policy import Policy, load_policy_text
+
+CATALOG = """\
+connections:
+  lake: {kind: s3, endpoint: "http://127.0.0.1:9", access_key_id: {env: K}, \
+secret_access_key: {env: S}}
+  hr: {kind: s3}
+tables:
+  trips: {connection: lake, path: "s3://bucket/trips/", format: parquet}
+  zones: {connection: lake, path: "s3://bucket/zones.csv", format: csv}
+  empty: {connection: lake, path: "s3://bucket/empty/", format: parquet}
+  payroll: {connection: hr, path: "s3://hr-data/payroll/", format: parquet}
+"""
+
+POLICY = """\
+name: t
+isolation: query
+runtime: runc
+limits: {cpus: 1, memory: 1GiB}
+access: {connections: [lake]}
+"""
+
+
+@dataclass
+class MemoryStore:
+    """An ObjectStore over a dict of key -> bytes; counts listings and downloads."""
+
+    objects: dict[str, bytes]
+    source: str = "memory"
+    listed: list[str] = field(default_factory=list)
+    downloads: int = 0
+
+    async def list(self, url: str) -> list[ObjectRef]:
+        self.listed.append(url)
+        prefix = url.removeprefix("s3://bucket/")
+        return [
+            ObjectRef(self.source, "bucket", key, f"e{len(data)}", len(data))
+            for key, data in sorted(self.objects.items())
+            if key.startswith(prefix)
+        ]
+
+    async def download(self, ref: ObjectRef, dest: Path) -> None:
+        self.downloads += 1
+        dest.write_bytes(self.objects[ref.key])
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore(
+        {
+            "trips/a.parquet": b"PAR1a",
+            "trips/b.parquet": b"PAR1bb",
+            "trips/_SUCCESS": b"",
+            "trips/.a.parquet.crc": b"x",
+            "zones.csv": b"id\n1\n",
+            "empty/README.md": b"nothing here",
+        }
+    )
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return load_policy_text(POLICY, "policies/t.yaml")
+
+
+def data_path(tmp_path: Path, store: MemoryStore, made: list[str] | None = None) -> DataPath:
+    def stores(connection: Connection, environ: Mapping[str, str] | None) -> ObjectStore:
+        if made is not None:
+            made.append(connection.name)
+        return store
+
+    catalog = parse_catalog(CATALOG, str(tmp_path / "cat.yaml"))
+    return DataPath(catalog, ObjectCache(tmp_path / "cache", budget_bytes=2**20), stores=stores)
+
+
+def test_bindings_name_the_cached_files_of_each_referenced_table(
+    tmp_path: Path, store: MemoryStore, policy: Policy
+) -> None:
+    async def body() -> None:
+        data = data_path(tmp_path, store)
+        files = await data.prepare("SELECT * FROM trips JOIN Zones USING (id)", policy)
+        trips, zones = files.bindings
+        assert (trips.name, trips.format, len(trips.paths)) == ("trips", "parquet", 2)
+        assert (zones.name, zones.format, len(zones.paths)) == ("zones", "csv", 1)
+        for path in trips.paths + zones.paths:
+            assert path.startswith("/cache/objects/")
+            assert (tmp_path / "cache" / path.removeprefix("/cache/")).is_file()
+        assert data.cache.stats().in_use == 3
+        files.release()
+        assert data.cache.stats().in_use == 0
+        again = await data.prepare("FROM trips", policy)
+        assert store.downloads == 3  # the second query found its files in the cache
+        again.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+
+
+def test_queries_without_catalog_tables_touch_no_store(
+    tmp_path: Path, store: MemoryStore, policy: Policy
+) -> None:
+    made: list[str] = []
+
+    async def body() -> None:
+        data = data_path(tmp_path, store, made)
+        files = await data.prepare("CREATE TEMP TABLE t AS SELECT 1; SELECT * FROM t", policy)
+        assert files.bindings == ()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert made == [] and store.listed == []
+
+
+def test_a_table_without_files_of_its_format_is_an_error(
+    tmp_path: Path, store: MemoryStore, policy: Policy
+) -> None:
+    async def body() -> None:
+        data = data_path(tmp_path, store)
+        with pytest.raises(CatalogError, match=r"table empty has no parquet files \(.parquet"):
+            await data.prepare("SELECT * FROM trips, empty", policy)
+        assert data.cache.stats().in_use == 0  # nothing stays leased
+        await data.cache.close()
+
+    asyncio.run(body())
+
+
+def test_the_policy_must_allow_the_tables_connection(
+    tmp_path: Path, store: MemoryStore, policy: Policy
+) -> None:
+    async def body() -> None:
+        data = data_path(tmp_path, store)
+        with pytest.raises(QueryDeniedError, match="policy t may not read connection hr"):
+            await data.prepare("SELECT * FROM payroll", policy)
+        with pytest.raises(SqlError, match="Parser Error"):
+            await data.prepare("SELEC 1", policy)
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == []  # refused before anything was listed
+
+
+def test_store_for_resolves_secrets_on_the_host_or_names_the_missing_one() -> None:
+    catalog = parse_catalog(CATALOG, "/x/cat.yaml")
+    with pytest.raises(SecretError, match="secret env:K is not set"):
+        store_for(catalog.connections["lake"], {"S": "secret"})
+    store = store_for(catalog.connections["lake"], {"K": "key", "S": "secret"})
+    assert store.source == "s3:http://127.0.0.1:9"
+    assert store_for(parse_catalog("connections: {d: {kind: local}}", "/x/c.yaml").connections["d"])
+    assert Catalog.EMPTY.referenced("SELECT * FROM trips") == []
