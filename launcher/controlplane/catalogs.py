@@ -1,0 +1,128 @@
+"""The control plane's catalog: one normalized document in its data directory, watched.
+
+``duckcell controlplane catalog apply --data DIR FILE`` (or ``serve --catalog FILE``) checks a
+catalog YAML file and writes it into the data directory as JSON with every local path made
+absolute, atomically (temporary name, then rename), so a running server never reads half a
+file and a bad file never replaces a good one. The running server's ``CatalogWatcher`` notices
+the new revision within its poll interval and hands it to whoever pushes it to workers: a
+catalog change reaches every worker without restarting anything.
+
+The document holds names only: connections, tables, and *references* to secrets
+(``{env: NAME}``, ``{file: PATH}``) that each worker resolves on its own host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.catalog import Catalog, load_catalog, parse_catalog
+from launcher.errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.json"
+POLL_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogVersion:
+    """A catalog and the revision that names it (a hash of its normalized document)."""
+
+    catalog: Catalog
+    revision: str
+
+    @classmethod
+    def of(cls, catalog: Catalog) -> CatalogVersion:
+        digest = hashlib.sha256(catalog.to_json().encode()).hexdigest()[:16]
+        return cls(catalog, digest)
+
+
+EMPTY = CatalogVersion.of(Catalog.EMPTY)
+
+
+def apply_catalog(data_root: Path, source: Path) -> CatalogVersion:
+    """Check ``source`` and make it the control plane's catalog. Raises CatalogError."""
+    version = CatalogVersion.of(load_catalog(source))
+    data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = data_root / CATALOG_FILE
+    partial = target.with_name(f".{CATALOG_FILE}.partial-{os.getpid()}")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            out.write(version.catalog.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return version
+
+
+def read_catalog(data_root: Path) -> CatalogVersion:
+    """The applied catalog, or the empty one when none was applied. Raises CatalogError."""
+    path = data_root / CATALOG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return EMPTY
+    except OSError as error:
+        raise CatalogError(f"{path}: cannot read the catalog ({error.strerror})") from None
+    return CatalogVersion.of(parse_catalog(text, str(path), Path("/")))
+
+
+class CatalogWatcher:
+    """Holds the current catalog; ``run`` polls the data directory and reports changes.
+
+    Polling a ``stat`` once a second is cheap and needs no cooperation from the admin command,
+    which may run on another host sharing the data directory. A document that fails to parse
+    is logged and ignored: the last good catalog stays in force.
+    """
+
+    def __init__(
+        self,
+        data_root: Path,
+        on_change: Callable[[CatalogVersion], object] = lambda version: None,
+        *,
+        interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self._path = data_root / CATALOG_FILE
+        self._root = data_root
+        self._on_change = on_change
+        self._interval_s = interval_s
+        self._seen = self._stamp()
+        self.current = read_catalog(data_root)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check(self) -> bool:
+        """Reload if the file changed; True when a new revision took effect."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            version = read_catalog(self._root)
+        except CatalogError as error:
+            log.error("catalog not reloaded, keeping revision %s: %s", self.current.revision, error)
+            return False
+        if version.revision == self.current.revision:
+            return False
+        log.info("catalog revision %s -> %s", self.current.revision, version.revision)
+        self.current = version
+        self._on_change(version)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check()
