@@ -4,7 +4,7 @@
 PYTHON ?= python3
 STAMP := .make/installed
 
-.PHONY: install engine image proto proto-check lint test test-unit test-integration demo bench clean
+.PHONY: install engine image proto proto-check lint test test-unit test-integration demo bench bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
@@ -20,7 +20,8 @@ image: install engine
 
 proto: install
 	$(PYTHON) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		launcher/protocol/runner.proto launcher/protocol/controlplane.proto
+		launcher/protocol/runner.proto launcher/protocol/controlplane.proto \
+		launcher/protocol/flightsql.proto
 
 lint: install
 	$(PYTHON) -m ruff check .
@@ -35,13 +36,24 @@ test-integration: image
 test: lint image
 	$(PYTHON) -m pytest tests -q
 
-demo: image
-	duckcell query "SELECT count(*) AS trips, round(avg(fare), 2) AS avg_fare, \
-		max(distance_km) AS longest_km FROM (SELECT (i % 97) * 0.5 + 3 AS fare, \
-		(i % 41) * 0.7 AS distance_km FROM range(10000000) t(i))"
+# The sample table is committed; make_sample.py rebuilds only the files that are missing.
+SAMPLE := $(foreach m,01 02 03,sample_data/trips/trips-2024-$(m).parquet)
+
+$(SAMPLE): | $(STAMP)
+	$(PYTHON) sample_data/make_sample.py
+
+# A real aggregate over the catalog table, in a sandbox, reading the files through the cache.
+demo: image $(SAMPLE)
+	duckcell query --catalog sample_data/catalog.yaml "SELECT pickup_zone, count(*) AS trips, \
+		round(avg(fare), 2) AS avg_fare, round(sum(tip) / sum(fare), 3) AS tip_share \
+		FROM trips GROUP BY pickup_zone ORDER BY trips DESC"
 
 bench: image
 	$(PYTHON) bench/bench_sandbox.py
+	$(PYTHON) bench/bench_data.py
+
+bench-data: image
+	$(PYTHON) bench/bench_data.py
 
 clean:
 	rm -rf .make build dist *.egg-info .pytest_cache .ruff_cache

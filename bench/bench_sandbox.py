@@ -35,11 +35,9 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,13 +57,13 @@ from bench.cases import (
     paired_case,
     sustained,
 )
-from bench.engine import engine_churn, machine_info, remove_leftovers, sandbox_starts
-from bench.report import render, targets, write_results
+from bench.engine import engine_churn, machine_info, sandbox_starts
+from bench.entry import run_benchmark
+from bench.report import render, targets
 from bench.stats import Json, Progress, summarize
 from bench.tunnel import tunnel_cases
 from launcher.backend.base import LABEL_LAUNCHER
 from launcher.config import LauncherConfig, load_config
-from launcher.errors import DuckcellError
 from launcher.local import LocalLauncher
 from launcher.policy import PolicySet, load_policies
 
@@ -81,15 +79,6 @@ class Plan:
     tunnel_wide_repeat: int
     image: str
     output: Path
-
-
-def make_progress() -> Progress:
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    return progress
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -247,31 +236,15 @@ def parse_args(argv: list[str] | None) -> Plan:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that SIGTERM (a killed `make bench`) also cleans up
-
-
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(argv)
-    progress = make_progress()
-    launcher_id = f"bench-{os.getpid()}"
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        result = asyncio.run(run(plan, launcher_id, progress))
-    except (DuckcellError, RuntimeError) as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted; no results written", file=sys.stderr)
-        return 130
-    finally:
-        leftovers = remove_leftovers(launcher_id)
-        if leftovers:
-            progress(f"removed {len(leftovers)} leftover container(s): {', '.join(leftovers)}")
-    print(render(result))
-    path = write_results(result, plan.output)
-    progress(f"wrote {path} and {path.with_name('latest-sandbox.json')}")
-    return 0
+    return run_benchmark(
+        lambda launcher_id, progress: run(plan, launcher_id, progress),
+        prefix="bench",
+        render=render,
+        output=plan.output,
+        name="sandbox",
+    )
 
 
 if __name__ == "__main__":

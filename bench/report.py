@@ -174,11 +174,62 @@ def render_tunnel(tunnel: Json | None) -> list[str]:
     return lines
 
 
-def write_results(result: Json, output: Path) -> Path:
+def write_results(result: Json, output: Path, name: str = "sandbox") -> Path:
+    """``<name>-<UTC>.json`` and ``latest-<name>.json`` (one name per benchmark script)."""
     output.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
-    path = output / f"sandbox-{stamp}.json"
+    path = output / f"{name}-{stamp}.json"
     path.write_text(text)
-    (output / "latest-sandbox.json").write_text(text)
+    (output / f"latest-{name}.json").write_text(text)
     return path
+
+
+# --- the data benchmark (bench_data.py) ----------------------------------------------------
+_DATA_CASES = (
+    ("in_process", "in-process DuckDB, same files"),
+    ("warm", "sandbox, warm cache"),
+    ("cold", "sandbox, cold cache (download)"),
+    ("in_process_fresh_connection", "diag: in-process, new connection"),
+    ("in_process_new_process", "diag: in-process, new process"),
+)
+
+
+def render_data(result: Json) -> str:
+    """The table of ``bench_data.py``: per query, the baseline, the sandbox, the diagnostics."""
+    lines = [
+        f"duckcell data benchmark, {result['date_utc']}, nproc {result['nproc']}, TPC-H "
+        f"SF{result['plan']['scale']} Parquet ({result['data_bytes'] / 1e6:.0f} MB) in a "
+        f"loopback S3 server, policy {result['policy_name']}; in-process DuckDB with the same "
+        "threads and memory_limit",
+        f"load average (1 min) {result['loadavg']['start'][0]:.2f} at start, "
+        f"{result['loadavg']['end'][0]:.2f} at end; warm and in-process reps interleaved, the "
+        "pool settled before each sandbox rep",
+        "",
+        f"{'query':<6}{'case':<34}{'n':>4}{'median ms':>11}{'p95 ms':>10}{'vs in-proc':>12}"
+        f"{'prepare':>9}{'checkout':>10}{'runner':>8}",
+    ]
+    for name, row in result["cases"].items():
+        base = row["in_process"]["median_ms"]
+        for key, title in _DATA_CASES:
+            case = row[key]
+            parts = "".join(
+                f"{case[f'{part}_median_ms']:>{width}.1f}" if f"{part}_median_ms" in case else ""
+                for part, width in (("prepare", 9), ("checkout", 10), ("runner", 8))
+            )
+            lines.append(
+                f"{name:<6}{title:<34}{case['n']:>4}{case['median_ms']:>11.1f}"
+                f"{case['p95_ms']:>10.1f}{case['median_ms'] / base:>11.2f}x{parts}"
+            )
+    lines += [
+        "prepare: list the objects in S3 and lease them in the cache (downloads when cold); "
+        "runner: the query inside the sandbox (medians, ms)",
+        "diag: what a sandbox pays per query besides isolation: a new DuckDB connection and "
+        "views, then also a new process (timed after its imports and a SELECT 42)",
+        "",
+        "targets",
+    ]
+    for row in result["targets"]:
+        verdict = "met" if row["met"] else "MISSED"
+        lines.append(f"  {row['name']:<40}{row['value']:>7.2f}x  target {row['target']}  {verdict}")
+    return "\n".join(lines)

@@ -24,6 +24,10 @@ Keys (``required`` or the default)::
     tables.NAME.path                    required; s3://BUCKET/PREFIX for s3; for local a file or
                                         directory, relative to the catalog file's directory
     tables.NAME.format                  required; parquet | csv
+    roles.NAME.policy                   null (the worker's default); the policy an API key of
+                                        this role runs its queries under
+    roles.NAME.tables                   null (every table); the tables this role may read and
+                                        see; with no roles section every role reads everything
 
 Connection names are ``[A-Za-z_][A-Za-z0-9_-]*``; table names are plain SQL identifiers
 (``[A-Za-z_][A-Za-z0-9_]*``, at most 63 characters), unique ignoring case as SQL compares them.
@@ -34,20 +38,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
-import duckdb
 from yaml.nodes import Node, ScalarNode
 
 from .catalog_yaml import CatalogReader
-from .errors import CatalogError, SecretError, SqlError
+from .errors import CatalogError, SecretError
 from .policy_yaml import Section, found, quote
+from .sqltables import table_names
+
+__all__ = ["Binding", "Catalog", "Connection", "Role", "SecretRef", "Table", "table_names"]
 
 _CONNECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,62}")
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -145,10 +150,32 @@ class Binding:
 
 
 @dataclass(frozen=True, slots=True)
+class Role:
+    """What an API key's role may do: the policy its queries run under, the tables it reads.
+
+    ``policy`` None means the worker's default policy; ``tables`` None means every table.
+    """
+
+    name: str
+    policy: str | None = None
+    tables: tuple[str, ...] | None = None
+
+    def may_read(self, table: str) -> bool:
+        return self.tables is None or table.lower() in {t.lower() for t in self.tables}
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     connections: Mapping[str, Connection]
     tables: Mapping[str, Table]
+    roles: Mapping[str, Role] = field(default_factory=lambda: MappingProxyType({}))
     EMPTY: ClassVar[Catalog]
+
+    def role(self, name: str) -> Role | None:
+        """The role of that name; with no ``roles`` section every role may read everything."""
+        if not self.roles:
+            return Role(name)
+        return self.roles.get(name)
 
     def referenced(self, sql: str) -> list[Table]:
         """The catalog tables the SQL names, found by DuckDB's parser; unknown names ignored.
@@ -167,7 +194,9 @@ class Catalog:
             name: {"connection": t.connection, "path": t.path, "format": t.format}
             for name, t in self.tables.items()
         }
-        return json.dumps({"connections": connections, "tables": tables}, sort_keys=True)
+        roles = {name: _role_doc(role) for name, role in self.roles.items()}
+        doc = {"connections": connections, "tables": tables}
+        return json.dumps({**doc, "roles": roles} if roles else doc, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Catalog:
@@ -191,6 +220,15 @@ def _connection_doc(connection: Connection) -> dict[str, Any]:
             doc[key] = value
     if connection.path_style:
         doc["path_style"] = True
+    return doc
+
+
+def _role_doc(role: Role) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    if role.policy is not None:
+        doc["policy"] = role.policy
+    if role.tables is not None:
+        doc["tables"] = list(role.tables)
     return doc
 
 
@@ -222,7 +260,20 @@ def parse_catalog(text: str, source: str, base_dir: Path | None = None) -> Catal
             r.fail(node, f"tables.{name}", f"expected a unique name, but SQL reads it as {first}")
         lowered[name.lower()] = name
         tables[name] = _table(r, name, sec, connections, base)
-    return Catalog(MappingProxyType(connections), MappingProxyType(tables))
+    roles = {
+        name: _role(r, name, sec, tables)
+        for name, _, sec in r.entries(top, "roles", _CONNECTION_NAME, "a role name")
+    }
+    return Catalog(MappingProxyType(connections), MappingProxyType(tables), MappingProxyType(roles))
+
+
+def _role(r: CatalogReader, name: str, sec: Section, tables: Mapping[str, Table]) -> Role:
+    policy = r.get(sec, "policy", None, _pattern, r, _CONNECTION_NAME, "a policy name")
+    known = {t.lower() for t in tables}
+    listed = r.get(
+        sec, "tables", None, r.strings, "a table of this catalog", lambda t: t.lower() in known
+    )
+    return Role(name, policy, listed)
 
 
 def _connection(r: CatalogReader, name: str, sec: Section) -> Connection:
@@ -309,92 +360,3 @@ def _choice(r: CatalogReader, sec: Section, key: str, enum: type[E]) -> E:
     if r.text(node, sec.field(key)) not in {member.value for member in enum}:
         r.fail(node, sec.field(key), f"expected {options}, got {found(node)}")
     return enum(node.value)
-
-
-def table_names(sql: str) -> set[str]:
-    """The table names a SQL text reads or writes, as written (CTE names left out).
-
-    A SELECT goes through DuckDB's JSON serialisation of its parse tree: a pure parse, exact.
-    Other statements (CREATE ... AS, INSERT, COPY, EXPLAIN) have no such serialisation, so
-    ``get_table_names`` binds them, on a private connection that can touch no file on this host
-    (writes bind only against /scratch, as in a sandbox). Binding fails where a statement names
-    a session's temp table or joins USING columns of unknown tables; such a statement falls
-    back to every identifier DuckDB's tokenizer finds in it: a superset, which may bind a
-    table the statement does not read but never misses one it does.
-    """
-    con = _parser()
-    try:
-        names: set[str] = set()
-        for statement in con.extract_statements(sql):
-            names |= _statement_tables(con, statement.query)
-        return names
-    except duckdb.Error as error:
-        raise SqlError(str(error)) from None
-
-
-_PARSER_CONFIG = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
-_PARSER_LOCKDOWN = (
-    "SET allowed_directories = ['/scratch/']",
-    "SET enable_external_access = false",
-    "SET lock_configuration = true",
-)
-_parsers = threading.local()
-
-
-def _parser() -> duckdb.DuckDBPyConnection:
-    """This thread's parsing connection: opening one costs ~20 ms, parsing well under 1 ms.
-
-    It never holds data (nothing is executed on it but parsing and binding), so reusing it
-    leaks nothing between queries.
-    """
-    con: duckdb.DuckDBPyConnection | None = getattr(_parsers, "con", None)
-    if con is None:
-        con = duckdb.connect(":memory:", config=_PARSER_CONFIG)
-        for statement in _PARSER_LOCKDOWN:
-            con.execute(statement)
-        _parsers.con = con
-    return con
-
-
-def _statement_tables(con: duckdb.DuckDBPyConnection, query: str) -> set[str]:
-    row = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
-    tree = json.loads(row[0]) if row else {"error": True}
-    if not tree.get("error"):
-        tables: set[str] = set()
-        ctes: set[str] = set()
-        _walk(tree, tables, ctes)
-        lowered = {cte.lower() for cte in ctes}
-        return {name for name in tables if name.lower() not in lowered}
-    try:  # not a SELECT
-        return set(con.get_table_names(query))
-    except (duckdb.CatalogException, duckdb.BinderException, duckdb.InvalidInputException):
-        return set(_identifiers(query))
-
-
-def _identifiers(query: str) -> Iterator[str]:
-    """Every identifier token of a statement, unquoted ("a"."b" gives a and b)."""
-    tokens = duckdb.tokenize(query)
-    for i, (start, kind) in enumerate(tokens):
-        if kind == duckdb.token_type.identifier:
-            end = tokens[i + 1][0] if i + 1 < len(tokens) else len(query)
-            word = query[start:end].strip()
-            if len(word) >= 2 and word[0] == word[-1] == '"':
-                word = word[1:-1].replace('""', '"')
-            yield word
-
-
-def _walk(node: object, tables: set[str], ctes: set[str]) -> None:
-    """Collect BASE_TABLE names and CTE names anywhere in a serialised parse tree."""
-    if isinstance(node, dict):
-        if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str):
-            tables.add(node["table_name"])
-        cte_map = node.get("cte_map")
-        if isinstance(cte_map, dict):
-            ctes.update(entry["key"] for entry in cte_map.get("map", []))
-        children: Iterable[object] = node.values()
-    elif isinstance(node, list):
-        children = node
-    else:
-        return
-    for child in children:
-        _walk(child, tables, ctes)

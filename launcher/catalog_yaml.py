@@ -20,11 +20,12 @@ from .policy_yaml import Reader, Section, found
 
 # Section paths with the author's names replaced by "*"; values are the known keys.
 _SCHEMA = {
-    "": "connections tables",
+    "": "connections tables roles",
     "connections.*": "kind endpoint region path_style access_key_id secret_access_key "
     "session_token worker",
     "connections.*.*": "env file",
     "tables.*": "connection path format",
+    "roles.*": "policy tables",
 }
 
 

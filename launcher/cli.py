@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -19,12 +21,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .audit import AUDIT_FILE, WorkerAuditLog
 from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from .backend.docker_engine import DockerBackend
+from .cache import ObjectCache
+from .cachecli import add_cache_parser, run_cache_command
+from .catalog import Catalog, load_catalog
 from .config import LauncherConfig, load_config
+from .controlplane.audit import DEFAULT_LIMIT as DEFAULT_AUDIT_LIMIT
+from .controlplane.audit import AuditLog, format_records
+from .controlplane.catalogs import apply_catalog, read_catalog
 from .controlplane.datadir import ControlPlaneData
 from .controlplane.registry import Worker, WorkerRegistry
 from .controlplane.server import ControlPlaneServer
+from .datapath import DataPath
 from .enroll import Identity, enroll
 from .errors import DuckcellError
 from .executor import collect_table
@@ -35,7 +45,7 @@ from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
 from .policy_yaml import parse_duration
 from .remote import ControlPlaneClient
-from .tunnel import TunnelClient
+from .tunnel import DEFAULT_DRAIN_GRACE_S, ProxyConfig, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
 
@@ -72,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--policy", default="default", help="policy name (default: default)")
     query.add_argument("--format", choices=FORMATS, default="table")
     query.add_argument("--output", "-o", type=Path, help="write the result to FILE")
+    query.add_argument("--catalog", type=Path, help="catalog YAML whose tables SQL can name")
+    query.add_argument(
+        "--cache-dir", type=Path, help="object cache (DUCKCELL_CACHE_DIR; default STATE/cache)"
+    )
+    query.add_argument(
+        "--cache-budget",
+        metavar="SIZE",
+        help="cache size budget, e.g. 10GiB (DUCKCELL_CACHE_BUDGET; default 10GiB)",
+    )
     query.add_argument(
         "--control-plane", help="HOST:PORT: run on a worker through this control plane"
     )
@@ -118,6 +137,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tunnel-listen", help="HOST:PORT for the workers' mTLS tunnel (default: next port)"
     )
+    serve.add_argument(
+        "--flight-listen", help="HOST:PORT for Arrow Flight SQL clients (ADBC); TLS by default"
+    )
+    serve.add_argument(
+        "--flight-plaintext",
+        action="store_true",
+        help="serve Flight SQL without TLS (only on a loopback --flight-listen)",
+    )
+    serve.add_argument(
+        "--catalog", type=Path, help="catalog YAML to apply at start (see `controlplane catalog`)"
+    )
+    catalog = control_commands.add_parser(
+        "catalog", help="the catalog workers get: tables, connections, roles"
+    )
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    apply = catalog_commands.add_parser(
+        "apply", help="check a catalog YAML file and make it current (running servers push it)"
+    )
+    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    apply.add_argument("file", type=Path, help="catalog YAML file")
+    show = catalog_commands.add_parser("show", help="print the current catalog (JSON)")
+    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
     workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
     workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
     worker_admin = control_commands.add_parser("worker", help="manage one worker")
@@ -127,6 +168,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
     revoke.add_argument("worker_id", metavar="ID", help="worker id (wkr-...)")
+    audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
+    audit.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    audit.add_argument(
+        "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
+    )
+    audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
 
     join = commands.add_parser("enroll", help="enroll this worker with a control plane")
     join.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
@@ -141,13 +188,24 @@ def _parser() -> argparse.ArgumentParser:
         help="keep this worker's tunnel to the control plane open until SIGTERM",
         description="Dial out to the control plane over mTLS, send heartbeats, reconnect with "
         "backoff, and run the queries the control plane routes here in this host's sandboxes "
-        "(launcher config as for `duckcell query`). On SIGTERM running queries are cancelled; "
-        "draining them first comes later. HTTPS_PROXY/NO_PROXY are honoured.",
+        "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
+        "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
+        "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
+        "at once. Each query is appended to STATE/audit.jsonl. HTTPS_PROXY/NO_PROXY are "
+        "honoured.",
     )
     run.add_argument("--state", type=Path, required=True, help="worker state directory")
     run.add_argument(
         "--control-plane", help="HOST:PORT of the tunnel (default: from the enrolled identity)"
     )
+    run.add_argument(
+        "--drain-grace",
+        type=float,
+        default=DEFAULT_DRAIN_GRACE_S,
+        help="seconds running queries may take to finish on SIGTERM (default 30)",
+    )
+
+    add_cache_parser(commands)
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -163,6 +221,8 @@ def _config(args: argparse.Namespace) -> LauncherConfig:
             "policies_dir": args.policies_dir,
             "image": args.image,
             "launcher_id": args.launcher_id,
+            "cache_dir": getattr(args, "cache_dir", None),
+            "cache_budget_bytes": getattr(args, "cache_budget", None),
         },
         config_file=args.config,
     )
@@ -173,21 +233,45 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     if args.format == "parquet" and args.output is None:
         raise DuckcellError("--format parquet needs --output FILE")
     if args.control_plane:
+        if args.catalog:
+            raise DuckcellError("--catalog is for local queries; the control plane has its own")
         return await _remote_query(args, sql, progress)
     config = _config(args)
-    async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
-        policy = launcher.policies.get(args.policy)
-        progress(f"starting a {policy.runtime.value} sandbox (policy {policy.name})")
-        if policy.isolation.value == "session":
-            session = await launcher.sessions.open(policy)
-            execution = launcher.execute(sql, session_id=session.session_id)
-        else:
-            execution = launcher.execute(sql, policy=policy.name)
-        table = await collect_table(execution)
-        record = execution.record
-        progress(f"{table.num_rows} row(s) from sandbox {record.sandbox} in {record.total_s:.2f} s")
+    data = _data_path(args.catalog, config)
+    if data is not None:
+        config = dataclasses.replace(config, cache_dir=data.cache.root)
+    try:
+        async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
+            policy = launcher.policies.get(args.policy)
+            progress(f"starting a {policy.runtime.value} sandbox (policy {policy.name})")
+            session = None
+            if policy.isolation.value == "session":
+                session = await launcher.sessions.open(policy)
+            tables = await data.prepare(sql, policy) if data is not None else None
+            execution = launcher.executor.execute(
+                sql,
+                policy=policy,
+                session_id=session.session_id if session else None,
+                tables=tables,
+            )
+            table = await collect_table(execution)
+            record = execution.record
+            progress(
+                f"{table.num_rows} row(s) from sandbox {record.sandbox} in {record.total_s:.2f} s"
+            )
+    finally:
+        if data is not None:
+            await data.cache.close()
     write_result(table, args.format, args.output)
     return 0
+
+
+def _data_path(catalog: Path | None, config: LauncherConfig) -> DataPath | None:
+    """The data path for ``--catalog``; its cache is ``cache_dir``, else STATE_DIR/cache."""
+    if catalog is None:
+        return None
+    cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
+    return DataPath(load_catalog(catalog), cache)
 
 
 async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) -> int:
@@ -240,7 +324,16 @@ def _policy(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     data = ControlPlaneData(args.data)
-    server = ControlPlaneServer(data, args.listen, args.host, tunnel_listen=args.tunnel_listen)
+    if args.catalog is not None:
+        apply_catalog(data.root, args.catalog)
+    server = ControlPlaneServer(
+        data,
+        args.listen,
+        args.host,
+        tunnel_listen=args.tunnel_listen,
+        flight_listen=args.flight_listen,
+        flight_plaintext=args.flight_plaintext,
+    )
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -248,7 +341,9 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stopping.set)
     print(
         f"duckcell: control plane listening on {server.address}, tunnel on "
-        f"{server.tunnel_address} (CA {server.fingerprint()})",
+        f"{server.tunnel_address}"
+        f"{f', Flight SQL on {server.flight.location}' if server.flight else ''}"
+        f" (CA {server.fingerprint()})",
         file=sys.stderr,
         flush=True,
     )
@@ -293,6 +388,21 @@ def _controlplane(args: argparse.Namespace) -> int:
         # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
         print(data.api_keys().create(args.role))
         return 0
+    if args.controlplane_command == "catalog":
+        if args.catalog_command == "show":
+            print(read_catalog(data.root).catalog.to_json())
+            return 0
+        version = apply_catalog(data.root, args.file)
+        tables = len(version.catalog.tables)
+        print(f"catalog revision {version.revision} applied: {tables} table(s)", file=sys.stderr)
+        return 0
+    if args.controlplane_command == "audit":
+        records = AuditLog(data.database()).recent(args.limit)
+        if args.json:
+            print(json.dumps([record.as_dict() for record in records], indent=2))
+        else:
+            print("\n".join(format_records(records)))
+        return 0
     if args.controlplane_command == "workers":
         _print_workers(WorkerRegistry(data.database()).list(), time.time())
         return 0
@@ -315,6 +425,7 @@ def _print_workers(workers: list[Worker], now: float) -> None:
     rows = [("ID", "NAME", "STATE", "LAST HEARTBEAT", "VERSION")]
     for worker in workers:
         state = "revoked" if worker.revoked_at else "online" if worker.online else "offline"
+        state = "draining" if state == "online" and worker.draining else state
         beat = "-" if worker.last_heartbeat is None else f"{now - worker.last_heartbeat:.0f}s ago"
         rows.append((worker.worker_id, worker.name, state, beat, worker.version))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -326,19 +437,35 @@ def _print_workers(workers: list[Worker], now: float) -> None:
 
 async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     identity = Identity.load(args.state)
-    async with LocalLauncher(_config(args), progress=progress) as launcher:
-        runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-        client = TunnelClient(identity, address=args.control_plane, runner=runner)
+    config = _config(args)
+    # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
+    cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
+    data = DataPath(Catalog.EMPTY, cache)
+    config = dataclasses.replace(config, cache_dir=cache.root)
+    async with LocalLauncher(config, progress=progress) as launcher:
+        runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
+        client = TunnelClient(
+            identity,
+            address=args.control_plane,
+            runner=runner,
+            audit=WorkerAuditLog(args.state / AUDIT_FILE),
+            drain_grace_s=args.drain_grace,
+            proxy=ProxyConfig.from_env(os.environ),
+            on_catalog=data.replace_catalog,
+        )
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, client.stop)
+            loop.add_signal_handler(signum, client.drain)
         address = args.control_plane or identity.tunnel_address
         print(
             f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
             file=sys.stderr,
             flush=True,
         )
-        await client.run()
+        try:
+            await client.run()
+        finally:
+            await cache.close()
     return 0
 
 
@@ -386,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_worker(args, progress))
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
+        if args.command == "cache":
+            return run_cache_command(args, _config(args))
     except DuckcellError as error:
         print(f"duckcell: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -19,6 +20,12 @@ import yaml
 
 from .errors import ConfigError
 from .resources import policies_dir
+
+GiB = 2**30
+DEFAULT_CACHE_BUDGET_BYTES = 10 * GiB
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": GiB, "tib": 2**40}
 
 
 def _default_state_dir() -> Path:
@@ -35,6 +42,7 @@ class LauncherConfig:
     policies_dir: Path
     image: str = "duckcell-sandbox:latest"
     cache_dir: Path | None = None
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     max_sandboxes: int = 8
     max_parallel_starts: int = 2
     queue_timeout_s: float = 30.0
@@ -50,6 +58,11 @@ class LauncherConfig:
     def instances_dir(self) -> Path:
         return self.state_dir / "instances"
 
+    @property
+    def cache_root(self) -> Path:
+        """The object cache: ``cache_dir``, else ``STATE_DIR/cache`` (a host directory)."""
+        return self.cache_dir or self.state_dir / "cache"
+
 
 _ENV = {
     "launcher_id": "DUCKCELL_LAUNCHER_ID",
@@ -57,6 +70,7 @@ _ENV = {
     "policies_dir": "DUCKCELL_POLICIES_DIR",
     "image": "DUCKCELL_IMAGE",
     "cache_dir": "DUCKCELL_CACHE_DIR",
+    "cache_budget_bytes": "DUCKCELL_CACHE_BUDGET",
     "max_sandboxes": "DUCKCELL_MAX_SANDBOXES",
     "max_parallel_starts": "DUCKCELL_MAX_PARALLEL_STARTS",
     "queue_timeout_s": "DUCKCELL_QUEUE_TIMEOUT",
@@ -64,11 +78,31 @@ _ENV = {
     "start_timeout_s": "DUCKCELL_START_TIMEOUT",
     "kill_grace_s": "DUCKCELL_KILL_GRACE",
 }
+_FLAGS = {"cache_budget_bytes": "--cache-budget"}  # flags not spelled like their setting
+_SIZES = {"cache_budget_bytes"}  # settings written as sizes ("10GiB") or plain bytes
+
+
+def parse_size(text: str) -> int:
+    """``"10GiB"``, ``"500MB"``, ``"1.5 GiB"`` or plain bytes, as bytes.
+
+    Raises ValueError saying what a size looks like.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    factor = _SIZE_UNITS.get(match[2].lower()) if match else None
+    if match is None or factor is None:
+        raise ValueError('expected a size like "10GiB", "500MB" or a number of bytes')
+    return int(float(match[1]) * factor)
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
     kind = {f.name: f.type for f in fields(LauncherConfig)}[name]
     try:
+        if name in _SIZES:
+            numeric = isinstance(value, int) and not isinstance(value, bool)
+            size = value if numeric else parse_size(str(value))
+            if size < 1:
+                raise ValueError("must be at least 1 byte")
+            return size
         if "Path" in str(kind):
             return Path(str(value)).expanduser()
         if kind == "int":
@@ -127,7 +161,8 @@ def load_config(
             values[name] = _coerce(name, env[variable], f"environment {variable}")
     for name, value in (flags or {}).items():
         if value is not None:
-            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+            flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
+            values[name] = _coerce(name, value, flag)
     if "launcher_id" not in values:
         values["launcher_id"] = default_launcher_id(values["state_dir"])
     return LauncherConfig(**values)

@@ -7,6 +7,11 @@ runner turns into temp views over ``/cache/...`` files, together with the lease 
 files from eviction until the query ends. Secrets are resolved here, on the host, only for the
 connections a query uses; they go into the object store client and nowhere else: never into a
 sandbox, its environment or its files.
+
+A query that writes (``COPY (SELECT ...) TO 's3://...'``, see ``launcher.writes``) is checked
+against the policy first, before any listing or download, and comes back with a
+``PendingWrite``: the executor runs its rewritten SQL and uploads the output through the
+connection's store once the query succeeded.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from .catalog import Binding, Catalog, Connection, Table
 from .errors import CatalogError, QueryDeniedError
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
+from .writes import PendingWrite, plan_write
 
 SANDBOX_CACHE = "/cache"  # where the cache root is mounted (read-only) in every sandbox
-DEFAULT_CACHE_BUDGET_BYTES = 10 * 2**30
 # Files a table made of a prefix or directory reads; a table naming one object reads it as is.
 _EXTENSIONS = {
     "parquet": (".parquet", ".parq", ".pq"),
@@ -35,12 +40,16 @@ StoreFactory = Callable[[Connection, Mapping[str, str] | None], ObjectStore]
 
 @dataclass(slots=True)
 class TableFiles:
-    """A query's bindings and the cache leases that pin their files; release when it ends."""
+    """A query's bindings, the cache leases that pin their files, and its write if it writes;
+    release when it ends (which also drops an output not uploaded)."""
 
     bindings: tuple[Binding, ...] = ()
     leases: list[CacheLease] = field(default_factory=list)
+    write: PendingWrite | None = None
 
     def release(self) -> None:
+        if self.write is not None:
+            self.write.discard()
         leases, self.leases = self.leases, []
         for lease in leases:
             lease.release()
@@ -97,14 +106,22 @@ class DataPath:
         self._make_store = stores
         self._stores: dict[str, ObjectStore] = {}
 
+    def replace_catalog(self, catalog: Catalog) -> None:
+        """Use ``catalog`` from the next query on (a worker's catalog push); store clients are
+        rebuilt because a connection's endpoint or secret names may have changed."""
+        self.catalog = catalog
+        self._stores.clear()
+
     async def prepare(self, sql: str, policy: Policy) -> TableFiles:
         """The bindings for the catalog tables ``sql`` names, their files leased in the cache.
 
         Raises SqlError (unparseable SQL), QueryDeniedError (the policy may not read a table's
-        connection), CatalogError (a table without files), SecretError, ObjectStoreError or
-        CacheError; nothing stays leased then.
+        connection, or not write where the SQL writes), CatalogError (a table without files),
+        SecretError, ObjectStoreError or CacheError; nothing stays leased then.
         """
-        tables = self.catalog.referenced(sql)
+        plan = plan_write(sql, policy, self.catalog)
+        write = PendingWrite(plan, self._store(plan.connection)) if plan is not None else None
+        tables = self.catalog.referenced(plan.sql if plan is not None else sql)
         for table in tables:
             if not visible(policy.access.connections, table.connection):
                 raise QueryDeniedError(
@@ -112,7 +129,7 @@ class DataPath:
                     f"{table.name}); use a policy whose access.connections includes it"
                 )
         listings = await asyncio.gather(*(self._list(table) for table in tables))
-        files = TableFiles()
+        files = TableFiles(write=write)
         try:
             bindings = [
                 await self._lease(t, refs, files) for t, refs in zip(tables, listings, strict=True)

@@ -5,6 +5,10 @@ timeout, the launcher's hard wall-clock kill (timeout plus a grace, for calls Du
 interrupt), the container's memory limit (OOM kill, read back from the engine), and a cancel.
 Per-query sandboxes are released (destroyed) whatever happened; a session's sandbox is kept
 unless it was killed or lost.
+
+A writing query (``TableFiles.write``, see ``launcher.writes``) runs its rewritten SQL; the
+runner's output chunks are spooled on the host and uploaded only after the query succeeded and
+its sandbox was released, and the write's one-row result replaces DuckDB's COPY count.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .errors import (
 )
 from .policy import Isolation, Policy
 from .pool import SandboxPool
-from .runner_client import QuerySummary, StreamBroken
+from .runner_client import OutputChunk, QuerySummary, StreamBroken
 from .sandbox import Sandbox
 from .session import Session, SessionManager
 
@@ -65,10 +69,13 @@ class QueryExecution:
         session: Session | None,
         query_id: str,
         tables: TableFiles | None = None,
+        parameters: bytes = b"",
     ) -> None:
         self._executor = executor
-        self._sql = sql
+        self._parameters = parameters
         self._tables = tables if tables is not None else TableFiles()
+        write = self._tables.write
+        self._sql = write.plan.sql if write is not None else sql
         self._policy = policy
         self._session = session
         self._sandbox: Sandbox | None = None
@@ -102,6 +109,9 @@ class QueryExecution:
                         yield chunk
                 finally:
                     pool.release(sandbox)
+            if self._tables.write is not None:
+                # After the release: an upload needs no sandbox, so it should not hold one.
+                yield await self._tables.write.publish()
             self.record.outcome = "ok"
         except QueryError as error:
             self.record.outcome = error.reason
@@ -167,6 +177,8 @@ class QueryExecution:
             max_rows=limits.max_result_rows,
             max_bytes=limits.max_result_bytes,
             tables=self._tables.bindings,
+            output_path=write.plan.output_path if (write := self._tables.write) else "",
+            parameters=self._parameters,
         )
         try:
             while True:
@@ -182,6 +194,12 @@ class QueryExecution:
                     raise self._hard_kill_error() from None
                 if isinstance(item, QuerySummary):
                     self.record.summary = item
+                elif isinstance(item, OutputChunk):
+                    if write is None:  # only a runner that ignores the protocol does this
+                        raise QueryError("the sandbox sent an output file no query asked for")
+                    await write.accept_output(item.data)
+                elif write is not None:
+                    write.accept_result(item)  # DuckDB's COPY count; publish() answers instead
                 else:
                     yield item
         except StreamBroken as broken:
@@ -275,9 +293,11 @@ class Executor:
         session_id: str | None = None,
         query_id: str | None = None,
         tables: TableFiles | None = None,
+        parameters: bytes = b"",
     ) -> QueryExecution:
         """A query ready to run; ``tables`` (from ``DataPath.prepare``) are bound in its sandbox
-        and released when it ends."""
+        and released when it ends; ``parameters`` (an Arrow IPC stream of one row) are bound
+        by DuckDB to the SQL's placeholders in the sandbox."""
         try:
             session = self.sessions.get(session_id) if session_id else None
             if session is not None:
@@ -292,7 +312,8 @@ class Executor:
             if tables is not None:
                 tables.release()  # the query will never run: unpin its files now
             raise
-        return QueryExecution(self, sql, policy, session, query_id or uuid.uuid4().hex, tables)
+        query_id = query_id or uuid.uuid4().hex
+        return QueryExecution(self, sql, policy, session, query_id, tables, parameters)
 
     async def cancel(self, query_id: str) -> bool:
         execution = self._running.get(query_id)

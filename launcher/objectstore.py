@@ -2,7 +2,9 @@
 
 An ``ObjectStore`` does I/O only, like an httpx transport: ``list`` turns a table's location into
 ``ObjectRef`` values (each pinned to one version by its ETag), ``download`` writes exactly that
-version to a file. Policy (where files live, single flight, budget, integrity) is the cache's.
+version to a file, ``upload`` publishes a query's written file whole or not at all (S3: one PUT,
+or a multipart upload that is aborted on failure; local: a temporary name, then a rename).
+Policy (where files live, single flight, budget, integrity, who may write where) is the caller's.
 
 This is the only module that imports boto3. The SDK is blocking, so each call runs in a worker
 thread; a download checks a stop flag between chunks so a cancelled caller gets its thread back
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
 from botocore import UNSIGNED
 from botocore.config import Config
 
@@ -35,6 +39,8 @@ from .errors import ObjectStoreError
 T = TypeVar("T")
 
 CHUNK = 1024 * 1024
+# Files above this go up as a multipart upload in parts of this size (S3's minimum is 5 MiB).
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
 LOCAL_SOURCE = "local"
 _DEFAULT_REGION = "us-east-1"  # an explicit default: boto3 would otherwise read the environment
 # botocore error codes, grouped by what the operator has to fix.
@@ -73,6 +79,10 @@ class ObjectStore(Protocol):
 
     async def download(self, ref: ObjectRef, dest: Path) -> None:
         """Write exactly the version ``ref`` names to ``dest``, or raise and leave no ``dest``."""
+        ...
+
+    async def upload(self, source: Path, url: str) -> None:
+        """Publish the file ``source`` at ``url`` whole, or raise and leave nothing there."""
         ...
 
 
@@ -123,7 +133,8 @@ class S3Store:
 
     The client is built once and is thread-safe; ``max_pool_connections`` bounds how many
     requests (downloads in flight) it keeps open at a time. ``list_page_size`` is the keys per
-    ListObjectsV2 request (S3's maximum, 1000, unless a test wants to see pagination).
+    ListObjectsV2 request (S3's maximum, 1000, unless a test wants to see pagination); uploads
+    larger than ``multipart_threshold`` go up in parts of that size.
     """
 
     def __init__(
@@ -137,6 +148,7 @@ class S3Store:
         session_token: str | None = None,
         max_pool_connections: int = 16,
         list_page_size: int = 1000,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
     ) -> None:
         if (access_key_id is None) != (secret_access_key is None):
             raise ObjectStoreError(
@@ -162,6 +174,11 @@ class S3Store:
             region_name=region or _DEFAULT_REGION,
         )
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_threshold,
+            max_concurrency=4,
+        )
 
     async def list(self, url: str) -> list[ObjectRef]:
         bucket, prefix = parse_s3_url(url)
@@ -200,6 +217,28 @@ class S3Store:
                 write_chunks(body.iter_chunks(CHUNK), dest, ref.size, stop, what=ref.key)
             finally:
                 body.close()
+
+    async def upload(self, source: Path, url: str) -> None:
+        bucket, key = parse_s3_url(url)
+        await run_stoppable(lambda stop: self._upload(source, bucket, key, stop))
+
+    def _upload(self, source: Path, bucket: str, key: str, stop: threading.Event) -> None:
+        def progress(_sent: int) -> None:
+            if stop.is_set():  # raising here fails the transfer, which aborts a multipart
+                raise ObjectStoreError("upload cancelled")
+
+        # A PUT below the threshold, else a multipart upload; s3transfer aborts a multipart
+        # upload that fails, so a failed or cancelled upload leaves no object and no parts.
+        with self._translated("upload", bucket, key):
+            try:
+                self._client.upload_file(
+                    str(source), bucket, key, Config=self._transfer, Callback=progress
+                )
+            except boto3.exceptions.S3UploadFailedError as error:  # wraps a ClientError's text
+                raise ObjectStoreError(
+                    f"S3 upload at {self.endpoint}, bucket {bucket!r}, key {key!r} failed "
+                    f"({error}); nothing was written, check the key may write there and retry"
+                ) from None
 
     @contextlib.contextmanager
     def _translated(self, what: str, bucket: str, key: str) -> Iterator[None]:
@@ -311,3 +350,26 @@ class LocalStore:
                 )
             chunks = iter(lambda: source.read(CHUNK), b"")
             write_chunks(chunks, dest, ref.size, stop, what=ref.key)
+
+    async def upload(self, source: Path, url: str) -> None:
+        await run_stoppable(lambda stop: self._upload(source, Path(url), stop))
+
+    def _upload(self, source: Path, dest: Path, stop: threading.Event) -> None:
+        """Copy to a hidden temporary name beside ``dest``, then rename: readers (and ``list``,
+        which skips hidden files) never see a half-written file."""
+        if not dest.is_absolute():
+            raise ObjectStoreError(f"local path {str(dest)!r} is not absolute; give a full path")
+        temp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            temp.unlink(missing_ok=True)  # left by a crash: write_chunks creates a new file
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as data:
+                chunks = iter(lambda: data.read(CHUNK), b"")
+                write_chunks(chunks, temp, source.stat().st_size, stop, what=str(source))
+            os.replace(temp, dest)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            raise ObjectStoreError(
+                f"cannot write local file {str(dest)!r} ({error.strerror}); check the directory "
+                "exists and the worker may write to it"
+            ) from None

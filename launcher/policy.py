@@ -31,7 +31,9 @@ Keys (``required`` or the default):
     access.connections              ["*"]
     writes.allowed                  false
     writes.prefixes                 []; URL prefixes like "s3://bucket/out/": at least one
-                                    when writes.allowed is true, none when it is false
+                                    when writes.allowed is true, none when it is false; the
+                                    catalog connection holding the bucket uploads (see
+                                    ``launcher.writes``), if access.connections allows it
     pool.warm                       1; ready sandboxes kept warm, 0 to 64
 
 Sizes are whole bytes or a number with a unit: B, kB/KB, MB, GB, TB (powers of 1000) or KiB,

@@ -4,7 +4,12 @@ The control plane's enrollment port serves ``Query.Run`` over server-authenticat
 client verifies it against the CA (``duckcell controlplane ca``) and authenticates with an API
 key in the ``authorization`` metadata. gRPC statuses are translated here: a failed query raises
 the same ``QueryError`` subclass a local run would (its ``reason`` travels as trailing
-metadata), a refused key ``ApiKeyError``, no or a lost worker ``WorkerUnavailableError``.
+metadata), a refused key ``ApiKeyError``, no or a lost worker ``WorkerUnavailableError``, an
+unknown, ended or refused session ``SessionError``.
+
+Sessions (``open_session``, ``table(..., session_id=)``, ``close_session``) run every query of
+the session in one sandbox on one worker, so temp tables survive between them; the session
+belongs to the API key that opened it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import pyarrow as pa
 import pyarrow.ipc
 from grpc import aio
 
+from .controlplane.sessions import SESSION_REASON
 from .controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
 from .errors import (
     ApiKeyError,
     DuckcellError,
     RemoteQueryError,
+    SessionError,
     WorkerUnavailableError,
     query_error,
 )
@@ -39,12 +46,17 @@ class ControlPlaneClient:
         self._stub = pb_grpc.QueryStub(self._channel)
 
     async def chunks(
-        self, sql: str, policy: str = "", *, timeout_s: float | None = None
+        self,
+        sql: str,
+        policy: str = "",
+        *,
+        timeout_s: float | None = None,
+        session_id: str = "",
     ) -> AsyncIterator[bytes]:
-        """The result's Arrow IPC stream bytes as they arrive; raises ``DuckcellError``s."""
-        call = self._stub.Run(
-            pb.QueryRequest(sql=sql, policy=policy), metadata=self._metadata, timeout=timeout_s
-        )
+        """The result's Arrow IPC stream bytes as they arrive; raises ``DuckcellError``s.
+        With ``session_id`` the query runs in that session (its policy applies)."""
+        request = pb.QueryRequest(sql=sql, policy=policy, session_id=session_id)
+        call = self._stub.Run(request, metadata=self._metadata, timeout=timeout_s)
         finished = False
         try:
             async for chunk in call:
@@ -62,11 +74,38 @@ class ControlPlaneClient:
             )
 
     async def table(
-        self, sql: str, policy: str = "", *, timeout_s: float | None = None
+        self,
+        sql: str,
+        policy: str = "",
+        *,
+        timeout_s: float | None = None,
+        session_id: str = "",
     ) -> pa.Table:
         """Run ``sql`` and decode its whole result (the CLI; tests)."""
-        parts = [chunk async for chunk in self.chunks(sql, policy, timeout_s=timeout_s)]
+        chunks = self.chunks(sql, policy, timeout_s=timeout_s, session_id=session_id)
+        parts = [chunk async for chunk in chunks]
         return pa.ipc.open_stream(b"".join(parts)).read_all()
+
+    async def open_session(
+        self, policy: str = "agent-session", *, timeout_s: float | None = None
+    ) -> str:
+        """Open a session of a session policy on some worker; returns its id."""
+        request = pb.OpenSessionRequest(policy=policy)
+        try:
+            reply = await self._stub.OpenSession(
+                request, metadata=self._metadata, timeout=timeout_s
+            )
+        except aio.AioRpcError as error:
+            raise self._translate(error) from None
+        return reply.session_id
+
+    async def close_session(self, session_id: str, *, timeout_s: float | None = None) -> None:
+        """Close the session and destroy its sandbox; an ended one closes quietly."""
+        request = pb.CloseSessionRequest(session_id=session_id)
+        try:
+            await self._stub.CloseSession(request, metadata=self._metadata, timeout=timeout_s)
+        except aio.AioRpcError as error:
+            raise self._translate(error) from None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -81,6 +120,8 @@ class ControlPlaneClient:
         code = error.code()
         details = error.details() or code.name
         reason = dict(error.trailing_metadata() or ()).get(REASON_KEY)
+        if reason == SESSION_REASON:
+            return SessionError(details)
         if reason:
             return query_error(str(reason), details)
         if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -1,6 +1,7 @@
 """The launcher's side of the runner protocol (grpc.aio over the sandbox's unix socket).
 
-Protobuf types stop here: callers get bytes of Arrow IPC, a QuerySummary, or a QueryError.
+Protobuf types stop here: callers get bytes of Arrow IPC, an OutputChunk (a slice of the file a
+writing query wrote), a QuerySummary, or a QueryError.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class QuerySummary:
     ipc_bytes: int
     execute_seconds: float
     statement_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """A slice of the output file of a writing query, in order (see ``launcher.writes``)."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +115,16 @@ class RunnerClient:
         max_rows: int | None,
         max_bytes: int | None,
         tables: Sequence[Binding] = (),
-    ) -> AsyncIterator[bytes | QuerySummary]:
-        """Yield IPC slices, then one QuerySummary. Raises QueryError or StreamBroken.
+        output_path: str = "",
+        parameters: bytes = b"",
+    ) -> AsyncIterator[bytes | OutputChunk | QuerySummary]:
+        """Yield IPC slices, then (with ``output_path``) OutputChunks, then one QuerySummary.
+        Raises QueryError or StreamBroken.
 
         ``tables`` become temp views in the sandbox; the sandbox's first query also limits
-        its file access to their files for the rest of the sandbox's life.
+        its file access to their files for the rest of the sandbox's life. ``output_path`` is
+        the /scratch file the SQL writes; the runner sends it back once the query succeeded.
+        ``parameters`` (an Arrow IPC stream of one row) are bound to the SQL's placeholders.
         """
         request = pb.ExecuteRequest(
             query_id=query_id,
@@ -122,6 +135,8 @@ class RunnerClient:
             tables=[
                 pb.TableBinding(name=t.name, format=t.format, paths=list(t.paths)) for t in tables
             ],
+            output_path=output_path,
+            parameters=parameters,
         )
         call = self._stub.Execute(request)
         try:
@@ -129,6 +144,8 @@ class RunnerClient:
                 kind = chunk.WhichOneof("kind")
                 if kind == "ipc":
                     yield chunk.ipc
+                elif kind == "output":
+                    yield OutputChunk(chunk.output)
                 elif kind == "summary":
                     s = chunk.summary
                     yield QuerySummary(s.rows, s.ipc_bytes, s.execute_seconds, s.statement_type)

@@ -8,18 +8,44 @@ fleet of workers does not reconnect in lockstep after a control-plane restart). 
 (revoked, unknown worker, incompatible version) is final: ``run`` raises
 ``TunnelRefusedError`` and does not dial again. ``stop`` ends ``run`` cleanly.
 
+``drain`` is the graceful way out (the worker's SIGTERM): the client sends ``Draining`` so the
+control plane routes nothing more here, keeps heartbeating while ``QueryTasks.drain`` gives the
+running queries ``drain_grace_s`` to finish and stops the rest (their clients get the reason
+"worker_shutdown"), then hangs up and ``run`` returns. The caller then closes its launcher,
+which removes the sandboxes. A second ``drain`` (a second Ctrl-C) stops at once.
+
 ``RunQuery`` and ``Cancel`` messages go to ``QueryTasks`` (``launcher.tunnel_queries``), which
 runs each query with the ``QueryRunner`` given to the client and pushes its results on a call of
 its own. Queries belong to one stream: when it ends (or on ``stop``) they are cancelled, which
 releases their sandboxes, and the control plane tells their clients the worker left.
+``SessionOpen`` and ``SessionClose`` go to ``WorkerSessions`` (``launcher.tunnel_sessions``),
+which opens sessions with the runner (when it keeps sessions) and, before each heartbeat,
+reports the sessions the worker ended by itself; a stream's sessions end with it too.
 
 Retry or stop, by gRPC status: PERMISSION_DENIED with a refusal reason and UNAUTHENTICATED (no
 certificate reached the server: wrong port or identity) stop; every other status, including
 UNAVAILABLE (control plane down or restarting) and a failed TLS handshake, is retried.
 
-Proxies: gRPC honours ``https_proxy``/``HTTPS_PROXY`` and ``no_proxy``/``NO_PROXY`` by itself
-(channel option ``grpc.enable_http_proxy``, on by default) and tunnels the TLS connection
-through the proxy with HTTP CONNECT, so nothing here reads the environment.
+Half-open connections: a control plane that vanished without a FIN/RST (host gone, NAT or
+firewall state dropped) would leave the stream looking alive forever, since the worker only
+writes heartbeats and writes into a dead TCP connection succeed until buffers fill. gRPC
+keepalive pings (``Keepalive``) notice it: a ping every 10 s, the connection is dropped when one
+is not answered within 10 s, so a silently dead peer is noticed within about 20 s and the
+worker redials. grpcio 1.85 ends an unanswered ping after ``grpc.http2.ping_timeout_ms`` (60 s
+by default), not after ``keepalive_timeout_ms``, so both are set: measured through a proxy that
+stops forwarding, the worker noticed after 62 s with keepalive alone and after 4 s with 2 s/2 s
+and both options. The control plane's server accepts pings this often (see its
+``min_ping_interval_without_data_ms``) and pings workers the same way.
+
+Proxies: gRPC tunnels the TLS connection through an HTTP proxy with CONNECT, but by itself
+(grpcio 1.85, measured) it reads only the lower-case ``grpc_proxy``/``https_proxy``/
+``http_proxy`` and ``no_proxy``, not the upper-case ``HTTPS_PROXY``/``NO_PROXY`` most
+deployments set. So the worker passes a ``ProxyConfig`` (``ProxyConfig.from_env``, read once by
+the CLI) and the choice is made here, per dial: the channel option ``grpc.http_proxy`` names
+the proxy (it takes precedence over gRPC's own reading of the environment), and a tunnel host
+that ``NO_PROXY`` names turns proxying off (``grpc.enable_http_proxy`` 0). ``NO_PROXY`` entries
+are host names, domain suffixes (``example.com`` and ``.example.com`` both match
+``cp.example.com``), IP addresses or ``*``; ports and CIDR ranges are not understood.
 """
 
 from __future__ import annotations
@@ -28,24 +54,81 @@ import asyncio
 import logging
 import random as _random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from launcher import __version__
+from launcher.catalog import Catalog
 from launcher.controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
 from launcher.enroll import Identity
-from launcher.errors import TunnelRefusedError
+from launcher.errors import CatalogError, TunnelRefusedError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.tunnel_queries import NoQueryRunner, QueryRunner, QueryTasks
+from launcher.tunnel_queries import AuditSink, NoQueryRunner, QueryRunner, QueryTasks
+from launcher.tunnel_sessions import NoSessionHost, SessionHost, WorkerSessions
 
 log = logging.getLogger(__name__)
 
 WELCOME_TIMEOUT_S = 10.0
+DEFAULT_DRAIN_GRACE_S = 30.0
 Sleep = Callable[[float], Awaitable[None]]
+# Precedence as in curl and gRPC: the gRPC-specific name first, lower case before upper case.
+_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+_NO_PROXY_VARIABLES = ("no_grpc_proxy", "no_proxy", "NO_PROXY")
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """gRPC keepalive on the worker's channel (see the module docstring): ping every ``time_s``
+    even with no call in flight, drop the connection when a ping is not answered within
+    ``timeout_s``, and never stop pinging for lack of data (the tunnel can be idle for hours).
+    """
+
+    time_s: float = 10.0
+    timeout_s: float = 10.0
+
+    def channel_options(self) -> tuple[tuple[str, int], ...]:
+        timeout_ms = round(self.timeout_s * 1000)
+        return (
+            ("grpc.keepalive_time_ms", round(self.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout_ms),  # what grpcio 1.85 actually waits
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Which HTTP proxy the worker dials the control plane through, and which hosts bypass it."""
+
+    url: str = ""
+    no_proxy: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProxyConfig:
+        url = next((env[name] for name in _PROXY_VARIABLES if env.get(name)), "")
+        bypass = next((env[name] for name in _NO_PROXY_VARIABLES if env.get(name)), "")
+        return cls(url, tuple(filter(None, (part.strip() for part in bypass.split(",")))))
+
+    def bypasses(self, host: str) -> bool:
+        host = host.strip("[]").lower().rstrip(".")
+        for entry in (e.lower().lstrip(".").rstrip(".") for e in self.no_proxy):
+            if entry == "*" or host == entry or host.endswith("." + entry):
+                return True
+        return False
+
+    def channel_options(self, address: str) -> tuple[tuple[str, str | int], ...]:
+        """gRPC channel options for dialling ``address`` (``HOST:PORT``)."""
+        if self.bypasses(address.rpartition(":")[0]):
+            return (("grpc.enable_http_proxy", 0),)
+        if self.url:
+            return (("grpc.http_proxy", self.url),)
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +149,12 @@ class TunnelClient:
     ``address`` defaults to the identity's tunnel address. ``sleep`` is what backoff waits
     with, so tests can observe or shorten it. ``connected`` is set while a welcomed stream is
     up; ``refusal`` holds the final refusal, if any. ``runner`` runs the queries the control
-    plane sends; without one, each is answered with an error.
+    plane sends; without one, each is answered with an error. ``audit`` receives one record
+    per query (``launcher.audit.WorkerAuditLog``); ``drain_grace_s`` is how long ``drain``
+    lets running queries finish. ``proxy`` says how to reach the control plane (see the
+    module docstring); without one, gRPC's own reading of the environment applies.
+    ``keepalive`` defaults to pings every 10 s answered within 10 s. ``on_catalog`` gets
+    each catalog the control plane pushes (right after the Welcome, then on every change).
     """
 
     def __init__(
@@ -79,9 +167,26 @@ class TunnelClient:
         sleep: Sleep = asyncio.sleep,
         version: str = __version__,
         runner: QueryRunner | None = None,
+        audit: AuditSink | None = None,
+        drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
+        proxy: ProxyConfig | None = None,
+        keepalive: Keepalive | None = None,
+        on_catalog: Callable[[Catalog], object] | None = None,
+        sessions: SessionHost | None = None,
     ) -> None:
         self._identity = identity
+        # Who opens the sessions the control plane asks for: by default the runner, when it
+        # can (``ExecutorQueryRunner`` does), so every worker that runs queries runs sessions.
+        if sessions is None:
+            sessions = runner if isinstance(runner, SessionHost) else NoSessionHost()
+        self._session_host: SessionHost = sessions
+        self._on_catalog = on_catalog or (lambda catalog: None)
+        self.catalog_revision = ""
         self._runner: QueryRunner = runner or NoQueryRunner()
+        self._audit = audit
+        self._drain_grace_s = drain_grace_s
+        self._proxy = proxy or ProxyConfig()
+        self._keepalive = keepalive or Keepalive()
         self._queries: QueryTasks | None = None
         self._address = address or identity.tunnel_address
         self._labels = labels or {}
@@ -89,6 +194,8 @@ class TunnelClient:
         self._sleep = sleep
         self._version = version
         self._stopping = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._leaving = asyncio.Event()  # stop or drain: dial no more
         self.connected = asyncio.Event()
         self.refusal: TunnelRefusedError | None = None
         self.connections = 0  # welcomed streams so far
@@ -96,6 +203,15 @@ class TunnelClient:
     def stop(self) -> None:
         """Ask ``run`` to hang up and return; safe to call from a signal handler."""
         self._stopping.set()
+        self._leaving.set()
+
+    def drain(self) -> None:
+        """Ask ``run`` to drain (see the module docstring) and return; safe to call from a
+        signal handler. Called again while draining, it stops at once."""
+        if self._draining.is_set():
+            self.stop()
+        self._draining.set()
+        self._leaving.set()
 
     async def run(self) -> None:
         """Dial, stay connected, redial with backoff; raises ``TunnelRefusedError``."""
@@ -105,7 +221,7 @@ class TunnelClient:
             certificate_chain=self._identity.cert_path.read_bytes(),
         )
         attempt = 0
-        while not self._stopping.is_set():
+        while not self._leaving.is_set():
             welcomed_before = self.connections
             try:
                 await self._connect_once(credentials)
@@ -123,13 +239,13 @@ class TunnelClient:
                 )
             if self.connections > welcomed_before:
                 attempt = 0  # the link worked: start the backoff over
-            if not self._stopping.is_set():
+            if not self._leaving.is_set():
                 await self._pause(self._backoff.delay(attempt))
                 attempt += 1
 
     async def _pause(self, delay_s: float) -> None:
         sleeper = asyncio.ensure_future(self._sleep(delay_s))
-        stopper = asyncio.ensure_future(self._stopping.wait())
+        stopper = asyncio.ensure_future(self._leaving.wait())
         try:
             await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -138,17 +254,15 @@ class TunnelClient:
 
     async def _connect_once(self, credentials: grpc.ChannelCredentials) -> None:
         """One stream, from dial to its end; returns normally on stop or a clean hang-up."""
-        async with aio.secure_channel(self._address, credentials, MESSAGE_OPTIONS) as channel:
+        proxying = self._proxy.channel_options(self._address)
+        options = (*MESSAGE_OPTIONS, *self._keepalive.channel_options(), *proxying)
+        async with aio.secure_channel(self._address, credentials, options) as channel:
             stub = pb_grpc.TunnelStub(channel)
             call = stub.Connect()
             try:
-                hello = pb.Hello(worker_version=self._version, labels=self._labels)
-                await _send(call, pb.WorkerMessage(hello=hello))
-                async with asyncio.timeout(WELCOME_TIMEOUT_S):
-                    first = await self._read(call)
-                if first is None:
+                welcome = await self._handshake(call)
+                if welcome is None:
                     return
-                welcome = first.welcome
                 self.connections += 1
                 self.connected.set()
                 log.info(
@@ -156,17 +270,50 @@ class TunnelClient:
                     welcome.worker_id,
                     welcome.control_plane_version,
                 )
-                await self._serve(call, QueryTasks(self._runner, stub), welcome)
+                send = _Sender(call)
+                sessions = WorkerSessions(self._session_host, send)
+                queries = QueryTasks(self._runner, stub, audit=self._audit, sessions=sessions)
+                await self._serve(call, send, queries, sessions, welcome)
             finally:
                 self.connected.clear()
                 call.cancel()
+
+    async def _handshake(self, call: aio.StreamStreamCall) -> pb.Welcome | None:
+        """Hello, then the Welcome; None on a clean end or when ``stop``/``drain`` came first.
+
+        A dial can stall without failing (a proxy or network that swallows the TLS handshake):
+        until the Welcome, the stop event is watched here, so a SIGTERM never waits for it.
+        """
+        hello = pb.WorkerMessage(hello=pb.Hello(worker_version=self._version, labels=self._labels))
+
+        async def exchange() -> pb.ControlMessage | None:
+            async with asyncio.timeout(WELCOME_TIMEOUT_S):
+                await _send(call, hello)
+                return await self._read(call)
+
+        answer = asyncio.ensure_future(exchange())
+        leaving = asyncio.ensure_future(self._leaving.wait())
+        try:
+            await asyncio.wait({answer, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+        if not answer.done():
+            answer.cancel()
+            return None
+        first = answer.result()  # TunnelRefusedError, AioRpcError or TimeoutError surface here
+        return None if first is None else first.welcome
 
     @property
     def running_queries(self) -> int:
         return len(self._queries) if self._queries is not None else 0
 
     async def _serve(
-        self, call: aio.StreamStreamCall, queries: QueryTasks, welcome: pb.Welcome
+        self,
+        call: aio.StreamStreamCall,
+        send: _Sender,
+        queries: QueryTasks,
+        sessions: WorkerSessions,
+        welcome: pb.Welcome,
     ) -> None:
         """Heartbeat and read until the stream ends or ``stop`` is called.
 
@@ -176,35 +323,86 @@ class TunnelClient:
         """
         self._queries = queries
         interval_s = welcome.heartbeat_interval_ms / 1000
-        heartbeat = asyncio.create_task(self._heartbeat(call, interval_s))
-        reader = asyncio.create_task(self._read_all(call, queries))
+        heartbeat = asyncio.create_task(self._heartbeat(send, sessions, interval_s))
+        reader = asyncio.create_task(self._read_all(call, queries, sessions))
         stopper = asyncio.create_task(self._stopping.wait())
+        drainer = asyncio.create_task(self._draining.wait())
         try:
-            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader, stopper, drainer}, return_when=asyncio.FIRST_COMPLETED)
+            if drainer.done() and not reader.done() and not stopper.done():
+                await self._drain(send, queries, {reader, stopper})
         finally:
-            for task in (heartbeat, reader, stopper):
+            for task in (heartbeat, reader, stopper, drainer):
                 task.cancel()
             # Before the channel closes: each query releases its sandbox.
             await queries.close()
+            await sessions.close_all()  # the control plane forgets them with the stream
             self._queries = None
         if reader.done() and not reader.cancelled():
             reader.result()  # a refusal or a gRPC error surfaces here
 
-    async def _heartbeat(self, call: aio.StreamStreamCall, interval_s: float) -> None:
+    async def _drain(
+        self, send: _Sender, queries: QueryTasks, enders: set[asyncio.Task[Any]]
+    ) -> None:
+        """Say Draining, then wait for the queries to end (or the stream to, or ``stop``).
+
+        The reader keeps running meanwhile: Cancel messages for running queries still count,
+        and a RunQuery that crossed Draining on the wire is answered by ``QueryTasks``.
+        """
+        log.warning(
+            "draining: %d running query(ies) get %g s to finish",
+            len(queries),
+            self._drain_grace_s,
+        )
+        draining = pb.Draining(
+            grace_ms=round(self._drain_grace_s * 1000), running_queries=len(queries)
+        )
+        await send(pb.WorkerMessage(draining=draining))
+        worker = self._identity.worker_id
+        drained = asyncio.create_task(queries.drain(self._drain_grace_s, worker))
+        try:
+            await asyncio.wait({drained, *enders}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+        if drained.done() and not drained.cancelled():
+            log.warning("drained: every query has ended; hanging up")
+
+    async def _heartbeat(self, send: _Sender, sessions: WorkerSessions, interval_s: float) -> None:
         while True:
+            # Sessions the worker ended by itself are reported at the heartbeat's pace.
+            await sessions.sweep()
             beat = pb.Heartbeat(
                 sent_unix_ms=int(time.time() * 1000), running_queries=self.running_queries
             )
-            if not await _send(call, pb.WorkerMessage(heartbeat=beat)):
+            if not await send(pb.WorkerMessage(heartbeat=beat)):
                 return
             await asyncio.sleep(interval_s)
 
-    async def _read_all(self, call: aio.StreamStreamCall, queries: QueryTasks) -> None:
+    async def _read_all(
+        self, call: aio.StreamStreamCall, queries: QueryTasks, sessions: WorkerSessions
+    ) -> None:
         while (message := await self._read(call)) is not None:
             if message.HasField("run_query"):
                 queries.start(message.run_query)
+            elif message.HasField("session_open"):
+                sessions.open(message.session_open)
+            elif message.HasField("session_close"):
+                sessions.close(message.session_close.session_id)
             elif message.HasField("cancel"):
                 await queries.cancel(message.cancel.query_id)
+            elif message.HasField("config"):
+                self._apply_config(message.config)
+
+    def _apply_config(self, push: pb.ConfigPush) -> None:
+        """Take a pushed catalog; a bad one is logged and the one in force stays."""
+        try:
+            catalog = Catalog.from_json(push.catalog_json)
+        except CatalogError as error:
+            log.error("catalog revision %s refused, keeping the last: %s", push.revision, error)
+            return
+        log.info("catalog revision %s: %d table(s)", push.revision, len(catalog.tables))
+        self.catalog_revision = push.revision
+        self._on_catalog(catalog)
 
     async def _read(self, call: aio.StreamStreamCall) -> pb.ControlMessage | None:
         """The next message, or None at a clean end; a refusal raises ``TunnelRefusedError``."""
@@ -218,6 +416,19 @@ class TunnelClient:
             refusal = message.refusal
             raise TunnelRefusedError(refusal.message, refusal.reason)
         return message
+
+
+class _Sender:
+    """Writes on one stream, one message at a time: the heartbeat, the drain and the session
+    side all write, and a gRPC call takes one write in flight at a time."""
+
+    def __init__(self, call: aio.StreamStreamCall) -> None:
+        self._call = call
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, message: pb.WorkerMessage) -> bool:
+        async with self._lock:
+            return await _send(self._call, message)
 
 
 async def _send(call: aio.StreamStreamCall, message: pb.WorkerMessage) -> bool:

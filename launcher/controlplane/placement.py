@@ -40,6 +40,8 @@ def pin_for(catalog: Catalog, sql: str) -> Pin | None:
 
     A SQL text DuckDB cannot parse raises SqlError with DuckDB's message.
     """
+    if not any(connection.worker for connection in catalog.connections.values()):
+        return None  # nothing is pinned: no need to parse
     pins: dict[str, str] = {}
     for table in catalog.referenced(sql):
         connection = catalog.connections[table.connection]

@@ -15,12 +15,13 @@ import logging
 import grpc
 from grpc import aio
 
-from launcher.errors import ApiKeyError, QueryError, WorkerUnavailableError
+from launcher.errors import ApiKeyError, QueryError, SessionError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
 from .apikeys import ApiKey, ApiKeys
 from .routing import QueryDone, QueryRouter
+from .sessions import SESSION_REASON
 from .wire import REASON_KEY
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ STATUS_BY_REASON = {
     "memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "result_limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "cancelled": grpc.StatusCode.CANCELLED,
+    # The worker drained: retrying is the right move, which is what UNAVAILABLE tells clients.
+    "worker_shutdown": grpc.StatusCode.UNAVAILABLE,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
     "sandbox_lost": grpc.StatusCode.UNAVAILABLE,
     "policy": grpc.StatusCode.INVALID_ARGUMENT,
     "capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -52,20 +56,49 @@ class QueryService(pb_grpc.QueryServicer):
     ) -> None:
         caller = await self._authenticate(context)
         log.info("query from key %s (%s)", caller.key_id, caller.role)
+        run = self._router.run(
+            request.sql,
+            request.policy,
+            caller=caller_name(caller),
+            role=caller.role,
+            session_id=request.session_id,
+        )
         try:
             # aclosing: when this call is cancelled the router's cleanup cancels the query.
-            async with contextlib.aclosing(self._router.run(request.sql, request.policy)) as items:
+            async with contextlib.aclosing(run) as items:
                 async for item in items:
                     if isinstance(item, QueryDone):
                         outcome = pb.Outcome(ok=True, rows=item.rows)
                         await context.write(pb.QueryChunk(outcome=outcome))
                     else:
                         await context.write(pb.QueryChunk(ipc=item))
-        except WorkerUnavailableError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        except QueryError as error:
-            code = STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INTERNAL)
-            await context.abort(code, str(error), trailing_metadata=((REASON_KEY, error.reason),))
+        except (WorkerUnavailableError, QueryError, SessionError) as error:
+            await _fail(context, error)
+
+    async def OpenSession(  # the generated servicer's method name
+        self, request: pb.OpenSessionRequest, context: aio.ServicerContext
+    ) -> pb.OpenSessionReply:
+        caller = await self._authenticate(context)
+        try:
+            # The owner is the caller's name, the router's default owner of a session's
+            # queries, so the Flight SQL surface shares sessions' rules without passing it.
+            session_id = await self._router.open_session(
+                request.policy, owner=caller_name(caller), role=caller.role
+            )
+        except (WorkerUnavailableError, QueryError, SessionError) as error:
+            # Here a SessionError is the worker's refusal (say, not a session policy).
+            await _fail(context, error, session_code=grpc.StatusCode.FAILED_PRECONDITION)
+        return pb.OpenSessionReply(session_id=session_id)
+
+    async def CloseSession(  # the generated servicer's method name
+        self, request: pb.CloseSessionRequest, context: aio.ServicerContext
+    ) -> pb.CloseSessionReply:
+        caller = await self._authenticate(context)
+        try:
+            await self._router.close_session(request.session_id, owner=caller_name(caller))
+        except SessionError as error:
+            await _fail(context, error)
+        return pb.CloseSessionReply()
 
     async def _authenticate(self, context: aio.ServicerContext) -> ApiKey:
         metadata = dict(context.invocation_metadata() or ())
@@ -80,3 +113,26 @@ class QueryService(pb_grpc.QueryServicer):
         except ApiKeyError as error:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
         raise AssertionError("unreachable: abort raises")
+
+
+async def _fail(
+    context: aio.ServicerContext,
+    error: WorkerUnavailableError | QueryError | SessionError,
+    *,
+    session_code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND,
+) -> None:
+    """End the call with the status for ``error``; query and session errors carry their
+    reason ("session" for a SessionError) so the client raises the same class."""
+    if isinstance(error, WorkerUnavailableError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    if isinstance(error, SessionError):
+        code, reason = session_code, SESSION_REASON
+    else:
+        code = STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INTERNAL)
+        reason = error.reason
+    await context.abort(code, str(error), trailing_metadata=((REASON_KEY, reason),))
+
+
+def caller_name(key: ApiKey) -> str:
+    """How the audit log names an API key's caller: ``<key id>/<role>``."""
+    return f"{key.key_id}/{key.role}"

@@ -3,8 +3,8 @@
 A worker id (``wkr-<12 hex>``) is assigned by the control plane at enrollment and becomes the
 CN of the worker's client certificate; the certificate serial recorded here is what mTLS on
 the tunnel checks, and a revoked worker is refused there. The tunnel also records here whether a
-worker is online, its last heartbeat, version and labels. Raises ``ControlPlaneError`` when
-SQLite fails.
+worker is online (and whether it is draining: shutting down, routed no new query), its last
+heartbeat, version and labels. Raises ``ControlPlaneError`` when SQLite fails.
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ class Worker:
     online: bool = False
     last_heartbeat: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
 
 
 _COLUMNS = "id, name, cert_serial, token_id, version, enrolled_at, revoked_at"
-_ALL_COLUMNS = f"{_COLUMNS}, online, last_heartbeat, labels"
-_Row = tuple[str, str, str, str, str, float, float | None, int, float | None, str]
+_ALL_COLUMNS = f"{_COLUMNS}, online, last_heartbeat, labels, draining"
+_Row = tuple[str, str, str, str, str, float, float | None, int, float | None, str, int]
 
 
 def _worker(row: _Row) -> Worker:
-    worker_id, name, serial_hex, token_id, version, enrolled, revoked, online, beat, labels = row
+    worker_id, name, serial_hex, token_id, version, enrolled, revoked, online, beat = row[:9]
+    labels, draining = row[9:]
     return Worker(
         worker_id,
         name,
@@ -61,6 +63,7 @@ def _worker(row: _Row) -> Worker:
         bool(online),
         beat,
         json.loads(labels),
+        bool(draining),
     )
 
 
@@ -126,24 +129,31 @@ class WorkerRegistry:
     def mark_online(
         self, worker_id: str, *, version: str | None = None, labels: dict[str, str] | None = None
     ) -> None:
-        """Record a heartbeat (and, on Hello, the worker's version and labels)."""
+        """Record a heartbeat (and, on Hello, the worker's version and labels; a Hello also
+        starts a new stream, which is not draining)."""
         self._write(
             "UPDATE workers SET online = 1, last_heartbeat = ?, version = coalesce(?, version), "
-            "labels = coalesce(?, labels) WHERE id = ?",
+            "labels = coalesce(?, labels), draining = CASE WHEN ? IS NULL THEN draining ELSE 0 END "
+            "WHERE id = ?",
             (
                 self._clock(),
                 version,
                 None if labels is None else json.dumps(labels, sort_keys=True),
+                version,  # a Hello: the new stream is not draining
                 worker_id,
             ),
         )
 
+    def mark_draining(self, worker_id: str) -> None:
+        """The worker said Draining: it is shutting down and gets no new query."""
+        self._write("UPDATE workers SET draining = 1 WHERE id = ?", (worker_id,))
+
     def mark_offline(self, worker_id: str | None = None) -> None:
         """Mark one worker offline, or every worker (on start, after a crash left some online)."""
         if worker_id is None:
-            self._write("UPDATE workers SET online = 0", ())
+            self._write("UPDATE workers SET online = 0, draining = 0", ())
         else:
-            self._write("UPDATE workers SET online = 0 WHERE id = ?", (worker_id,))
+            self._write("UPDATE workers SET online = 0, draining = 0 WHERE id = ?", (worker_id,))
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:
         try:

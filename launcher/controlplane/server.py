@@ -12,26 +12,41 @@ is its leaf followed by the CA certificate, because the worker pins the CA by re
 the handshake and comparing its hash with the one its token carries (see ``launcher.enroll``).
 
 All database work happens on the event loop's thread: the SQLite connection is opened in
-``start`` and used by one thread only, and each enrollment is a couple of short writes.
+``start`` and used by one thread only, and each enrollment is a couple of short writes, each
+query one audit row.
+
+Keepalive (``KEEPALIVE_OPTIONS``): the server pings each connection every 10 s and drops it when
+a ping is not answered within 10 s, so a worker whose host vanished without closing its TCP
+connection is noticed within about 20 s even before its missed heartbeats (3 x 5 s) end the
+tunnel. Workers ping every 10 s too (``launcher.tunnel.Keepalive``); the server lets a client
+ping as often as every 5 s without data, so their pings never earn strikes and a GOAWAY
+("too_many_pings"). ``grpc.http2.ping_timeout_ms`` is set with the keepalive timeout because
+grpcio 1.85 waits that long (60 s by default) for a ping's answer, whatever the keepalive says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from launcher import __version__
 from launcher.errors import CertificateError, ControlPlaneError, EnrollmentError
+from launcher.flight import FlightListen, FlightSqlServer
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
-from .apikeys import ApiKeys
+from .apikeys import ApiKey, ApiKeys
+from .audit import AuditLog
 from .ca import CertificateAuthority
+from .catalogs import CatalogVersion, CatalogWatcher
 from .datadir import ControlPlaneData
 from .query import QueryService
 from .registry import Worker, WorkerRegistry, new_worker_id
@@ -46,6 +61,15 @@ log = logging.getLogger(__name__)
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 # Wildcard listen addresses are not names a client can dial, so they never go into the SANs.
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+# See the module docstring for why these numbers.
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+)
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):
@@ -116,7 +140,16 @@ class ControlPlaneServer:
         tunnel_listen: str | None = None,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         clock: Clock = time.time,
+        flight_listen: str | None = None,
+        flight_plaintext: bool = False,
+        observe: Callable[[Message], object] = lambda message: None,
     ) -> None:
+        self._observe = observe  # sees every message workers send (see TunnelService)
+        # Checked before anything listens: plaintext Flight is refused off loopback.
+        self._flight_listen = (
+            FlightListen.parse(flight_listen, plaintext=flight_plaintext) if flight_listen else None
+        )
+        self.flight: FlightSqlServer | None = None
         self._data = data
         self._listen = listen
         self._host, port = split_address(listen)
@@ -126,6 +159,9 @@ class ControlPlaneServer:
         self._hosts += hosts or []
         self._clock = clock
         self._server: aio.Server | None = None
+        self._catalog_task: asyncio.Task[None] | None = None
+        self.catalog = CatalogWatcher(data.root, self._push_catalog)
+        self.router: QueryRouter | None = None
         self._conn: sqlite3.Connection | None = None
         self._tunnel: TunnelService | None = None
         self._registry: WorkerRegistry | None = None
@@ -153,7 +189,7 @@ class ControlPlaneServer:
         tokens = EnrollmentTokens(self._conn, ca_fingerprint=ca.fingerprint(), clock=self._clock)
         self._registry = WorkerRegistry(self._conn, clock=self._clock)
         self._registry.mark_offline()  # nobody is connected yet, whatever a crash left behind
-        server = aio.server(options=MESSAGE_OPTIONS)
+        server = aio.server(options=(*MESSAGE_OPTIONS, *KEEPALIVE_OPTIONS))
         self.port = _bind(server, self._listen, grpc.ssl_server_credentials(pairs))
         mutual = grpc.ssl_server_credentials(
             pairs, root_certificates=ca.cert_pem(), require_client_auth=True
@@ -161,15 +197,45 @@ class ControlPlaneServer:
         self.tunnel_port = _bind(server, self._tunnel_listen, mutual)
         enrollment = EnrollmentService(ca, tokens, self._registry, self.tunnel_port)
         pb_grpc.add_EnrollmentServicer_to_server(enrollment, server)
-        router = QueryRouter()
+        router = QueryRouter(
+            audit=AuditLog(self._conn),
+            clock=self._clock,
+            catalog=lambda: self.catalog.current.catalog,
+        )
+        self.router = router
         self._tunnel = TunnelService(
-            self._registry, router, heartbeat_interval_s=self._heartbeat_interval_s
+            self._registry,
+            router,
+            heartbeat_interval_s=self._heartbeat_interval_s,
+            config=lambda: config_push(self.catalog.current),
+            observe=self._observe,
         )
         pb_grpc.add_TunnelServicer_to_server(self._tunnel, server)
         # Served on both ports like the others; clients use the enrollment port (server TLS).
         pb_grpc.add_QueryServicer_to_server(QueryService(ApiKeys(self._conn), router), server)
         await server.start()
         self._server = server
+        self._catalog_task = asyncio.create_task(self.catalog.run())
+        if self._flight_listen is not None:
+            api_keys = ApiKeys(self._conn)
+
+            async def verify_key(key: str) -> ApiKey:  # on this loop, which owns the database
+                return api_keys.verify(key)
+
+            self.flight = FlightSqlServer(
+                self._flight_listen,
+                router,
+                verify_key,
+                ca=ca,
+                hosts=self._hosts,
+                catalog=lambda: self.catalog.current.catalog,
+            )
+            await self.flight.start()
+
+    def _push_catalog(self, version: CatalogVersion) -> None:
+        """A new catalog revision was applied: every connected worker gets it now."""
+        if self.router is not None:
+            self.router.broadcast(pb.ControlMessage(config=config_push(version)))
 
     async def revoke(self, worker_id: str) -> Worker:
         """Revoke a worker and close its tunnel now (the CLI, in another process, only writes
@@ -186,6 +252,12 @@ class ControlPlaneServer:
         Tunnels never finish by themselves, so they are told to close first (their workers
         reconnect with backoff until a control plane answers again).
         """
+        if self.flight is not None:
+            await self.flight.stop()
+            self.flight = None
+        if self._catalog_task is not None:
+            self._catalog_task.cancel()
+            self._catalog_task = None
         if self._tunnel is not None:
             self._tunnel.close_all("the control plane is shutting down")
             self._tunnel = None
@@ -196,6 +268,10 @@ class ControlPlaneServer:
             self._conn.close()
             self._conn = None
             self._registry = None
+
+
+def config_push(version: CatalogVersion) -> pb.ConfigPush:
+    return pb.ConfigPush(revision=version.revision, catalog_json=version.catalog.to_json())
 
 
 def _bind(server: aio.Server, listen: str, credentials: grpc.ServerCredentials) -> int:

@@ -56,6 +56,33 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  REAL NOT NULL
     );
     """,
+    # 5: the audit log, one row per routed query (see audit.py). worker_id and sandbox are ''
+    # when the query never reached one; times are seconds since the epoch.
+    """
+    CREATE TABLE query_audit (
+        query_id    TEXT PRIMARY KEY,
+        caller      TEXT NOT NULL,
+        sql         TEXT NOT NULL,
+        sql_sha256  TEXT NOT NULL,
+        worker_id   TEXT NOT NULL,
+        policy      TEXT NOT NULL,
+        started_at  REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        queued_s    REAL NOT NULL,
+        run_s       REAL NOT NULL,
+        rows        INTEGER NOT NULL,
+        bytes       INTEGER NOT NULL,
+        outcome     TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        message     TEXT NOT NULL,
+        sandbox     TEXT NOT NULL
+    );
+    CREATE INDEX query_audit_started_at ON query_audit (started_at);
+    """,
+    # 6: a worker that said Draining (shutting down): still connected, no longer routed to.
+    """
+    ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

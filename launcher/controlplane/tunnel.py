@@ -7,11 +7,16 @@ PERMISSION_DENIED. Otherwise it is welcomed with the heartbeat interval, marked 
 heartbeats keep it so; each heartbeat also re-reads the registry, so a revocation made by another
 process (the CLI) closes the stream within one interval. The stream ends, and the worker is marked
 offline, when the worker hangs up, misses three heartbeats, or is revoked here (``disconnect``).
+Only heartbeats count as signs of life (``HeartbeatWatch``): a stream that carries other messages
+but no heartbeat for three intervals is ended all the same, and gRPC keepalive (see ``server``)
+catches connections that died without a word. A ``Draining`` message tells the router to pick
+the worker no more; the stream itself stays until the worker hangs up.
 
 Each stream's messages are read by a small pump task into an inbox queue; ``disconnect`` puts a
 close order in the same queue, so the handler has one place to wait and all its database work
-stays on the event loop's thread. Messages to the worker (``RunQuery``, ``Cancel``) go through
-the outbox the ``QueryRouter`` hands out on connect; a writer task per stream drains it.
+stays on the event loop's thread. Messages to the worker (``RunQuery``, ``Cancel``,
+``SessionOpen``, ``SessionClose``) go through the outbox the ``QueryRouter`` hands out on
+connect; a writer task per stream drains it.
 ``PushResults`` calls are handed to the router, which relays them to the waiting client.
 """
 
@@ -19,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from launcher import __version__
@@ -54,6 +60,26 @@ class _Close:
 
 
 @dataclass(slots=True)
+class HeartbeatWatch:
+    """When a worker is taken for gone: ``MISSED_HEARTBEATS`` intervals after its last
+    heartbeat (or its welcome). Times are the event loop's clock, so tests can pass their own.
+    Messages other than heartbeats do not count, so a stream cannot stay up on them alone."""
+
+    interval_s: float
+    last_beat: float
+
+    @property
+    def deadline(self) -> float:
+        return self.last_beat + MISSED_HEARTBEATS * self.interval_s
+
+    def beat(self, now: float) -> None:
+        self.last_beat = now
+
+    def overdue(self, now: float) -> bool:
+        return now >= self.deadline
+
+
+@dataclass(slots=True)
 class _Link:
     worker_id: str
     inbox: asyncio.Queue[pb.WorkerMessage | _Close] = field(default_factory=asyncio.Queue)
@@ -73,9 +99,14 @@ class TunnelService(pb_grpc.TunnelServicer):
         *,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         version: str = __version__,
+        config: Callable[[], pb.ConfigPush] = pb.ConfigPush,
+        observe: Callable[[Message], object] = lambda message: None,
     ) -> None:
         self._registry = registry
         self._router = router
+        self._config = config  # the catalog push every worker gets right after its Welcome
+        # Sees every message a worker sends (tests prove what never crosses the tunnel).
+        self._observe = observe
         self._interval_s = heartbeat_interval_s
         self._version = version
         self._live: dict[str, _Link] = {}
@@ -105,7 +136,8 @@ class TunnelService(pb_grpc.TunnelServicer):
         # show the worker a local INTERNAL error instead of the refusal.
         hello = await self._hello(context)
         worker_id, serial = await self._peer(context)
-        refusal = _standing(worker_id, serial, self._registry.get(worker_id))
+        worker = self._registry.get(worker_id)
+        refusal = _standing(worker_id, serial, worker)
         if refusal is None:
             refusal = self._version_refusal(hello.worker_version)
         if refusal is not None:
@@ -116,7 +148,7 @@ class TunnelService(pb_grpc.TunnelServicer):
             message = "replaced by a newer connection of the same worker"
             previous.inbox.put_nowait(_Close(code=grpc.StatusCode.ABORTED, message=message))
         self._live[worker_id] = link
-        pump = asyncio.create_task(_pump(context, link))
+        pump = asyncio.create_task(_pump(context, link, self._observe))
         writer: asyncio.Task[None] | None = None
         outbox: Outbox | None = None
         try:
@@ -125,10 +157,13 @@ class TunnelService(pb_grpc.TunnelServicer):
             )
             log.info("worker %s connected (version %s)", worker_id, hello.worker_version)
             await context.write(pb.ControlMessage(welcome=self._welcome(worker_id)))
+            # The catalog before any query: a RunQuery may name its tables.
+            await context.write(pb.ControlMessage(config=self._config()))
             # Routed only once welcomed: a RunQuery must never precede the Welcome.
-            outbox = self._router.worker_connected(worker_id)
+            name = worker.name if worker is not None else ""
+            outbox = self._router.worker_connected(worker_id, name)
             writer = asyncio.create_task(_write(context, outbox))
-            close = await self._watch(link, serial)
+            close = await self._watch(link, serial, outbox)
         finally:
             pump.cancel()
             if writer is not None:
@@ -150,9 +185,11 @@ class TunnelService(pb_grpc.TunnelServicer):
         context: aio.ServicerContext[pb.ResultChunk, pb.PushAck],
     ) -> pb.PushAck:
         worker_id, serial = await self._peer(context)
-        refusal = _standing(worker_id, serial, self._registry.get(worker_id))
+        worker = self._registry.get(worker_id)
+        refusal = _standing(worker_id, serial, worker)
         if refusal is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal.message)
+        request_iterator = _observed(request_iterator, self._observe)
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("query_id"):
             await context.abort(
@@ -207,12 +244,14 @@ class TunnelService(pb_grpc.TunnelServicer):
             heartbeat_interval_ms=round(self._interval_s * 1000),
         )
 
-    async def _watch(self, link: _Link, serial: int) -> _Close:
+    async def _watch(self, link: _Link, serial: int, outbox: Outbox) -> _Close:
         """Handle the worker's messages until something ends the stream; say how to end it."""
         silence_s = MISSED_HEARTBEATS * self._interval_s
+        loop = asyncio.get_running_loop()
+        watch = HeartbeatWatch(self._interval_s, loop.time())
         while True:
             try:
-                async with asyncio.timeout(silence_s):
+                async with asyncio.timeout_at(watch.deadline):
                     item = await link.inbox.get()
             except TimeoutError:
                 log.warning("worker %s missed %d heartbeats", link.worker_id, MISSED_HEARTBEATS)
@@ -222,7 +261,15 @@ class TunnelService(pb_grpc.TunnelServicer):
                 )
             if isinstance(item, _Close):
                 return item
+            if item.HasField("draining"):
+                self._router.worker_draining(link.worker_id, outbox)
+                self._registry.mark_draining(link.worker_id)
+            if item.HasField("session_opened"):
+                self._router.session_opened(link.worker_id, outbox, item.session_opened)
+            if item.HasField("session_ended"):
+                self._router.session_ended(link.worker_id, outbox, item.session_ended)
             if item.HasField("heartbeat"):
+                watch.beat(loop.time())
                 # Re-read the registry: a revocation by another process shows up here.
                 worker = self._registry.get(link.worker_id)
                 refusal = _standing(link.worker_id, serial, worker)
@@ -231,10 +278,21 @@ class TunnelService(pb_grpc.TunnelServicer):
                 self._registry.mark_online(link.worker_id)
 
 
-async def _pump(context: aio.ServicerContext, link: _Link) -> None:
+async def _observed(
+    chunks: AsyncIterator[pb.ResultChunk], observe: Callable[[Message], object]
+) -> AsyncIterator[pb.ResultChunk]:
+    async for chunk in chunks:
+        observe(chunk)
+        yield chunk
+
+
+async def _pump(
+    context: aio.ServicerContext, link: _Link, observe: Callable[[Message], object]
+) -> None:
     """Move the worker's messages into the inbox; a hang-up becomes an empty close order."""
     try:
         while (message := await context.read()) is not aio.EOF:
+            observe(message)
             link.inbox.put_nowait(message)
     finally:
         link.inbox.put_nowait(_Close())

@@ -33,12 +33,18 @@ class EnrollReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., control_plane_version: _Optional[str] = ..., tunnel_port: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat")
+    __slots__ = ("hello", "heartbeat", "draining", "session_opened", "session_ended")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    SESSION_OPENED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    draining: Draining
+    session_opened: SessionOpened
+    session_ended: SessionEnded
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., session_ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("worker_version", "labels")
@@ -63,27 +69,89 @@ class Heartbeat(_message.Message):
     running_queries: int
     def __init__(self, sent_unix_ms: _Optional[int] = ..., running_queries: _Optional[int] = ...) -> None: ...
 
+class Draining(_message.Message):
+    __slots__ = ("grace_ms", "running_queries")
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    grace_ms: int
+    running_queries: int
+    def __init__(self, grace_ms: _Optional[int] = ..., running_queries: _Optional[int] = ...) -> None: ...
+
 class ControlMessage(_message.Message):
-    __slots__ = ("welcome", "refusal", "run_query", "cancel")
+    __slots__ = ("welcome", "refusal", "run_query", "cancel", "config", "session_open", "session_close")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     RUN_QUERY_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SESSION_OPEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CLOSE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     refusal: Refusal
     run_query: RunQuery
     cancel: Cancel
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., run_query: _Optional[_Union[RunQuery, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+    config: ConfigPush
+    session_open: SessionOpen
+    session_close: SessionClose
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., run_query: _Optional[_Union[RunQuery, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., config: _Optional[_Union[ConfigPush, _Mapping]] = ..., session_open: _Optional[_Union[SessionOpen, _Mapping]] = ..., session_close: _Optional[_Union[SessionClose, _Mapping]] = ...) -> None: ...
+
+class SessionOpen(_message.Message):
+    __slots__ = ("session_id", "policy")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    policy: str
+    def __init__(self, session_id: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class SessionOpened(_message.Message):
+    __slots__ = ("session_id", "ok", "reason", "message", "policy")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    ok: bool
+    reason: str
+    message: str
+    policy: str
+    def __init__(self, session_id: _Optional[str] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class SessionClose(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionEnded(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ConfigPush(_message.Message):
+    __slots__ = ("revision", "catalog_json")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_JSON_FIELD_NUMBER: _ClassVar[int]
+    revision: str
+    catalog_json: str
+    def __init__(self, revision: _Optional[str] = ..., catalog_json: _Optional[str] = ...) -> None: ...
 
 class RunQuery(_message.Message):
-    __slots__ = ("query_id", "sql", "policy")
+    __slots__ = ("query_id", "sql", "policy", "session_id", "parameters")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     sql: str
     policy: str
-    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    session_id: str
+    parameters: bytes
+    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., parameters: _Optional[bytes] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("query_id",)
@@ -102,16 +170,24 @@ class ResultChunk(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., ipc: _Optional[bytes] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("ok", "reason", "message", "rows")
+    __slots__ = ("ok", "reason", "message", "rows", "queued_s", "run_s", "sandbox", "policy")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_S_FIELD_NUMBER: _ClassVar[int]
+    RUN_S_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
     message: str
     rows: int
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+    queued_s: float
+    run_s: float
+    sandbox: str
+    policy: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., queued_s: _Optional[float] = ..., run_s: _Optional[float] = ..., sandbox: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ()
@@ -136,12 +212,36 @@ class Refusal(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("sql", "policy")
+    __slots__ = ("sql", "policy", "session_id")
     SQL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     sql: str
     policy: str
-    def __init__(self, sql: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, sql: _Optional[str] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    def __init__(self, policy: _Optional[str] = ...) -> None: ...
+
+class OpenSessionReply(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class QueryChunk(_message.Message):
     __slots__ = ("ipc", "outcome")

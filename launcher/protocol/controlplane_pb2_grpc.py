@@ -128,8 +128,9 @@ class TunnelServicer:
         """The worker's long-lived link: it sends Hello, then a Heartbeat every heartbeat_interval_ms.
         The control plane answers Hello with Welcome, or with Refusal and PERMISSION_DENIED (revoked,
         unknown worker, certificate mismatch, incompatible version). No client certificate:
-        UNAUTHENTICATED. After Welcome the control plane sends RunQuery and Cancel on this stream;
-        session open/close messages come later.
+        UNAUTHENTICATED. After Welcome the control plane sends RunQuery, Cancel, SessionOpen and
+        SessionClose on this stream. A worker shutting down sends Draining: from then on
+        the control plane routes no new query to it; it hangs up once its queries are over.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,7 +230,12 @@ class QueryStub:
     metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
     No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
     maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
-    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED, worker_shutdown: UNAVAILABLE) and the trailing
+    metadata "duckcell-reason".
+
+    A session belongs to the API key that opened it; any other key is answered NOT_FOUND, as for
+    an unknown session. A query of an ended or unknown session ends with NOT_FOUND and the
+    trailing metadata "duckcell-reason: session".
     """
 
     def __init__(self, channel):
@@ -243,6 +249,16 @@ class QueryStub:
                 request_serializer=launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.SerializeToString,
                 response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/duckcell.controlplane.v1.Query/OpenSession',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.OpenSessionReply.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/duckcell.controlplane.v1.Query/CloseSession',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -250,11 +266,30 @@ class QueryServicer:
     metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
     No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
     maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
-    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED, worker_shutdown: UNAVAILABLE) and the trailing
+    metadata "duckcell-reason".
+
+    A session belongs to the API key that opened it; any other key is answered NOT_FOUND, as for
+    an unknown session. A query of an ended or unknown session ends with NOT_FOUND and the
+    trailing metadata "duckcell-reason: session".
     """
 
     def Run(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
+        """Opens a session on a worker: its queries all run in one sandbox, so temp tables persist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Closes a session and destroys its sandbox; closing an ended session is not an error.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -266,6 +301,16 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.FromString,
                     response_serializer=launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.OpenSessionRequest.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.OpenSessionReply.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,7 +325,12 @@ class Query:
     metadata `authorization: Bearer <API key>`; a missing or wrong key answers UNAUTHENTICATED.
     No worker online answers UNAVAILABLE. A failed query ends with the status its Outcome reason
     maps to (sql: INVALID_ARGUMENT, timeout: DEADLINE_EXCEEDED, memory and result_limit:
-    RESOURCE_EXHAUSTED, cancelled: CANCELLED) and the trailing metadata "duckcell-reason".
+    RESOURCE_EXHAUSTED, cancelled: CANCELLED, worker_shutdown: UNAVAILABLE) and the trailing
+    metadata "duckcell-reason".
+
+    A session belongs to the API key that opened it; any other key is answered NOT_FOUND, as for
+    an unknown session. A query of an ended or unknown session ends with NOT_FOUND and the
+    trailing metadata "duckcell-reason: session".
     """
 
     @staticmethod
@@ -300,6 +350,60 @@ class Query:
             '/duckcell.controlplane.v1.Query/Run',
             launcher_dot_protocol_dot_controlplane__pb2.QueryRequest.SerializeToString,
             launcher_dot_protocol_dot_controlplane__pb2.QueryChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duckcell.controlplane.v1.Query/OpenSession',
+            launcher_dot_protocol_dot_controlplane__pb2.OpenSessionRequest.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.OpenSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duckcell.controlplane.v1.Query/CloseSession',
+            launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.FromString,
             options,
             channel_credentials,
             insecure,

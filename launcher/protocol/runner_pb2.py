@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elauncher/protocol/runner.proto\x12\x12\x64uckcell.runner.v1\"\x0e\n\x0cReadyRequest\"i\n\nReadyReply\x12\x16\n\x0erunner_version\x18\x01 \x01(\t\x12\x16\n\x0e\x64uckdb_version\x18\x02 \x01(\t\x12\x12\n\nwarmup_ipc\x18\x03 \x01(\x0c\x12\x17\n\x0fstartup_seconds\x18\x04 \x01(\x01\"\xb3\x01\n\x0e\x45xecuteRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0b\n\x03sql\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x10\n\x08max_rows\x18\x04 \x01(\x03\x12\x11\n\tmax_bytes\x18\x05 \x01(\x03\x12\x12\n\nbatch_rows\x18\x06 \x01(\x05\x12\x30\n\x06tables\x18\x07 \x03(\x0b\x32 .duckcell.runner.v1.TableBinding\";\n\x0cTableBinding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05paths\x18\x03 \x03(\t\"\x85\x01\n\x0c\x45xecuteChunk\x12\r\n\x03ipc\x18\x01 \x01(\x0cH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duckcell.runner.v1.SummaryH\x00\x12.\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.duckcell.runner.v1.FailureH\x00\x42\x06\n\x04kind\"[\n\x07Summary\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x11\n\tipc_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\x12\x16\n\x0estatement_type\x18\x04 \x01(\t\"M\n\x07\x46\x61ilure\x12\x31\n\x06reason\x18\x01 \x01(\x0e\x32!.duckcell.runner.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"!\n\rCancelRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x0b\x43\x61ncelReply\x12\x13\n\x0binterrupted\x18\x01 \x01(\x08*\xf5\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41ILURE_REASON_SQL\x10\x01\x12\x1a\n\x16\x46\x41ILURE_REASON_TIMEOUT\x10\x02\x12\x19\n\x15\x46\x41ILURE_REASON_MEMORY\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_REASON_RESULT_LIMIT\x10\x04\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x05\x12\x19\n\x15\x46\x41ILURE_REASON_DENIED\x10\x06\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x07\x32\xf4\x01\n\x06Runner\x12I\n\x05Ready\x12 .duckcell.runner.v1.ReadyRequest\x1a\x1e.duckcell.runner.v1.ReadyReply\x12Q\n\x07\x45xecute\x12\".duckcell.runner.v1.ExecuteRequest\x1a .duckcell.runner.v1.ExecuteChunk0\x01\x12L\n\x06\x43\x61ncel\x12!.duckcell.runner.v1.CancelRequest\x1a\x1f.duckcell.runner.v1.CancelReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elauncher/protocol/runner.proto\x12\x12\x64uckcell.runner.v1\"\x0e\n\x0cReadyRequest\"i\n\nReadyReply\x12\x16\n\x0erunner_version\x18\x01 \x01(\t\x12\x16\n\x0e\x64uckdb_version\x18\x02 \x01(\t\x12\x12\n\nwarmup_ipc\x18\x03 \x01(\x0c\x12\x17\n\x0fstartup_seconds\x18\x04 \x01(\x01\"\xdc\x01\n\x0e\x45xecuteRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0b\n\x03sql\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x10\n\x08max_rows\x18\x04 \x01(\x03\x12\x11\n\tmax_bytes\x18\x05 \x01(\x03\x12\x12\n\nbatch_rows\x18\x06 \x01(\x05\x12\x30\n\x06tables\x18\x07 \x03(\x0b\x32 .duckcell.runner.v1.TableBinding\x12\x12\n\nparameters\x18\x08 \x01(\x0c\x12\x13\n\x0boutput_path\x18\t \x01(\t\";\n\x0cTableBinding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05paths\x18\x03 \x03(\t\"\x97\x01\n\x0c\x45xecuteChunk\x12\r\n\x03ipc\x18\x01 \x01(\x0cH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duckcell.runner.v1.SummaryH\x00\x12.\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.duckcell.runner.v1.FailureH\x00\x12\x10\n\x06output\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04kind\"[\n\x07Summary\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x11\n\tipc_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\x12\x16\n\x0estatement_type\x18\x04 \x01(\t\"M\n\x07\x46\x61ilure\x12\x31\n\x06reason\x18\x01 \x01(\x0e\x32!.duckcell.runner.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"!\n\rCancelRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x0b\x43\x61ncelReply\x12\x13\n\x0binterrupted\x18\x01 \x01(\x08*\xf5\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41ILURE_REASON_SQL\x10\x01\x12\x1a\n\x16\x46\x41ILURE_REASON_TIMEOUT\x10\x02\x12\x19\n\x15\x46\x41ILURE_REASON_MEMORY\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_REASON_RESULT_LIMIT\x10\x04\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x05\x12\x19\n\x15\x46\x41ILURE_REASON_DENIED\x10\x06\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x07\x32\xf4\x01\n\x06Runner\x12I\n\x05Ready\x12 .duckcell.runner.v1.ReadyRequest\x1a\x1e.duckcell.runner.v1.ReadyReply\x12Q\n\x07\x45xecute\x12\".duckcell.runner.v1.ExecuteRequest\x1a .duckcell.runner.v1.ExecuteChunk0\x01\x12L\n\x06\x43\x61ncel\x12!.duckcell.runner.v1.CancelRequest\x1a\x1f.duckcell.runner.v1.CancelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'launcher.protocol.runner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILUREREASON']._serialized_start=800
-  _globals['_FAILUREREASON']._serialized_end=1045
+  _globals['_FAILUREREASON']._serialized_start=859
+  _globals['_FAILUREREASON']._serialized_end=1104
   _globals['_READYREQUEST']._serialized_start=54
   _globals['_READYREQUEST']._serialized_end=68
   _globals['_READYREPLY']._serialized_start=70
   _globals['_READYREPLY']._serialized_end=175
   _globals['_EXECUTEREQUEST']._serialized_start=178
-  _globals['_EXECUTEREQUEST']._serialized_end=357
-  _globals['_TABLEBINDING']._serialized_start=359
-  _globals['_TABLEBINDING']._serialized_end=418
-  _globals['_EXECUTECHUNK']._serialized_start=421
-  _globals['_EXECUTECHUNK']._serialized_end=554
-  _globals['_SUMMARY']._serialized_start=556
-  _globals['_SUMMARY']._serialized_end=647
-  _globals['_FAILURE']._serialized_start=649
-  _globals['_FAILURE']._serialized_end=726
-  _globals['_CANCELREQUEST']._serialized_start=728
-  _globals['_CANCELREQUEST']._serialized_end=761
-  _globals['_CANCELREPLY']._serialized_start=763
-  _globals['_CANCELREPLY']._serialized_end=797
-  _globals['_RUNNER']._serialized_start=1048
-  _globals['_RUNNER']._serialized_end=1292
+  _globals['_EXECUTEREQUEST']._serialized_end=398
+  _globals['_TABLEBINDING']._serialized_start=400
+  _globals['_TABLEBINDING']._serialized_end=459
+  _globals['_EXECUTECHUNK']._serialized_start=462
+  _globals['_EXECUTECHUNK']._serialized_end=613
+  _globals['_SUMMARY']._serialized_start=615
+  _globals['_SUMMARY']._serialized_end=706
+  _globals['_FAILURE']._serialized_start=708
+  _globals['_FAILURE']._serialized_end=785
+  _globals['_CANCELREQUEST']._serialized_start=787
+  _globals['_CANCELREQUEST']._serialized_end=820
+  _globals['_CANCELREPLY']._serialized_start=822
+  _globals['_CANCELREPLY']._serialized_end=856
+  _globals['_RUNNER']._serialized_start=1107
+  _globals['_RUNNER']._serialized_end=1351
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class ReadyReply(_message.Message):
     def __init__(self, runner_version: _Optional[str] = ..., duckdb_version: _Optional[str] = ..., warmup_ipc: _Optional[bytes] = ..., startup_seconds: _Optional[float] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("query_id", "sql", "timeout_seconds", "max_rows", "max_bytes", "batch_rows", "tables")
+    __slots__ = ("query_id", "sql", "timeout_seconds", "max_rows", "max_bytes", "batch_rows", "tables", "parameters", "output_path")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class ExecuteRequest(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     sql: str
     timeout_seconds: float
@@ -58,7 +60,9 @@ class ExecuteRequest(_message.Message):
     max_bytes: int
     batch_rows: int
     tables: _containers.RepeatedCompositeFieldContainer[TableBinding]
-    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., batch_rows: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableBinding, _Mapping]]] = ...) -> None: ...
+    parameters: bytes
+    output_path: str
+    def __init__(self, query_id: _Optional[str] = ..., sql: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., batch_rows: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableBinding, _Mapping]]] = ..., parameters: _Optional[bytes] = ..., output_path: _Optional[str] = ...) -> None: ...
 
 class TableBinding(_message.Message):
     __slots__ = ("name", "format", "paths")
@@ -71,14 +75,16 @@ class TableBinding(_message.Message):
     def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecuteChunk(_message.Message):
-    __slots__ = ("ipc", "summary", "failure")
+    __slots__ = ("ipc", "summary", "failure", "output")
     IPC_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ipc: bytes
     summary: Summary
     failure: Failure
-    def __init__(self, ipc: _Optional[bytes] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+    output: bytes
+    def __init__(self, ipc: _Optional[bytes] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., output: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
     __slots__ = ("rows", "ipc_bytes", "execute_seconds", "statement_type")

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -30,72 +28,14 @@ from launcher.cache import CacheLease, ObjectCache
 from launcher.errors import ObjectStoreError
 from launcher.objectstore import ObjectRef, S3Store
 
+from .s3proxy import S3Proxy
+
 T = TypeVar("T")
 MiB = 1024 * 1024
-_HOP_HEADERS = {"connection", "transfer-encoding", "content-length", "keep-alive"}
 
 
 def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-class CountingProxy:
-    """Forwards HTTP requests to ``upstream`` and counts them as (method, path, query)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.requests: Counter[tuple[str, str, str]] = Counter()
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                upstream_conn = http.client.HTTPConnection(*upstream, timeout=60)
-                upstream_conn.request(self.command, self.path, body, dict(self.headers))
-                response = upstream_conn.getresponse()
-                data = response.read()
-                upstream_conn.close()
-                proxy.record(self.command, self.path)
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in _HOP_HEADERS:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def record(self, method: str, path: str) -> None:
-        parts = urlsplit(path)
-        with self._lock:
-            self.requests[(method, parts.path, parts.query)] += 1
-
-    def get_objects(self, bucket: str) -> Counter[str]:
-        """GetObject requests per key: GETs of /bucket/key (a listing has a query string)."""
-        found: Counter[str] = Counter()
-        with self._lock:
-            for (method, path, query), count in self.requests.items():
-                if method == "GET" and path.startswith(f"/{bucket}/") and not query:
-                    found[path[len(bucket) + 2 :]] += count
-        return found
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +48,8 @@ def moto_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def proxy(moto_server: str) -> Iterator[CountingProxy]:
-    parts = urlsplit(moto_server)
-    counting = CountingProxy((parts.hostname or "127.0.0.1", parts.port or 80))
+def proxy(moto_server: str) -> Iterator[S3Proxy]:
+    counting = S3Proxy(moto_server)
     yield counting
     counting.stop()
 
@@ -161,7 +100,7 @@ def put_table(admin: Any, bucket: str, parts: int, rows: int = 1000) -> None:
 
 
 def test_list_and_multi_file_parquet_through_the_cache(
-    admin: Any, bucket: str, proxy: CountingProxy, tmp_path: Path
+    admin: Any, bucket: str, proxy: S3Proxy, tmp_path: Path
 ) -> None:
     put_table(admin, bucket, parts=3)
     admin.put_object(Bucket=bucket, Key="trips/", Body=b"")  # a console "folder" marker
@@ -186,7 +125,7 @@ def test_list_and_multi_file_parquet_through_the_cache(
 
 
 def test_a_changed_object_is_fetched_again_and_the_old_version_refused(
-    admin: Any, bucket: str, proxy: CountingProxy, tmp_path: Path
+    admin: Any, bucket: str, proxy: S3Proxy, tmp_path: Path
 ) -> None:
     put_table(admin, bucket, parts=2)
     store = store_at(proxy.url)
@@ -208,7 +147,7 @@ def test_a_changed_object_is_fetched_again_and_the_old_version_refused(
 
 
 def test_twenty_concurrent_leases_on_a_cold_table_cause_one_get_per_object(
-    admin: Any, bucket: str, proxy: CountingProxy, tmp_path: Path
+    admin: Any, bucket: str, proxy: S3Proxy, tmp_path: Path
 ) -> None:
     put_table(admin, bucket, parts=6, rows=20_000)
     store = store_at(proxy.url)

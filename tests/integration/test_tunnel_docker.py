@@ -9,15 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import docker
 import pytest
 
+from launcher.audit import AUDIT_FILE, read_audit
 from launcher.config import LauncherConfig
+from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.errors import SqlError, WorkerUnavailableError
+from launcher.errors import (
+    MemoryLimitError,
+    QueryTimeoutError,
+    SqlError,
+    WorkerShutdownError,
+    WorkerUnavailableError,
+)
 from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
@@ -158,6 +170,144 @@ def test_the_worker_reconnects_after_a_control_plane_restart_and_serves_the_next
         asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
         control_plane.close()
+
+
+def test_sigterm_drains_the_worker_process_and_leaves_no_sandbox(
+    config: LauncherConfig, engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """`duckcell worker` as a real process: on SIGTERM a query that ends within the grace
+    completes, one that does not ends with WorkerShutdownError once the grace has passed, the
+    worker exits 0 and none of its sandboxes remain."""
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    long_sql = "SELECT count(*) FROM range(10_000_000_000) t(i) WHERE i % 7 = 3"
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        worker = _worker_process(config, tmp_path / "worker", tmp_path / "worker.log", grace_s=6)
+        try:
+            await _until(lambda: control_plane.worker(identity.worker_id).online, "online", 30)
+            assert control_plane.server is not None
+            async with ControlPlaneClient(
+                control_plane.server.address,
+                control_plane.data.api_keys().create("analyst"),
+                control_plane.data.ca().cert_pem(),
+            ) as client:
+                seen: set[str] = set()
+                long = asyncio.create_task(client.table(long_sql, timeout_s=60))
+                await _until_queries_started(engine, config.launcher_id, seen, 1, long)
+                short = asyncio.create_task(
+                    client.table("SELECT 7 AS n, sleep_ms(3000) IS NULL AS slept", timeout_s=60)
+                )
+                await _until_queries_started(engine, config.launcher_id, seen, 2, short)
+                assert not short.done()
+                worker.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                short_rows = (await asyncio.wait_for(short, 30)).to_pylist()
+                assert short_rows == [{"n": 7, "slept": True}]
+                with pytest.raises(WorkerShutdownError, match="shut down"):
+                    await asyncio.wait_for(long, 30)
+                assert time.monotonic() - signalled >= 6  # not before the grace was over
+            assert await asyncio.to_thread(worker.wait, 60) == 0
+        finally:
+            if worker.poll() is None:  # the test failed: do not leave the worker's sandboxes
+                worker.kill()
+                worker.wait()
+                for found in engine.containers.list(
+                    all=True, filters={"label": f"duckcell.launcher={config.launcher_id}"}
+                ):
+                    found.remove(force=True)
+        assert containers_of(engine, config.launcher_id) == []
+        lines = read_audit(tmp_path / "worker" / AUDIT_FILE)
+        assert sorted((line["outcome"], line["reason"]) for line in lines) == [
+            ("error", "worker_shutdown"),
+            ("ok", ""),
+        ]
+        records = AuditLog(control_plane.data.database()).recent()
+        assert sorted((r.outcome, r.reason, r.worker_id) for r in records) == [
+            ("error", "worker_shutdown", identity.worker_id),
+            ("ok", "", identity.worker_id),
+        ]
+        assert {r.query_id for r in records} == {line["query_id"] for line in lines}
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 180))
+    finally:
+        control_plane.close()
+
+
+def test_timeout_and_memory_kills_reach_a_remote_client_as_their_errors(
+    config: LauncherConfig, engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Policy tight: 2 s statement timeout, 256 MiB sandbox. The client behind the control
+    plane gets the same error classes a local run raises."""
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        async with LocalLauncher(config, warm_override=0) as launcher:
+            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
+            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
+            running = asyncio.create_task(tunnel.run())
+            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+            assert control_plane.server is not None
+            client = ControlPlaneClient(
+                control_plane.server.address,
+                control_plane.data.api_keys().create("analyst"),
+                control_plane.data.ca().cert_pem(),
+            )
+            try:
+                with pytest.raises(MemoryLimitError, match="memory"):
+                    await client.table("SELECT length(repeat('x', 1500000000)) AS n", "tight")
+                with pytest.raises(QueryTimeoutError):
+                    await client.table(
+                        "SELECT count(*) FROM range(10_000_000_000) t(i) WHERE i % 7 = 3", "tight"
+                    )
+            finally:
+                await client.close()
+                tunnel.stop()
+                await asyncio.wait_for(running, DEADLINE_S)
+        assert containers_of(engine, config.launcher_id) == []
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        control_plane.close()
+
+
+def _worker_process(
+    config: LauncherConfig, state: Path, log: Path, *, grace_s: float
+) -> subprocess.Popen[bytes]:
+    """`duckcell worker` in its own process, with this test's launcher settings."""
+    argv = [sys.executable, "-m", "launcher.cli", "--state-dir", str(config.state_dir)]
+    argv += ["--policies-dir", str(config.policies_dir), "--image", config.image]
+    argv += ["--launcher-id", config.launcher_id, "-v", "worker", "--state", str(state)]
+    argv += ["--drain-grace", str(grace_s)]
+    with log.open("wb") as output:
+        return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+
+
+async def _until_queries_started(
+    engine: docker.DockerClient,
+    launcher_id: str,
+    seen: set[str],
+    count: int,
+    query: asyncio.Task[object],
+) -> None:
+    """Wait until ``count`` of this launcher's sandboxes have logged that their runner started
+    a query; ``seen`` collects their names across calls (a finished query's sandbox is gone)."""
+
+    def look() -> None:
+        found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
+        seen.update(c.name for c in found if _STARTED.search(c.logs()))
+
+    async with asyncio.timeout(90):
+        while await asyncio.to_thread(look) or len(seen) < count:
+            if query.done():
+                query.result()
+                raise AssertionError("the query ended before its sandbox started it")
+            await asyncio.sleep(0.2)
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:

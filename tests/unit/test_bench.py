@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text, ratio
+from bench.report import render_data, target
+from launcher.catalog import parse_catalog
+from launcher.policy import load_policies
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,3 +24,57 @@ def test_bench_script_starts() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
+
+
+def test_data_bench_script_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_data.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--data-dir" in done.stdout and "--quick" in done.stdout
+
+
+def test_data_bench_catalog_names_the_tables_each_query_reads(tmp_path: Path) -> None:
+    catalog = parse_catalog(catalog_text("http://127.0.0.1:9"), str(tmp_path / "c.yaml"))
+    assert sorted(catalog.tables) == sorted(TABLES)
+    assert {t.name for t in catalog.referenced(QUERIES["scan"])} == {"lineitem"}
+    assert {t.name for t in catalog.referenced(QUERIES["join"])} == set(TABLES)
+
+
+def test_data_bench_policy_leaves_room_beside_duckdbs_buffer_pool(tmp_path: Path) -> None:
+    (tmp_path / f"{POLICY}.yaml").write_text(BENCH_POLICY)
+    policy = load_policies(tmp_path).get(POLICY)
+    duck = policy.duckdb
+    assert duck.memory_limit_bytes + duck.max_temp_directory_bytes < policy.limits.memory_bytes
+
+
+def test_render_data_shows_ratios_and_targets() -> None:
+    def case(median: float, **parts: float) -> dict[str, float]:
+        return {"n": 3, "median_ms": median, "p95_ms": median + 1} | parts
+
+    sandbox = {"prepare_median_ms": 10.0, "checkout_median_ms": 0.1, "runner_median_ms": 100.0}
+    row = {
+        "in_process": case(100.0),
+        "warm": case(110.0, **sandbox),
+        "cold": case(500.0, **sandbox),
+        "in_process_fresh_connection": case(105.0),
+        "in_process_new_process": case(120.0),
+    }
+    result = {
+        "date_utc": "2026-01-01T00:00:00Z",
+        "nproc": 2,
+        "loadavg": {"start": (0.5, 0.4, 0.3), "end": (1.25, 0.5, 0.3)},
+        "plan": {"scale": 1},
+        "data_bytes": 310e6,
+        "policy_name": "bench-data",
+        "cases": {"scan": row},
+        "targets": [target("scan: warm p50 / in-process p50", ratio(row), "<=", 1.15)],
+    }
+    text = render_data(result)
+    assert "load average (1 min) 0.50 at start, 1.25 at end" in text
+    assert "scan  sandbox, warm cache                  3      110.0     111.0       1.10x" in text
+    assert "scan: warm p50 / in-process p50            1.10x  target <= 1.15x  met" in text

@@ -424,3 +424,51 @@ def test_table_names_do_not_touch_the_host_filesystem() -> None:
     # A non-SELECT statement is bound on a private connection that has no file access.
     with pytest.raises(SqlError, match="Permission Error"):
         table_names("CREATE TEMP TABLE t AS SELECT * FROM read_text('/etc/hostname')")
+
+
+ROLES = """
+connections:
+  local: {kind: local}
+tables:
+  trips: {connection: local, path: /data/trips, format: parquet}
+  Zones: {connection: local, path: /data/zones, format: csv}
+roles:
+  analyst: {policy: default, tables: [trips, zones]}
+  agent: {policy: agent-session, tables: [trips]}
+  admin: {}
+"""
+
+
+def test_roles_choose_policy_and_visible_tables() -> None:
+    catalog = parse_catalog(ROLES, "roles.yaml", Path("/"))
+    analyst, agent, admin = (catalog.role(n) for n in ("analyst", "agent", "admin"))
+    assert analyst is not None and analyst.policy == "default"
+    assert analyst.may_read("TRIPS") and analyst.may_read("Zones")
+    assert agent is not None and agent.policy == "agent-session"
+    assert agent.may_read("trips") and not agent.may_read("zones")
+    assert admin is not None and admin.policy is None and admin.may_read("zones")
+    assert catalog.role("intruder") is None
+    assert Catalog.from_json(catalog.to_json()) == catalog
+
+
+def test_without_roles_every_role_reads_everything() -> None:
+    role = Catalog.EMPTY.role("anyone")
+    assert role is not None and role.policy is None and role.may_read("anything")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "roles:\n  r: {tables: [nope]}\n",
+            r"roles\.yaml:8: roles\.r\.tables\[0\]: expected a table",
+        ),
+        ("roles:\n  r: {policy: 3}\n", r"roles\.yaml:8: roles\.r\.policy: expected a string"),
+        ("roles:\n  r: {color: red}\n", r"roles\.yaml:8: roles\.r\.color"),
+        ("roles:\n  r: {tables: trips}\n", r"roles\.yaml:8: roles\.r\.tables: expected a list"),
+    ],
+)
+def test_bad_roles_name_file_line_and_field(extra: str, message: str) -> None:
+    text = ROLES.split("roles:")[0] + extra
+    with pytest.raises(CatalogError, match=message):
+        parse_catalog(text, "roles.yaml", Path("/"))

@@ -710,3 +710,11 @@ def test_spill_and_buffer_pool_must_fit_in_memory(tmp_path: Path) -> None:
     message = str(caught.value)
     assert f"{path}:10: duckdb.max_temp_directory_size" in message
     assert "counts against limits.memory" in message
+
+
+@pytest.mark.parametrize("name", ["default", "strict", "agent-session"])
+def test_shipped_policies_write_nothing(name: str) -> None:
+    """Writes are opt-in: no shipped policy may write, and strict never will."""
+    policy = load_policies(POLICIES_DIR).get(name)
+    assert policy.writes == Writes(False, ())
+    assert not writes_allowed(policy, "s3://any-bucket/out/x.parquet")

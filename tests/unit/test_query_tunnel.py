@@ -20,9 +20,18 @@ import pyarrow.compute as pc
 import pytest
 from grpc import aio
 
+from launcher.audit import AUDIT_FILE, WorkerAuditLog
+from launcher.backend.base import SandboxHandle
 from launcher.cli import main
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.errors import ApiKeyError, SqlError, WorkerUnavailableError
+from launcher.errors import (
+    ApiKeyError,
+    MemoryLimitError,
+    QueryCancelledError,
+    QueryTimeoutError,
+    SqlError,
+    WorkerUnavailableError,
+)
 from launcher.executor import QueryRecord
 from launcher.policy import PolicySet, load_policy_text
 from launcher.protocol import controlplane_pb2 as pb
@@ -54,6 +63,7 @@ class Stack:
     client: ControlPlaneClient
     api_key: str
     records: list[QueryRecord]
+    running: asyncio.Task[None] | None = None  # the worker's TunnelClient.run()
 
     @property
     def address(self) -> str:
@@ -78,21 +88,34 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
 
 @asynccontextmanager
 async def stack(
-    control_plane: ControlPlane, tmp_path: Path, *, worker: bool = True, capacity: int = 24
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    *,
+    worker: bool = True,
+    capacity: int = 24,
+    policy: str = POLICY,
+    drain_grace_s: float = 30.0,
 ) -> AsyncIterator[Stack]:
+    """The whole path; the worker keeps its audit log in ``tmp_path/worker/audit.jsonl``."""
     await control_plane.start()
     harness = Harness(FakeBackend(), capacity=capacity)
     records: list[QueryRecord] = []
     runner = ExecutorQueryRunner(
         harness.executor,
-        PolicySet([load_policy_text(POLICY, "<test>")]),
+        PolicySet([load_policy_text(policy, "<test>")]),
         on_finished=records.append,
     )
     tunnel: TunnelClient | None = None
     running: asyncio.Task[None] | None = None
     if worker:
         identity = await control_plane.enroll(tmp_path / "worker")
-        tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
+        tunnel = TunnelClient(
+            identity,
+            backoff=FAST,
+            runner=runner,
+            audit=WorkerAuditLog(tmp_path / "worker" / AUDIT_FILE),
+            drain_grace_s=drain_grace_s,
+        )
         running = asyncio.create_task(tunnel.run())
         await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
     api_key = control_plane.data.api_keys().create("analyst")
@@ -100,7 +123,7 @@ async def stack(
     ca_pem = control_plane.data.ca().cert_pem()
     client = ControlPlaneClient(control_plane.server.address, api_key, ca_pem)
     try:
-        yield Stack(control_plane, harness, tunnel, client, api_key, records)
+        yield Stack(control_plane, harness, tunnel, client, api_key, records, running)
     finally:
         await client.close()
         if tunnel is not None and running is not None:
@@ -235,7 +258,11 @@ def test_twenty_concurrent_queries_share_one_tunnel(
             for n, table in enumerate(tables):
                 assert table.to_pylist() == [{"n": n, "c": n * 1000}]
             assert len(s.records) == 20 and {r.outcome for r in s.records} == {"ok"}
-            assert s.worker is not None and s.worker.running_queries == 0
+            worker = s.worker
+            assert worker is not None
+            # The client has its outcome before the worker's task ends (it still awaits the
+            # PushResults acknowledgement): wait for the count, with a deadline.
+            await eventually(lambda: worker.running_queries == 0, "the worker's tasks ended")
 
     run(scenario)
 
@@ -260,7 +287,8 @@ def test_fifty_concurrent_queries_through_one_tunnel_all_complete_correctly(
                 assert table.to_pylist() == [{"n": n, "c": n * 100, "s": total}]
             assert len(s.records) == 50 and {r.outcome for r in s.records} == {"ok"}
             assert s.worker is not None and s.worker.connections == 1
-            assert s.worker.running_queries == 0
+            worker = s.worker
+            await eventually(lambda: worker.running_queries == 0, "the worker's tasks ended")
 
     run(scenario)
 
@@ -318,5 +346,59 @@ def test_the_cli_runs_a_query_through_the_control_plane(
             argv = ["-q", "query", *remote, "SELECT * FROM no_such_table"]
             assert await asyncio.to_thread(main, argv) == 1
             assert "no_such_table" in capsys.readouterr().err
+
+    run(scenario)
+
+
+# Only one sandbox at a time (no warm pool) and no statement timeout in the way.
+ONE_SANDBOX = POLICY.replace("statement_timeout: 2s", "statement_timeout: 60s").replace(
+    "warm: 2", "warm: 0"
+)
+
+
+def test_a_statement_timeout_reaches_the_client_as_query_timeout_error(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:  # POLICY: 2 s statement timeout
+            with pytest.raises(QueryTimeoutError):
+                await s.client.table(LONG_SQL, timeout_s=DEADLINE_S)
+            assert [r.outcome for r in s.records] == ["timeout"]
+
+    run(scenario)
+
+
+def test_a_memory_kill_reaches_the_client_as_memory_limit_error(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, policy=ONE_SANDBOX) as s:
+            query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
+            pools = s.harness.pools
+            await eventually(
+                lambda: "default" in pools and pools["default"].stats()["busy"] == 1,
+                "the query has its sandbox",
+            )
+            # What the engine reports after the kernel's OOM killer ended the container.
+            ((container_id, container),) = s.harness.backend.containers.items()
+            container.oom_killed = True
+            await s.harness.backend.kill(SandboxHandle(container_id, container.spec.name, ""))
+            with pytest.raises(MemoryLimitError, match="memory limit of 512 MiB"):
+                await asyncio.wait_for(query, DEADLINE_S)
+
+    run(scenario)
+
+
+def test_a_cancel_on_the_worker_reaches_the_client_as_query_cancelled_error(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, policy=ONE_SANDBOX) as s:
+            query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
+            await s.until_running()
+            (query_id,) = s.harness.executor.running()
+            assert await s.harness.executor.cancel(query_id)
+            with pytest.raises(QueryCancelledError, match="cancelled"):
+                await asyncio.wait_for(query, DEADLINE_S)
 
     run(scenario)

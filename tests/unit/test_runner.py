@@ -7,13 +7,16 @@ run fast and also check the layer beneath the gate (DuckDB's own lock) directly.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import duckdb
 import grpc
+import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import pytest
 
 from duckcell_runner.lockdown import (
@@ -26,7 +29,7 @@ from duckcell_runner.service import RunnerService
 from launcher.catalog import Binding
 from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
-from launcher.runner_client import RunnerClient
+from launcher.runner_client import OutputChunk, QuerySummary, RunnerClient
 
 
 @pytest.fixture
@@ -289,3 +292,90 @@ def test_runner_client_sends_bindings_over_the_socket(dirs: RunnerConfig) -> Non
         assert asyncio.run(body()) == [{"total": 3}]
     finally:
         server.stop(0)
+
+
+def test_a_written_file_is_streamed_back_and_removed(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    """With ``output_path`` the runner sends the file DuckDB wrote (after the COPY count, before
+    the summary) in slices, and leaves nothing in /scratch."""
+    out = f"{dirs.scratch_dir}/duckcell-out/q.parquet"
+    select = "SELECT range AS i, md5(range::VARCHAR) || md5((-range)::VARCHAR) AS s"
+    sql = f"COPY ({select} FROM range(40000)) TO '{out}'"  # ~2.5 MB, incompressible
+    rows, last = execute(service, sql, output_path=out)
+    chunks = list(
+        service.Execute(pb.ExecuteRequest(query_id="q2", sql=sql, output_path=out), _Context())
+    )
+    kinds = [c.WhichOneof("kind") for c in chunks]
+    assert rows == [{"Count": 40000}] and last.HasField("summary")
+    first_output = kinds.index("output")
+    assert set(kinds[:first_output]) == {"ipc"} and kinds[-1] == "summary"
+    assert set(kinds[first_output:-1]) == {"output"} and len(kinds[first_output:-1]) > 1
+    written = b"".join(c.output for c in chunks if c.HasField("output"))
+    table = pq.read_table(pa.BufferReader(written))
+    assert table.num_rows == 40000 and table.column("i").to_pylist()[-1] == 39999
+    assert not Path(out).exists()
+
+
+def test_a_failed_write_sends_no_output_and_removes_the_file(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    out = f"{dirs.scratch_dir}/duckcell-out/q.parquet"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_bytes(b"stale")  # a session's earlier query left one: never sent
+    sql = f"COPY (SELECT CASE WHEN range > 5 THEN error('boom') END FROM range(10)) TO '{out}'"
+    chunks = list(
+        service.Execute(pb.ExecuteRequest(query_id="q", sql=sql, output_path=out), _Context())
+    )
+    assert not any(c.HasField("output") for c in chunks)
+    assert (
+        chunks[-1].failure.reason == pb.FAILURE_REASON_SQL and "boom" in chunks[-1].failure.message
+    )
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("path", ["{scratch}/../victim", "{scratch}victim", "{scratch}/./x"])
+def test_an_output_path_outside_scratch_is_denied_and_left_alone(
+    service: RunnerService, dirs: RunnerConfig, path: str
+) -> None:
+    """A bad path is refused and never touched: the runner removes only a checked path."""
+    out = path.format(scratch=dirs.scratch_dir)
+    victim = Path(os.path.normpath(out))
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    victim.write_text("keep me")
+    _, last = execute(service, "SELECT 1", output_path=out)
+    assert last.failure.reason == pb.FAILURE_REASON_DENIED
+    assert victim.read_text() == "keep me"
+
+
+def test_runner_client_yields_output_chunks(dirs: RunnerConfig) -> None:
+    """``RunnerClient.execute(output_path=...)`` sends the path and yields OutputChunks."""
+    service = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=1024, config=dirs)
+    service.warm_up(0.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RunnerServicer_to_server(service, server)
+    server.add_insecure_port(f"unix://{dirs.socket_path}")
+    server.start()
+    out = f"{dirs.scratch_dir}/duckcell-out/q.parquet"
+
+    async def body() -> list[object]:
+        client = RunnerClient(f"unix://{dirs.socket_path}")
+        stream = client.execute(
+            query_id="q",
+            sql=f"COPY (SELECT 7 AS x) TO '{out}'",
+            timeout_s=2,
+            max_rows=None,
+            max_bytes=None,
+            output_path=out,
+        )
+        items = [item async for item in stream]
+        await client.close()
+        return items
+
+    try:
+        items = asyncio.run(body())
+    finally:
+        server.stop(0)
+    written = b"".join(i.data for i in items if isinstance(i, OutputChunk))
+    assert pq.read_table(pa.BufferReader(written)).to_pylist() == [{"x": 7}]
+    assert isinstance(items[-1], QuerySummary)

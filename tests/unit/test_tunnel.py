@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from launcher.controlplane.ca import CertificateAuthority, generate_worker_key_a
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import Worker, WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
+from launcher.controlplane.tunnel import HeartbeatWatch
 from launcher.enroll import Identity, enroll
 from launcher.errors import TunnelRefusedError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.tunnel import Backoff, TunnelClient
+from launcher.tunnel import Backoff, Keepalive, ProxyConfig, TunnelClient
 
 INTERVAL_S = 0.1
 DEADLINE_S = 5.0
@@ -282,6 +284,68 @@ def test_silent_worker_is_marked_offline_after_three_missed_heartbeats(
     run(scenario)
 
 
+def test_messages_other_than_heartbeats_do_not_keep_a_worker_online(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream that carries traffic but no heartbeat (a wedged heartbeat task, say) is ended
+    after three intervals all the same."""
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        assert control_plane.server is not None
+        credentials = _raw_credentials(
+            identity.ca_path.read_bytes(),
+            identity.key_path.read_bytes(),
+            identity.cert_path.read_bytes(),
+        )
+        async with aio.secure_channel(control_plane.server.tunnel_address, credentials) as channel:
+            call = pb_grpc.TunnelStub(channel).Connect()
+            await call.write(pb.WorkerMessage(hello=pb.Hello(worker_version="0.1.0")))
+            assert (await call.read()).HasField("welcome")
+
+            async def chatter() -> None:
+                with contextlib.suppress(aio.AioRpcError, asyncio.InvalidStateError):
+                    while True:  # pacing, twice per interval: more than enough traffic
+                        await call.write(pb.WorkerMessage(draining=pb.Draining()))
+                        await asyncio.sleep(INTERVAL_S / 2)
+
+            talking = asyncio.create_task(chatter())
+            try:
+                with pytest.raises(aio.AioRpcError) as ended:
+                    while await call.read() is not aio.EOF:
+                        pass
+            finally:
+                talking.cancel()
+        # A write racing the server's end can turn the status the reader sees into a local
+        # INTERNAL; the server's log says why it ended the stream either way.
+        assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+        assert f"worker {identity.worker_id} missed 3 heartbeats" in caplog.text
+        await eventually(lambda: not control_plane.worker(identity.worker_id).online, "offline")
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("beats", "now", "overdue"),
+    [
+        ([], 0.29, False),  # welcomed at 0: three intervals of 0.1 s allowed
+        ([], 0.31, True),
+        ([0.25], 0.54, False),  # each heartbeat restarts the count
+        ([0.25], 0.56, True),
+        ([0.1, 0.2, 0.3], 0.59, False),
+    ],
+)
+def test_a_worker_is_overdue_three_intervals_after_its_last_heartbeat(
+    beats: list[float], now: float, overdue: bool
+) -> None:
+    watch = HeartbeatWatch(interval_s=0.1, last_beat=0.0)
+    for at in beats:
+        watch.beat(at)
+    assert watch.overdue(now) is overdue
+    assert watch.deadline == pytest.approx((beats[-1] if beats else 0.0) + 0.3)
+
+
 def test_worker_reconnects_by_itself_after_a_control_plane_restart(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
@@ -310,6 +374,151 @@ def test_worker_reconnects_by_itself_after_a_control_plane_restart(
         await asyncio.wait_for(running, DEADLINE_S)
 
     run(scenario)
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback that records each target it was asked to reach.
+
+    ``frozen``: it keeps every connection open but forwards nothing more, the way a dead NAT
+    or a vanished host looks from one end (no FIN, no RST).
+    """
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.frozen = False
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        method, target, _ = request.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        assert method == "CONNECT"
+        self.targets.append(target)
+        host, port = target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not self.frozen:
+                    writer.write(data)
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_the_worker_dials_out_through_https_proxy_unless_no_proxy_names_the_host(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Upper-case HTTPS_PROXY/NO_PROXY, which gRPC by itself ignores, through a real proxy."""
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        proxy = ConnectProxy()
+        url = await proxy.start()
+        try:
+            await _connect_and_stop(identity, ProxyConfig.from_env({"HTTPS_PROXY": url}))
+            assert proxy.targets == [identity.tunnel_address]  # through the proxy
+
+            env = {"HTTPS_PROXY": url, "NO_PROXY": "example.com, 127.0.0.1"}
+            await _connect_and_stop(identity, ProxyConfig.from_env(env))
+            assert proxy.targets == [identity.tunnel_address]  # the second dial went direct
+        finally:
+            await proxy.close()
+
+    run(scenario)
+
+
+def test_a_half_open_tunnel_is_noticed_by_keepalive(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The path to the control plane goes silent without closing: heartbeats still "send"
+    (into the void), so only keepalive pings can tell. Short keepalive numbers keep the test
+    fast; with the defaults (10 s + 10 s) the same scenario took 20.1 s."""
+
+    async def scenario() -> None:
+        await control_plane.start()
+        identity = await control_plane.enroll(tmp_path / "worker")
+        proxy = ConnectProxy()
+        client = TunnelClient(
+            identity,
+            backoff=FAST,
+            proxy=ProxyConfig(await proxy.start()),
+            keepalive=Keepalive(time_s=0.5, timeout_s=0.5),
+        )
+        running = asyncio.create_task(client.run())
+        try:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+            proxy.frozen = True
+            silent_since = time.monotonic()
+            await eventually(lambda: not client.connected.is_set(), "the dead tunnel was noticed")
+            assert time.monotonic() - silent_since < 3.0
+        finally:
+            client.stop()
+            await asyncio.wait_for(running, DEADLINE_S)
+            await proxy.close()
+
+    run(scenario)
+
+
+async def _connect_and_stop(identity: Identity, proxy: ProxyConfig) -> None:
+    client = TunnelClient(identity, backoff=FAST, proxy=proxy)
+    running = asyncio.create_task(client.run())
+    await asyncio.wait_for(client.connected.wait(), DEADLINE_S)
+    client.stop()
+    await asyncio.wait_for(running, DEADLINE_S)
+
+
+@pytest.mark.parametrize(
+    ("env", "address", "options"),
+    [
+        ({}, "cp:7444", ()),
+        ({"HTTPS_PROXY": "http://p:3128"}, "cp:7444", (("grpc.http_proxy", "http://p:3128"),)),
+        (
+            {"https_proxy": "http://a:1", "HTTPS_PROXY": "http://b:2"},
+            "cp:1",
+            (("grpc.http_proxy", "http://a:1"),),
+        ),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "example.com"},
+            "cp.example.com:1",
+            (("grpc.enable_http_proxy", 0),),
+        ),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example.com"},
+            "example.com:1",
+            (("grpc.enable_http_proxy", 0),),
+        ),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "example.com"},
+            "badexample.com:1",
+            (("grpc.http_proxy", "http://p:1"),),
+        ),
+        ({"HTTPS_PROXY": "http://p:1", "no_proxy": "*"}, "cp:1", (("grpc.enable_http_proxy", 0),)),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "::1"},
+            "[::1]:7444",
+            (("grpc.enable_http_proxy", 0),),
+        ),
+    ],
+)
+def test_proxy_choice_follows_https_proxy_and_no_proxy(
+    env: dict[str, str], address: str, options: tuple[tuple[str, object], ...]
+) -> None:
+    assert ProxyConfig.from_env(env).channel_options(address) == options
 
 
 @pytest.mark.parametrize(

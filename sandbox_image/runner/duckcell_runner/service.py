@@ -5,6 +5,11 @@ each other). The first Execute locks the connection before any of its SQL runs: 
 becomes /scratch plus the files of that query's catalog tables, which are then bound as temp
 views. A session's later queries may only bind files that first lock allowed.
 
+A query that writes (the launcher rewrote a ``COPY ... TO 's3://...'`` to a file under
+/scratch and named it in ``output_path``) gets that file streamed back as ``output`` chunks once
+DuckDB has closed it, before the Summary; the file is removed whatever happens. The runner never
+uploads anything: the sandbox has no network and no credentials, the launcher does the upload.
+
 Three things can stop a running query from here: the statement timeout (a timer that interrupts
 DuckDB, beside DuckDB's own ``max_execution_time``, which does not stop every long call), a
 Cancel RPC, and the caller going away (the RPC's termination callback).
@@ -12,6 +17,8 @@ Cancel RPC, and the caller going away (the RPC's termination callback).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -46,6 +53,7 @@ _DENIED = {
 _QUERY_TYPES = {"SELECT", "EXPLAIN"}
 # Keep each gRPC message well under clients' 16 MiB default.
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_OUTPUT_CHUNK_BYTES = 1024 * 1024
 _READERS = {"parquet": "read_parquet", "csv": "read_csv"}
 _SESSION_LOCKED = (
     "Permission Error: this session's sandbox can read only the tables bound when its first "
@@ -101,6 +109,22 @@ def _identifier(name: str) -> str:
 
 def _statement_kind(statement: duckdb.Statement) -> str:
     return str(statement.type).rsplit(".", 1)[-1]
+
+
+def _parameters(data: bytes) -> list[object] | None:
+    """The values an ExecuteRequest binds to the last statement's placeholders, from its one
+    Arrow row (None: no parameters). DuckDB binds them; they never become SQL text."""
+    if not data:
+        return None
+    try:
+        table = ipc.open_stream(data).read_all()
+    except pa.ArrowException as error:
+        raise QueryFailed(pb.FAILURE_REASON_SQL, f"unreadable query parameters: {error}") from None
+    if table.num_rows != 1:
+        raise QueryFailed(
+            pb.FAILURE_REASON_SQL, f"expected one row of query parameters, got {table.num_rows}"
+        )
+    return [column[0].as_py() for column in table.columns]
 
 
 def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
@@ -187,8 +211,10 @@ class RunnerService(pb_grpc.RunnerServicer):
             )
             timer.daemon = True
             timer.start()
+            output = ""  # set only once the path is checked: never remove an unchecked one
             try:
                 self._prepare(request.tables, running)
+                output = self._clear_output(request.output_path)
                 yield from self._execute(request, running)
             except QueryFailed as failed:
                 yield pb.ExecuteChunk(
@@ -196,6 +222,9 @@ class RunnerService(pb_grpc.RunnerServicer):
                 )
             finally:
                 timer.cancel()
+                if output:
+                    with contextlib.suppress(OSError):
+                        os.unlink(output)
                 with self._state:
                     running.done = True
                     self._running = None
@@ -260,6 +289,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         statements = self._parse(request.sql)
         last = statements[-1]
         kind = _statement_kind(last)
+        params = _parameters(request.parameters)
         reader: pa.RecordBatchReader | None = None
         try:
             for statement in statements[:-1]:
@@ -267,18 +297,20 @@ class RunnerService(pb_grpc.RunnerServicer):
                 self._con.execute(statement.query).complete()
             if kind in _QUERY_TYPES:
                 batch_rows = request.batch_rows or self._batch_rows
-                reader = self._con.sql(last.query).to_arrow_reader(batch_rows)
+                reader = self._con.sql(last.query, params=params).to_arrow_reader(batch_rows)
             else:
                 # Non-SELECT results (a row count) are tiny: the copy DuckDB warns of is moot.
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    reader = self._con.execute(last.query).to_arrow_reader()
+                    reader = self._con.execute(last.query, params).to_arrow_reader()
             rows, sent = 0, 0
             for data, chunk_rows in self._ipc_chunks(reader):
                 rows += chunk_rows
                 sent += len(data)
                 self._check_limits(request, rows, sent)
                 yield pb.ExecuteChunk(ipc=data)
+            if request.output_path:
+                yield from self._output_chunks(request.output_path, running)
         except duckdb.Error as error:
             raise self._translate(error, running) from None
         finally:
@@ -294,6 +326,41 @@ class RunnerService(pb_grpc.RunnerServicer):
                 statement_type=kind,
             )
         )
+
+    def _clear_output(self, path: str) -> str:
+        """The launcher's output path once checked to be a file under /scratch, with room made
+        for it (a session may reuse one); "" when the query writes no file."""
+        if not path:
+            return ""
+        scratch = self._config.scratch_dir.rstrip("/") + "/"
+        if not path.startswith(scratch) or os.path.normpath(path) != path or "\0" in path:
+            raise QueryFailed(
+                pb.FAILURE_REASON_DENIED,
+                f"Permission Error: output path {path!r} is not a normalised path under {scratch}",
+            )
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError as error:
+            raise QueryFailed(
+                pb.FAILURE_REASON_INTERNAL, f"cannot prepare the output file: {error}"
+            ) from None
+        return path
+
+    def _output_chunks(self, path: str, running: _Running) -> Iterator[pb.ExecuteChunk]:
+        """The written file in slices; DuckDB closed it when the COPY statement finished."""
+        try:
+            with open(path, "rb") as written:
+                while data := written.read(_OUTPUT_CHUNK_BYTES):
+                    if running.stop_reason != pb.FAILURE_REASON_UNSPECIFIED:
+                        raise QueryFailed(running.stop_reason, "query stopped while sending output")
+                    yield pb.ExecuteChunk(output=data)
+        except FileNotFoundError:
+            raise QueryFailed(
+                pb.FAILURE_REASON_SQL,
+                "the query wrote no output file; write with COPY (SELECT ...) TO 's3://...'",
+            ) from None
 
     def _parse(self, sql: str) -> list[duckdb.Statement]:
         try:

@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""What the data path costs: TPC-H SF1 Parquet in S3, read through the cache by sandboxes.
+
+The issue's target: once the files are cached, is an isolated query within 1.15x of in-process
+DuckDB on the same files? And what does the first (cold) query pay? TPC-H lineitem, orders,
+customer and nation are generated with ``tpchgen-cli`` once into ``--data-dir`` and reused,
+uploaded to a real S3 API server (moto) on loopback, and a ``LocalLauncher`` with a catalog over
+that bucket runs ``scan`` (TPC-H Q1) and ``join`` (TPC-H Q10), one fresh sandbox per query, as
+``duckcell query --catalog`` does:
+
+- cold: cache emptied (untimed); timed: list the objects, download them, query, decode.
+- warm: every object cached: list, lease (hits), query, decode.
+- in-process: DuckDB here with the policy's threads and memory limit, over the very cache
+  files the sandbox reads, views made as the runner makes them, one connection reused; two
+  diagnostics pay what a sandbox pays per query (a new connection; a new process).
+
+Warm and in-process reps are interleaved so both see the same background load; before each
+sandbox rep the pool is refilled and settled (untimed), so no container start runs beside a
+timed query. Every result is checked against the in-process one. The policy is the bench's own
+(``bench-data``: 2 CPUs, DuckDB 2 threads, 1 GiB buffer pool): the shipped ``default`` (1 CPU,
+512 MiB) runs both queries at SF1 too, but a data-heavy deployment gives sandboxes the machine.
+
+Containers carry ``duckcell.launcher=bench-data-<pid>`` and are removed at the end. Progress on
+stderr, the table on stdout, JSON in ``<output>/data-<UTC>.json`` and ``latest-data.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import boto3
+import duckdb
+from moto.server import ThreadedMotoServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.cases import settle
+from bench.entry import run_benchmark
+from bench.report import render_data, target
+from bench.stats import Json, Progress, summarize
+from launcher.cache import ObjectCache
+from launcher.catalog import parse_catalog
+from launcher.config import LauncherConfig, load_config
+from launcher.datapath import SANDBOX_CACHE, DataPath
+from launcher.executor import collect_table
+from launcher.local import LocalLauncher
+from launcher.policy import Policy, PolicySet, load_policies
+
+TABLES = ("lineitem", "orders", "customer", "nation")
+BUCKET = "tpch"
+POLICY = "bench-data"
+TARGET_WARM_RATIO = 1.15
+QUERIES = {
+    "scan": """
+SELECT l_returnflag, l_linestatus, sum(l_quantity) AS sum_qty,
+       sum(l_extendedprice) AS sum_base_price,
+       sum(l_extendedprice * (1 - l_discount)) AS sum_disc_price,
+       sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)) AS sum_charge,
+       avg(l_quantity) AS avg_qty, avg(l_extendedprice) AS avg_price,
+       avg(l_discount) AS avg_disc, count(*) AS count_order
+FROM lineitem WHERE l_shipdate <= DATE '1998-12-01' - INTERVAL 90 DAY
+GROUP BY l_returnflag, l_linestatus ORDER BY l_returnflag, l_linestatus""",
+    "join": """
+SELECT c_custkey, c_name, sum(l_extendedprice * (1 - l_discount)) AS revenue, c_acctbal,
+       n_name, c_address, c_phone, c_comment
+FROM customer, orders, lineitem, nation
+WHERE c_custkey = o_custkey AND l_orderkey = o_orderkey AND o_orderdate >= DATE '1993-10-01'
+  AND o_orderdate < DATE '1993-10-01' + INTERVAL 3 MONTH AND l_returnflag = 'R'
+  AND c_nationkey = n_nationkey
+GROUP BY c_custkey, c_name, c_acctbal, c_phone, n_name, c_address, c_comment
+ORDER BY revenue DESC, c_custkey LIMIT 20""",
+}
+# SF1 needs far less than this (Q1 aggregates into 4 groups, Q10's build side is ~60k
+# orders), but a buffer pool of 1 GiB keeps spilling out of the measurement entirely.
+BENCH_POLICY = f"""\
+name: {POLICY}
+description: The data benchmark's policy; the whole 2-core machine for one query.
+isolation: query
+runtime: runc
+limits: {{cpus: 2, memory: 2GiB, pids: 128, scratch: 512MiB, statement_timeout: 120s}}
+duckdb: {{threads: 2, memory_limit: 1GiB, max_temp_directory_size: 512MiB}}
+access: {{catalogs: ["*"], connections: ["*"]}}
+pool: {{warm: 1}}
+"""
+# Throwaway credentials for the loopback S3 server; they reach the S3 client only.
+S3_ENV = {"BENCH_S3_KEY": "bench", "BENCH_S3_SECRET": "bench-secret"}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    scale: int
+    cold_repeat: int
+    warm_repeat: int
+    data_dir: Path
+    image: str
+    output: Path
+
+
+# --- data -----------------------------------------------------------------------------------
+def tpch_files(plan: Plan, progress: Progress) -> Path:
+    """The generated tables under ``data_dir/tpch-sf<N>``, generating them on first use."""
+    target_dir = plan.data_dir / f"tpch-sf{plan.scale}"
+    if (target_dir / ".complete").exists():
+        progress(f"reusing TPC-H SF{plan.scale} Parquet in {target_dir}")
+        return target_dir
+    if shutil.which("tpchgen-cli") is None:
+        raise RuntimeError("tpchgen-cli is not installed; run `pip install tpchgen-cli`")
+    plan.data_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tpch-", dir=plan.data_dir))
+    progress(f"generating TPC-H SF{plan.scale} Parquet with tpchgen-cli into {target_dir}")
+    command = ["tpchgen-cli", "parquet", "-s", str(plan.scale), f"--tables={','.join(TABLES)}"]
+    command += ["--parts=4", f"--output-dir={staging}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"tpchgen-cli failed ({done.returncode}): {done.stderr.strip()}")
+    (staging / ".complete").touch()
+    shutil.rmtree(target_dir, ignore_errors=True)  # an interrupted earlier run's leftovers
+    staging.rename(target_dir)
+    return target_dir
+
+
+@contextlib.contextmanager
+def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
+    """A moto S3 server on loopback holding the tables; yields its endpoint and bytes held."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_ENV["BENCH_S3_KEY"],
+            aws_secret_access_key=S3_ENV["BENCH_S3_SECRET"],
+        )
+        client.create_bucket(Bucket=BUCKET)
+        total = 0
+        for path in sorted(files.glob("*/*.parquet")):
+            client.upload_file(str(path), BUCKET, f"{path.parent.name}/{path.name}")
+            total += path.stat().st_size
+        progress(f"uploaded {total / 1e6:.0f} MB to the S3 server at {endpoint}")
+        yield endpoint, total
+    finally:
+        server.stop()
+
+
+def catalog_text(endpoint: str) -> str:
+    tables = "\n".join(
+        f"  {name}: {{connection: tpch, path: 's3://{BUCKET}/{name}/', format: parquet}}"
+        for name in TABLES
+    )
+    return f"""\
+connections:
+  tpch: {{kind: s3, endpoint: "{endpoint}", region: us-east-1, path_style: true,
+         access_key_id: {{env: BENCH_S3_KEY}}, secret_access_key: {{env: BENCH_S3_SECRET}}}}
+tables:
+{tables}
+"""
+
+
+# --- the two sides --------------------------------------------------------------------------
+class InProcess:
+    """DuckDB in this process with the policy's threads and memory limit, over host files.
+
+    ``run`` reuses one connection (the baseline the target is set against); the diagnostics
+    pay what a sandbox pays per query: ``run_fresh`` a new connection and views, and
+    ``run_new_process`` also a new process (its first real query: thread pool, allocator).
+    """
+
+    def __init__(self, policy: Policy, cache_root: Path, bindings: dict[str, list[str]]) -> None:
+        self._settings = (
+            f"SET threads={policy.duckdb.threads}; "
+            f"SET memory_limit='{policy.duckdb.memory_limit_bytes}B';"
+        )
+        self._views = "".join(  # as the runner makes them, over the cache's host paths
+            f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet(["
+            + ", ".join(f"'{cache_root}/{p.removeprefix(SANDBOX_CACHE + '/')}'" for p in paths)
+            + "]);"
+            for name, paths in bindings.items()
+        )
+        self._con = duckdb.connect()
+        self._con.execute(self._settings + self._views)
+
+    def run(self, sql: str) -> tuple[float, list[tuple[object, ...]]]:
+        started = time.perf_counter()
+        table = self._con.sql(sql).to_arrow_reader().read_all()
+        return time.perf_counter() - started, [tuple(r.values()) for r in table.to_pylist()]
+
+    def run_fresh(self, sql: str) -> float:
+        started = time.perf_counter()
+        with duckdb.connect() as con:
+            con.execute(self._settings + self._views)
+            con.sql(sql).to_arrow_reader().read_all()
+        return time.perf_counter() - started
+
+    def run_new_process(self, sql: str) -> float:
+        """Timed in the child, after its imports and a first ``SELECT 42`` (the runner's
+        warm-up does as much before the sandbox is Ready)."""
+        argv = [sys.executable, "-c", _CHILD, self._settings, self._views, sql]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"in-process child failed: {done.stderr.strip()[-500:]}")
+        return float(done.stdout)
+
+    def close(self) -> None:
+        self._con.close()
+
+
+_CHILD = """
+import sys, time, duckdb
+settings, views, sql = sys.argv[1:4]
+con = duckdb.connect()
+con.execute(settings)
+con.sql("SELECT 42").fetchall()
+started = time.perf_counter()
+con.execute(views)
+con.sql(sql).to_arrow_reader().read_all()
+print(time.perf_counter() - started)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxRun:
+    """One sandbox query, timed whole and split where the time goes (seconds)."""
+
+    total: float  # prepare + execute + decode, what a `duckcell query --catalog` user waits
+    prepare: float  # list the tables' objects, lease them (download on a miss)
+    checkout: float  # a ready sandbox from the pool
+    runner: float  # the runner's own execute time inside the sandbox, sends included
+    rows: list[tuple[object, ...]]
+
+
+async def in_sandbox(
+    launcher: LocalLauncher, data: DataPath, policy: Policy, sql: str
+) -> SandboxRun:
+    """List, lease (downloading what is missing), run in a fresh sandbox, decode: timed."""
+    started = time.perf_counter()
+    files = await data.prepare(sql, policy)
+    prepared = time.perf_counter()
+    execution = launcher.executor.execute(sql, policy=policy, tables=files)
+    table = await collect_table(execution)
+    total = time.perf_counter() - started
+    record = execution.record
+    runner = record.summary.execute_seconds if record.summary else math.nan
+    rows = [tuple(r.values()) for r in table.to_pylist()]
+    return SandboxRun(total, prepared - started, record.queued_s, runner, rows)
+
+
+def split(runs: list[SandboxRun]) -> Json:
+    """Medians of the parts of sandbox runs, in milliseconds."""
+    parts = ("prepare", "checkout", "runner")
+    return {f"{p}_median_ms": statistics.median(getattr(r, p) for r in runs) * 1e3 for p in parts}
+
+
+# --- the run --------------------------------------------------------------------------------
+async def measure_query(
+    name: str, plan: Plan, launcher: LocalLauncher, data: DataPath, progress: Progress
+) -> Json:
+    """Cold reps, then warm and in-process reps interleaved, then the new-process diagnostic."""
+    policy = launcher.policies.get(POLICY)
+    sql = QUERIES[name]
+    pool = await launcher.warm(POLICY)
+    cold: list[SandboxRun] = []
+    for i in range(plan.cold_repeat):
+        await asyncio.to_thread(data.cache.evict, all=True)  # untimed: empty the cache
+        await settle(pool)
+        cold.append(await in_sandbox(launcher, data, policy, sql))
+        progress(f"{name} cold {i + 1}/{plan.cold_repeat}: {cold[-1].total * 1000:.0f} ms")
+    async with await data.prepare(sql, policy) as files:  # the files the sandbox read
+        bindings = {b.name: list(b.paths) for b in files.bindings}
+    local = InProcess(policy, data.cache.root, bindings)
+    try:
+        _, expected = local.run(sql)  # warm-up: page cache, Parquet metadata
+        if cold and cold[-1].rows != expected:
+            raise RuntimeError(f"{name}: the sandbox and in-process results differ")
+        warm: list[SandboxRun] = []
+        in_process: list[float] = []
+        fresh: list[float] = []
+        for i in range(plan.warm_repeat):
+            await settle(pool)
+            warm.append(await in_sandbox(launcher, data, policy, sql))
+            local_seconds, local_rows = local.run(sql)
+            in_process.append(local_seconds)
+            fresh.append(local.run_fresh(sql))
+            if warm[-1].rows != expected or local_rows != expected:
+                raise RuntimeError(f"{name}: rep {i + 1} returned a different result")
+        progress(f"{name} warm/in-process x{plan.warm_repeat} done; new-process diagnostic")
+        new_process = [local.run_new_process(sql) for _ in range(plan.warm_repeat)]
+    finally:
+        local.close()
+    return {
+        "in_process": summarize(in_process),
+        "warm": summarize([r.total for r in warm]) | split(warm),
+        "cold": summarize([r.total for r in cold]) | split(cold),
+        "in_process_fresh_connection": summarize(fresh),
+        "in_process_new_process": summarize(new_process),
+        "rows": len(expected),
+    }
+
+
+async def run(plan: Plan, launcher_id: str, progress: Progress) -> Json:
+    files = tpch_files(plan, progress)
+    load_at_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="dcbd"))
+    try:
+        (work / "policies").mkdir()
+        (work / "policies" / f"{POLICY}.yaml").write_text(BENCH_POLICY)
+        policies = load_policies(work / "policies")
+        flags = {"state_dir": work / "state", "image": plan.image, "launcher_id": launcher_id}
+        config = load_config(flags=flags | {"cache_dir": work / "cache"}, env={})
+        with s3_server(files, progress) as (endpoint, total):
+            catalog = parse_catalog(catalog_text(endpoint), str(work / "catalog.yaml"))
+            cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
+            data = DataPath(catalog, cache, environ=S3_ENV)
+            try:
+                cases = await measure_all(plan, config, policies, data, progress)
+            finally:
+                await cache.close()
+        return {
+            "schema": 1,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nproc": os.cpu_count(),
+            "loadavg": {"start": load_at_start, "end": os.getloadavg()},
+            "plan": asdict(plan) | {"data_dir": str(plan.data_dir), "output": str(plan.output)},
+            "policy_name": POLICY,
+            "policy": BENCH_POLICY,
+            "data_bytes": total,
+            "queries": QUERIES,
+            "cases": cases,
+            "targets": [
+                target(f"{name}: warm p50 / in-process p50", ratio(row), "<=", TARGET_WARM_RATIO)
+                for name, row in cases.items()
+            ],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def measure_all(
+    plan: Plan, config: LauncherConfig, policies: PolicySet, data: DataPath, progress: Progress
+) -> Json:
+    async with LocalLauncher(config, policies=policies, progress=progress) as launcher:
+        return {name: await measure_query(name, plan, launcher, data, progress) for name in QUERIES}
+
+
+def ratio(row: Json) -> float:
+    return float(row["warm"]["median_ms"] / row["in_process"]["median_ms"])
+
+
+def parse_args(argv: list[str] | None) -> Plan:
+    parser = argparse.ArgumentParser(
+        description="Benchmark catalog queries through the cache against in-process DuckDB."
+    )
+    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
+    parser.add_argument("--repeat", type=int, help="warm reps per query (default 10, quick 3)")
+    parser.add_argument("--cold-repeat", type=int, help="cold reps per query (default 3)")
+    parser.add_argument("--scale", type=int, default=1, help="TPC-H scale factor (default 1)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "duckcell" / "bench",
+        help="where generated TPC-H data is kept and reused (default ~/.cache/duckcell/bench)",
+    )
+    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="directory for the JSON results (default bench/results)",
+    )
+    args = parser.parse_args(argv)
+    return Plan(
+        scale=args.scale,
+        cold_repeat=args.cold_repeat or (1 if args.quick else 3),
+        warm_repeat=args.repeat or (3 if args.quick else 10),
+        data_dir=args.data_dir,
+        image=args.image,
+        output=args.output,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(argv)
+    return run_benchmark(
+        lambda launcher_id, progress: run(plan, launcher_id, progress),
+        prefix="bench-data",
+        render=render_data,
+        output=plan.output,
+        name="data",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""The Arrow Flight SQL surface of the control plane, for ADBC and other Flight SQL clients.
+
+``FlightSqlServer`` (server.py) listens beside the control plane's gRPC ports and routes every
+statement through the ``QueryRouter`` to a worker's sandbox. Modules: ``messages`` (Flight SQL's
+protobuf messages in and out), ``auth`` (API keys as bearer or basic auth), ``gateway`` (the
+role rule, then the router), ``bridge`` (handler threads <-> the control plane's event loop),
+``statements`` (tickets and prepared statements), ``updates`` (bound parameters, statements that
+change data), ``service`` (the handlers), ``metadata`` (SqlInfo), ``listing`` (catalogs,
+schemas, tables and their schemas), ``status`` (errors as Flight statuses).
+"""
+
+from .server import FlightListen, FlightSqlServer
+
+__all__ = ["FlightListen", "FlightSqlServer"]

@@ -1,0 +1,64 @@
+"""Where a Flight call meets the control plane: the role rule, then the router.
+
+Every statement, prepared statement and table-schema lookup passes ``Gateway.route``: the
+caller's role (``access.authorize`` over the catalog as it is now) must be allowed to read the
+tables the SQL names, and fixes the policy the query runs under; the router then records the
+caller (``<key id>/<role>``) in the audit log. A refusal is a ``QueryDeniedError``, which
+``status.translated`` turns into a PERMISSION_DENIED status with its message.
+
+The catalog is a callable, not a value: the control plane reloads its catalog while the server
+runs, and each call must see the current one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from launcher.catalog import Catalog
+from launcher.controlplane.access import authorize
+from launcher.controlplane.apikeys import ApiKey
+from launcher.controlplane.query import caller_name
+
+from .bridge import RoutedResult
+from .sessions import FlightSessions
+from .types import Router
+
+CatalogSource = Callable[[], Catalog]
+
+
+def empty_catalog() -> Catalog:
+    """The catalog of a server nobody gave one: no tables, every role allowed."""
+    return Catalog.EMPTY
+
+
+class Gateway:
+    """Authorizes and routes queries for handler threads (``route`` never blocks)."""
+
+    def __init__(self, router: Router, catalog: CatalogSource, sessions: FlightSessions) -> None:
+        self._router = router
+        self.catalog = catalog
+        self.sessions = sessions
+
+    def route(
+        self, caller: ApiKey, sql: str, parameters: bytes = b"", session: str = ""
+    ) -> RoutedResult:
+        """The routed query, not started yet (the router starts when first read).
+
+        Raises ``QueryDeniedError`` (role or table refused) or ``SqlError`` (the SQL does not
+        parse) before anything reaches a worker. ``parameters`` is an Arrow IPC stream with one
+        row of values for the SQL's ``?`` placeholders, bound by DuckDB in the sandbox.
+        ``session`` names the caller's session (``sessions.py``), opened here if needed.
+        """
+        catalog = self.catalog()
+        policy = authorize(catalog, caller.role, sql)
+        name = caller_name(caller)
+        session_id = self.sessions.session_id(caller, session, catalog) if session else ""
+        items = self._router.run(
+            sql,
+            policy,
+            caller=name,
+            parameters=parameters,
+            session_id=session_id,
+            owner=name if session_id else "",
+        )
+        return RoutedResult(items)

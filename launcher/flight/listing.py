@@ -1,0 +1,141 @@
+"""The catalog as Flight SQL metadata: one catalog, one schema, the tables a role may read.
+
+Clients see the control plane's catalog as catalog ``duckcell``, schema ``main`` (where the
+sandbox binds each table, as a temp view over its files) and, in it, only the tables
+``access.visible_tables`` gives the caller's role: a table the role may not read is not listed
+either. Filters are the specification's LIKE patterns (``%`` any run, ``_`` one character).
+
+A table's Arrow schema (``GetTables`` with ``include_schema``, what ``adbc_get_table_schema``
+and ``adbc_get_objects(depth="all")`` ask for) comes from a worker: ``SELECT * FROM "<table>"
+LIMIT 0`` routed for the caller, so the types are what the sandbox reads from the real files,
+the same a query's result will carry. Those schemas are cached per catalog revision and table
+for ``SCHEMA_TTL_S``: a tool listing objects would otherwise start one sandbox per table on
+every refresh, and a file rewritten under the same catalog is seen again soon after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from launcher.catalog import Catalog
+from launcher.controlplane.access import visible_tables
+from launcher.controlplane.apikeys import ApiKey
+
+from .bridge import LoopBridge
+from .gateway import Gateway
+from .messages import DbSchemasRequest, TablesRequest
+from .metadata import CATALOGS_SCHEMA, DB_SCHEMAS_SCHEMA, TABLES_SCHEMA, TABLES_WITH_SCHEMA_SCHEMA
+from .statements import RunningQuery
+
+CATALOG_NAME = "duckcell"
+SCHEMA_NAME = "main"
+TABLE_TYPE = "TABLE"
+# Seconds a table's schema, read through a worker, is reused for the same catalog revision.
+SCHEMA_TTL_S = 30.0
+
+Cancelled = Callable[[], bool]
+
+
+def like(pattern: str | None, value: str) -> bool:
+    """Whether ``value`` matches the LIKE ``pattern`` (``None`` matches everything)."""
+    if pattern is None:
+        return True
+    regex = "".join(
+        ".*" if char == "%" else "." if char == "_" else re.escape(char) for char in pattern
+    )
+    return re.fullmatch(regex, value, re.DOTALL) is not None
+
+
+def revision_of(catalog: Catalog) -> str:
+    """A name for this version of the catalog: a hash of its normalized document."""
+    return hashlib.sha256(catalog.to_json().encode()).hexdigest()
+
+
+class CatalogListing:
+    """Answers GetCatalogs, GetDbSchemas and GetTables for a caller (on handler threads)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        bridge: LoopBridge,
+        *,
+        ttl_s: float = SCHEMA_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._gateway = gateway
+        self._bridge = bridge
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._schemas: dict[tuple[str, str], tuple[float, bytes]] = {}
+
+    def catalogs(self) -> pa.Table:
+        return pa.table({"catalog_name": [CATALOG_NAME]}, schema=CATALOGS_SCHEMA)
+
+    def db_schemas(self, request: DbSchemasRequest) -> pa.Table:
+        found = _in_catalog(request.catalog) and like(request.db_schema_pattern, SCHEMA_NAME)
+        rows = [(CATALOG_NAME, SCHEMA_NAME)] if found else []
+        return pa.Table.from_pylist(
+            [dict(zip(DB_SCHEMAS_SCHEMA.names, row, strict=True)) for row in rows],
+            schema=DB_SCHEMAS_SCHEMA,
+        )
+
+    def tables(self, caller: ApiKey, request: TablesRequest, cancelled: Cancelled) -> pa.Table:
+        """The visible tables matching ``request``; with ``include_schema``, each one's schema
+        as IPC-serialized bytes (raises the worker's error if a table cannot be read)."""
+        catalog = self._gateway.catalog()
+        matches = (
+            _in_catalog(request.catalog)
+            and like(request.db_schema_pattern, SCHEMA_NAME)
+            and (not request.table_types or TABLE_TYPE in request.table_types)
+        )
+        names = [
+            table.name
+            for table in visible_tables(catalog, caller.role)
+            if matches and like(request.table_pattern, table.name)
+        ]
+        columns: dict[str, list[object]] = {
+            "catalog_name": [CATALOG_NAME] * len(names),
+            "db_schema_name": [SCHEMA_NAME] * len(names),
+            "table_name": list(names),
+            "table_type": [TABLE_TYPE] * len(names),
+        }
+        if not request.include_schema:
+            return pa.table(columns, schema=TABLES_SCHEMA)
+        revision = revision_of(catalog)
+        columns["table_schema"] = [
+            self._schema(caller, revision, name, cancelled) for name in names
+        ]
+        return pa.table(columns, schema=TABLES_WITH_SCHEMA_SCHEMA)
+
+    def _schema(self, caller: ApiKey, revision: str, table: str, cancelled: Cancelled) -> bytes:
+        now = self._clock()
+        with self._lock:
+            cached = self._schemas.get((revision, table))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        schema = self.read_schema(caller, table, cancelled).serialize().to_pybytes()
+        with self._lock:
+            self._schemas = {k: v for k, v in self._schemas.items() if v[0] > now}
+            self._schemas[(revision, table)] = (now + self._ttl_s, schema)
+        return schema
+
+    def read_schema(self, caller: ApiKey, table: str, cancelled: Cancelled) -> pa.Schema:
+        """``table``'s schema as a worker's sandbox reads it (no rows are fetched)."""
+        quoted = '"' + table.replace('"', '""') + '"'
+        result = self._gateway.route(caller, f"SELECT * FROM {quoted} LIMIT 0")
+        query = RunningQuery.open(self._bridge, caller.key_id, result, cancelled)
+        for _batch in query.batches(cancelled):  # none; reads on to the worker's outcome
+            pass
+        return query.schema
+
+
+def _in_catalog(catalog: str | None) -> bool:
+    """A ``catalog`` filter is an exact name, not a pattern (``None``: any catalog)."""
+    return catalog is None or catalog == CATALOG_NAME

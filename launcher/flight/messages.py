@@ -1,0 +1,234 @@
+"""Flight SQL's protobuf messages in and out, as small domain values.
+
+Flight SQL wraps each command in ``google.protobuf.Any``: a descriptor's ``cmd``, a ticket, an
+action's body and its results. The project's message definitions live in package
+``duckcell.flightsql.v1`` (``launcher/protocol/flightsql.proto``) so they cannot clash in
+protobuf's global pool, which means ``Any.Pack`` would write our type URL; clients expect the
+specification's (``type.googleapis.com/arrow.flight.protocol.sql.<Message>``), so this module
+writes and reads type URLs itself. Nothing outside this module sees a protobuf type; a message
+this server does not handle raises ``UnsupportedRequest``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from launcher.protocol import flightsql_pb2 as pb
+
+TYPE_URL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
+
+# Action types (DoAction) the server answers.
+CREATE_PREPARED_STATEMENT = "CreatePreparedStatement"
+CLOSE_PREPARED_STATEMENT = "ClosePreparedStatement"
+CLOSE_SESSION = "CloseSession"
+
+
+class UnsupportedRequest(Exception):
+    """A Flight SQL message this server does not handle (yet); the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatementQuery:
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStatementQuery:
+    handle: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStatementUpdate:
+    handle: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatementUpdate:
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatementTicket:
+    handle: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SqlInfoRequest:
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogsRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DbSchemasRequest:
+    """``None`` filters match everything; patterns are SQL LIKE patterns (``%``, ``_``)."""
+
+    catalog: str | None = None
+    db_schema_pattern: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TablesRequest:
+    include_schema: bool
+    catalog: str | None = None
+    db_schema_pattern: str | None = None
+    table_pattern: str | None = None
+    table_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TableTypesRequest:
+    pass
+
+
+MetadataRequest = (
+    SqlInfoRequest | CatalogsRequest | DbSchemasRequest | TablesRequest | TableTypesRequest
+)
+Command = StatementQuery | PreparedStatementQuery | MetadataRequest
+PutCommand = PreparedStatementQuery | PreparedStatementUpdate | StatementUpdate
+Ticket = StatementTicket | MetadataRequest
+
+
+def pack(message: Message) -> bytes:
+    """``message`` in an ``Any`` with the specification's type URL, serialized."""
+    wrapper = any_pb2.Any(
+        type_url=TYPE_URL_PREFIX + message.DESCRIPTOR.name, value=message.SerializeToString()
+    )
+    return wrapper.SerializeToString()
+
+
+def unpack(data: bytes) -> tuple[str, bytes]:
+    """The message name and body of a serialized ``Any`` from a Flight SQL client."""
+    wrapper = any_pb2.Any()
+    try:
+        wrapper.ParseFromString(data)
+    except DecodeError:
+        raise UnsupportedRequest("not a Flight SQL command (expected a protobuf Any)") from None
+    if not wrapper.type_url.startswith(TYPE_URL_PREFIX):
+        raise UnsupportedRequest(f"not a Flight SQL command: {wrapper.type_url or 'no type'}")
+    return wrapper.type_url.removeprefix(TYPE_URL_PREFIX), wrapper.value
+
+
+def _metadata(name: str, body: bytes) -> MetadataRequest | None:
+    if name == "CommandGetSqlInfo":
+        return SqlInfoRequest(tuple(pb.CommandGetSqlInfo.FromString(body).info))
+    if name == "CommandGetCatalogs":
+        return CatalogsRequest()
+    if name == "CommandGetDbSchemas":
+        schemas = pb.CommandGetDbSchemas.FromString(body)
+        return DbSchemasRequest(
+            _optional(schemas, "catalog"), _optional(schemas, "db_schema_filter_pattern")
+        )
+    if name == "CommandGetTables":
+        tables = pb.CommandGetTables.FromString(body)
+        return TablesRequest(
+            tables.include_schema,
+            _optional(tables, "catalog"),
+            _optional(tables, "db_schema_filter_pattern"),
+            _optional(tables, "table_name_filter_pattern"),
+            tuple(tables.table_types),
+        )
+    if name == "CommandGetTableTypes":
+        return TableTypesRequest()
+    return None
+
+
+def _optional(message: Message, field: str) -> str | None:
+    """An ``optional string`` field: ``None`` when the client left it out (match all)."""
+    return str(getattr(message, field)) if message.HasField(field) else None
+
+
+def parse_command(data: bytes) -> Command:
+    """A ``GetFlightInfo`` descriptor's command."""
+    name, body = unpack(data)
+    if name == "CommandStatementQuery":
+        return StatementQuery(pb.CommandStatementQuery.FromString(body).query)
+    if name == "CommandPreparedStatementQuery":
+        message = pb.CommandPreparedStatementQuery.FromString(body)
+        return PreparedStatementQuery(message.prepared_statement_handle)
+    found = _metadata(name, body)
+    if found is None:
+        raise UnsupportedRequest(f"{name} is not supported by this server yet")
+    return found
+
+
+def parse_ticket(data: bytes) -> Ticket:
+    """A ``DoGet`` ticket: a statement's (``statement_ticket``) or a metadata command."""
+    name, body = unpack(data)
+    if name == "TicketStatementQuery":
+        return StatementTicket(pb.TicketStatementQuery.FromString(body).statement_handle)
+    found = _metadata(name, body)
+    if found is None:
+        raise UnsupportedRequest(f"a {name} ticket is not one this server hands out")
+    return found
+
+
+def parse_put(data: bytes) -> PutCommand:
+    """A ``DoPut`` descriptor's command: parameters for a prepared statement, or an update."""
+    name, body = unpack(data)
+    if name == "CommandPreparedStatementQuery":
+        message = pb.CommandPreparedStatementQuery.FromString(body)
+        return PreparedStatementQuery(message.prepared_statement_handle)
+    if name == "CommandPreparedStatementUpdate":
+        update = pb.CommandPreparedStatementUpdate.FromString(body)
+        return PreparedStatementUpdate(update.prepared_statement_handle)
+    if name == "CommandStatementUpdate":
+        return StatementUpdate(pb.CommandStatementUpdate.FromString(body).query)
+    raise UnsupportedRequest(f"DoPut with {name} is not supported by this server")
+
+
+def put_prepared_result(handle: bytes) -> bytes:
+    """The PutResult metadata after binding parameters: the raw message, not in an ``Any``
+    (the ADBC driver reads it so); the handle stays the same."""
+    return pb.DoPutPreparedStatementResult(prepared_statement_handle=handle).SerializeToString()
+
+
+def put_update_result(count: int) -> bytes:
+    """The PutResult metadata of an update: the affected row count, raw like the above."""
+    return pb.DoPutUpdateResult(record_count=count).SerializeToString()
+
+
+def statement_ticket(handle: bytes) -> bytes:
+    return pack(pb.TicketStatementQuery(statement_handle=handle))
+
+
+def metadata_ticket(command: bytes) -> bytes:
+    """Metadata commands are their own tickets: DoGet gets the same ``Any`` back."""
+    return command
+
+
+def parse_create_prepared(body: bytes) -> str:
+    """The SQL of a ``CreatePreparedStatement`` action."""
+    name, value = unpack(body)
+    if name != "ActionCreatePreparedStatementRequest":
+        raise UnsupportedRequest(f"CreatePreparedStatement with a {name} body")
+    return pb.ActionCreatePreparedStatementRequest.FromString(value).query
+
+
+def parse_close_prepared(body: bytes) -> bytes:
+    """The handle of a ``ClosePreparedStatement`` action."""
+    name, value = unpack(body)
+    if name != "ActionClosePreparedStatementRequest":
+        raise UnsupportedRequest(f"ClosePreparedStatement with a {name} body")
+    return pb.ActionClosePreparedStatementRequest.FromString(value).prepared_statement_handle
+
+
+def prepared_result(handle: bytes, *, is_update: bool = False) -> bytes:
+    """``CreatePreparedStatement``'s answer. The schema is left empty ("known when it runs":
+    only the sandbox knows it); ``is_update`` makes the driver execute with
+    ``CommandPreparedStatementUpdate`` and read a row count instead of a result."""
+    result = pb.ActionCreatePreparedStatementResult(
+        prepared_statement_handle=handle, is_update=is_update
+    )
+    return pack(result)
+
+
+def close_session_result() -> bytes:
+    """``CloseSession``'s answer (a plain Flight message, not wrapped in ``Any``)."""
+    return pb.CloseSessionResult(status=pb.CloseSessionResult.STATUS_CLOSED).SerializeToString()

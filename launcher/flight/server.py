@@ -1,0 +1,146 @@
+"""The Flight SQL endpoint beside the control plane: ``await start()``, then ``await stop()``.
+
+TLS is on by default, with a server certificate from the control plane's CA (the same chain the
+enrollment port presents, so clients trust the CA file `duckcell controlplane ca` prints).
+Plaintext is only for loopback listen addresses: an API key must never cross a network in the
+clear, so ``FlightListen.parse`` refuses anything else before a port is opened.
+
+``start`` runs on the control plane's loop and remembers it: every handler thread reaches the
+router and the key store through that loop (``bridge.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from launcher.controlplane.ca import CertificateAuthority
+from launcher.controlplane.wire import split_address
+from launcher.errors import ControlPlaneError
+
+from .auth import MIDDLEWARE_KEY, ApiKeyMiddlewareFactory, HandshakeAuthHandler
+from .bridge import LoopBridge
+from .gateway import CatalogSource, Gateway, empty_catalog
+from .service import FlightSqlService
+from .sessions import FlightSessions
+from .statements import TICKET_EXPIRY_S, QueryTickets
+from .types import Router, VerifyKey
+
+log = logging.getLogger(__name__)
+
+_WILDCARDS = {"", "0.0.0.0", "::"}
+# Seconds stop() waits for running calls (a client that stopped reading can hold one forever).
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlightListen:
+    """Where the Flight SQL endpoint listens and whether it speaks TLS."""
+
+    host: str
+    port: int
+    plaintext: bool = False
+
+    @classmethod
+    def parse(cls, listen: str, *, plaintext: bool = False) -> FlightListen:
+        """Raises ``ControlPlaneError`` for a bad address or plaintext off loopback."""
+        host, port = split_address(listen)
+        if plaintext and not is_loopback(host):
+            raise ControlPlaneError(
+                f"--flight-plaintext needs a loopback --flight-listen (127.0.0.1, ::1 or "
+                f"localhost), got {listen!r}: API keys would cross the network in the clear; "
+                f"drop --flight-plaintext to serve TLS with the control plane's certificate"
+            )
+        return cls(host, port, plaintext)
+
+    def location(self, port: int | None = None) -> str:
+        scheme = "grpc+tcp" if self.plaintext else "grpc+tls"
+        host = f"[{self.host}]" if ":" in self.host else self.host or "0.0.0.0"
+        return f"{scheme}://{host}:{self.port if port is None else port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class FlightSqlServer:
+    """The Flight SQL endpoint. ``port`` and ``location`` are known after ``start``.
+
+    ``catalog`` returns the control plane's catalog as it is at each call: its roles decide
+    what a key may read and list, and under which policy its queries run.
+    """
+
+    def __init__(
+        self,
+        listen: FlightListen,
+        router: Router,
+        verify_key: VerifyKey,
+        *,
+        ca: CertificateAuthority,
+        hosts: list[str],
+        ticket_expiry_s: float = TICKET_EXPIRY_S,
+        catalog: CatalogSource = empty_catalog,
+    ) -> None:
+        self._listen = listen
+        self._catalog = catalog
+        self._ticket_expiry_s = ticket_expiry_s
+        self._router = router
+        self._verify_key = verify_key
+        self._ca = ca
+        self._hosts = [*hosts, *([] if listen.host in _WILDCARDS else [listen.host])]
+        self._service: FlightSqlService | None = None
+        self.port = 0
+
+    @property
+    def location(self) -> str:
+        """What a client dials, e.g. ``grpc+tls://127.0.0.1:31337``."""
+        return self._listen.location(self.port)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        bridge = LoopBridge(loop)
+        options: dict[str, object] = {
+            "auth_handler": HandshakeAuthHandler(),
+            "middleware": {MIDDLEWARE_KEY: ApiKeyMiddlewareFactory(bridge, self._verify_key)},
+        }
+        if not self._listen.plaintext:
+            cert_pem, key_pem = self._ca.issue_server_cert(list(dict.fromkeys(self._hosts)))
+            chain = cert_pem + self._ca.cert_pem()
+            options["tls_certificates"] = [flight.CertKeyPair(cert=chain, key=key_pem)]
+        try:
+            self._service = FlightSqlService(
+                self._listen.location(),
+                gateway=Gateway(self._router, self._catalog, FlightSessions(self._router, bridge)),
+                bridge=bridge,
+                tickets=QueryTickets(loop, expiry_s=self._ticket_expiry_s),
+                **options,
+            )
+        except (pa.ArrowException, OSError) as error:
+            raise ControlPlaneError(
+                f"cannot serve Flight SQL on {self._listen.location()}: {error}; "
+                "is the port in use?"
+            ) from None
+        self.port = self._service.port
+
+    async def stop(self) -> None:
+        """Cancel queries waiting for DoGet, close the sessions clients opened, then give
+        running calls ``STOP_GRACE_S``."""
+        service, self._service = self._service, None
+        if service is None:
+            return
+        service.tickets.close_all()
+        service.gateway.sessions.close_all()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(service.shutdown), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("Flight SQL calls still running after %.0f s; leaving them", STOP_GRACE_S)

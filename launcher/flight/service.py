@@ -1,0 +1,252 @@
+"""The Flight SQL handlers: statements, prepared statements, metadata, actions.
+
+Every handler runs on one of pyarrow.flight's threads, after ``ApiKeyMiddlewareFactory`` has
+authenticated the call. A statement is routed at ``GetFlightInfo`` and streamed at ``DoGet``
+(``statements.py`` says why); metadata commands are answered here, their command bytes doubling
+as their ticket. Batches are decoded from the worker's Arrow IPC bytes and re-framed for Flight,
+never converted row by row.
+
+Prepared statements are SQL text kept per key with the parameters last bound to them
+(``DoPut``, see ``updates.py``): the ADBC driver always prepares, even without parameters, so
+executing one routes its SQL like a plain statement. Every routed statement passes the role
+rule first (``gateway.py``). Statements that change data answer ``DoPut`` with their row count.
+A call whose ``x-duckcell-session`` header names a session runs in that session's sandbox
+(``sessions.py``); ``CloseSession`` ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from launcher.controlplane.apikeys import ApiKey
+from launcher.errors import SessionError
+
+from . import metadata
+from .auth import caller_of, session_of
+from .bridge import LoopBridge
+from .gateway import Gateway
+from .listing import CatalogListing
+from .messages import (
+    CLOSE_PREPARED_STATEMENT,
+    CLOSE_SESSION,
+    CREATE_PREPARED_STATEMENT,
+    CatalogsRequest,
+    DbSchemasRequest,
+    MetadataRequest,
+    PreparedStatementQuery,
+    PreparedStatementUpdate,
+    StatementQuery,
+    StatementTicket,
+    TablesRequest,
+    close_session_result,
+    metadata_ticket,
+    parse_close_prepared,
+    parse_command,
+    parse_create_prepared,
+    parse_put,
+    parse_ticket,
+    prepared_result,
+    put_prepared_result,
+    put_update_result,
+    statement_ticket,
+)
+from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery, UnknownHandle
+from .status import translated
+from .updates import changes_data, read_parameters, update_count
+
+log = logging.getLogger(__name__)
+
+ACTIONS = [
+    (CREATE_PREPARED_STATEMENT, "prepare a statement (one parameter set per execution)"),
+    (CLOSE_PREPARED_STATEMENT, "forget a prepared statement"),
+    (CLOSE_SESSION, "end the session the x-duckcell-session header names (its sandbox too)"),
+]
+
+
+class FlightSqlService(flight.FlightServerBase):
+    """pyarrow.flight's server with duckcell's handlers; it listens once constructed."""
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        gateway: Gateway,
+        bridge: LoopBridge,
+        tickets: QueryTickets,
+        **server_options: object,
+    ) -> None:
+        super().__init__(location, **server_options)  # type: ignore[arg-type]
+        self.gateway = gateway
+        self._bridge = bridge
+        self.listing = CatalogListing(gateway, bridge)
+        self.tickets = tickets
+        self.prepared = PreparedStatements()
+
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        caller = caller_of(context)
+        with translated():
+            command = parse_command(descriptor.command)
+        if isinstance(command, StatementQuery):
+            return self._statement_info(caller, command.sql, b"", descriptor, context)
+        if isinstance(command, PreparedStatementQuery):
+            prepared = self._prepared(command.handle, caller)
+            return self._statement_info(
+                caller, prepared.sql, prepared.parameters, descriptor, context
+            )
+        ticket = metadata_ticket(descriptor.command)
+        return _info(metadata.schema_of(command), descriptor, ticket)
+
+    def do_get(
+        self, context: flight.ServerCallContext, ticket: flight.Ticket
+    ) -> flight.FlightDataStream:
+        caller = caller_of(context)
+        with translated():
+            request = parse_ticket(ticket.ticket)
+        if not isinstance(request, StatementTicket):
+            return flight.RecordBatchStream(self._metadata(caller, request, context))
+        try:
+            query = self.tickets.claim(request.handle, caller.key_id)
+        except UnknownHandle:
+            raise flight.FlightServerError(
+                "unknown or expired ticket: execute the statement again and fetch its result "
+                "within a minute"
+            ) from None
+        return flight.GeneratorStream(query.schema, self._stream(query, context))
+
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        """Bind parameters to a prepared statement, or run an update and send its count.
+
+        The answer is PutResult metadata: a ``DoPutPreparedStatementResult`` or a
+        ``DoPutUpdateResult``, serialized as they are (not in an ``Any``)."""
+        caller = caller_of(context)
+        with translated():
+            command = parse_put(descriptor.command)
+            parameters = read_parameters(reader)
+        if isinstance(command, PreparedStatementQuery):
+            try:
+                self.prepared.bind(command.handle, caller.key_id, parameters)
+            except UnknownHandle:
+                raise flight.FlightServerError(_UNKNOWN_PREPARED) from None
+            writer.write(pa.py_buffer(put_prepared_result(command.handle)))
+            return
+        if isinstance(command, PreparedStatementUpdate):
+            prepared = self._prepared(command.handle, caller)
+            sql, parameters = prepared.sql, parameters or prepared.parameters
+        else:
+            sql = command.sql
+        count = self._update(caller, sql, parameters, context)
+        writer.write(pa.py_buffer(put_update_result(count)))
+
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        caller = caller_of(context)
+        body = action.body.to_pybytes() if action.body is not None else b""
+        with translated():
+            if action.type == CREATE_PREPARED_STATEMENT:
+                sql = parse_create_prepared(body)
+                is_update = changes_data(sql)
+                handle = self.prepared.create(caller.key_id, sql, is_update=is_update)
+                return [prepared_result(handle, is_update=is_update)]
+            if action.type == CLOSE_PREPARED_STATEMENT:
+                self.prepared.close(parse_close_prepared(body), caller.key_id)
+                return []
+        if action.type == CLOSE_SESSION:
+            session = session_of(context)
+            if session:
+                with translated():
+                    self.gateway.sessions.close(caller, session)
+            return [close_session_result()]
+        raise flight.FlightServerError(
+            f"action {action.type!r} is not supported by this server yet"
+        )
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return ACTIONS
+
+    def _prepared(self, handle: bytes, caller: ApiKey) -> Prepared:
+        try:
+            return self.prepared.get(handle, caller.key_id)
+        except UnknownHandle:
+            raise flight.FlightServerError(_UNKNOWN_PREPARED) from None
+
+    def _metadata(
+        self, caller: ApiKey, request: MetadataRequest, context: flight.ServerCallContext
+    ) -> pa.Table:
+        with translated():
+            if isinstance(request, CatalogsRequest):
+                return self.listing.catalogs()
+            if isinstance(request, DbSchemasRequest):
+                return self.listing.db_schemas(request)
+            if isinstance(request, TablesRequest):
+                return self.listing.tables(caller, request, context.is_cancelled)
+            return metadata.answer(request)
+
+    def _statement_info(
+        self,
+        caller: ApiKey,
+        sql: str,
+        parameters: bytes,
+        descriptor: flight.FlightDescriptor,
+        context: flight.ServerCallContext,
+    ) -> flight.FlightInfo:
+        """Route ``sql`` now and read its schema; the rest waits for ``DoGet``."""
+        log.info("flight query from key %s (%s)", caller.key_id, caller.role)
+        query = self._open(caller, sql, parameters, context)
+        handle = self.tickets.park(query)
+        return _info(query.schema, descriptor, statement_ticket(handle))
+
+    def _update(
+        self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
+    ) -> int:
+        """Run a statement that changes data to its end; its affected-row count."""
+        log.info("flight update from key %s (%s)", caller.key_id, caller.role)
+        query = self._open(caller, sql, parameters, context)
+        with translated():
+            table = pa.Table.from_batches(list(query.batches(context.is_cancelled)), query.schema)
+        return update_count(table, query.result.rows)
+
+    def _open(
+        self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
+    ) -> RunningQuery:
+        """Route ``sql`` (in the call's session, if it names one) and read its schema."""
+        session = session_of(context)
+        with translated():
+            result = self.gateway.route(caller, sql, parameters, session)
+            try:
+                return RunningQuery.open(self._bridge, caller.key_id, result, context.is_cancelled)
+            except SessionError:
+                self.gateway.sessions.forget(caller, session)  # ended: the next call reopens
+                raise
+
+    def _stream(
+        self, query: RunningQuery, context: flight.ServerCallContext
+    ) -> Iterator[pa.RecordBatch]:
+        try:
+            with translated():
+                yield from query.batches(context.is_cancelled)
+        finally:
+            self.tickets.done(query)
+
+
+_UNKNOWN_PREPARED = (
+    "unknown prepared statement (closed, or made on another connection or server): prepare it again"
+)
+
+
+def _info(
+    schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes
+) -> flight.FlightInfo:
+    """One endpoint without locations: the client fetches from this same server."""
+    endpoint = flight.FlightEndpoint(ticket, [])
+    return flight.FlightInfo(schema, descriptor, [endpoint], -1, -1)

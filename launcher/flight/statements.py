@@ -1,0 +1,224 @@
+"""Statements between ``GetFlightInfo`` and ``DoGet``, and prepared statements.
+
+A query is routed at ``GetFlightInfo``, not at ``DoGet``: the ``FlightInfo`` must carry the
+result's schema exactly as the ``DoGet`` stream will (nullability included, or the client fails
+with "inconsistent schema"), and only the sandbox knows it. So ``GetFlightInfo`` starts the query,
+reads the schema message from the worker's stream and parks the running query under a one-time
+ticket; ``DoGet`` claims it and reads on from the same stream. A ticket nobody claims within
+``expiry_s`` is dropped and its query cancelled, so an abandoned ``FlightInfo`` never holds a
+sandbox for long.
+
+Both registries are used from many handler threads and the loop's expiry timers: a lock guards
+each dictionary and nothing slow ever runs under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from .bridge import IpcSource, LoopBridge, RoutedResult
+
+log = logging.getLogger(__name__)
+
+# Seconds a started query waits for its DoGet before it is cancelled.
+TICKET_EXPIRY_S = 60.0
+
+
+class UnknownHandle(KeyError):
+    """No such ticket or prepared statement for this caller (never issued, used, expired,
+    closed, or another key's)."""
+
+
+@dataclass(eq=False)  # identity: queries are kept in sets
+class RunningQuery:
+    """A routed query whose schema has been read; the rest of its stream waits in the router.
+
+    ``open`` and ``batches`` run on handler threads; ``close`` may run on any thread.
+    """
+
+    bridge: LoopBridge
+    key_id: str
+    result: RoutedResult
+    source: IpcSource
+    reader: ipc.RecordBatchStreamReader
+    _closed: bool = field(default=False, init=False)
+
+    @classmethod
+    def open(
+        cls, bridge: LoopBridge, key_id: str, result: RoutedResult, cancelled: Callable[[], bool]
+    ) -> RunningQuery:
+        """Read the schema from ``result``; closes it (cancelling the query) on failure."""
+        source = IpcSource(bridge, result)
+        source.cancelled = cancelled
+        try:
+            reader = ipc.open_stream(source)
+        except BaseException:
+            bridge.spawn(result.close())
+            raise
+        return cls(bridge, key_id, result, source, reader)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.reader.schema
+
+    def batches(self, cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
+        """The remaining batches, decoded from the worker's IPC bytes as they come.
+
+        Leaving early (the client cancelled or went away; pyarrow then drops this generator)
+        closes the routed query, which cancels it on the worker and frees its sandbox.
+        """
+        self.source.cancelled = cancelled
+        try:
+            while True:
+                try:
+                    batch = self.reader.read_next_batch()
+                except StopIteration:
+                    break
+                yield batch
+            # The IPC stream's end is not the query's: the worker's outcome follows it, and
+            # closing before reading it would cancel a finished query.
+            self.source.read_to_outcome()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the routed query (once): a query that has not finished is cancelled."""
+        if not self._closed:
+            self._closed = True
+            self.bridge.spawn(self.result.close())
+
+
+@dataclass
+class _Parked:
+    query: RunningQuery
+    timer: asyncio.TimerHandle | None = None
+
+
+class QueryTickets:
+    """Running queries waiting for their ``DoGet``, by one-time ticket handle, and those a
+    ``DoGet`` is streaming (until ``done``), so that ``close_all`` can end every one."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, expiry_s: float = TICKET_EXPIRY_S
+    ) -> None:
+        self._loop = loop
+        self._expiry_s = expiry_s
+        self._lock = threading.Lock()
+        self._parked: dict[bytes, _Parked] = {}
+        self._streaming: set[RunningQuery] = set()
+
+    def park(self, query: RunningQuery) -> bytes:
+        """A new handle for ``query``; its expiry timer starts on the loop."""
+        handle = secrets.token_bytes(16)
+        parked = _Parked(query)
+        with self._lock:
+            self._parked[handle] = parked
+        self._loop.call_soon_threadsafe(self._arm, handle, parked)
+        return handle
+
+    def claim(self, handle: bytes, key_id: str) -> RunningQuery:
+        """The query parked under ``handle`` by ``key_id``, once; raises ``UnknownHandle``."""
+        with self._lock:
+            parked = self._parked.get(handle)
+            if parked is None or parked.query.key_id != key_id:
+                raise UnknownHandle(handle)
+            del self._parked[handle]
+            self._streaming.add(parked.query)
+        self._loop.call_soon_threadsafe(_disarm, parked)
+        return parked.query
+
+    def done(self, query: RunningQuery) -> None:
+        """``query``'s DoGet ended (however it ended)."""
+        with self._lock:
+            self._streaming.discard(query)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._parked)
+
+    def close_all(self) -> None:
+        """Cancel every parked and streaming query (the server is stopping); a DoGet waiting
+        for its next chunk then ends with CANCELLED."""
+        with self._lock:
+            parked, self._parked = list(self._parked.values()), {}
+            streaming, self._streaming = list(self._streaming), set()
+        for item in parked:
+            self._loop.call_soon_threadsafe(_disarm, item)
+        for query in [*(item.query for item in parked), *streaming]:
+            query.close()
+
+    def _arm(self, handle: bytes, parked: _Parked) -> None:
+        with self._lock:
+            if self._parked.get(handle) is parked:  # not claimed in the meantime
+                parked.timer = self._loop.call_later(self._expiry_s, self._expire, handle)
+
+    def _expire(self, handle: bytes) -> None:
+        with self._lock:
+            parked = self._parked.pop(handle, None)
+        if parked is not None:
+            log.info("no DoGet within %.0f s: cancelling the query", self._expiry_s)
+            parked.query.close()
+
+
+def _disarm(parked: _Parked) -> None:
+    if parked.timer is not None:
+        parked.timer.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A prepared statement: its SQL, whether it changes data (``changes_data``) and the
+    parameters last bound to it (an Arrow IPC stream of one row; empty: none bound)."""
+
+    key_id: str
+    sql: str
+    is_update: bool = False
+    parameters: bytes = b""
+
+
+class PreparedStatements:
+    """Prepared statements by handle, per API key. Nothing runs until one executes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statements: dict[bytes, Prepared] = {}
+
+    def create(self, key_id: str, sql: str, *, is_update: bool = False) -> bytes:
+        handle = secrets.token_bytes(16)
+        with self._lock:
+            self._statements[handle] = Prepared(key_id, sql, is_update)
+        return handle
+
+    def get(self, handle: bytes, key_id: str) -> Prepared:
+        with self._lock:
+            found = self._statements.get(handle)
+        if found is None or found.key_id != key_id:
+            raise UnknownHandle(handle)
+        return found
+
+    def bind(self, handle: bytes, key_id: str, parameters: bytes) -> None:
+        """Keep ``parameters`` for the statement's next executions (until bound again)."""
+        with self._lock:
+            found = self._statements.get(handle)
+            if found is None or found.key_id != key_id:
+                raise UnknownHandle(handle)
+            self._statements[handle] = replace(found, parameters=parameters)
+
+    def close(self, handle: bytes, key_id: str) -> None:
+        with self._lock:
+            found = self._statements.get(handle)
+            if found is None or found.key_id != key_id:
+                raise UnknownHandle(handle)
+            del self._statements[handle]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._statements)

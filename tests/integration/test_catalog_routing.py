@@ -1,0 +1,214 @@
+"""The control plane's catalog end to end, with real sandboxes and a real S3 API server.
+
+Two workers enroll and connect; a catalog is applied while they run (no restart) and pushed to
+both. A connection pinned to one worker by name always lands there; an unpinned table spreads
+over both. The pinned connection's secret lives only in the worker's environment: the test
+proves it never reaches the control plane (not its data directory, not its logs, not any
+message a worker sent it), while the query that needed it did read S3 with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import docker
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from google.protobuf.message import Message
+from moto.server import ThreadedMotoServer
+
+from launcher.cache import ObjectCache
+from launcher.catalog import Catalog
+from launcher.config import LauncherConfig
+from launcher.controlplane.audit import AuditLog
+from launcher.controlplane.catalogs import apply_catalog
+from launcher.controlplane.datadir import ControlPlaneData
+from launcher.controlplane.server import ControlPlaneServer
+from launcher.datapath import DataPath
+from launcher.enroll import enroll
+from launcher.errors import QueryDeniedError
+from launcher.local import LocalLauncher
+from launcher.remote import ControlPlaneClient
+from launcher.tunnel import TunnelClient
+from launcher.tunnel_queries import ExecutorQueryRunner
+from tests.unit.test_query_tunnel import eventually
+from tests.unit.test_tunnel import DEADLINE_S, FAST, INTERVAL_S, ControlPlane
+
+from .conftest import containers_of, make_config
+
+pytestmark = pytest.mark.docker
+
+KEY_ENV, SECRET_ENV = "DUCKCELL_TEST_LAKE_KEY", "DUCKCELL_TEST_LAKE_SECRET"
+
+
+class ObservedControlPlane(ControlPlane):
+    """The test helper's control plane, keeping every message workers send it."""
+
+    def __init__(self, data: ControlPlaneData) -> None:
+        super().__init__(data)
+        self.received: list[bytes] = []
+
+    async def start(self) -> None:
+        self.server = ControlPlaneServer(
+            self.data,
+            self.listen,
+            tunnel_listen=self.tunnel_listen,
+            heartbeat_interval_s=INTERVAL_S,
+            observe=self._keep,
+        )
+        await self._on_loop(self.server.start())
+
+    def _keep(self, message: Message) -> None:
+        self.received.append(message.SerializeToString())
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    secret = f"sEcReT-{uuid.uuid4().hex}"
+    monkeypatch.setenv(KEY_ENV, "AKIDTESTKEY")
+    monkeypatch.setenv(SECRET_ENV, secret)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="AKIDTESTKEY",
+        aws_secret_access_key=secret,
+    )
+    s3.create_bucket(Bucket="lake")
+    for part in range(2):
+        table = pa.table({"fare": [float(part * 10 + i) for i in range(10)]})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        s3.put_object(
+            Bucket="lake", Key=f"trips/part-{part}.parquet", Body=sink.getvalue().to_pybytes()
+        )
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def _catalog_yaml(endpoint: str, zones: Path) -> str:
+    return f"""
+connections:
+  lake:
+    kind: s3
+    endpoint: "{endpoint}"
+    region: us-east-1
+    path_style: true
+    access_key_id: {{env: {KEY_ENV}}}
+    secret_access_key: {{env: {SECRET_ENV}}}
+    worker: east
+  shared: {{kind: local}}
+tables:
+  trips: {{connection: lake, path: "s3://lake/trips/", format: parquet}}
+  zones: {{connection: shared, path: "{zones}", format: parquet}}
+roles:
+  analyst: {{tables: [trips, zones]}}
+  guest: {{tables: [zones]}}
+"""
+
+
+def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_tunnel(
+    image: str,
+    policies_dir: Path,
+    engine: docker.DockerClient,
+    s3: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = os.environ[SECRET_ENV]
+    zones = tmp_path / "zones.parquet"
+    pq.write_table(pa.table({"zone": [1, 2, 3]}), zones)
+    catalog_file = tmp_path / "catalog.yaml"
+    catalog_file.write_text(_catalog_yaml(s3, zones))
+    control_plane = ObservedControlPlane(ControlPlaneData(tmp_path / "cp"))
+    configs: list[LauncherConfig] = []
+    identities: list[str] = []
+
+    async def start_worker(name: str) -> tuple[TunnelClient, LocalLauncher, asyncio.Task[None]]:
+        assert control_plane.server is not None
+        token = control_plane.data.tokens().create()
+        identity = await enroll(control_plane.server.address, token, tmp_path / name, name)
+        identities.append(identity.worker_id)
+        cache = ObjectCache(tmp_path / f"cache-{name}", budget_bytes=64 * 2**20)
+        config = make_config(image, policies_dir, cache_dir=cache.root)
+        configs.append(config)
+        data = DataPath(Catalog.EMPTY, cache)
+        launcher = LocalLauncher(config, warm_override=1)
+        await launcher.start()
+        runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
+        tunnel = TunnelClient(
+            identity, backoff=FAST, runner=runner, on_catalog=data.replace_catalog
+        )
+        running = asyncio.create_task(tunnel.run())
+        await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+        return tunnel, launcher, running
+
+    async def scenario() -> None:
+        await control_plane.start()
+        assert control_plane.server is not None
+        workers = [await start_worker(name) for name in ("east", "west")]
+        try:
+            # Applied while both run: the watcher pushes it, no restart.
+            version = apply_catalog(control_plane.data.root, catalog_file)
+            for tunnel, _, _ in workers:
+                await eventually(
+                    lambda t=tunnel: t.catalog_revision == version.revision, "the catalog push"
+                )
+            east_id = identities[0]
+            async with ControlPlaneClient(
+                control_plane.server.address,
+                control_plane.data.api_keys().create("analyst"),
+                control_plane.data.ca().cert_pem(),
+            ) as client:
+                for _ in range(6):
+                    table = await client.table("SELECT count(*) AS n, sum(fare) AS s FROM trips")
+                    assert table.to_pylist() == [{"n": 20, "s": float(sum(range(20)))}]
+                for _ in range(4):
+                    table = await client.table("SELECT count(*) AS n FROM zones")
+                    assert table.to_pylist() == [{"n": 3}]
+            async with ControlPlaneClient(
+                control_plane.server.address,
+                control_plane.data.api_keys().create("guest"),
+                control_plane.data.ca().cert_pem(),
+            ) as guest:
+                with pytest.raises(QueryDeniedError, match="may not read table trips"):
+                    await guest.table("SELECT * FROM trips")
+        finally:
+            for tunnel, launcher, running in workers:
+                tunnel.stop()
+                await asyncio.wait_for(running, DEADLINE_S)
+                await launcher.close()
+            await control_plane.stop()
+        records = AuditLog(control_plane.data.database()).recent(50)
+        trips = [r for r in records if "trips" in r.sql and r.outcome == "ok"]
+        zone_runs = [r for r in records if "zones" in r.sql]
+        assert len(trips) == 6 and {r.worker_id for r in trips} == {east_id}
+        assert len({r.worker_id for r in zone_runs}) == 2  # unpinned: both workers served
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 180))
+    finally:
+        control_plane.close()
+    for config in configs:
+        assert containers_of(engine, config.launcher_id) == []
+    # The secret worked (the S3 reads above used it) and stayed on the workers' side.
+    needle = secret.encode()
+    assert control_plane.received, "the observer saw no worker message"
+    assert not [m for m in control_plane.received if needle in m]
+    for path in (tmp_path / "cp").rglob("*"):
+        assert not path.is_file() or needle not in path.read_bytes(), path
+    assert secret not in caplog.text

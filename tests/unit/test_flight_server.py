@@ -1,0 +1,336 @@
+"""The Flight SQL server alone, over a real Flight connection, with a scripted router.
+
+``ScriptedRouter`` stands in for the control plane's ``QueryRouter``: it yields Arrow IPC bytes
+and ``QueryDone`` as a worker would, and records when a query's stream is closed (which, for the
+real router, sends ``Cancel`` to the worker). The server runs on its own event loop in a thread,
+as in the control plane; the test drives pyarrow's blocking Flight client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.ipc as ipc
+import pytest
+from google.protobuf import any_pb2
+
+from launcher.cli import main
+from launcher.controlplane.apikeys import ApiKey
+from launcher.controlplane.datadir import ControlPlaneData
+from launcher.controlplane.routing import QueryDone
+from launcher.controlplane.server import ControlPlaneServer
+from launcher.errors import ApiKeyError, ControlPlaneError, SqlError
+from launcher.flight import FlightListen, FlightSqlServer
+from launcher.flight import messages as msg
+from launcher.flight.metadata import SQL_INFO_SCHEMA
+from launcher.protocol import flightsql_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "dck1.good"
+OTHER_KEY = "dck1.other"
+DEADLINE_S = 5.0
+END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+# SQL the role rule parses (DuckDB's parser) before the scripted router sees it.
+OK, HANG, FAIL = "SELECT 'ok'", "SELECT 'hang'", "SELECT fail"
+TABLE = pa.table({"n": pa.array([1, 2, 3], pa.int64()), "s": ["a", "b", None]})
+
+
+def ipc_messages(table: pa.Table) -> list[bytes]:
+    """The IPC stream of ``table`` cut as the runner cuts it: schema, each batch, end marker."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1)
+    messages = ipc.MessageReader.open_stream(pa.BufferReader(sink.getvalue()))
+    return [message.serialize().to_pybytes() for message in messages] + [END_OF_STREAM]
+
+
+class ScriptedRouter:
+    """Plays a worker: ``fail`` raises DuckDB's error, ``hang`` stops after the schema."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+        self.all_closed = threading.Condition()
+
+    async def run(
+        self, sql: str, policy: str, *, caller: str = "", parameters: bytes = b"", **_: str
+    ) -> AsyncIterator[bytes | QueryDone]:
+        try:
+            if sql == FAIL:
+                raise SqlError('Binder Error: Referenced column "fail" not found')
+            chunks = ipc_messages(TABLE)
+            yield chunks[0]
+            if sql == HANG:
+                await asyncio.Event().wait()
+            for chunk in chunks[1:]:
+                yield chunk
+            yield QueryDone(TABLE.num_rows)
+        finally:
+            with self.all_closed:
+                self.closed.append(sql)
+                self.all_closed.notify_all()
+
+    def wait_closed(self, count: int) -> list[str]:
+        with self.all_closed:
+            assert self.all_closed.wait_for(lambda: len(self.closed) >= count, DEADLINE_S)
+            return list(self.closed)
+
+
+async def verify(key: str) -> ApiKey:
+    if key in (KEY, OTHER_KEY):
+        return ApiKey(key_id=key, role="analyst")
+    raise ApiKeyError("unknown API key: create one with `duckcell controlplane apikey create`")
+
+
+class Served:
+    def __init__(self, server: FlightSqlServer, router: ScriptedRouter, ca_pem: bytes) -> None:
+        self.server = server
+        self.router = router
+        self.ca_pem = ca_pem
+
+    def client(self) -> flight.FlightClient:
+        return flight.connect(self.server.location, tls_root_certs=self.ca_pem)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(DEADLINE_S)
+    loop.close()
+
+
+def on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(DEADLINE_S)
+
+
+@pytest.fixture
+def served(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[Served]:
+    ca = ControlPlaneData(tmp_path / "cp").ca()
+    router = ScriptedRouter()
+    server = FlightSqlServer(
+        FlightListen.parse("127.0.0.1:0"),
+        router,
+        verify,
+        ca=ca,
+        hosts=["localhost", "127.0.0.1"],
+        ticket_expiry_s=0.2,
+    )
+    on(loop, server.start())
+    try:
+        yield Served(server, router, ca.cert_pem())
+    finally:
+        on(loop, server.stop())
+
+
+def bearer(key: str) -> flight.FlightCallOptions:
+    headers = [(b"authorization", f"Bearer {key}".encode())]
+    return flight.FlightCallOptions(headers=headers, timeout=DEADLINE_S)
+
+
+def statement(sql: str) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(msg.pack(pb.CommandStatementQuery(query=sql)))
+
+
+def test_a_statement_streams_the_workers_batches_with_the_announced_schema(
+    served: Served,
+) -> None:
+    with served.client() as client:
+        info = client.get_flight_info(statement(OK), bearer(KEY))
+        assert info.schema == TABLE.schema
+        table = client.do_get(info.endpoints[0].ticket, bearer(KEY)).read_all()
+    assert table.equals(TABLE)
+    assert served.router.wait_closed(1) == [OK]
+
+
+def test_a_ticket_is_good_once_and_only_for_the_key_that_asked(served: Served) -> None:
+    with served.client() as client:
+        ticket = client.get_flight_info(statement(OK), bearer(KEY)).endpoints[0].ticket
+        with pytest.raises(flight.FlightServerError, match="unknown or expired ticket"):
+            client.do_get(ticket, bearer(OTHER_KEY)).read_all()
+        assert client.do_get(ticket, bearer(KEY)).read_all().num_rows == 3
+        with pytest.raises(flight.FlightServerError, match="unknown or expired ticket"):
+            client.do_get(ticket, bearer(KEY)).read_all()
+
+
+def test_a_ticket_nobody_fetches_expires_and_cancels_its_query(served: Served) -> None:
+    with served.client() as client:
+        ticket = client.get_flight_info(statement(HANG), bearer(KEY)).endpoints[0].ticket
+        assert served.router.wait_closed(1) == [HANG]  # expiry_s is 0.2 here
+        with pytest.raises(flight.FlightServerError, match="unknown or expired ticket"):
+            client.do_get(ticket, bearer(KEY)).read_all()
+
+
+def test_a_client_cancelling_its_doget_closes_the_query(served: Served) -> None:
+    with served.client() as client:
+        info = client.get_flight_info(statement(HANG), bearer(KEY))
+        reader = client.do_get(info.endpoints[0].ticket, bearer(KEY))
+        reader.cancel()
+        assert served.router.wait_closed(1) == [HANG]
+
+
+def test_a_sql_error_fails_get_flight_info_with_duckdbs_message(served: Served) -> None:
+    with (
+        served.client() as client,
+        pytest.raises(flight.FlightServerError, match="not found") as failed,
+    ):
+        client.get_flight_info(statement(FAIL), bearer(KEY))
+    assert "Traceback" not in str(failed.value)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer None", "Bearer dck1.wrong", "Basic Zm9v"])
+def test_calls_without_a_valid_key_are_unauthenticated(served: Served, header: str | None) -> None:
+    headers = [] if header is None else [(b"authorization", header.encode())]
+    options = flight.FlightCallOptions(headers=headers, timeout=DEADLINE_S)
+    with served.client() as client:
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            client.get_flight_info(statement(OK), options)
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            list(client.do_action(flight.Action(msg.CLOSE_SESSION, b""), options))
+    assert served.router.closed == []
+
+
+def test_basic_auth_handshake_returns_the_key_as_bearer_token(served: Served) -> None:
+    with served.client() as client:
+        assert client.authenticate_basic_token("anyone", KEY) == (
+            b"authorization",
+            f"Bearer {KEY}".encode(),
+        )
+        with pytest.raises(flight.FlightUnauthenticatedError, match="unknown API key"):
+            client.authenticate_basic_token("anyone", "dck1.wrong")
+
+
+def test_sql_info_answers_name_versions_and_transactions(served: Served) -> None:
+    command = msg.pack(pb.CommandGetSqlInfo(info=[0, 1, 2, 3, 8]))
+    with served.client() as client:
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(command), bearer(KEY))
+        table = client.do_get(info.endpoints[0].ticket, bearer(KEY)).read_all()
+    assert info.schema == SQL_INFO_SCHEMA == table.schema
+    values = {row["info_name"]: row["value"] for row in table.to_pylist()}
+    assert values[0] == "duckcell" and values[2] == pa.__version__
+    assert values[3] is False and values[8] == 0
+
+
+def test_prepared_statements_run_their_sql_and_close(served: Served) -> None:
+    create = msg.pack(pb.ActionCreatePreparedStatementRequest(query=OK))
+    with served.client() as client:
+        (result,) = client.do_action(
+            flight.Action(msg.CREATE_PREPARED_STATEMENT, create), bearer(KEY)
+        )
+        name, body = msg.unpack(result.body.to_pybytes())
+        assert name == "ActionCreatePreparedStatementResult"
+        handle = pb.ActionCreatePreparedStatementResult.FromString(body).prepared_statement_handle
+        command = msg.pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
+        descriptor = flight.FlightDescriptor.for_command(command)
+        info = client.get_flight_info(descriptor, bearer(KEY))
+        assert client.do_get(info.endpoints[0].ticket, bearer(KEY)).read_all().equals(TABLE)
+        close = msg.pack(pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle))
+        list(client.do_action(flight.Action(msg.CLOSE_PREPARED_STATEMENT, close), bearer(KEY)))
+        with pytest.raises(flight.FlightServerError, match="unknown prepared statement"):
+            client.get_flight_info(descriptor, bearer(KEY))
+
+
+def test_stopping_the_server_cancels_queries_waiting_for_their_doget(
+    loop: asyncio.AbstractEventLoop, served: Served
+) -> None:
+    with served.client() as client:
+        client.get_flight_info(statement(HANG), bearer(KEY))
+    on(loop, served.server.stop())
+    assert served.router.wait_closed(1) == [HANG]
+
+
+def test_plaintext_is_refused_unless_the_listen_address_is_loopback(tmp_path: Path) -> None:
+    data = ControlPlaneData(tmp_path / "cp")
+    for listen in ["0.0.0.0:0", "10.1.2.3:9000", "[::]:0"]:
+        with pytest.raises(ControlPlaneError, match="--flight-plaintext needs a loopback"):
+            ControlPlaneServer(data, "127.0.0.1:0", flight_listen=listen, flight_plaintext=True)
+    for listen in ["127.0.0.1:0", "[::1]:0", "localhost:0"]:
+        assert FlightListen.parse(listen, plaintext=True).location().startswith("grpc+tcp://")
+    assert FlightListen.parse("0.0.0.0:0").location() == "grpc+tls://0.0.0.0:0"
+
+
+def test_the_cli_refuses_plaintext_off_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["controlplane", "serve", "--data", str(tmp_path / "cp"), "--listen", "127.0.0.1:0"]
+    argv += ["--flight-listen", "0.0.0.0:0", "--flight-plaintext"]
+    assert main(argv) == 2
+    assert "--flight-plaintext needs a loopback" in capsys.readouterr().err
+
+
+def test_commands_carry_the_specifications_type_urls() -> None:
+    data = msg.pack(pb.CommandStatementQuery(query="SELECT 1"))
+    assert b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery" in data
+    assert msg.parse_command(data) == msg.StatementQuery("SELECT 1")
+    ticket = msg.statement_ticket(b"h")
+    assert msg.parse_ticket(ticket) == msg.StatementTicket(b"h")
+    with pytest.raises(msg.UnsupportedRequest, match="CommandGetXdbcTypeInfo"):
+        msg.parse_command(_any("CommandGetXdbcTypeInfo"))
+    with pytest.raises(msg.UnsupportedRequest, match="not a Flight SQL command"):
+        msg.parse_command(b"\xff\xff")
+
+
+def _any(name: str) -> bytes:
+    return any_pb2.Any(type_url=msg.TYPE_URL_PREFIX + name).SerializeToString()
+
+
+def test_stopping_the_server_ends_a_streaming_doget_and_cancels_its_query(
+    loop: asyncio.AbstractEventLoop, served: Served
+) -> None:
+    with served.client() as client:
+        info = client.get_flight_info(statement(HANG), bearer(KEY))
+        reader = client.do_get(info.endpoints[0].ticket, bearer(KEY))
+        assert reader.schema == TABLE.schema  # the DoGet is running, waiting for batches
+        on(loop, served.server.stop())
+        assert served.router.wait_closed(1) == [HANG]
+        with pytest.raises(flight.FlightUnavailableError, match="shutting down"):
+            reader.read_all()
+
+
+def test_controlplane_serve_flight_listen_serves_flight_sql_until_sigterm(tmp_path: Path) -> None:
+    """The CLI wiring: `controlplane serve --flight-listen` serves Flight SQL with TLS on the
+    control plane's loop, authenticates with a key from `apikey create`, and stops on SIGTERM."""
+    data = tmp_path / "cp"
+    key = ControlPlaneData(data).api_keys().create("analyst")
+    argv = [sys.executable, "-m", "launcher.cli", "controlplane", "serve", "--data", str(data)]
+    argv += ["--listen", "127.0.0.1:0", "--flight-listen", "127.0.0.1:0"]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=REPO) as serving:
+        watchdog = threading.Timer(DEADLINE_S * 4, serving.kill)  # a hang fails, never stalls
+        watchdog.start()
+        try:
+            location = _flight_location(serving)
+            ca_pem = ControlPlaneData(data).ca().cert_pem()
+            command = msg.pack(pb.CommandGetSqlInfo(info=[0]))
+            descriptor = flight.FlightDescriptor.for_command(command)
+            with flight.connect(location, tls_root_certs=ca_pem) as client:
+                info = client.get_flight_info(descriptor, bearer(key))
+                table = client.do_get(info.endpoints[0].ticket, bearer(key)).read_all()
+            assert table.column("value").to_pylist() == ["duckcell"]
+        finally:
+            serving.send_signal(signal.SIGTERM)
+            watchdog.cancel()
+        assert serving.wait(DEADLINE_S * 2) == 0
+
+
+def _flight_location(serving: subprocess.Popen[str]) -> str:
+    """The Flight SQL location from the banner `controlplane serve` prints once it listens."""
+    assert serving.stderr is not None
+    lines = []
+    for line in serving.stderr:
+        lines.append(line)
+        found = re.search(r"Flight SQL on (grpc\+tls://127\.0\.0\.1:\d+)", line)
+        if found:
+            return found[1]
+    raise AssertionError(f"no Flight SQL banner; stderr was: {''.join(lines)}")

@@ -1,0 +1,272 @@
+"""Writes: which COPY statements write, whether the policy and catalog let them, the rewrite,
+and the hand-over from spooled output to an upload (an in-memory store through constructors)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.ipc
+import pytest
+
+from launcher.cache import ObjectCache
+from launcher.catalog import Catalog, Connection, parse_catalog
+from launcher.datapath import DataPath
+from launcher.errors import ObjectStoreError, QueryDeniedError, QueryError, SqlError
+from launcher.objectstore import LocalStore, ObjectRef, ObjectStore
+from launcher.policy import Policy, load_policy_text
+from launcher.writes import SANDBOX_OUTPUT_DIR, PendingWrite, WritePlan, plan_write, result_ipc
+
+CATALOG = parse_catalog(
+    """\
+connections:
+  lake: {kind: s3, endpoint: "http://127.0.0.1:9"}
+  hr: {kind: s3}
+  mirror: {kind: s3, endpoint: "http://127.0.0.1:10"}
+tables:
+  trips: {connection: lake, path: "s3://lake/trips/", format: parquet}
+  payroll: {connection: hr, path: "s3://hr-data/payroll/", format: parquet}
+  shared_a: {connection: lake, path: "s3://shared/a/", format: parquet}
+  shared_b: {connection: mirror, path: "s3://shared/b/", format: parquet}
+""",
+    "catalog.yaml",
+)
+BASE = """\
+name: t
+isolation: query
+runtime: runc
+limits: {cpus: 1, memory: 1GiB}
+"""
+WRITER = BASE + (
+    "access: {connections: [lake, mirror]}\n"
+    'writes: {allowed: true, prefixes: ["s3://lake/out/", "s3://hr-data/out/", "s3://shared/"]}\n'
+)
+
+
+def policy(text: str = WRITER) -> Policy:
+    return load_policy_text(text, "t.yaml")
+
+
+ALLOWED = "COPY (SELECT 1 AS x) TO 's3://lake/out/x.parquet'"
+
+
+@pytest.mark.parametrize(
+    ("sql", "policy_text", "denied"),
+    [
+        (ALLOWED, WRITER, None),
+        ("COPY trips TO 's3://lake/out/a/b.parquet' (FORMAT parquet)", WRITER, None),
+        ("COPY trips TO 's3://lake/out/x' WITH (FORMAT 'parquet', COMPRESSION zstd)", WRITER, None),
+        ("COPY trips TO 's3://lake/other/x.parquet'", WRITER, "writes only under"),
+        ("COPY trips TO 's3://elsewhere/out/x.parquet'", WRITER, "writes only under"),
+        ("COPY trips TO 's3://lake/out/../secret/x.parquet'", WRITER, "writes only under"),
+        ("COPY trips TO 's3://lake/out/%2e%2e/x.parquet'", WRITER, "writes only under"),
+        ("COPY trips TO 's3://lake/outside/x.parquet'", WRITER, "writes only under"),
+        ("COPY trips TO 's3://hr-data/out/x.parquet'", WRITER, "may not use connection hr"),
+        ("COPY trips TO 's3://shared/x.parquet'", WRITER, "several connections"),
+        (ALLOWED, BASE, "writes nothing"),
+        (ALLOWED, BASE + "writes: {allowed: false}\n", "writes nothing"),
+        (ALLOWED.replace("s3://lake/", "gs://lake/"), WRITER, "only s3://"),
+        ("COPY trips TO 's3://lake/out/x.csv'", WRITER, "Parquet"),
+        ("COPY trips TO 's3://lake/out/x.parquet' (FORMAT csv)", WRITER, "Parquet"),
+        ("COPY trips TO 's3://lake/out/' (FORMAT parquet)", WRITER, "name one object"),
+        ("COPY trips TO 's3://lake/out/*.parquet'", WRITER, "name one object"),
+        ("COPY trips TO 's3://lake/out/x.parquet' (PARTITION_BY (i))", WRITER, "PARTITION_BY"),
+        ("COPY trips TO 's3://lake/out/x.parquet' (PER_THREAD_OUTPUT)", WRITER, "PER_THREAD"),
+        ("COPY trips TO E's3://lake/out/x.parquet'", WRITER, "plain single-quoted"),
+        ('COPY trips TO "s3://lake/out/x.parquet"', WRITER, "plain single-quoted"),
+        (ALLOWED + "; SELECT 1", WRITER, "last statement"),
+    ],
+)
+def test_destination_check(sql: str, policy_text: str, denied: str | None) -> None:
+    if denied is None:
+        plan = plan_write(sql, policy(policy_text), CATALOG)
+        assert plan is not None and plan.connection == "lake"
+        assert plan.destination.startswith("s3://lake/out/")
+    else:
+        with pytest.raises(QueryDeniedError, match=denied):
+            plan_write(sql, policy(policy_text), CATALOG)
+
+
+def test_a_bucket_no_connection_holds_is_denied_with_what_to_add() -> None:
+    sql = "COPY trips TO 's3://lake/out/x.parquet'"
+    with pytest.raises(QueryDeniedError, match="add a table under s3://lake/"):
+        plan_write(sql, policy(), Catalog.EMPTY)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "SELECT 'COPY (SELECT 1) TO ''s3://lake/out/x.parquet'''",
+        "COPY trips FROM 's3://lake/out/x.parquet'",
+        "COPY (SELECT 1) TO '/scratch/x.parquet'",
+        "CREATE TABLE t AS SELECT 1",
+    ],
+)
+def test_statements_that_write_no_object_are_left_alone(sql: str) -> None:
+    assert plan_write(sql, policy(BASE), CATALOG) is None
+
+
+def test_the_rewrite_replaces_only_the_destination() -> None:
+    """A TO inside the query (SIMILAR TO), quotes in the URL, comments and earlier
+    statements survive; the destination becomes a fresh /scratch file."""
+    sql = (
+        "CREATE TEMP TABLE src AS SELECT 1 AS i; -- keep me\n"
+        "COPY (SELECT 'a' SIMILAR TO 'a' AS \"to\", 'TO' AS s FROM src) /* c */ "
+        "TO 's3://lake/out/it''s.parquet' (FORMAT parquet);"
+    )
+    plan = plan_write(sql, policy(), CATALOG)
+    assert plan is not None
+    assert plan.destination == "s3://lake/out/it's.parquet"
+    assert plan.output_path.startswith(SANDBOX_OUTPUT_DIR + "/")
+    assert plan.output_path.endswith(".parquet")
+    expected = sql.replace("'s3://lake/out/it''s.parquet'", f"'{plan.output_path}'")
+    assert plan.sql.split() == expected.split()  # statements are joined by a newline
+    statements = duckdb.connect().extract_statements(plan.sql)
+    assert [str(s.type).rsplit(".", 1)[-1] for s in statements] == ["CREATE", "COPY"]
+    other = plan_write(sql, policy(), CATALOG)
+    assert other is not None and other.output_path != plan.output_path
+
+
+def test_unparseable_sql_is_a_sql_error() -> None:
+    with pytest.raises(SqlError):
+        plan_write("COPY (SELEC 1) TO 's3://lake/out/x.parquet'", policy(), CATALOG)
+
+
+@dataclass
+class MemoryStore:
+    """An ObjectStore keeping uploads in a dict; ``fail`` makes every upload raise."""
+
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    source: str = "memory"
+    fail: bool = False
+    listed: list[str] = field(default_factory=list)
+
+    async def list(self, url: str) -> list[ObjectRef]:
+        self.listed.append(url)
+        return []
+
+    async def download(self, ref: ObjectRef, dest: Path) -> None:
+        raise AssertionError("a write downloads nothing")
+
+    async def upload(self, source: Path, url: str) -> None:
+        if self.fail:
+            raise ObjectStoreError("S3 upload ... failed (InternalError); nothing was written")
+        self.uploads[url] = source.read_bytes()
+
+
+def count_ipc(rows: int) -> bytes:
+    """DuckDB's COPY result as the runner sends it: one row with the row count."""
+    table = pa.table({"Count": pa.array([rows], pa.int64())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+PLAN = WritePlan("s3://lake/out/x.parquet", "lake", "COPY ...", "/scratch/duckcell-out/x.parquet")
+
+
+def test_publish_uploads_the_spooled_output_and_answers_one_row(tmp_path: Path) -> None:
+    store = MemoryStore()
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path)
+
+    async def body() -> bytes:
+        write.accept_result(count_ipc(42))
+        for part in (b"PAR1", b"-data-", b"PAR1"):
+            await write.accept_output(part)
+        return await write.publish()
+
+    result = pa.ipc.open_stream(asyncio.run(body())).read_all()
+    assert store.uploads == {PLAN.destination: b"PAR1-data-PAR1"}
+    assert result.to_pylist() == [{"Count": 42, "bytes": 14, "destination": PLAN.destination}]
+    write.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_upload_says_the_query_ran_but_nothing_was_written(tmp_path: Path) -> None:
+    write = PendingWrite(PLAN, MemoryStore(fail=True), spool_dir=tmp_path)
+
+    async def body() -> None:
+        write.accept_result(count_ipc(1))
+        await write.accept_output(b"PAR1")
+        await write.publish()
+
+    with pytest.raises(ObjectStoreError, match="succeeded but its result was not written"):
+        asyncio.run(body())
+    write.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_output_from_the_sandbox_is_an_error_naming_the_fix(tmp_path: Path) -> None:
+    store = MemoryStore()
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path)
+    write.accept_result(count_ipc(1))
+    with pytest.raises(QueryError, match="duckcell image build"):
+        asyncio.run(write.publish())
+    assert store.uploads == {}
+
+
+def test_a_discarded_write_uploads_nothing_and_leaves_no_spool(tmp_path: Path) -> None:
+    """What a failed query does: output arrived, then the query failed; release discards."""
+    store = MemoryStore()
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path)
+    asyncio.run(write.accept_output(b"half a file"))
+    assert len(list(tmp_path.iterdir())) == 1
+    write.discard()
+    assert list(tmp_path.iterdir()) == [] and store.uploads == {}
+
+
+def test_result_ipc_is_one_row() -> None:
+    table = pa.ipc.open_stream(result_ipc(3, 99, "s3://b/k")).read_all()
+    assert table.schema.names == ["Count", "bytes", "destination"]
+    assert table.to_pylist() == [{"Count": 3, "bytes": 99, "destination": "s3://b/k"}]
+
+
+def test_datapath_refuses_a_write_before_listing_or_building_a_store(tmp_path: Path) -> None:
+    made: list[str] = []
+    store = MemoryStore()
+
+    def stores(connection: Connection, environ: object) -> ObjectStore:
+        made.append(connection.name)
+        return store
+
+    data = DataPath(CATALOG, ObjectCache(tmp_path, budget_bytes=2**20), stores=stores)
+    with pytest.raises(QueryDeniedError):
+        asyncio.run(data.prepare("COPY trips TO 's3://lake/nope/x.parquet'", policy()))
+    assert made == [] and store.listed == []
+    asyncio.run(data.cache.close())
+
+
+def test_datapath_hands_the_write_to_the_query(tmp_path: Path) -> None:
+    data = DataPath(
+        CATALOG, ObjectCache(tmp_path, budget_bytes=2**20), stores=lambda c, e: MemoryStore()
+    )
+    files = asyncio.run(data.prepare("COPY (SELECT 1) TO 's3://lake/out/x.parquet'", policy()))
+    assert files.write is not None and files.write.plan.connection == "lake"
+    assert files.bindings == ()
+    files.release()
+    asyncio.run(data.cache.close())
+
+
+def test_local_store_upload_renames_a_complete_file_into_place(tmp_path: Path) -> None:
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"x" * 3_000_000)
+    dest = tmp_path / "out" / "deep" / "result.parquet"
+    asyncio.run(LocalStore().upload(source, str(dest)))
+    assert dest.read_bytes() == source.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["result.parquet"]  # no temporary left
+
+
+def test_local_store_upload_failure_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"data")
+    dest = tmp_path / "taken"
+    (dest / "child").mkdir(parents=True)  # a directory is in the way: the rename fails
+    with pytest.raises(ObjectStoreError, match="cannot write local file"):
+        asyncio.run(LocalStore().upload(source, str(dest)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin", "taken"]  # no temporary
+    assert [p.name for p in dest.iterdir()] == ["child"]
