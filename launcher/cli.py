@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -28,13 +27,9 @@ from .cache import ObjectCache
 from .cachecli import add_cache_parser, run_cache_command
 from .catalog import Catalog, load_catalog
 from .config import LauncherConfig, load_config
-from .controlplane.audit import DEFAULT_LIMIT as DEFAULT_AUDIT_LIMIT
-from .controlplane.audit import AuditLog, format_records
-from .controlplane.catalogs import apply_catalog, read_catalog
-from .controlplane.datadir import ControlPlaneData
-from .controlplane.registry import Worker, WorkerRegistry
-from .controlplane.server import ControlPlaneServer
+from .controlplane_cli import add_controlplane_parser, run_controlplane_command
 from .datapath import DataPath
+from .dialing import ProxyConfig
 from .enroll import Identity, enroll
 from .errors import DuckcellError
 from .executor import collect_table
@@ -43,9 +38,8 @@ from .instance import reap_orphans
 from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
-from .policy_yaml import parse_duration
 from .remote import ControlPlaneClient
-from .tunnel import DEFAULT_DRAIN_GRACE_S, ProxyConfig, TunnelClient
+from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
 
@@ -111,69 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     check = policy_commands.add_parser("check", help="validate policy files")
     check.add_argument("files", nargs="*", type=Path)
 
-    control = commands.add_parser("controlplane", help="the reference control plane")
-    control_commands = control.add_subparsers(dest="controlplane_command", required=True)
-    ca = control_commands.add_parser("ca", help="print the CA certificate (PEM), creating it")
-    ca.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    token = control_commands.add_parser("token", help="enrollment tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    create = token_commands.add_parser("create", help="print a new one-time enrollment token")
-    create.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
-    apikey = control_commands.add_parser("apikey", help="API keys for query clients")
-    apikey_commands = apikey.add_subparsers(dest="apikey_command", required=True)
-    key_create = apikey_commands.add_parser("create", help="print a new API key")
-    key_create.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    key_create.add_argument("--role", required=True, help="the role the key's queries run as")
-    serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
-    serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
-    serve.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        help="extra name the TLS certificate is valid for (repeatable)",
-    )
-    serve.add_argument(
-        "--tunnel-listen", help="HOST:PORT for the workers' mTLS tunnel (default: next port)"
-    )
-    serve.add_argument(
-        "--flight-listen", help="HOST:PORT for Arrow Flight SQL clients (ADBC); TLS by default"
-    )
-    serve.add_argument(
-        "--flight-plaintext",
-        action="store_true",
-        help="serve Flight SQL without TLS (only on a loopback --flight-listen)",
-    )
-    serve.add_argument(
-        "--catalog", type=Path, help="catalog YAML to apply at start (see `controlplane catalog`)"
-    )
-    catalog = control_commands.add_parser(
-        "catalog", help="the catalog workers get: tables, connections, roles"
-    )
-    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
-    apply = catalog_commands.add_parser(
-        "apply", help="check a catalog YAML file and make it current (running servers push it)"
-    )
-    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    apply.add_argument("file", type=Path, help="catalog YAML file")
-    show = catalog_commands.add_parser("show", help="print the current catalog (JSON)")
-    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
-    workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    worker_admin = control_commands.add_parser("worker", help="manage one worker")
-    worker_commands = worker_admin.add_subparsers(dest="worker_command", required=True)
-    revoke = worker_commands.add_parser(
-        "revoke", help="revoke a worker: its tunnel closes and it cannot reconnect"
-    )
-    revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    revoke.add_argument("worker_id", metavar="ID", help="worker id (wkr-...)")
-    audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
-    audit.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    audit.add_argument(
-        "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
-    )
-    audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    add_controlplane_parser(commands)
 
     join = commands.add_parser("enroll", help="enroll this worker with a control plane")
     join.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
@@ -322,38 +254,6 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    data = ControlPlaneData(args.data)
-    if args.catalog is not None:
-        apply_catalog(data.root, args.catalog)
-    server = ControlPlaneServer(
-        data,
-        args.listen,
-        args.host,
-        tunnel_listen=args.tunnel_listen,
-        flight_listen=args.flight_listen,
-        flight_plaintext=args.flight_plaintext,
-    )
-    await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    print(
-        f"duckcell: control plane listening on {server.address}, tunnel on "
-        f"{server.tunnel_address}"
-        f"{f', Flight SQL on {server.flight.location}' if server.flight else ''}"
-        f" (CA {server.fingerprint()})",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        await stopping.wait()
-    finally:
-        await server.stop()
-    return 0
-
-
 def _enroll_token(args: argparse.Namespace) -> str:
     """The token from --token, --token-file or DUCKCELL_ENROLL_TOKEN (kept out of `ps`)."""
     if args.token is not None:
@@ -375,64 +275,6 @@ async def _enroll(args: argparse.Namespace) -> int:
     identity = await enroll(args.control_plane, _enroll_token(args), args.state, args.name)
     print(identity.worker_id)
     return 0
-
-
-def _controlplane(args: argparse.Namespace) -> int:
-    data = ControlPlaneData(args.data)
-    if args.controlplane_command == "serve":
-        return asyncio.run(_serve(args))
-    if args.controlplane_command == "ca":
-        sys.stdout.write(data.ca().cert_pem().decode())
-        return 0
-    if args.controlplane_command == "apikey":
-        # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
-        print(data.api_keys().create(args.role))
-        return 0
-    if args.controlplane_command == "catalog":
-        if args.catalog_command == "show":
-            print(read_catalog(data.root).catalog.to_json())
-            return 0
-        version = apply_catalog(data.root, args.file)
-        tables = len(version.catalog.tables)
-        print(f"catalog revision {version.revision} applied: {tables} table(s)", file=sys.stderr)
-        return 0
-    if args.controlplane_command == "audit":
-        records = AuditLog(data.database()).recent(args.limit)
-        if args.json:
-            print(json.dumps([record.as_dict() for record in records], indent=2))
-        else:
-            print("\n".join(format_records(records)))
-        return 0
-    if args.controlplane_command == "workers":
-        _print_workers(WorkerRegistry(data.database()).list(), time.time())
-        return 0
-    if args.controlplane_command == "worker":
-        worker = WorkerRegistry(data.database()).revoke(args.worker_id)
-        print(
-            f"revoked {worker.worker_id} ({worker.name}); a running control plane closes its "
-            "tunnel within one heartbeat"
-        )
-        return 0
-    ttl = parse_duration(args.ttl)
-    if ttl is None or ttl <= 0:
-        raise DuckcellError(f"--ttl: expected a duration like 30m or 1h, got {args.ttl!r}")
-    # The token alone on stdout, so `TOKEN=$(duckcell controlplane token create ...)` works.
-    print(data.tokens().create(ttl))
-    return 0
-
-
-def _print_workers(workers: list[Worker], now: float) -> None:
-    rows = [("ID", "NAME", "STATE", "LAST HEARTBEAT", "VERSION")]
-    for worker in workers:
-        state = "revoked" if worker.revoked_at else "online" if worker.online else "offline"
-        state = "draining" if state == "online" and worker.draining else state
-        beat = "-" if worker.last_heartbeat is None else f"{now - worker.last_heartbeat:.0f}s ago"
-        rows.append((worker.worker_id, worker.name, state, beat, worker.version))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
 
 
 async def _worker(args: argparse.Namespace, progress: Progress) -> int:
@@ -506,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "policy":
             return _policy(args)
         if args.command == "controlplane":
-            return _controlplane(args)
+            return run_controlplane_command(args)
         if args.command == "enroll":
             return asyncio.run(_enroll(args))
         if args.command == "worker":

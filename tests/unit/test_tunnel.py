@@ -24,11 +24,12 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import Worker, WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
 from launcher.controlplane.tunnel import HeartbeatWatch
+from launcher.dialing import Backoff, Keepalive, ProxyConfig
 from launcher.enroll import Identity, enroll
 from launcher.errors import TunnelRefusedError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.tunnel import Backoff, Keepalive, ProxyConfig, TunnelClient
+from launcher.tunnel import TunnelClient
 
 INTERVAL_S = 0.1
 DEADLINE_S = 5.0

@@ -1,0 +1,180 @@
+"""``duckcell controlplane ...``: the reference control plane's commands (parse and wire only).
+
+Every command takes ``--data DIR`` and reaches the control plane's parts through
+``ControlPlaneData``; ``serve`` runs the servers until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .controlplane.audit import DEFAULT_LIMIT as DEFAULT_AUDIT_LIMIT
+from .controlplane.audit import AuditLog, format_records
+from .controlplane.catalogs import apply_catalog, read_catalog
+from .controlplane.datadir import ControlPlaneData
+from .controlplane.registry import Worker, WorkerRegistry
+from .controlplane.server import ControlPlaneServer
+from .errors import DuckcellError
+from .policy_yaml import parse_duration
+
+
+def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    control = commands.add_parser("controlplane", help="the reference control plane")
+    control_commands = control.add_subparsers(dest="controlplane_command", required=True)
+    ca = control_commands.add_parser("ca", help="print the CA certificate (PEM), creating it")
+    ca.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    token = control_commands.add_parser("token", help="enrollment tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new one-time enrollment token")
+    create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
+    apikey = control_commands.add_parser("apikey", help="API keys for query clients")
+    apikey_commands = apikey.add_subparsers(dest="apikey_command", required=True)
+    key_create = apikey_commands.add_parser("create", help="print a new API key")
+    key_create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    key_create.add_argument("--role", required=True, help="the role the key's queries run as")
+    serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
+    serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    serve.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra name the TLS certificate is valid for (repeatable)",
+    )
+    serve.add_argument(
+        "--tunnel-listen", help="HOST:PORT for the workers' mTLS tunnel (default: next port)"
+    )
+    serve.add_argument(
+        "--flight-listen", help="HOST:PORT for Arrow Flight SQL clients (ADBC); TLS by default"
+    )
+    serve.add_argument(
+        "--flight-plaintext",
+        action="store_true",
+        help="serve Flight SQL without TLS (only on a loopback --flight-listen)",
+    )
+    serve.add_argument(
+        "--catalog", type=Path, help="catalog YAML to apply at start (see `controlplane catalog`)"
+    )
+    catalog = control_commands.add_parser(
+        "catalog", help="the catalog workers get: tables, connections, roles"
+    )
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    apply = catalog_commands.add_parser(
+        "apply", help="check a catalog YAML file and make it current (running servers push it)"
+    )
+    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    apply.add_argument("file", type=Path, help="catalog YAML file")
+    show = catalog_commands.add_parser("show", help="print the current catalog (JSON)")
+    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
+    workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    worker_admin = control_commands.add_parser("worker", help="manage one worker")
+    worker_commands = worker_admin.add_subparsers(dest="worker_command", required=True)
+    revoke = worker_commands.add_parser(
+        "revoke", help="revoke a worker: its tunnel closes and it cannot reconnect"
+    )
+    revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    revoke.add_argument("worker_id", metavar="ID", help="worker id (wkr-...)")
+    audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
+    audit.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    audit.add_argument(
+        "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
+    )
+    audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    data = ControlPlaneData(args.data)
+    if args.catalog is not None:
+        apply_catalog(data.root, args.catalog)
+    server = ControlPlaneServer(
+        data,
+        args.listen,
+        args.host,
+        tunnel_listen=args.tunnel_listen,
+        flight_listen=args.flight_listen,
+        flight_plaintext=args.flight_plaintext,
+    )
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    print(
+        f"duckcell: control plane listening on {server.address}, tunnel on "
+        f"{server.tunnel_address}"
+        f"{f', Flight SQL on {server.flight.location}' if server.flight else ''}"
+        f" (CA {server.fingerprint()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await stopping.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def run_controlplane_command(args: argparse.Namespace) -> int:
+    data = ControlPlaneData(args.data)
+    if args.controlplane_command == "serve":
+        return asyncio.run(_serve(args))
+    if args.controlplane_command == "ca":
+        sys.stdout.write(data.ca().cert_pem().decode())
+        return 0
+    if args.controlplane_command == "apikey":
+        # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
+        print(data.api_keys().create(args.role))
+        return 0
+    if args.controlplane_command == "catalog":
+        if args.catalog_command == "show":
+            print(read_catalog(data.root).catalog.to_json())
+            return 0
+        version = apply_catalog(data.root, args.file)
+        tables = len(version.catalog.tables)
+        print(f"catalog revision {version.revision} applied: {tables} table(s)", file=sys.stderr)
+        return 0
+    if args.controlplane_command == "audit":
+        records = AuditLog(data.database()).recent(args.limit)
+        if args.json:
+            print(json.dumps([record.as_dict() for record in records], indent=2))
+        else:
+            print("\n".join(format_records(records)))
+        return 0
+    if args.controlplane_command == "workers":
+        _print_workers(WorkerRegistry(data.database()).list(), time.time())
+        return 0
+    if args.controlplane_command == "worker":
+        worker = WorkerRegistry(data.database()).revoke(args.worker_id)
+        print(
+            f"revoked {worker.worker_id} ({worker.name}); a running control plane closes its "
+            "tunnel within one heartbeat"
+        )
+        return 0
+    ttl = parse_duration(args.ttl)
+    if ttl is None or ttl <= 0:
+        raise DuckcellError(f"--ttl: expected a duration like 30m or 1h, got {args.ttl!r}")
+    # The token alone on stdout, so `TOKEN=$(duckcell controlplane token create ...)` works.
+    print(data.tokens().create(ttl))
+    return 0
+
+
+def _print_workers(workers: list[Worker], now: float) -> None:
+    rows = [("ID", "NAME", "STATE", "LAST HEARTBEAT", "VERSION")]
+    for worker in workers:
+        state = "revoked" if worker.revoked_at else "online" if worker.online else "offline"
+        state = "draining" if state == "online" and worker.draining else state
+        beat = "-" if worker.last_heartbeat is None else f"{now - worker.last_heartbeat:.0f}s ago"
+        rows.append((worker.worker_id, worker.name, state, beat, worker.version))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
