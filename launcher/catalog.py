@@ -6,8 +6,8 @@ into the frozen dataclasses below. It holds *names*: of connections, of tables, 
 travel into a sandbox. Any mistake raises ``CatalogError`` with one line naming the file, the
 line and the field::
 
-    cat.yaml:3: connections.lake.secret_access_key: expected a reference {env: NAME} or
-    {file: PATH}, not a literal value
+    cat.yaml:3: connections.lake.secret_access_key: expected a reference {env: NAME},
+    {file: PATH} or {store: NAME}, not a literal value
 
 Keys (``required`` or the default)::
 
@@ -15,8 +15,9 @@ Keys (``required`` or the default)::
     connections.NAME.endpoint           null (AWS); s3 only; http:// or https:// URL
     connections.NAME.region             null; s3 only
     connections.NAME.path_style         false; s3 only
-    connections.NAME.access_key_id      null; s3 only; {env: NAME} or {file: /ABSOLUTE/PATH};
-    connections.NAME.secret_access_key  null;   both or neither of these two
+    connections.NAME.access_key_id      null; s3 only; {env: NAME}, {file: /ABSOLUTE/PATH} or
+    connections.NAME.secret_access_key  null;   {store: NAME} (the worker's secret store, see
+                                        launcher.secretstore); both or neither of these two
     connections.NAME.session_token      null; only with the two above
     connections.NAME.worker             null; the worker (id or name) that must run queries
                                         reading this connection's tables
@@ -50,6 +51,7 @@ from yaml.nodes import Node, ScalarNode
 from .catalog_yaml import CatalogReader
 from .errors import CatalogError, SecretError
 from .policy_yaml import Section, found, quote
+from .secretstore import SECRET_NAME, SecretStore
 from .sqltables import table_names
 
 __all__ = ["Binding", "Catalog", "Connection", "Role", "SecretRef", "Table", "table_names"]
@@ -77,20 +79,36 @@ class Format(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SecretRef:
-    """The name of a secret on the worker (an environment variable or a file), never a value."""
+    """The name of a secret on the worker (an environment variable, a file, or an entry of
+    its encrypted secret store), never a value."""
 
     env: str | None = None
     file: str | None = None
+    store: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("a SecretRef names exactly one of env or file")
+        if [self.env, self.file, self.store].count(None) != 2:
+            raise ValueError("a SecretRef names exactly one of env, file or store")
 
     def describe(self) -> str:
+        if self.store is not None:
+            return f"store:{self.store}"
         return f"env:{self.env}" if self.env is not None else f"file:{self.file}"
 
-    def resolve(self, environ: Mapping[str, str] | None = None) -> str:
-        """The secret's value. Raises SecretError naming the reference (never a value)."""
+    def resolve(
+        self, environ: Mapping[str, str] | None = None, store: SecretStore | None = None
+    ) -> str:
+        """The secret's value. Raises SecretError naming the reference (never a value).
+
+        ``store`` is the worker's secret store; only ``{store: NAME}`` references need one.
+        """
+        if self.store is not None:
+            if store is None:
+                raise SecretError(
+                    f"secret {self.describe()} needs the worker's secret store, which this "
+                    "command does not open; use env or file references here"
+                )
+            return store.get(self.store)
         if self.env is not None:
             value = (os.environ if environ is None else environ).get(self.env, "")
             if not value:
@@ -215,12 +233,18 @@ def _connection_doc(connection: Connection) -> dict[str, Any]:
     for key in ("endpoint", "region", "worker", *_SECRETS):
         value = getattr(connection, key)
         if isinstance(value, SecretRef):
-            value = {"env": value.env} if value.env is not None else {"file": value.file}
+            value = _ref_doc(value)
         if value is not None:
             doc[key] = value
     if connection.path_style:
         doc["path_style"] = True
     return doc
+
+
+def _ref_doc(ref: SecretRef) -> dict[str, str]:
+    """The one-key map a reference was written as: {env: ...}, {file: ...} or {store: ...}."""
+    named = {"env": ref.env, "file": ref.file, "store": ref.store}
+    return {key: value for key, value in named.items() if value is not None}
 
 
 def _role_doc(role: Role) -> dict[str, Any]:
@@ -311,16 +335,18 @@ def _pattern(node: Node, name: str, r: CatalogReader, pattern: re.Pattern[str], 
 
 
 def _secret(node: Node, name: str, r: CatalogReader) -> SecretRef:
-    expected = "a reference {env: NAME} or {file: PATH}"
+    expected = "a reference {env: NAME}, {file: PATH} or {store: NAME}"
     if isinstance(node, ScalarNode):
         r.fail(node, name, f"expected {expected}, not a literal value")
     r.expect(node, name, ("map",), expected)
     sec = r.section(node, name, node.start_mark.line + 1)
     if len(sec.values) != 1:
-        r.fail(node, name, f"expected exactly one of env or file, got {len(sec.values)}")
+        got = len(sec.values)
+        r.fail(node, name, f"expected exactly one of env, file or store, got {got}")
     env = r.get(sec, "env", None, _pattern, r, _ENV_NAME, "an environment variable name")
     file = r.get(sec, "file", None, _pattern, r, re.compile(r"/.*"), "an absolute path")
-    return SecretRef(env=env, file=file)
+    store = r.get(sec, "store", None, _pattern, r, SECRET_NAME, "a secret store name")
+    return SecretRef(env=env, file=file, store=store)
 
 
 def _table(

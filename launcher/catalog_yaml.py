@@ -23,7 +23,7 @@ _SCHEMA = {
     "": "connections tables roles",
     "connections.*": "kind endpoint region path_style access_key_id secret_access_key "
     "session_token worker",
-    "connections.*.*": "env file",
+    "connections.*.*": "env file store",
     "tables.*": "connection path format",
     "roles.*": "policy tables",
 }

@@ -39,6 +39,7 @@ from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
 from .remote import ControlPlaneClient
+from .secretcli import add_secrets_parser, run_secrets_command, secret_store
 from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
@@ -123,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
         "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
         "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
-        "at once. Each query is appended to STATE/audit.jsonl. HTTPS_PROXY/NO_PROXY are "
+        "at once. Each query is appended to STATE/audit.jsonl; catalog secrets named "
+        "{store: NAME} come from STATE/secrets (`duckcell secrets`). HTTPS_PROXY/NO_PROXY are "
         "honoured.",
     )
     run.add_argument("--state", type=Path, required=True, help="worker state directory")
@@ -138,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_cache_parser(commands)
+    add_secrets_parser(commands)
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -199,11 +202,12 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _data_path(catalog: Path | None, config: LauncherConfig) -> DataPath | None:
-    """The data path for ``--catalog``; its cache is ``cache_dir``, else STATE_DIR/cache."""
+    """The data path for ``--catalog``; its cache is ``cache_dir``, else STATE_DIR/cache, and
+    ``{store: NAME}`` secrets come from STATE_DIR/secrets."""
     if catalog is None:
         return None
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    return DataPath(load_catalog(catalog), cache)
+    return DataPath(load_catalog(catalog), cache, secrets=secret_store(config.state_dir))
 
 
 async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) -> int:
@@ -282,7 +286,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     config = _config(args)
     # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    data = DataPath(Catalog.EMPTY, cache)
+    data = DataPath(Catalog.EMPTY, cache, secrets=secret_store(args.state))
     config = dataclasses.replace(config, cache_dir=cache.root)
     async with LocalLauncher(config, progress=progress) as launcher:
         runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
@@ -357,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_sandboxes(args, progress))
         if args.command == "cache":
             return run_cache_command(args, _config(args))
+        if args.command == "secrets":
+            return run_secrets_command(args, _config(args))
     except DuckcellError as error:
         print(f"duckcell: error: {error}", file=sys.stderr)
         return error.exit_code

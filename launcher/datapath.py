@@ -5,7 +5,8 @@ parser which catalog tables the SQL names, lists each table's objects through it
 leases them in the shared cache (downloading what is missing), and returns the bindings the
 runner turns into temp views over ``/cache/...`` files, together with the lease that keeps those
 files from eviction until the query ends. Secrets are resolved here, on the host, only for the
-connections a query uses; they go into the object store client and nowhere else: never into a
+connections a query uses, from the worker's environment, files or secret store
+(``launcher.secretstore``); they go into the object store client and nowhere else: never into a
 sandbox, its environment or its files.
 
 A query that writes (``COPY (SELECT ...) TO 's3://...'``, see ``launcher.writes``) is checked
@@ -17,6 +18,7 @@ connection's store once the query succeeded.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -26,6 +28,7 @@ from .catalog import Binding, Catalog, Connection, Table
 from .errors import CatalogError, QueryDeniedError
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
+from .secretstore import SecretStore
 from .writes import PendingWrite, plan_write
 
 SANDBOX_CACHE = "/cache"  # where the cache root is mounted (read-only) in every sandbox
@@ -66,15 +69,20 @@ class TableFiles:
         self.release()
 
 
-def store_for(connection: Connection, environ: Mapping[str, str] | None = None) -> ObjectStore:
-    """An object store client for ``connection``, its secrets resolved on this host.
+def store_for(
+    connection: Connection,
+    environ: Mapping[str, str] | None = None,
+    secrets: SecretStore | None = None,
+) -> ObjectStore:
+    """An object store client for ``connection``, its secrets resolved on this host (from
+    ``environ``, files, or the ``secrets`` store for ``{store: NAME}`` references).
 
     Raises SecretError naming a reference that cannot be resolved.
     """
     if connection.kind == "local":
         return LocalStore()
     refs = (connection.access_key_id, connection.secret_access_key, connection.session_token)
-    key_id, secret, token = (ref.resolve(environ) if ref else None for ref in refs)
+    key_id, secret, token = (ref.resolve(environ, secrets) if ref else None for ref in refs)
     return S3Store(
         endpoint_url=connection.endpoint,
         region=connection.region,
@@ -89,7 +97,9 @@ class DataPath:
     """Prepares the catalog tables of queries; one per launcher, shared by its queries.
 
     Object store clients are built once per connection, when a query first needs one, so a
-    connection whose secret is missing fails only the queries that read it.
+    connection whose secret is missing fails only the queries that read it. ``secrets`` is the
+    worker's secret store for ``{store: NAME}`` references; it reaches the default ``stores``
+    factory (a factory handed in resolves references its own way).
     """
 
     def __init__(
@@ -98,12 +108,13 @@ class DataPath:
         cache: ObjectCache,
         *,
         environ: Mapping[str, str] | None = None,
-        stores: StoreFactory = store_for,
+        secrets: SecretStore | None = None,
+        stores: StoreFactory | None = None,
     ) -> None:
         self.catalog = catalog
         self.cache = cache
         self._environ = environ
-        self._make_store = stores
+        self._make_store = stores or functools.partial(store_for, secrets=secrets)
         self._stores: dict[str, ObjectStore] = {}
 
     def replace_catalog(self, catalog: Catalog) -> None:

@@ -109,7 +109,7 @@ class CatalogError(DuckcellError):
 
 
 class SecretError(DuckcellError):
-    """A secret reference ({env: NAME}, {file: PATH}) cannot be resolved on this host.
+    """A secret reference ({env: NAME}, {file: PATH}, {store: NAME}) cannot be resolved here.
 
     The message names the reference, never a value.
     """

@@ -8,7 +8,8 @@ the new revision within its poll interval and hands it to whoever pushes it to w
 catalog change reaches every worker without restarting anything.
 
 The document holds names only: connections, tables, and *references* to secrets
-(``{env: NAME}``, ``{file: PATH}``) that each worker resolves on its own host.
+(``{env: NAME}``, ``{file: PATH}``, ``{store: NAME}``) that each worker resolves on its own
+host.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ BAD_DOCUMENTS = [
         with_line(3, "         access_key_id: {env: A}, secret_access_key: hunter2}"),
         3,
         "connections.lake.secret_access_key",
-        "expected a reference {env: NAME} or {file: PATH}, not a literal value",
+        "expected a reference {env: NAME}, {file: PATH} or {store: NAME}, not a literal value",
     ),
     (
         "literal-secret-number",
@@ -128,14 +128,14 @@ BAD_DOCUMENTS = [
         with_line(3, "         access_key_id: {value: AKIA}, secret_access_key: {env: S}}"),
         3,
         "connections.lake.access_key_id.value",
-        "unknown key; expected env, file",
+        "unknown key; expected env, file, store",
     ),
     (
         "secret-both",
         with_line(3, "         access_key_id: {env: A, file: /k}, secret_access_key: {env: S}}"),
         3,
         "connections.lake.access_key_id",
-        "expected exactly one of env or file, got 2",
+        "expected exactly one of env, file or store, got 2",
     ),
     (
         "secret-relative-file",
