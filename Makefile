@@ -4,7 +4,7 @@
 PYTHON ?= python3
 STAMP := .make/installed
 
-.PHONY: install engine image proto proto-check lint test test-unit test-integration demo bench bench-data clean
+.PHONY: install engine image proto proto-check lint test test-unit test-integration demo bench bench-data bench-flight clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
@@ -51,9 +51,13 @@ demo: image $(SAMPLE)
 bench: image
 	$(PYTHON) bench/bench_sandbox.py
 	$(PYTHON) bench/bench_data.py
+	$(PYTHON) bench/bench_flight.py
 
 bench-data: image
 	$(PYTHON) bench/bench_data.py
+
+bench-flight: image
+	$(PYTHON) bench/bench_flight.py
 
 clean:
 	rm -rf .make build dist *.egg-info .pytest_cache .ruff_cache

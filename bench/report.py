@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.stats import Json
+from bench.stats import Json, summarize
 
 
 def target(name: str, value: float, op: str, limit: float, unit: str = "x") -> Json:
@@ -232,4 +232,86 @@ def render_data(result: Json) -> str:
     for row in result["targets"]:
         verdict = "met" if row["met"] else "MISSED"
         lines.append(f"  {row['name']:<40}{row['value']:>7.2f}x  target {row['target']}  {verdict}")
+    return "\n".join(lines)
+
+
+# --- the Flight SQL benchmark (bench_flight.py) ---------------------------------------------
+_FLIGHT_PATHS = (
+    ("in_process", "in-process DuckDB, Arrow fetch"),
+    ("one_hop", "one-hop Flight server, FlightClient"),
+    ("worker_local", "diag: worker's launcher, same pool, no Flight"),
+    ("chain", "ADBC -> control plane -> tunnel -> sandbox"),
+)
+
+
+def flight_summary(
+    latency_s: dict[str, list[float]], wide_s: dict[str, list[float]], wide_bytes: int
+) -> Json:
+    """Medians, MB/s and the issue's two targets, from raw samples of one run: the chain's p50
+    added over in-process, and its large-result MB/s as a share of the one-hop server's."""
+    latency = {name: summarize(samples) for name, samples in latency_s.items()}
+    wide: Json = {}
+    for name, samples in wide_s.items():
+        times = summarize(samples)
+        wide[name] = {"time": times, "mb_per_s": wide_bytes / (times["median_ms"] / 1000) / 1e6}
+    added_p50 = latency["chain"]["median_ms"] - latency["in_process"]["median_ms"]
+    added_p95 = latency["chain"]["p95_ms"] - latency["in_process"]["p95_ms"]
+    ratio = wide["chain"]["mb_per_s"] / wide["one_hop"]["mb_per_s"]
+    return {
+        "select42": latency,
+        "added_p50_ms": added_p50,
+        "added_p95_ms": added_p95,
+        "wide": wide,
+        "wide_bytes": wide_bytes,
+        "throughput_ratio": ratio,
+        "targets": [
+            target("SELECT 42: chain p50 added over in-process", added_p50, "<=", 15, " ms"),
+            target("10M-row result: chain MB/s / one-hop MB/s", ratio, ">=", 0.6),
+        ],
+    }
+
+
+def render_flight(result: Json) -> str:
+    """The table of ``bench_flight.py``: latency, throughput, targets."""
+    plan, in_proc = result["plan"], result["select42"]["in_process"]
+    lines = [
+        f"duckcell Flight SQL benchmark, {result['date_utc']}, nproc {result['nproc']}, load "
+        f"average (1 min) {result['loadavg'][0]:.2f} at start, {result['loadavg'][1]:.2f} at end",
+        f"warm pool {plan['warm']}; SELECT 42 in pause-free bursts of {plan['warm']}, the pool "
+        "settled between bursts; paths take turns burst by burst and rep by rep",
+        "",
+        f"{'SELECT 42':<48}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'p50 added':>11}",
+    ]
+    for key, title in _FLIGHT_PATHS:
+        if key not in result["select42"]:
+            continue
+        row = result["select42"][key]
+        added = row["median_ms"] - in_proc["median_ms"]
+        lines.append(
+            f"{title:<48}{row['n']:>4}{row['median_ms']:>9.2f}{row['p95_ms']:>9.2f}{added:>+9.2f}ms"
+        )
+    lines += [
+        "",
+        f"{'10M rows x 2 int64 (' + format(result['wide_bytes'] / 1e6, '.0f') + ' MB)':<48}"
+        f"{'n':>4}{'p50 ms':>9}{'MB/s':>9}{'vs 1-hop':>11}",
+    ]
+    one_hop = result["wide"]["one_hop"]["mb_per_s"]
+    for key, title in _FLIGHT_PATHS:
+        if key not in result["wide"]:
+            continue
+        row = result["wide"][key]
+        lines.append(
+            f"{title:<48}{row['time']['n']:>4}{row['time']['median_ms']:>9.0f}"
+            f"{row['mb_per_s']:>9.0f}{row['mb_per_s'] / one_hop:>10.2f}x"
+        )
+    lines += ["MB = 10^6 bytes of Arrow buffers in the client's table; call to whole table"]
+    if "sandbox_queries_per_chain_select42" in result:
+        per_query = result["sandbox_queries_per_chain_select42"]
+        lines.append(f"sandbox queries per ADBC SELECT 42 through the chain: {per_query:.2f}")
+    lines.append("")
+    lines.append("targets")
+    for row in result["targets"]:
+        verdict = "met" if row["met"] else "MISSED"
+        value = f"{row['value']:.2f}{row['unit']}"
+        lines.append(f"  {row['name']:<46}{value:>10}  target {row['target']:<9} {verdict}")
     return "\n".join(lines)

@@ -46,13 +46,16 @@ T = TypeVar("T")
 
 
 class ControlPlaneThread:
-    """The reference control plane on its own event loop thread, on loopback ports."""
+    """The reference control plane on its own event loop thread, on loopback ports (with the
+    Flight SQL endpoint too when ``flight_listen`` is given, for ``bench_flight.py``)."""
 
-    def __init__(self, data: ControlPlaneData) -> None:
+    def __init__(self, data: ControlPlaneData, *, flight_listen: str | None = None) -> None:
         self.data = data
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.server = ControlPlaneServer(data, "127.0.0.1:0", tunnel_listen="127.0.0.1:0")
+        self.server = ControlPlaneServer(
+            data, "127.0.0.1:0", tunnel_listen="127.0.0.1:0", flight_listen=flight_listen
+        )
 
     async def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text, ratio
-from bench.report import render_data, target
+from bench.report import flight_summary, render_data, render_flight, target
 from launcher.catalog import parse_catalog
 from launcher.policy import load_policies
 
@@ -78,3 +78,41 @@ def test_render_data_shows_ratios_and_targets() -> None:
     assert "load average (1 min) 0.50 at start, 1.25 at end" in text
     assert "scan  sandbox, warm cache                  3      110.0     111.0       1.10x" in text
     assert "scan: warm p50 / in-process p50            1.10x  target <= 1.15x  met" in text
+
+
+def test_flight_bench_script_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_flight.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--warm" in done.stdout and "--quick" in done.stdout
+
+
+def test_flight_summary_checks_both_targets_from_the_same_samples() -> None:
+    latency = {"in_process": [0.001, 0.002, 0.003], "one_hop": [0.002] * 3, "chain": [0.012] * 3}
+    wide = {"in_process": [0.1] * 3, "one_hop": [0.2] * 3, "chain": [0.4, 0.5, 0.3]}
+    result = flight_summary(latency, wide, 160_000_000)
+    assert result["added_p50_ms"] == 10.0
+    assert result["wide"]["one_hop"]["mb_per_s"] == 800.0
+    assert result["throughput_ratio"] == 0.5
+    verdicts = {row["name"]: row["met"] for row in result["targets"]}
+    assert verdicts == {
+        "SELECT 42: chain p50 added over in-process": True,
+        "10M-row result: chain MB/s / one-hop MB/s": False,
+    }
+    result |= {
+        "date_utc": "2026-01-01T00:00:00Z",
+        "nproc": 2,
+        "loadavg": [0.5, 1.25],
+        "plan": {"warm": 10},
+    }
+    text = render_flight(result)
+    assert "load average (1 min) 0.50 at start, 1.25 at end" in text
+    assert "warm pool 10; SELECT 42 in pause-free bursts of 10" in text
+    chain = [line.split()[-4:] for line in text.splitlines() if line.startswith("ADBC")]
+    assert chain == [["3", "12.00", "12.00", "+10.00ms"], ["3", "400", "400", "0.50x"]]
+    assert text.endswith("one-hop MB/s          0.50x  target >= 0.6x   MISSED")
