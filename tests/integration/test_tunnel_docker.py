@@ -37,6 +37,7 @@ from launcher.tunnel_queries import ExecutorQueryRunner
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of
+from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 # What the sandbox's runner prints to stderr as it begins executing a query.
@@ -49,32 +50,13 @@ def test_queries_through_the_tunnel_run_in_real_sandboxes(
     control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
 
     async def scenario() -> None:
-        await control_plane.start()
-        identity = await control_plane.enroll(tmp_path / "worker")
-        async with LocalLauncher(config, warm_override=1) as launcher:
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-            assert control_plane.server is not None
-            client = ControlPlaneClient(
-                control_plane.server.address,
-                control_plane.data.api_keys().create("analyst"),
-                control_plane.data.ca().cert_pem(),
-            )
-            try:
-                table = await client.table("SELECT 42 AS answer, count(*) AS n FROM range(1000)")
-                assert table.to_pylist() == [{"answer": 42, "n": 1000}]
-                with pytest.raises(SqlError, match="Permission Error"):
-                    await client.table("SELECT * FROM read_text('/etc/passwd')")
-                results = await asyncio.gather(
-                    *(client.table(f"SELECT {i} AS i") for i in range(8))
-                )
-                assert sorted(t.column("i")[0].as_py() for t in results) == list(range(8))
-            finally:
-                await client.close()
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
+        async with remote_stack(control_plane, config, tmp_path, warm=1) as client:
+            table = await client.table("SELECT 42 AS answer, count(*) AS n FROM range(1000)")
+            assert table.to_pylist() == [{"answer": 42, "n": 1000}]
+            with pytest.raises(SqlError, match="Permission Error"):
+                await client.table("SELECT * FROM read_text('/etc/passwd')")
+            results = await asyncio.gather(*(client.table(f"SELECT {i} AS i") for i in range(8)))
+            assert sorted(t.column("i")[0].as_py() for t in results) == list(range(8))
         assert containers_of(engine, config.launcher_id) == []
 
     try:
@@ -244,30 +226,13 @@ def test_timeout_and_memory_kills_reach_a_remote_client_as_their_errors(
     control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
 
     async def scenario() -> None:
-        await control_plane.start()
-        identity = await control_plane.enroll(tmp_path / "worker")
-        async with LocalLauncher(config, warm_override=0) as launcher:
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-            assert control_plane.server is not None
-            client = ControlPlaneClient(
-                control_plane.server.address,
-                control_plane.data.api_keys().create("analyst"),
-                control_plane.data.ca().cert_pem(),
-            )
-            try:
-                with pytest.raises(MemoryLimitError, match="memory"):
-                    await client.table("SELECT length(repeat('x', 1500000000)) AS n", "tight")
-                with pytest.raises(QueryTimeoutError):
-                    await client.table(
-                        "SELECT count(*) FROM range(10_000_000_000) t(i) WHERE i % 7 = 3", "tight"
-                    )
-            finally:
-                await client.close()
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
+        async with remote_stack(control_plane, config, tmp_path) as client:
+            with pytest.raises(MemoryLimitError, match="memory"):
+                await client.table("SELECT length(repeat('x', 1500000000)) AS n", "tight")
+            with pytest.raises(QueryTimeoutError):
+                await client.table(
+                    "SELECT count(*) FROM range(10_000_000_000) t(i) WHERE i % 7 = 3", "tight"
+                )
         assert containers_of(engine, config.launcher_id) == []
 
     try:

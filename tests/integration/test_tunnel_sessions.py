@@ -15,13 +15,10 @@ import pytest
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SessionError, SqlError
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.unit.test_tunnel import ControlPlane
 
 from .conftest import containers_of
+from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 # Removing a container takes the engine a moment after the launcher lets it go.
@@ -40,40 +37,23 @@ def test_a_session_keeps_its_temp_table_in_one_real_sandbox_until_closed(
     control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
 
     async def scenario() -> None:
-        await control_plane.start()
-        identity = await control_plane.enroll(tmp_path / "worker")
         # No warm pool: every container that exists belongs to the session.
-        async with LocalLauncher(config, warm_override=0) as launcher:
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-            assert control_plane.server is not None
-            client = ControlPlaneClient(
-                control_plane.server.address,
-                control_plane.data.api_keys().create("analyst"),
-                control_plane.data.ca().cert_pem(),
+        async with remote_stack(control_plane, config, tmp_path) as client:
+            session_id = await client.open_session("agent-session", timeout_s=60)
+            (sandbox,) = containers_of(engine, config.launcher_id)
+            create = "CREATE TEMP TABLE notes AS SELECT i, i * i AS sq FROM range(4) t(i)"
+            await client.table(create, session_id=session_id, timeout_s=60)
+            table = await client.table(
+                "SELECT sum(sq) AS total FROM notes", session_id=session_id, timeout_s=60
             )
-            try:
-                session_id = await client.open_session("agent-session", timeout_s=60)
-                (sandbox,) = containers_of(engine, config.launcher_id)
-                create = "CREATE TEMP TABLE notes AS SELECT i, i * i AS sq FROM range(4) t(i)"
-                await client.table(create, session_id=session_id, timeout_s=60)
-                table = await client.table(
-                    "SELECT sum(sq) AS total FROM notes", session_id=session_id, timeout_s=60
-                )
-                assert table.to_pylist() == [{"total": 14}]
-                assert containers_of(engine, config.launcher_id) == [sandbox]
-                with pytest.raises(SqlError, match="notes"):
-                    await client.table("SELECT * FROM notes", timeout_s=60)  # outside it
-                await client.close_session(session_id)
-                with pytest.raises(SessionError, match="has ended: it was closed"):
-                    await client.table("SELECT * FROM notes", session_id=session_id)
-                await _until_no_container(engine, config.launcher_id)
-            finally:
-                await client.close()
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
+            assert table.to_pylist() == [{"total": 14}]
+            assert containers_of(engine, config.launcher_id) == [sandbox]
+            with pytest.raises(SqlError, match="notes"):
+                await client.table("SELECT * FROM notes", timeout_s=60)  # outside it
+            await client.close_session(session_id)
+            with pytest.raises(SessionError, match="has ended: it was closed"):
+                await client.table("SELECT * FROM notes", session_id=session_id)
+            await _until_no_container(engine, config.launcher_id)
         assert containers_of(engine, config.launcher_id) == []
 
     try:
