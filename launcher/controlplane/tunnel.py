@@ -156,12 +156,13 @@ class TunnelService(pb_grpc.TunnelServicer):
                 worker_id, version=hello.worker_version, labels=dict(hello.labels)
             )
             log.info("worker %s connected (version %s)", worker_id, hello.worker_version)
-            await context.write(pb.ControlMessage(welcome=self._welcome(worker_id)))
-            # The catalog before any query: a RunQuery may name its tables.
-            await context.write(pb.ControlMessage(config=self._config()))
-            # Routed only once welcomed: a RunQuery must never precede the Welcome.
+            # Routable before the worker hears its Welcome (so a client that waited for the
+            # worker to connect finds it), but the writer that drains the outbox starts only
+            # after the Welcome and the catalog: a RunQuery never precedes either.
             name = worker.name if worker is not None else ""
             outbox = self._router.worker_connected(worker_id, name)
+            await context.write(pb.ControlMessage(welcome=self._welcome(worker_id)))
+            await context.write(pb.ControlMessage(config=self._config()))
             writer = asyncio.create_task(_write(context, outbox))
             close = await self._watch(link, serial, outbox)
         finally:
