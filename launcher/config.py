@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -19,13 +18,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policy_yaml import parse_size as size_or_none
 from .resources import policies_dir
 
 GiB = 2**30
 DEFAULT_CACHE_BUDGET_BYTES = 10 * GiB
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": GiB, "tib": 2**40}
 
 
 def _default_state_dir() -> Path:
@@ -87,11 +84,10 @@ def parse_size(text: str) -> int:
 
     Raises ValueError saying what a size looks like.
     """
-    match = _SIZE.fullmatch(text.strip())
-    factor = _SIZE_UNITS.get(match[2].lower()) if match else None
-    if match is None or factor is None:
+    size = size_or_none(text)
+    if size is None:
         raise ValueError('expected a size like "10GiB", "500MB" or a number of bytes')
-    return int(float(match[1]) * factor)
+    return size
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:

@@ -192,7 +192,7 @@ class Reader:
 
     def size(self, node: Node, name: str, minimum: int) -> int:
         kind = self.expect(node, name, ("int", "str"), 'a size like "512MiB"')
-        value = _SCALARS.construct_yaml_int(node) if kind == "int" else _parse_size(node.value)
+        value = _SCALARS.construct_yaml_int(node) if kind == "int" else parse_size(node.value)
         if value is None:
             self.fail(node, name, f'expected a size like "512MiB", got {found(node)}')
         if value < minimum:
@@ -255,7 +255,8 @@ def _implicit(node: Node) -> str:
     return str(_RESOLVER.resolve(ScalarNode, node.value, (True, False)))
 
 
-def _parse_size(text: str) -> int | None:
+def parse_size(text: str) -> int | None:
+    """ "10GiB", "500MB", "1.5 GiB" or plain bytes; None when it is none of those."""
     match = _SIZE_RE.fullmatch(text.strip())
     factor = _SIZE_UNITS.get(match[2].lower()) if match else None
     if match is None or factor is None:

@@ -21,7 +21,6 @@ import docker
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from google.protobuf.message import Message
 from moto.server import ThreadedMotoServer
 
 from launcher.cache import ObjectCache
@@ -30,7 +29,6 @@ from launcher.config import LauncherConfig
 from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.server import ControlPlaneServer
 from launcher.datapath import DataPath
 from launcher.enroll import enroll
 from launcher.errors import QueryDeniedError
@@ -39,34 +37,13 @@ from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
 from launcher.tunnel_queries import ExecutorQueryRunner
 from tests.unit.test_query_tunnel import eventually
-from tests.unit.test_tunnel import DEADLINE_S, FAST, INTERVAL_S, ControlPlane
+from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config
 
 pytestmark = pytest.mark.docker
 
 KEY_ENV, SECRET_ENV = "DUCKCELL_TEST_LAKE_KEY", "DUCKCELL_TEST_LAKE_SECRET"
-
-
-class ObservedControlPlane(ControlPlane):
-    """The test helper's control plane, keeping every message workers send it."""
-
-    def __init__(self, data: ControlPlaneData) -> None:
-        super().__init__(data)
-        self.received: list[bytes] = []
-
-    async def start(self) -> None:
-        self.server = ControlPlaneServer(
-            self.data,
-            self.listen,
-            tunnel_listen=self.tunnel_listen,
-            heartbeat_interval_s=INTERVAL_S,
-            observe=self._keep,
-        )
-        await self._on_loop(self.server.start())
-
-    def _keep(self, message: Message) -> None:
-        self.received.append(message.SerializeToString())
 
 
 @pytest.fixture
@@ -134,7 +111,10 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
     pq.write_table(pa.table({"zone": [1, 2, 3]}), zones)
     catalog_file = tmp_path / "catalog.yaml"
     catalog_file.write_text(_catalog_yaml(s3, zones))
-    control_plane = ObservedControlPlane(ControlPlaneData(tmp_path / "cp"))
+    received: list[bytes] = []  # every message a worker sends the control plane, serialized
+    control_plane = ControlPlane(
+        ControlPlaneData(tmp_path / "cp"), lambda m: received.append(m.SerializeToString())
+    )
     configs: list[LauncherConfig] = []
     identities: list[str] = []
 
@@ -207,8 +187,8 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
         assert containers_of(engine, config.launcher_id) == []
     # The secret worked (the S3 reads above used it) and stayed on the workers' side.
     needle = secret.encode()
-    assert control_plane.received, "the observer saw no worker message"
-    assert not [m for m in control_plane.received if needle in m]
+    assert received, "the observer saw no worker message"
+    assert not [m for m in received if needle in m]
     for path in (tmp_path / "cp").rglob("*"):
         assert not path.is_file() or needle not in path.read_bytes(), path
     assert secret not in caplog.text

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from grpc import aio
 
 from launcher.cli import main
@@ -39,8 +40,11 @@ FAST = Backoff(base_s=0.02, cap_s=0.2)
 class ControlPlane:
     """A control plane on a thread's event loop that tests can stop, restart and revoke on."""
 
-    def __init__(self, data: ControlPlaneData) -> None:
+    def __init__(
+        self, data: ControlPlaneData, observe: Callable[[Message], object] | None = None
+    ) -> None:
         self.data = data
+        self._observe = observe or (lambda message: None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -56,6 +60,7 @@ class ControlPlane:
             self.listen,
             tunnel_listen=self.tunnel_listen,
             heartbeat_interval_s=INTERVAL_S,
+            observe=self._observe,
         )
         await self._on_loop(self.server.start())
         # A restart comes back on the same ports.
