@@ -20,7 +20,8 @@ How the guarantees are kept (layout and index: ``cache_index``):
   running query (in any launcher process on the host) uses. Everything pinned means the cache
   may stay over budget for a while; ``stats().over_budget`` says so.
 - **Integrity.** Every lease compares the file's size with the index (cheap, catches truncation,
-  which triggers a new fetch); ``verify`` re-hashes every entry. A new ETag is a new entry name.
+  which triggers a new fetch); ``verify`` re-hashes every entry and reports those whose file is
+  gone, including rows dropped when this object opened the root. A new ETag is a new entry name.
 
 Blocking file and SQLite work (hashing, fsync, pinning, the index) runs in worker threads; only
 non-blocking ``flock`` attempts and single-file metadata calls (mkdir, unlink) run on the loop.
@@ -76,6 +77,7 @@ __all__ = [
 
 _PIN_ATTEMPTS = 3  # fetch-then-pin rounds before an entry counts as broken
 _LOCK_POLL_S = (0.01, 0.2)  # first and longest wait between attempts on a busy entry lock
+_MISSING_AT_OPEN = "missing (its index entry was dropped when the cache was opened)"
 
 
 class CacheLease:
@@ -138,6 +140,9 @@ class ObjectCache:
         self._max_parallel = max_parallel_downloads
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._evicting = threading.Lock()
+        # Index rows whose file was gone when this object opened the root: ``_reconcile``
+        # drops them (so leases and stats stay right), ``verify`` reports them once.
+        self._missing_at_open: list[str] = []
         raise_open_file_limit()
         try:
             self._reconcile()
@@ -359,15 +364,23 @@ class ObjectCache:
 
     def verify(self, *, repair: bool = False) -> VerifyReport:
         """Check every entry's size and sha256; with ``repair``, remove the bad ones (unless
-        pinned) so the next lease fetches them again."""
+        pinned) so the next lease fetches them again.
+
+        Index entries whose file was already missing when this cache object opened the root
+        were dropped then (the next lease fetches them again); they are reported here, once,
+        as missing and removed.
+        """
         rows = self._index.rows()
-        problems = []
+        dropped, self._missing_at_open = self._missing_at_open, []
+        problems = [
+            VerifyProblem(relative_path(name), _MISSING_AT_OPEN, removed=True) for name in dropped
+        ]
         for row in rows:
             reason = check_file(self._entry_path(row.name), row.size, row.sha256)
             if reason is not None:
                 removed = repair and self._remove(row.name)
                 problems.append(VerifyProblem(relative_path(row.name), reason, removed))
-        return VerifyReport(len(rows), problems)
+        return VerifyReport(len(rows) + len(dropped), problems)
 
     def _remove(self, name: str) -> bool:
         """Remove an entry unless it is pinned or being fetched; True when it is gone.
@@ -404,8 +417,9 @@ class ObjectCache:
                     self._drop_if_idle(name, Path(item.path))
                 else:
                     on_disk.add(name)
-        for name in indexed - on_disk:
-            self._drop_if_idle(name, None)
+        for name in sorted(indexed - on_disk):
+            if self._drop_if_idle(name, None):
+                self._missing_at_open.append(name)
 
     async def close(self) -> None:
         """Cancel downloads in flight (their partial files are removed) and close the index."""
@@ -415,12 +429,13 @@ class ObjectCache:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._index.close()
 
-    def _drop_if_idle(self, name: str, path: Path | None) -> None:
+    def _drop_if_idle(self, name: str, path: Path | None) -> bool:
         """Remove a leftover file (or, with no path, an index row whose file is gone), unless
-        the entry's lock shows another process is working on it."""
+        the entry's lock shows another process is working on it; True if an index row went."""
         lock = EntryLock(self._lock_path(name))
         if not lock.try_acquire():
-            return
+            return False
+        dropped = False
         try:
             if path is not None and path.name.startswith(PARTIAL_PREFIX):
                 path.unlink(missing_ok=True)
@@ -428,9 +443,11 @@ class ObjectCache:
                 path.unlink(missing_ok=True)  # published, but the process died before indexing
             elif path is None and not os.path.lexists(self._entry_path(name)):
                 self._index.delete(name)
+                dropped = True
             lock.remove()
         finally:
             lock.release()
+        return dropped
 
 
 async def _owning_fds(pin: Callable[[], list[int | None]]) -> list[int | None]:

@@ -21,6 +21,12 @@ Keys (``required`` or the default)::
     connections.NAME.session_token      null; only with the two above
     connections.NAME.worker             null; the worker (id or name) that must run queries
                                         reading this connection's tables
+    connections.NAME.listing_ttl        0s; how long a table's object listing may be reused
+                                        ("5s", "1m"; at most 1h). 0 lists on every query, so
+                                        a query sees every object written before it started;
+                                        above 0 a query may miss objects added, replaced or
+                                        removed by others for up to that long (this worker's
+                                        own writes are always seen): see launcher.listing_cache
     tables.NAME.connection              required; a connection of this catalog
     tables.NAME.path                    required; s3://BUCKET/PREFIX for s3; for local a file or
                                         directory, relative to the catalog file's directory
@@ -50,7 +56,7 @@ from yaml.nodes import Node, ScalarNode
 
 from .catalog_yaml import CatalogReader
 from .errors import CatalogError, SecretError
-from .policy_yaml import Section, found, quote
+from .policy_yaml import Section, found, parse_duration, quote
 from .secretstore import SECRET_NAME, SecretStore
 from .sqltables import table_names
 
@@ -64,6 +70,7 @@ _WORD = re.compile(r"\S+")
 _ENDPOINT = re.compile(r"https?://[^\s/]+/?")
 _SECRETS = ("access_key_id", "secret_access_key", "session_token")
 _S3_ONLY = ("endpoint", "region", "path_style", *_SECRETS)
+_MAX_LISTING_TTL_S = 3600.0
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -146,6 +153,7 @@ class Connection:
     secret_access_key: SecretRef | None = None
     session_token: SecretRef | None = None
     worker: str | None = None  # pinning: the worker (id or name) that must run its queries
+    listing_ttl: float = 0.0  # seconds a table listing may be reused; 0: list every query
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +248,8 @@ def _connection_doc(connection: Connection) -> dict[str, Any]:
             doc[key] = value
     if connection.path_style:
         doc["path_style"] = True
+    if connection.listing_ttl:
+        doc["listing_ttl"] = connection.listing_ttl
     return doc
 
 
@@ -325,8 +335,22 @@ def _connection(r: CatalogReader, name: str, sec: Section) -> Connection:
         region=r.get(sec, "region", None, _pattern, r, _WORD, "a region like us-east-1"),
         path_style=r.get(sec, "path_style", False, r.boolean),
         worker=r.get(sec, "worker", None, _pattern, r, _WORD, "a worker id or name"),
+        listing_ttl=r.get(sec, "listing_ttl", 0.0, _ttl, r),
         **refs,
     )
+
+
+def _ttl(node: Node, name: str, r: CatalogReader) -> float:
+    """A listing TTL: 0 (list every query) up to an hour."""
+    expected = 'a duration like "5s" or "1m" (0 lists on every query)'
+    kind = r.expect(node, name, ("int", "float", "str"), expected)
+    try:
+        value = parse_duration(node.value) if kind == "str" else float(node.value)
+    except ValueError:  # a YAML number Python does not read, like 1_0 or .inf
+        value = None
+    if value is None or not 0 <= value <= _MAX_LISTING_TTL_S:
+        r.fail(node, name, f"expected {expected}, at most 1h; got {found(node)}")
+    return value
 
 
 def _pattern(node: Node, name: str, r: CatalogReader, pattern: re.Pattern[str], what: str) -> str:

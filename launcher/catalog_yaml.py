@@ -22,7 +22,7 @@ from .policy_yaml import Reader, Section, found
 _SCHEMA = {
     "": "connections tables roles",
     "connections.*": "kind endpoint region path_style access_key_id secret_access_key "
-    "session_token worker",
+    "session_token worker listing_ttl",
     "connections.*.*": "env file store",
     "tables.*": "connection path format",
     "roles.*": "policy tables",

@@ -9,6 +9,11 @@ connections a query uses, from the worker's environment, files or secret store
 (``launcher.secretstore``); they go into the object store client and nowhere else: never into a
 sandbox, its environment or its files.
 
+Tables are listed and leased concurrently, each table's lease starting as soon as its own
+listing is back. A connection with a ``listing_ttl`` reuses a table's listing for that long
+(``launcher.listing_cache``: what that trades, and how a write through this worker or an object
+that is gone drops it); by default every query lists.
+
 A query that writes (``COPY (SELECT ...) TO 's3://...'``, see ``launcher.writes``) is checked
 against the policy first, before any listing or download, and comes back with a
 ``PendingWrite``: the executor runs its rewritten SQL and uploads the output through the
@@ -25,7 +30,8 @@ from types import TracebackType
 
 from .cache import CacheLease, ObjectCache
 from .catalog import Binding, Catalog, Connection, Table
-from .errors import CatalogError, QueryDeniedError
+from .errors import CatalogError, DuckcellError, ObjectStoreError, QueryDeniedError
+from .listing_cache import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
 from .secretstore import SecretStore
@@ -99,7 +105,8 @@ class DataPath:
     Object store clients are built once per connection, when a query first needs one, so a
     connection whose secret is missing fails only the queries that read it. ``secrets`` is the
     worker's secret store for ``{store: NAME}`` references; it reaches the default ``stores``
-    factory (a factory handed in resolves references its own way).
+    factory (a factory handed in resolves references its own way). ``listings`` keeps the
+    listings of connections with a ``listing_ttl`` (tests hand in one with their own clock).
     """
 
     def __init__(
@@ -110,9 +117,11 @@ class DataPath:
         environ: Mapping[str, str] | None = None,
         secrets: SecretStore | None = None,
         stores: StoreFactory | None = None,
+        listings: ListingCache | None = None,
     ) -> None:
         self.catalog = catalog
         self.cache = cache
+        self.listings = listings if listings is not None else ListingCache()
         self._environ = environ
         self._make_store = stores or functools.partial(store_for, secrets=secrets)
         self._stores: dict[str, ObjectStore] = {}
@@ -122,6 +131,7 @@ class DataPath:
         rebuilt because a connection's endpoint or secret names may have changed."""
         self.catalog = catalog
         self._stores.clear()
+        self.listings.clear()
 
     async def prepare(self, sql: str, policy: Policy) -> TableFiles:
         """The bindings for the catalog tables ``sql`` names, their files leased in the cache.
@@ -131,7 +141,10 @@ class DataPath:
         SecretError, ObjectStoreError or CacheError; nothing stays leased then.
         """
         plan = plan_write(sql, policy, self.catalog)
-        write = PendingWrite(plan, self._store(plan.connection)) if plan is not None else None
+        write = None
+        if plan is not None:
+            dropper = functools.partial(self.listings.drop_overlapping, plan.connection)
+            write = PendingWrite(plan, self._store(plan.connection), uploaded=dropper)
         tables = self.catalog.referenced(plan.sql if plan is not None else sql)
         for table in tables:
             if not visible(policy.access.connections, table.connection):
@@ -139,17 +152,31 @@ class DataPath:
                     f"policy {policy.name} may not read connection {table.connection} (table "
                     f"{table.name}); use a policy whose access.connections includes it"
                 )
-        listings = await asyncio.gather(*(self._list(table) for table in tables))
         files = TableFiles(write=write)
         try:
-            bindings = [
-                await self._lease(t, refs, files) for t, refs in zip(tables, listings, strict=True)
-            ]
-        except BaseException:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._bind(table, files)) for table in tables]
+        except BaseException as error:
             files.release()
-            raise
-        files.bindings = tuple(bindings)
+            raise _first_domain_error(error) from None
+        files.bindings = tuple(task.result() for task in tasks)
         return files
+
+    async def _bind(self, table: Table, files: TableFiles) -> Binding:
+        """List (or reuse a listing of) one table and lease its files."""
+        ttl = self.catalog.connections[table.connection].listing_ttl
+        reused = self.listings.get(table.connection, table.path, ttl)
+        if reused is not None:
+            try:
+                return await self._lease(table, reused, files)
+            except ObjectStoreError:
+                # An object the reused listing names changed or went: list afresh, once.
+                self.listings.drop(table.connection, table.path)
+        started = self.listings.start()
+        refs = await self._list(table)
+        if ttl > 0:
+            self.listings.put(table.connection, table.path, refs, started)
+        return await self._lease(table, refs, files)
 
     async def _list(self, table: Table) -> list[ObjectRef]:
         refs = await self._store(table.connection).list(table.path)
@@ -178,6 +205,16 @@ class DataPath:
             store = self._make_store(self.catalog.connections[name], self._environ)
             self._stores[name] = store
         return store
+
+
+def _first_domain_error(error: BaseException) -> BaseException:
+    """What to raise for a failed TaskGroup: its first duckcell error, else its first."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    found: BaseException = error.subgroup(lambda e: isinstance(e, DuckcellError)) or error
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 def _reads(key: str, fmt: str) -> bool:

@@ -36,6 +36,7 @@ import os
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -281,12 +282,22 @@ class PendingWrite:
     The executor feeds it the runner's result and output chunks; ``publish`` uploads once the
     query has succeeded and returns the result to send instead; ``discard`` (always called when
     the query ends) removes the spooled file, so a failed query uploads nothing.
+    ``uploaded`` is called with the destination once the object is there (the data path drops
+    cached listings it makes stale).
     """
 
-    def __init__(self, plan: WritePlan, store: ObjectStore, spool_dir: Path | None = None):
+    def __init__(
+        self,
+        plan: WritePlan,
+        store: ObjectStore,
+        spool_dir: Path | None = None,
+        *,
+        uploaded: Callable[[str], None] | None = None,
+    ):
         self.plan = plan
         self._store = store
         self._spool_dir = spool_dir
+        self._uploaded = uploaded
         self._spool: Path | None = None
         self._file: BinaryIO | None = None
         self._result: list[bytes] = []
@@ -322,6 +333,8 @@ class PendingWrite:
                 f"the query succeeded but its result was not written to "
                 f"{self.plan.destination}: {error}"
             ) from None
+        if self._uploaded is not None:
+            self._uploaded(self.plan.destination)
         table = pa.ipc.open_stream(b"".join(self._result)).read_all()
         rows = int(table.column(0)[0].as_py()) if table.num_rows else 0
         return result_ipc(rows, self.size, self.plan.destination)

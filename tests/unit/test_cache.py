@@ -372,6 +372,36 @@ def test_verify_finds_corruption_and_repair_removes_it_unless_pinned(tmp_path: P
     lease.release()
 
 
+def test_verify_reports_index_entries_whose_file_is_missing(tmp_path: Path) -> None:
+    store = make_store(3)
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    refs = run(store.list("t/"))
+    run(cache.lease(store, refs)).release()
+    entry_file(tmp_path, refs[0]).unlink()  # gone while this cache object is open
+    run(cache.close())
+    reopened = ObjectCache(tmp_path, budget_bytes=10 * MiB)  # as `duckcell cache verify` opens it
+    entry_file(tmp_path, refs[1]).unlink()  # gone after the open
+    report = reopened.verify()
+    assert report.checked == 3
+    assert [(p.path, p.reason, p.removed) for p in report.problems] == [
+        (
+            relative_path(entry_name(refs[0])),
+            "missing (its index entry was dropped when the cache was opened)",
+            True,
+        ),
+        (relative_path(entry_name(refs[1])), "missing", False),
+    ]
+    repaired = reopened.verify(repair=True)  # the open-time drop is reported once
+    assert [(p.path, p.removed) for p in repaired.problems] == [
+        (relative_path(entry_name(refs[1])), True)
+    ]
+    assert reopened.verify().ok and reopened.stats().entries == 1
+    lease = run(reopened.lease(store, refs))  # both are fetched again
+    assert store.downloads[refs[0].key] == store.downloads[refs[1].key] == 2
+    lease.release()
+    run(reopened.close())
+
+
 def test_a_changed_object_is_a_new_entry_and_the_old_one_is_never_served(tmp_path: Path) -> None:
     store = make_store(1)
     cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)

@@ -150,6 +150,22 @@ def test_verify_finds_repairs_and_then_passes(
     assert (code, out.strip()) == (0, f"checked 1 entries under {root}: all good")
 
 
+def test_verify_reports_an_entry_whose_file_is_missing(
+    tmp_path: Path, root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path, root, [KiB, KiB])
+    gone = sorted((root / "objects").glob("*/*.parquet"))[0]
+    gone.unlink()
+    code, out, _ = cli(capsys, "cache", "verify", "--json", "--cache-dir", str(root))
+    report = json.loads(out)
+    assert code == 1
+    assert (report["checked"], report["ok"]) == (2, False)
+    [problem] = report["problems"]
+    assert problem["path"].endswith(gone.name) and problem["reason"].startswith("missing")
+    code, out, _ = cli(capsys, "cache", "verify", "--cache-dir", str(root))
+    assert (code, out.strip()) == (0, f"checked 1 entries under {root}: all good")
+
+
 def test_cache_dir_from_the_environment(
     tmp_path: Path, root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

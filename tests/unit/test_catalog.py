@@ -472,3 +472,18 @@ def test_bad_roles_name_file_line_and_field(extra: str, message: str) -> None:
     text = ROLES.split("roles:")[0] + extra
     with pytest.raises(CatalogError, match=message):
         parse_catalog(text, "roles.yaml", Path("/"))
+
+
+def test_listing_ttl_defaults_to_listing_every_query_and_reads_durations() -> None:
+    def ttl(value: str) -> float:
+        text = f"connections:\n  c: {{kind: s3{value}}}\n"
+        return parse_catalog(text, SOURCE).connections["c"].listing_ttl
+
+    assert (ttl(""), ttl(", listing_ttl: 0"), ttl(", listing_ttl: 5s")) == (0, 0, 5)
+    assert ttl(", listing_ttl: 1m") == ttl(", listing_ttl: 60") == 60
+    catalog = parse_catalog("connections:\n  c: {kind: local, listing_ttl: 2.5s}\n", SOURCE)
+    assert Catalog.from_json(catalog.to_json()) == catalog
+    assert "listing_ttl" not in parse_catalog("connections: {c: {kind: s3}}", SOURCE).to_json()
+    for bad in ("2h", "-1s", "soon", "[1]"):
+        message = error_of(f"connections:\n  c: {{kind: s3, listing_ttl: {bad}}}\n")
+        assert message.startswith(f"{SOURCE}:2: connections.c.listing_ttl: expected"), message

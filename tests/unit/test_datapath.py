@@ -13,9 +13,11 @@ import pytest
 from launcher.cache import ObjectCache
 from launcher.catalog import Catalog, Connection, parse_catalog
 from launcher.datapath import DataPath, store_for
-from launcher.errors import CatalogError, QueryDeniedError, SecretError, SqlError
+from launcher.errors import CatalogError, ObjectStoreError, QueryDeniedError, SecretError, SqlError
+from launcher.listing_cache import ListingCache
 from launcher.objectstore import ObjectRef, ObjectStore
 from launcher.policy import Policy, load_policy_text
+from launcher.writes import result_ipc
 
 CATALOG = """\
 connections:
@@ -164,3 +166,138 @@ def test_store_for_resolves_secrets_on_the_host_or_names_the_missing_one() -> No
     assert store.source == "s3:http://127.0.0.1:9"
     assert store_for(parse_catalog("connections: {d: {kind: local}}", "/x/c.yaml").connections["d"])
     assert Catalog.EMPTY.referenced("SELECT * FROM trips") == []
+
+
+# --- listing_ttl: reusing a table's listing ---------------------------------------------------
+WRITER = POLICY + 'writes: {allowed: true, prefixes: ["s3://bucket/trips/"]}\n'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class VersionedStore(MemoryStore):
+    """A MemoryStore whose downloads, like S3's If-Match, refuse a version no longer there,
+    and whose uploads put the object."""
+
+    async def download(self, ref: ObjectRef, dest: Path) -> None:
+        data = self.objects.get(ref.key)
+        if data is None or f"e{len(data)}" != ref.etag:
+            raise ObjectStoreError(f"{ref.key} changed since it was listed")
+        await super().download(ref, dest)
+
+    async def upload(self, source: Path, url: str) -> None:
+        self.objects[url.removeprefix("s3://bucket/")] = source.read_bytes()
+
+
+def ttl_data_path(tmp_path: Path, store: MemoryStore, ttl: str, clock: Clock) -> DataPath:
+    lake = "secret_access_key: {env: S}"
+    text = CATALOG.replace(lake + "}", f"{lake}, listing_ttl: {ttl}}}")
+    catalog = parse_catalog(text, str(tmp_path / "cat.yaml"))
+    cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
+    return DataPath(catalog, cache, stores=lambda c, e: store, listings=ListingCache(clock))
+
+
+def test_by_default_every_query_lists(tmp_path: Path, store: MemoryStore, policy: Policy) -> None:
+    async def body() -> None:
+        data = data_path(tmp_path, store)
+        assert data.catalog.connections["lake"].listing_ttl == 0
+        for _ in range(3):
+            (await data.prepare("FROM trips", policy)).release()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == ["s3://bucket/trips/"] * 3
+
+
+def test_a_listing_is_reused_for_its_ttl_and_no_longer(tmp_path: Path, policy: Policy) -> None:
+    store = VersionedStore({"trips/a.parquet": b"PAR1a"})
+    clock = Clock()
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "10s", clock)
+        (await data.prepare("FROM trips", policy)).release()
+        store.objects["trips/b.parquet"] = b"PAR1bb"  # added by another writer
+        clock.now += 9.9
+        files = await data.prepare("FROM trips", policy)
+        assert len(files.bindings[0].paths) == 1  # within the TTL: the listing as it was
+        files.release()
+        clock.now += 0.1
+        files = await data.prepare("FROM trips", policy)
+        assert len(files.bindings[0].paths) == 2  # expired: listed again
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == ["s3://bucket/trips/"] * 2
+
+
+def test_a_reused_listing_naming_a_changed_object_is_dropped_and_listed_again(
+    tmp_path: Path, policy: Policy
+) -> None:
+    store = VersionedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "1m", Clock())
+        (await data.prepare("FROM trips", policy)).release()
+        store.objects["trips/a.parquet"] = b"PAR1-new"  # a new version (new ETag)...
+        data.cache.evict(all=True)  # ...and the old one no longer cached
+        files = await data.prepare("FROM trips", policy)
+        [path] = files.bindings[0].paths
+        assert (tmp_path / "cache" / path.removeprefix("/cache/")).read_bytes() == b"PAR1-new"
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == ["s3://bucket/trips/"] * 2
+
+
+def test_a_write_through_this_worker_drops_the_listings_it_makes_stale(
+    tmp_path: Path,
+) -> None:
+    store = VersionedStore({"trips/a.parquet": b"PAR1a", "zones.csv": b"id\n1\n"})
+    writer = load_policy_text(WRITER, "policies/t.yaml")
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "1m", Clock())
+        (await data.prepare("FROM trips", writer)).release()
+        (await data.prepare("FROM zones", writer)).release()
+        files = await data.prepare(
+            "COPY (SELECT 1 AS x) TO 's3://bucket/trips/new.parquet'", writer
+        )
+        assert files.write is not None
+        await files.write.accept_output(b"PAR1new")
+        files.write.accept_result(result_ipc(1, 7, "ignored"))
+        await files.write.publish()
+        files.release()
+        files = await data.prepare("SELECT * FROM trips, zones", writer)
+        trips, zones = files.bindings
+        assert (len(trips.paths), len(zones.paths)) == (2, 1)  # read-your-writes
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == ["s3://bucket/trips/", "s3://bucket/zones.csv", "s3://bucket/trips/"]
+
+
+def test_listing_cache_drops_win_over_a_listing_in_flight() -> None:
+    clock = Clock()
+    listings = ListingCache(clock)
+    ref = ObjectRef("memory", "bucket", "trips/a.parquet", "e1", 1)
+    started = listings.start()
+    listings.drop_overlapping("lake", "s3://bucket/trips/x.parquet")  # a write meanwhile
+    listings.put("lake", "s3://bucket/trips/", [ref], started)
+    assert listings.get("lake", "s3://bucket/trips/", 60) is None
+    listings.put("lake", "s3://bucket/trips/", [ref], listings.start())
+    assert listings.get("lake", "s3://bucket/trips/", 0) is None  # TTL 0: never reused
+    assert listings.get("lake", "s3://bucket/trips/", 60) == [ref]
+    assert listings.get("other", "s3://bucket/trips/", 60) is None
+    listings.drop_overlapping("lake", "s3://bucket/zones/z.parquet")  # elsewhere: kept
+    assert listings.get("lake", "s3://bucket/trips/", 60) == [ref]
+    listings.drop_overlapping("lake", "s3://bucket/")  # above it: dropped
+    assert listings.get("lake", "s3://bucket/trips/", 60) is None

@@ -26,6 +26,7 @@ from duckcell_runner.lockdown import (
     open_locked,
 )
 from duckcell_runner.service import RunnerService
+from duckcell_runner.warmup import warm_parquet
 from launcher.catalog import Binding
 from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
@@ -379,3 +380,27 @@ def test_runner_client_yields_output_chunks(dirs: RunnerConfig) -> None:
     written = b"".join(i.data for i in items if isinstance(i, OutputChunk))
     assert pq.read_table(pa.BufferReader(written)).to_pylist() == [{"x": 7}]
     assert isinstance(items[-1], QuerySummary)
+
+
+def test_the_parquet_warm_up_leaves_nothing_behind_and_the_sandbox_unlocked(
+    service: RunnerService, dirs: RunnerConfig
+) -> None:
+    """``warm_up`` (the fixture ran it) wrote and read its file in /scratch, then removed it;
+    the first tenant query still locks the sandbox (nothing was bound or locked early)."""
+    assert os.listdir(dirs.scratch_dir) == []
+    rows, _ = execute(service, "FROM a", tables=[binding(dirs, "a", "a.parquet")])
+    assert rows == [{"x": 1}]
+    _, last = execute(service, f"SELECT * FROM read_parquet('{dirs.cache_dir}/b.parquet')")
+    assert last.failure.reason in (pb.FAILURE_REASON_SQL, pb.FAILURE_REASON_DENIED)
+    assert "Permission Error" in last.failure.message
+
+
+def test_the_parquet_warm_up_is_skipped_when_scratch_cannot_hold_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    con = duckdb.connect()
+    assert warm_parquet(con, str(tmp_path), 1024)
+    assert not warm_parquet(con, str(tmp_path / "missing"), 1024)
+    assert "Parquet warm-up skipped" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    con.close()

@@ -37,6 +37,7 @@ from launcher.protocol import runner_pb2_grpc as pb_grpc
 
 from . import __version__
 from .lockdown import RunnerConfig, lock_statements, path_problem
+from .warmup import warm_parquet
 
 # Statements a sandbox never runs, whatever the locked configuration would say. ATTACH is
 # here because DuckDB allows attaching a database file inside an allowed directory.
@@ -160,7 +161,9 @@ class RunnerService(pb_grpc.RunnerServicer):
         self._cancelled_early: deque[str] = deque(maxlen=256)
 
     def warm_up(self, started: float) -> None:
-        """Run one query through the whole Execute path so a tenant's first query is not cold."""
+        """Scan a small Parquet file (``warmup``), then run one query through the whole Execute
+        path, so a tenant's first query is not cold. Before the lock; no tenant SQL yet."""
+        warm_parquet(self._con, self._config.scratch_dir, self._batch_rows)
         request = pb.ExecuteRequest(query_id="warmup", sql="SELECT 42::INTEGER AS answer")
         chunks = list(self._execute(request, _Running("warmup")))
         if not chunks or not chunks[-1].HasField("summary"):
