@@ -6,9 +6,11 @@ protobuf messages in and out), ``auth`` (API keys as bearer or basic auth), ``ga
 role rule, then the router), ``bridge`` (handler threads <-> the control plane's event loop),
 ``statements`` (tickets and prepared statements), ``updates`` (bound parameters, statements that
 change data), ``service`` (the handlers), ``metadata`` (SqlInfo), ``listing`` (catalogs,
-schemas, tables and their schemas), ``status`` (errors as Flight statuses).
+schemas, tables and their schemas), ``status`` (errors as gRPC statuses), ``serve`` (a control
+plane with its Flight SQL endpoint: the wiring, kept out of ``launcher.controlplane``).
 """
 
+from .serve import ControlPlaneWithFlight
 from .server import FlightListen, FlightSqlServer
 
-__all__ = ["FlightListen", "FlightSqlServer"]
+__all__ = ["ControlPlaneWithFlight", "FlightListen", "FlightSqlServer"]

@@ -30,6 +30,11 @@ class UnsupportedRequest(Exception):
     """A Flight SQL message this server does not handle (yet); the message names it."""
 
 
+class InvalidRequest(Exception):
+    """A request this server understands but cannot take as sent (a malformed session name,
+    several parameter rows); the message says what to send instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class StatementQuery:
     sql: str

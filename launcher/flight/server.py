@@ -28,7 +28,13 @@ from .bridge import LoopBridge
 from .gateway import CatalogSource, Gateway, empty_catalog
 from .service import FlightSqlService
 from .sessions import FlightSessions
-from .statements import TICKET_EXPIRY_S, QueryTickets
+from .statements import (
+    MAX_PARKED_PER_KEY,
+    MAX_PREPARED_PER_KEY,
+    TICKET_EXPIRY_S,
+    PreparedStatements,
+    QueryTickets,
+)
 from .types import Router, VerifyKey
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,9 @@ class FlightSqlServer:
     """The Flight SQL endpoint. ``port`` and ``location`` are known after ``start``.
 
     ``catalog`` returns the control plane's catalog as it is at each call: its roles decide
-    what a key may read and list, and under which policy its queries run.
+    what a key may read and list, and under which policy its queries run. Each API key may hold
+    ``max_parked_per_key`` unfetched results and ``max_prepared_per_key`` prepared statements
+    (``statements.py``).
     """
 
     def __init__(
@@ -90,10 +98,14 @@ class FlightSqlServer:
         hosts: list[str],
         ticket_expiry_s: float = TICKET_EXPIRY_S,
         catalog: CatalogSource = empty_catalog,
+        max_parked_per_key: int = MAX_PARKED_PER_KEY,
+        max_prepared_per_key: int = MAX_PREPARED_PER_KEY,
     ) -> None:
         self._listen = listen
         self._catalog = catalog
         self._ticket_expiry_s = ticket_expiry_s
+        self._max_parked_per_key = max_parked_per_key
+        self._max_prepared_per_key = max_prepared_per_key
         self._router = router
         self._verify_key = verify_key
         self._ca = ca
@@ -122,7 +134,10 @@ class FlightSqlServer:
                 self._listen.location(),
                 gateway=Gateway(self._router, self._catalog, FlightSessions(self._router, bridge)),
                 bridge=bridge,
-                tickets=QueryTickets(loop, expiry_s=self._ticket_expiry_s),
+                tickets=QueryTickets(
+                    loop, expiry_s=self._ticket_expiry_s, max_per_key=self._max_parked_per_key
+                ),
+                prepared=PreparedStatements(max_per_key=self._max_prepared_per_key),
                 **options,
             )
         except (pa.ArrowException, OSError) as error:

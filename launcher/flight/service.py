@@ -42,6 +42,7 @@ from .messages import (
     StatementQuery,
     StatementTicket,
     TablesRequest,
+    UnsupportedRequest,
     close_session_result,
     metadata_ticket,
     parse_close_prepared,
@@ -54,8 +55,8 @@ from .messages import (
     put_update_result,
     statement_ticket,
 )
-from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery, UnknownHandle
-from .status import translated
+from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery
+from .status import handler, status_of, streamed, translated
 from .updates import changes_data, read_parameters, update_count
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class FlightSqlService(flight.FlightServerBase):
         gateway: Gateway,
         bridge: LoopBridge,
         tickets: QueryTickets,
+        prepared: PreparedStatements,
         **server_options: object,
     ) -> None:
         super().__init__(location, **server_options)  # type: ignore[arg-type]
@@ -84,8 +86,9 @@ class FlightSqlService(flight.FlightServerBase):
         self._bridge = bridge
         self.listing = CatalogListing(gateway, bridge)
         self.tickets = tickets
-        self.prepared = PreparedStatements()
+        self.prepared = prepared
 
+    @handler
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
@@ -102,6 +105,7 @@ class FlightSqlService(flight.FlightServerBase):
         ticket = metadata_ticket(descriptor.command)
         return _info(metadata.schema_of(command), descriptor, ticket)
 
+    @handler
     def do_get(
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.FlightDataStream:
@@ -110,15 +114,11 @@ class FlightSqlService(flight.FlightServerBase):
             request = parse_ticket(ticket.ticket)
         if not isinstance(request, StatementTicket):
             return flight.RecordBatchStream(self._metadata(caller, request, context))
-        try:
+        with translated():
             query = self.tickets.claim(request.handle, caller.key_id)
-        except UnknownHandle:
-            raise flight.FlightServerError(
-                "unknown or expired ticket: execute the statement again and fetch its result "
-                "within a minute"
-            ) from None
-        return flight.GeneratorStream(query.schema, self._stream(query, context))
+        return flight.GeneratorStream(query.schema, streamed(self._stream(query, context)))
 
+    @handler
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -135,10 +135,8 @@ class FlightSqlService(flight.FlightServerBase):
             command = parse_put(descriptor.command)
             parameters = read_parameters(reader)
         if isinstance(command, PreparedStatementQuery):
-            try:
+            with translated():
                 self.prepared.bind(command.handle, caller.key_id, parameters)
-            except UnknownHandle:
-                raise flight.FlightServerError(_UNKNOWN_PREPARED) from None
             writer.write(pa.py_buffer(put_prepared_result(command.handle)))
             return
         if isinstance(command, PreparedStatementUpdate):
@@ -149,6 +147,7 @@ class FlightSqlService(flight.FlightServerBase):
         count = self._update(caller, sql, parameters, context)
         writer.write(pa.py_buffer(put_update_result(count)))
 
+    @handler
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
         caller = caller_of(context)
         body = action.body.to_pybytes() if action.body is not None else b""
@@ -158,7 +157,7 @@ class FlightSqlService(flight.FlightServerBase):
                 is_update = changes_data(sql)
                 handle = self.prepared.create(caller.key_id, sql, is_update=is_update)
                 return [prepared_result(handle, is_update=is_update)]
-            if action.type == CLOSE_PREPARED_STATEMENT:
+            if action.type == CLOSE_PREPARED_STATEMENT:  # idempotent: see PreparedStatements
                 self.prepared.close(parse_close_prepared(body), caller.key_id)
                 return []
         if action.type == CLOSE_SESSION:
@@ -167,18 +166,15 @@ class FlightSqlService(flight.FlightServerBase):
                 with translated():
                     self.gateway.sessions.close(caller, session)
             return [close_session_result()]
-        raise flight.FlightServerError(
-            f"action {action.type!r} is not supported by this server yet"
-        )
+        unsupported = UnsupportedRequest(f"action {action.type!r} is not supported by this server")
+        raise status_of(unsupported)
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return ACTIONS
 
     def _prepared(self, handle: bytes, caller: ApiKey) -> Prepared:
-        try:
+        with translated():
             return self.prepared.get(handle, caller.key_id)
-        except UnknownHandle:
-            raise flight.FlightServerError(_UNKNOWN_PREPARED) from None
 
     def _metadata(
         self, caller: ApiKey, request: MetadataRequest, context: flight.ServerCallContext
@@ -202,8 +198,11 @@ class FlightSqlService(flight.FlightServerBase):
     ) -> flight.FlightInfo:
         """Route ``sql`` now and read its schema; the rest waits for ``DoGet``."""
         log.info("flight query from key %s (%s)", caller.key_id, caller.role)
+        with translated():
+            self.tickets.check_room(caller.key_id)
         query = self._open(caller, sql, parameters, context)
-        handle = self.tickets.park(query)
+        with translated():
+            handle = self.tickets.park(query)
         return _info(query.schema, descriptor, statement_ticket(handle))
 
     def _update(
@@ -237,11 +236,6 @@ class FlightSqlService(flight.FlightServerBase):
                 yield from query.batches(context.is_cancelled)
         finally:
             self.tickets.done(query)
-
-
-_UNKNOWN_PREPARED = (
-    "unknown prepared statement (closed, or made on another connection or server): prepare it again"
-)
 
 
 def _info(

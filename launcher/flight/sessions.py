@@ -24,8 +24,6 @@ import contextlib
 import re
 import threading
 
-import pyarrow.flight as flight
-
 from launcher.catalog import Catalog
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.query import caller_name
@@ -33,6 +31,7 @@ from launcher.controlplane.sessions import session_policy
 from launcher.errors import SessionError
 
 from .bridge import LoopBridge, never_cancelled
+from .messages import InvalidRequest
 from .types import Router
 
 # The policy of a session when the caller's role fixes none.
@@ -54,9 +53,9 @@ class FlightSessions:
         """The router's id of ``caller``'s session ``name``, opened now if there is none.
 
         Raises ``QueryDeniedError`` (role), ``SessionError`` (the worker could not open one)
-        or ``WorkerUnavailableError``; ``FlightServerError`` for a malformed name."""
+        or ``WorkerUnavailableError``; ``InvalidRequest`` for a malformed name."""
         if not _NAME.fullmatch(name):
-            raise flight.FlightServerError(
+            raise InvalidRequest(
                 f"x-duckcell-session: {name!r} is not a session name; use up to 64 letters, "
                 "digits, '.', '_' or '-'"
             )

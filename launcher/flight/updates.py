@@ -29,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 
+from .messages import UnsupportedRequest
+
 # Statement types that return rows (everything else is executed for its effect).
 QUERY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
 EXECUTEMANY = (
@@ -57,12 +59,12 @@ def changes_data(sql: str) -> bool:
 
 def read_parameters(reader: flight.MetadataRecordBatchReader) -> bytes:
     """The bound parameter set a DoPut carries, as an IPC stream of one row (``b""`` when it
-    has no rows: nothing bound). Raises ``FlightServerError`` for more than one row."""
+    has no rows: nothing bound). Raises ``UnsupportedRequest`` for more than one row."""
     table = reader.read_all()
     if table.num_rows == 0:
         return b""
     if table.num_rows > 1:
-        raise flight.FlightServerError(EXECUTEMANY.format(rows=table.num_rows))
+        raise UnsupportedRequest(EXECUTEMANY.format(rows=table.num_rows))
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table.combine_chunks())

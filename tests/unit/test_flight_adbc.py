@@ -29,6 +29,7 @@ from flightsql import FlightSQLClient
 
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.server import ControlPlaneServer
+from launcher.flight import ControlPlaneWithFlight, FlightListen
 
 from .test_query_tunnel import LONG_SQL, Stack, eventually, run, stack
 from .test_tunnel import DEADLINE_S, INTERVAL_S, ControlPlane
@@ -52,18 +53,24 @@ class FlightControlPlane(ControlPlane):
             self.listen,
             tunnel_listen=self.tunnel_listen,
             heartbeat_interval_s=INTERVAL_S,
-            flight_listen=self.flight_listen,
-            flight_plaintext=self.plaintext,
         )
-        await self._on_loop(self.server.start())
+        listen = FlightListen.parse(self.flight_listen, plaintext=self.plaintext)
+        self.served = ControlPlaneWithFlight(self.server, listen)
+        await self._on_loop(self.served.start())
         self.listen, self.tunnel_listen = self.server.address, self.server.tunnel_address
-        assert self.server.flight is not None
-        self.flight_listen = f"127.0.0.1:{self.server.flight.port}"
+        assert self.served.flight is not None
+        self.flight_listen = f"127.0.0.1:{self.served.flight.port}"
+
+    async def stop(self) -> None:
+        """Flight SQL first, then the control plane (``ControlPlaneWithFlight.stop``)."""
+        if self.server is not None:
+            await self._on_loop(self.served.stop(0))
+            self.server = None
 
     @property
     def location(self) -> str:
-        assert self.server is not None and self.server.flight is not None
-        return self.server.flight.location
+        assert self.server is not None and self.served.flight is not None
+        return self.served.flight.location
 
 
 def adbc_connect(
@@ -190,10 +197,14 @@ def test_a_sql_error_reaches_the_client_with_duckdbs_message(
         async with stack(control_plane, tmp_path) as s:
             with pytest.raises(adbc_driver_manager.Error, match="no_such_table does not exist"):
                 await in_thread(fetch, control_plane, s.api_key, "SELECT * FROM no_such_table")
-            with pytest.raises(adbc_driver_manager.Error) as failed:
+            with pytest.raises(adbc_driver_manager.ProgrammingError) as failed:
                 await in_thread(fetch, control_plane, s.api_key, "SELEC 1")
-            assert "syntax error" in str(failed.value)
-            assert "Traceback" not in str(failed.value)  # no server internals leak
+            invalid = adbc_driver_manager.AdbcStatusCode.INVALID_ARGUMENT
+            assert failed.value.status_code == invalid
+            # DuckDB's message first; pyarrow's traceback after it shows no handler internals.
+            message, _, detail = str(failed.value).partition(". Detail:")
+            assert "syntax error" in message
+            assert "service.py" not in detail
 
     run(scenario)
 

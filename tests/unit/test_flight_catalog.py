@@ -112,7 +112,7 @@ def test_executemany_is_refused_with_what_to_do(stack: FlightStack) -> None:
     with (
         stack.connect("admin") as conn,
         conn.cursor() as cursor,
-        pytest.raises(adbc_driver_manager.Error, match="executemany is not supported"),
+        pytest.raises(adbc_driver_manager.NotSupportedError, match="executemany is not supported"),
     ):
         cursor.executemany("CREATE TEMP TABLE t AS SELECT ? AS x", [(1,), (2,)])
     assert stack.router.calls == []
@@ -215,7 +215,7 @@ def test_a_malformed_session_name_is_refused_before_anything_opens(stack: Flight
     with (
         stack.connect("admin", session="no spaces/please") as conn,
         conn.cursor() as cursor,
-        pytest.raises(adbc_driver_manager.Error, match="is not a session name"),
+        pytest.raises(adbc_driver_manager.ProgrammingError, match="is not a session name"),
     ):
         cursor.execute("SELECT 1")
     assert stack.router.sessions == {} and stack.router.calls == []
