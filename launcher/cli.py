@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_DRAIN_GRACE_S,
         help="seconds running queries may take to finish on SIGTERM (default 30)",
     )
+    run.add_argument(
+        "--local-policies-only",
+        action="store_true",
+        help="ignore policies the control plane pushes; use only this host's policies/ "
+        "(pushed ones may never turn a gVisor policy of this host into runc either way)",
+    )
 
     add_cache_parser(commands)
     add_secrets_parser(commands)
@@ -298,6 +304,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             drain_grace_s=args.drain_grace,
             proxy=ProxyConfig.from_env(os.environ),
             on_catalog=data.replace_catalog,
+            on_policies=None if args.local_policies_only else launcher.apply_pushed_policies,
         )
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

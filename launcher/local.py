@@ -1,14 +1,14 @@
 """The launcher on one host, wired: config -> engine -> orphan reaping -> pools -> executor.
 
-Used by the CLI's embedded mode, the tests and the benchmark; the tunnel worker will wrap
-the same object. Shutdown is ordered: stop taking queries, end sessions, close pools (which
-destroys every sandbox), release the instance lock.
+Used by the CLI's embedded mode, the tests and the benchmark; the tunnel worker wraps the
+same object. Shutdown is ordered: stop taking queries, end sessions, close pools (which
+destroys every sandbox), release the instance lock. Policies can be replaced while it runs
+(``replace_policies``): see ``launcher.policy_pools`` for what happens to the pools.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from .backend.docker_engine import DockerBackend
@@ -18,7 +18,8 @@ from .errors import ImageMissingError
 from .executor import Executor, QueryExecution
 from .factory import FactorySettings, SandboxFactory
 from .instance import InstanceLock, ReapReport, reap_orphans
-from .policy import Policy, PolicySet, load_policies
+from .policy import Policy, PolicySet, check_no_downgrade, load_policies
+from .policy_pools import PolicyPools
 from .pool import SandboxPool
 from .session import Session, SessionManager
 
@@ -34,12 +35,14 @@ class LocalLauncher:
     ) -> None:
         self.config = config
         self.policies = policies if policies is not None else load_policies(config.policies_dir)
+        # The host's own policies, which pushed ones overlay (see ``apply_pushed_policies``).
+        self._local_policies = PolicySet(list(self.policies), self.policies.directory)
         self._warm_override = warm_override
         self._progress = progress or (lambda message: None)
-        self._pools: dict[str, SandboxPool] = {}
         self._lock: InstanceLock | None = None
         self.backend: DockerBackend | None = None
         self.capacity = Capacity(config.max_sandboxes)
+        self._pools = PolicyPools(self._new_pool, wake_pools=self.capacity.wake_all)
         self.sessions = SessionManager(self.pool_for)
         self._executor: Executor | None = None
         self.reaped: ReapReport | None = None
@@ -86,19 +89,42 @@ class LocalLauncher:
         return self._executor
 
     def pool_for(self, policy: Policy) -> SandboxPool:
-        pool = self._pools.get(policy.name)
-        if pool is None:
-            pool = SandboxPool(
-                policy,
-                self._factory,
-                self.capacity,
-                warm=self._warm_override,
-                queue_timeout_s=self.config.queue_timeout_s,
-                max_parallel_starts=self.config.max_parallel_starts,
-            )
-            self._pools[policy.name] = pool
-            pool.start()
-        return pool
+        return self._pools.pool_for(policy)
+
+    def _new_pool(self, policy: Policy) -> SandboxPool:
+        return SandboxPool(
+            policy,
+            self._factory,
+            self.capacity,
+            warm=self._warm_override,
+            queue_timeout_s=self.config.queue_timeout_s,
+            max_parallel_starts=self.config.max_parallel_starts,
+        )
+
+    def replace_policies(self, new: PolicySet) -> list[str]:
+        """Make ``new`` the policies in force, without a restart; returns the replaced pools.
+
+        ``self.policies`` is updated in place (the tunnel's query runner holds the same set),
+        so queries and sessions that start from now on resolve the new versions. For each
+        policy whose settings changed (or that is gone) the pool is retired: its idle warm
+        sandboxes are destroyed, a pool for the new version starts, and queries already
+        running and sessions already open keep the version they started with until they end.
+        """
+        replaced = self._pools.replace(new)
+        self.policies.replace(new)
+        return replaced
+
+    def apply_pushed_policies(self, pushed: Iterable[Policy]) -> list[str]:
+        """Policies from the control plane: they override this host's same-named ones, the
+        host's others stay (an empty push restores the host's own set).
+
+        Raises ``PolicyError``, taking none, when one would run a policy this host runs under
+        gVisor (runsc) with plain runc: the host's operator chose that isolation, and the
+        control plane may tighten it, never drop it.
+        """
+        pushed = list(pushed)
+        check_no_downgrade(self._local_policies, pushed)
+        return self.replace_policies(self._local_policies.overlaid(pushed))
 
     async def warm(self, policy_name: str, timeout_s: float = 120.0) -> SandboxPool:
         """Start a policy's pool and wait for its first fill, reporting progress."""
@@ -123,7 +149,7 @@ class LocalLauncher:
         for query_id in self.executor.running() if self._executor else []:
             await self.executor.cancel(query_id)
         await self.sessions.close_all()
-        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        await self._pools.close()
         if self._lock is not None:
             self._lock.release()
         if self.backend is not None:

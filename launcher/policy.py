@@ -48,6 +48,7 @@ under it (nodes with line numbers, typed reads, sizes, durations, messages) are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -78,6 +79,8 @@ __all__ = [
     "load_policies",
     "load_policy_file",
     "load_policy_text",
+    "load_pushed_policies",
+    "same_settings",
     "visible",
     "writes_allowed",
 ]
@@ -174,6 +177,18 @@ class PolicySet:
     def __len__(self) -> int:
         return len(self._by_name)
 
+    def overlaid(self, pushed: Iterable[Policy]) -> PolicySet:
+        """A new set: ``pushed`` policies override same-named ones here, the rest stay."""
+        return PolicySet({**self._by_name, **{p.name: p for p in pushed}}.values(), self.directory)
+
+    def replace(self, other: PolicySet) -> None:
+        """Take ``other``'s policies in place.
+
+        The set is shared (the launcher and the tunnel's query runner hold the same object), so
+        a policy update from the control plane must reach every holder at once.
+        """
+        self._by_name = dict(other._by_name)
+
 
 def load_policy_file(path: Path) -> Policy:
     """Read and validate one policy file; its ``name`` must equal the file stem."""
@@ -183,6 +198,46 @@ def load_policy_file(path: Path) -> Policy:
 def load_policy_text(text: str, source: str) -> Policy:
     """Validate a policy document; ``source`` names it in error messages."""
     return _load(text, source)[0]
+
+
+def load_pushed_policies(documents: Iterable[tuple[str, str]]) -> list[Policy]:
+    """Validate policies the control plane pushed as ``(name, yaml)`` pairs; all or nothing.
+
+    Each is named ``controlplane:NAME.yaml`` in errors; the first invalid one raises
+    PolicyError (naming the policy and the line), as does a document whose ``name`` is not the
+    name it was pushed under.
+    """
+    policies = []
+    for name, text in documents:
+        policy, name_node = _load(text, f"controlplane:{name}.yaml")
+        if policy.name != name:
+            Reader(policy.source, _SCHEMA).fail(
+                name_node, "name", f"expected {quote(name)}, got {quote(policy.name)}"
+            )
+        policies.append(policy)
+    return policies
+
+
+def check_no_downgrade(local: PolicySet, pushed: Iterable[Policy]) -> None:
+    """Raise ``PolicyError`` when a pushed policy would run a local runsc policy under runc."""
+    for policy in pushed:
+        if policy.name not in local:
+            continue
+        own = local.get(policy.name)
+        if own.runtime is Runtime.RUNSC and policy.runtime is not Runtime.RUNSC:
+            raise PolicyError(
+                f"{policy.source}: runtime: {policy.runtime.value} would drop this worker's "
+                f"gVisor isolation for policy {quote(policy.name)} (runsc in {own.source}); "
+                "a pushed policy may not; push it under another name, or change the worker's "
+                "own policy file"
+            )
+
+
+def same_settings(a: Policy, b: Policy) -> bool:
+    """Whether two policies set the same limits (where they were read from does not count)."""
+    return dataclasses.replace(a, source="", description="") == dataclasses.replace(
+        b, source="", description=""
+    )
 
 
 def load_policies(directory: Path) -> PolicySet:
@@ -238,11 +293,24 @@ _SCHEMA = {  # known keys per section, split on use
 }
 
 
-def _load_file(path: Path) -> tuple[Policy, int]:
+def read_policy_file(path: Path) -> tuple[Policy, str]:
+    """``load_policy_file``, and the very text it validated (what a control plane stores)."""
+    text = _read(path)
+    return _check_file(path, text)[0], text
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise PolicyError(f"{path}: cannot read the policy file: {error}") from None
+
+
+def _load_file(path: Path) -> tuple[Policy, int]:
+    return _check_file(path, _read(path))
+
+
+def _check_file(path: Path, text: str) -> tuple[Policy, int]:
     policy, name_node = _load(text, str(path))
     if policy.name != path.stem:
         expected = f"{quote(path.stem)} to match the file name {path.name}"

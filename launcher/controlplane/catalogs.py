@@ -15,10 +15,12 @@ host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from launcher.errors import CatalogError
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.json"
+CONFIG_LOCK = ".config.lock"
 POLL_INTERVAL_S = 1.0
 
 
@@ -47,9 +50,54 @@ class CatalogVersion:
 EMPTY = CatalogVersion.of(Catalog.EMPTY)
 
 
-def apply_catalog(data_root: Path, source: Path) -> CatalogVersion:
-    """Check ``source`` and make it the control plane's catalog. Raises CatalogError."""
+@contextlib.contextmanager
+def config_lock(data_root: Path) -> Iterator[None]:
+    """Hold the data directory's configuration lock: a catalog or policy change checks the
+    other and writes its own file under it, so two admin commands cannot each pass their
+    check and together leave a role naming a policy that is gone."""
+    data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_root / CONFIG_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def apply_catalog(
+    data_root: Path,
+    source: Path,
+    *,
+    policies: Collection[str] | Callable[[], Collection[str]] = (),
+) -> CatalogVersion:
+    """Check ``source`` and make it the control plane's catalog. Raises CatalogError.
+
+    ``policies`` are the control plane's own policy names (or a function reading them, called
+    under ``config_lock``): when there are any, every policy a role names must be one of them
+    (with none, roles name the workers' local policies).
+    """
     version = CatalogVersion.of(load_catalog(source))
+    with config_lock(data_root):
+        _check_and_write(data_root, source, version, policies)
+    return version
+
+
+def _check_and_write(
+    data_root: Path,
+    source: Path,
+    version: CatalogVersion,
+    policies: Collection[str] | Callable[[], Collection[str]],
+) -> None:
+    if callable(policies):
+        policies = policies()
+    missing = unknown_role_policies(version.catalog, policies) if policies else []
+    if missing:
+        raise CatalogError(
+            f"{source}: "
+            + "; ".join(f"role {role!r} names policy {policy!r}" for role, policy in missing)
+            + f", which the control plane does not have (it has {', '.join(sorted(policies))})"
+            + ": apply the policy first with `duckcell controlplane policy apply`"
+        )
     data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = data_root / CATALOG_FILE
     partial = target.with_name(f".{CATALOG_FILE}.partial-{os.getpid()}")
@@ -61,7 +109,15 @@ def apply_catalog(data_root: Path, source: Path) -> CatalogVersion:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    return version
+
+
+def unknown_role_policies(catalog: Catalog, policies: Collection[str]) -> list[tuple[str, str]]:
+    """``(role, policy)`` for each role naming a policy that is not in ``policies``."""
+    return [
+        (name, role.policy)
+        for name, role in sorted(catalog.roles.items())
+        if role.policy is not None and role.policy not in policies
+    ]
 
 
 def read_catalog(data_root: Path) -> CatalogVersion:

@@ -9,6 +9,7 @@ import pytest
 from launcher.catalog import Catalog, parse_catalog
 from launcher.controlplane.catalogs import (
     CATALOG_FILE,
+    CONFIG_LOCK,
     EMPTY,
     CatalogWatcher,
     apply_catalog,
@@ -118,7 +119,7 @@ def test_bad_catalog_is_refused_and_the_applied_one_stays(tmp_path: Path) -> Non
     with pytest.raises(CatalogError, match=r"bad\.yaml:2"):
         apply_catalog(data, bad)
     assert read_catalog(data) == version
-    assert sorted(p.name for p in data.iterdir()) == [CATALOG_FILE]
+    assert sorted(p.name for p in data.iterdir()) == [CONFIG_LOCK, CATALOG_FILE]
 
 
 def test_watcher_keeps_last_good_catalog_when_the_file_is_corrupted(tmp_path: Path) -> None:

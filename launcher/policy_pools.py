@@ -1,0 +1,152 @@
+"""The launcher's warm pools, one per policy version, and how a policy update retires them.
+
+A policy's settings shape its sandboxes (limits, DuckDB settings, runtime), so when a policy
+changes (a push from the control plane, see ``LocalLauncher.replace_policies``) its pool is
+*retired* and a new one starts for the new version. Retiring never cuts work short:
+
+- the retired pool stops keeping sandboxes warm (``warm = 0``) and its idle ready sandboxes
+  are destroyed at once;
+- queries already running, or already waiting for a sandbox, finish under the version they
+  started with, and sessions keep their sandbox (and so their version) until they end: each
+  releases to the pool it acquired from;
+- a background task closes the retired pool once nothing of it is left, and
+  ``PolicyPools.close`` closes whatever is still around at shutdown, so no container leaks.
+
+A query whose policy was resolved before an update but that asks for its pool only after it
+gets a pool of its own old version (retired from the start): its results are what it asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from .policy import Isolation, Policy, PolicySet, same_settings
+from .pool import SandboxPool
+
+log = logging.getLogger(__name__)
+
+RETIRE_POLL_S = 0.5
+
+
+class PolicyPools:
+    """Pools by policy name for the versions in force, plus retired pools still draining.
+
+    ``new_pool`` builds an unstarted pool for a policy (``LocalLauncher`` sizes it);
+    ``retire_poll_s`` is how often a retired pool is looked at until it can be closed;
+    ``wake_pools`` wakes every pool's filler (``Capacity.wake_all``).
+    """
+
+    def __init__(
+        self,
+        new_pool: Callable[[Policy], SandboxPool],
+        *,
+        wake_pools: Callable[[], None] = lambda: None,
+        retire_poll_s: float = RETIRE_POLL_S,
+    ) -> None:
+        self._new_pool = new_pool
+        self._wake_pools = wake_pools
+        self._retire_poll_s = retire_poll_s
+        self._current: dict[str, SandboxPool] = {}
+        self._retired: set[SandboxPool] = set()
+        self._closing: set[SandboxPool] = set()  # retired, drained, being closed
+        self._closers: set[asyncio.Task[None]] = set()
+
+    def pool_for(self, policy: Policy) -> SandboxPool:
+        """The pool that runs ``policy``'s sandboxes, started on first use."""
+        pool = self._current.get(policy.name)
+        if pool is None:
+            pool = self._current[policy.name] = self._start(policy)
+            return pool
+        if same_settings(pool.policy, policy):
+            return pool
+        for retired in self._retired:
+            if same_settings(retired.policy, policy):
+                return retired
+        stale = self._start(policy)  # an old version asked for late: a pool just for it
+        self._retire(stale)
+        return stale
+
+    def replace(self, policies: PolicySet) -> list[str]:
+        """Make ``policies`` the versions in force; returns the names whose pool was retired.
+
+        A pool whose policy changed is retired and a pool for the new version started; a pool
+        whose policy is gone is retired; pools of unchanged policies stay as they are.
+        """
+        changed = []
+        for name, pool in sorted(self._current.items()):
+            new = policies.get(name) if name in policies else None
+            if new is not None and same_settings(pool.policy, new):
+                continue
+            del self._current[name]
+            self._retire(pool)
+            changed.append(name)
+            if new is not None:
+                self._current[name] = self._start(new)
+        return changed
+
+    def current(self) -> dict[str, SandboxPool]:
+        return dict(self._current)
+
+    def retired(self) -> list[SandboxPool]:
+        """Retired pools not closed yet (sandboxes of an old version still in use)."""
+        return list(self._retired)
+
+    async def close(self) -> None:
+        """Close every pool, current and retired: all their sandboxes are destroyed."""
+        for closer in self._closers:
+            closer.cancel()
+        pools = [*self._current.values(), *self._retired, *self._closing]
+        self._current.clear()
+        self._retired.clear()
+        await asyncio.gather(*(pool.close() for pool in pools))
+
+    def _start(self, policy: Policy) -> SandboxPool:
+        pool = self._new_pool(policy)
+        pool.start()
+        return pool
+
+    def _retire(self, pool: SandboxPool) -> None:
+        self._serve_waiters(pool)
+        while pool.reclaim_idle():
+            pass
+        self._retired.add(pool)
+        closer = asyncio.get_running_loop().create_task(self._close_when_drained(pool))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+        log.info("pool %s retired: %s", pool.policy.name, pool.stats())
+
+    def _serve_waiters(self, pool: SandboxPool) -> None:
+        """Keep nothing warm, but start sandboxes for queries waiting on the old version.
+
+        A per-query pool counts its busy sandboxes as covering demand (each is replaced on
+        release), so with ``warm`` 0 a waiter would wait for the running queries to end:
+        ``warm`` = busy makes the filler start one sandbox per waiter instead.
+        """
+        waiting = pool.has_waiters() and pool.policy.isolation is Isolation.QUERY
+        pool.warm = pool.stats()["busy"] if waiting else 0
+        if waiting:
+            self._wake_pools()
+
+    async def _close_when_drained(self, pool: SandboxPool) -> None:
+        """Poll until nothing of the retired pool is in use, then close it."""
+        while True:
+            await asyncio.sleep(self._retire_poll_s)
+            self._serve_waiters(pool)
+            if not pool.has_waiters():
+                while pool.reclaim_idle():  # a start that was under way when it retired
+                    pass
+            stats = pool.stats()
+            if stats["busy"] or stats["waiting"] or stats["starting"] or stats["ready"]:
+                continue
+            self._retired.discard(pool)
+            self._closing.add(pool)
+            try:
+                # Shielded: ``close`` cancels this task but must not cut a removal short; it
+                # closes the pool again itself, which waits for the same removals.
+                await asyncio.shield(pool.close())
+            finally:
+                self._closing.discard(pool)
+            log.info("retired pool %s closed", pool.policy.name)
+            return
