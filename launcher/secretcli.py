@@ -1,4 +1,4 @@
-"""``duckcell secrets set|list|delete``: the worker's local secret store, by hand.
+"""``duckcell secrets set|list|delete|rotate-key``: the worker's local secret store, by hand.
 
 Catalogs name a secret ``{store: NAME}``; an operator puts its value into the store of the
 worker that resolves it (``STATE/secrets``, where STATE is the worker's ``--state``, or the
@@ -44,6 +44,11 @@ def add_secrets_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     secret_commands.add_parser("list", parents=[common], help="the stored names (not values)")
     delete = secret_commands.add_parser("delete", parents=[common], help="forget a secret")
     delete.add_argument("name")
+    secret_commands.add_parser(
+        "rotate-key",
+        parents=[common],
+        help="re-encrypt the store under a new key and drop the old one (crash-safe)",
+    )
 
 
 def secret_store(state: Path) -> SecretStore:
@@ -60,6 +65,9 @@ def run_secrets_command(args: argparse.Namespace, config: LauncherConfig) -> int
     elif args.secrets_command == "list":
         for name in store.names():
             print(name)
+    elif args.secrets_command == "rotate-key":
+        count = store.rotate_key()
+        print(f"re-encrypted {count} secret(s) in {store.path} under a new key", file=sys.stderr)
     else:
         store.delete(args.name)
         print(f"deleted secret {args.name} from {store.path}", file=sys.stderr)

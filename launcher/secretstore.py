@@ -4,14 +4,20 @@ A catalog names a secret ``{store: NAME}``; the worker resolves it here, on its 
 query first needs the connection (see ``launcher.datapath``). The store is a directory, by
 default ``STATE/secrets/``, mode 0700, holding two files:
 
-    secrets.key        a Fernet key (mode 0600), made the first time a secret is set
+    secrets.key        Fernet keys (mode 0600), one per line, the newest first; made the
+                       first time a secret is set
     secrets.json.enc   one Fernet token of the JSON map name -> value
 
 Encryption keeps values out of backups, disk images and ``grep`` of the state directory that do
 not also carry the key; it does not protect against someone who can read the key file, which is
 why both files belong to the worker's user alone. Writes go to a temporary file that is synced
 and renamed over the old one, so a crash leaves the previous map or the new one, never half of
-either; a lock file serialises concurrent ``set``/``delete`` on one host.
+either; a lock file serialises concurrent ``set``/``delete``/``rotate_key`` on one host.
+
+``rotate_key`` replaces the key in three durable steps, each leaving a readable store if the
+host dies right after it: the new key is put in front of the old one, the map is re-encrypted
+with the new key, then the old key is dropped. Reading tries every key of the file (Fernet's
+``MultiFernet``), so the middle states decrypt too.
 
 Every failure is a ``SecretError`` that names the secret and the store, never a value.
 """
@@ -27,7 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from .errors import SecretError
 
@@ -82,6 +88,22 @@ class SecretStore:
             del secrets[name]
             self._write(secrets)
 
+    def rotate_key(self) -> int:
+        """Encrypt the store under a new key and forget the old one; returns how many secrets
+        were re-encrypted. A store with no key yet just gets one."""
+        with self._locked():
+            key_file = self.path / KEY_FILE
+            if not key_file.exists():
+                self._make_key(key_file)
+                return 0
+            old = self._keys()
+            new = Fernet.generate_key()
+            _replace(key_file, b"\n".join([new, *old]) + b"\n")
+            secrets = self._read()
+            _replace(self.path / DATA_FILE, Fernet(new).encrypt(_encode(secrets)))
+            _replace(key_file, new + b"\n")
+            return len(secrets)
+
     def _read(self) -> dict[str, str]:
         """The decrypted map; empty when nothing was ever stored."""
         data_file = self.path / DATA_FILE
@@ -108,31 +130,37 @@ class SecretStore:
         return {str(name): str(value) for name, value in secrets.items()}
 
     def _write(self, secrets: dict[str, str]) -> None:
-        token = self._fernet(create=True).encrypt(json.dumps(secrets, sort_keys=True).encode())
-        _replace(self.path / DATA_FILE, token)
+        _replace(self.path / DATA_FILE, self._fernet(create=True).encrypt(_encode(secrets)))
 
-    def _fernet(self, *, create: bool) -> Fernet:
+    def _fernet(self, *, create: bool) -> MultiFernet:
+        """Every key of the key file, the first one encrypting."""
+        if create and not (self.path / KEY_FILE).exists():
+            self._make_key(self.path / KEY_FILE)
         key_file = self.path / KEY_FILE
         try:
-            key = key_file.read_bytes()
+            return MultiFernet([Fernet(key) for key in self._keys()])
+        except ValueError:
+            raise SecretError(
+                f"{key_file} is not a Fernet key; restore the store's key file"
+            ) from None
+
+    def _keys(self) -> list[bytes]:
+        key_file = self.path / KEY_FILE
+        try:
+            keys = [line.strip() for line in key_file.read_bytes().splitlines() if line.strip()]
         except FileNotFoundError:
-            if not create:
-                raise SecretError(
-                    f"the secret store {self.path} has secrets but no key {key_file}; restore "
-                    "the key file from where it was backed up"
-                ) from None
-            key = self._make_key(key_file)
+            raise SecretError(
+                f"the secret store {self.path} has secrets but no key {key_file}; restore "
+                "the key file from where it was backed up"
+            ) from None
         except OSError as error:
             raise SecretError(
                 f"cannot read the secret store key {key_file} ({error.strerror}); run as the "
                 "worker's user, who owns it"
             ) from None
-        try:
-            return Fernet(key.strip())
-        except ValueError:
-            raise SecretError(
-                f"{key_file} is not a Fernet key; restore the store's key file"
-            ) from None
+        if not keys:
+            raise SecretError(f"{key_file} is empty; restore the store's key file")
+        return keys
 
     def _make_key(self, key_file: Path) -> bytes:
         """A new key, written whole or not at all: a temporary file is linked into place, and
@@ -173,6 +201,10 @@ class SecretStore:
             yield
         finally:
             os.close(fd)
+
+
+def _encode(secrets: dict[str, str]) -> bytes:
+    return json.dumps(secrets, sort_keys=True).encode()
 
 
 def _check_name(name: str) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 
 from launcher.cache import ObjectCache
 from launcher.catalog import Catalog, SecretRef, parse_catalog
@@ -174,3 +174,48 @@ def test_cli_refuses_an_empty_value_and_defaults_to_the_state_dir(
     monkeypatch.setattr(sys, "stdin", io.StringIO("v"))
     assert main(["secrets", "set", "A"]) == 0
     assert SecretStore(tmp_path / "state" / "secrets").names() == ["A"]
+
+
+def test_rotate_key_re_encrypts_under_a_new_key_and_drops_the_old(store: SecretStore) -> None:
+    store.set("A", VALUE)
+    store.set("B", "other")
+    old_key = (store.path / KEY_FILE).read_bytes().strip()
+    assert store.rotate_key() == 2
+    new_key = (store.path / KEY_FILE).read_bytes().strip()
+    assert new_key != old_key and b"\n" not in new_key  # one key left
+    token = (store.path / DATA_FILE).read_bytes()
+    assert Fernet(new_key).decrypt(token)  # written under the new key
+    with pytest.raises(InvalidToken):
+        Fernet(old_key).decrypt(token)
+    assert (store.get("A"), store.get("B")) == (VALUE, "other")
+    assert stat.S_IMODE((store.path / KEY_FILE).stat().st_mode) == 0o600
+
+
+def test_every_state_a_crash_mid_rotation_leaves_is_readable(store: SecretStore) -> None:
+    """The three steps of rotate_key, stopped after the first and the second."""
+    store.set("A", VALUE)
+    old_key = (store.path / KEY_FILE).read_bytes().strip()
+    new_key = Fernet.generate_key()
+    (store.path / KEY_FILE).write_bytes(new_key + b"\n" + old_key + b"\n")  # after step 1
+    assert store.get("A") == VALUE
+    token = Fernet(new_key).encrypt(b'{"A": "%s"}' % VALUE.encode())
+    (store.path / DATA_FILE).write_bytes(token)  # after step 2
+    assert store.get("A") == VALUE
+    store.set("B", "b")  # a write in between encrypts with the first key
+    assert Fernet(new_key).decrypt((store.path / DATA_FILE).read_bytes())
+
+
+def test_rotating_an_empty_store_just_makes_a_key(store: SecretStore) -> None:
+    assert store.rotate_key() == 0
+    assert (store.path / KEY_FILE).exists()
+    assert store.names() == []
+
+
+def test_cli_rotate_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "worker"
+    SecretStore(state / "secrets").set("A", VALUE)
+    assert main(["secrets", "rotate-key", "--state", str(state)]) == 0
+    assert "re-encrypted 1 secret(s)" in capsys.readouterr().err
+    assert SecretStore(state / "secrets").get("A") == VALUE
