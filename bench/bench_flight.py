@@ -4,14 +4,16 @@
 Three paths fetch the same results as Arrow (``flight_paths.py``): in-process DuckDB, a one-hop
 Flight server beside DuckDB in this process (the bar a GizmoSQL-style server sets), and the whole
 chain through ADBC: control plane Flight SQL (TLS, API key) -> mTLS tunnel -> worker -> a
-warm-pool sandbox, the control plane on its own event loop thread as in its own process.
+warm-pool sandbox, the control plane in a process of its own (``controlplane_process``).
 A fourth, diagnostic path runs the worker's launcher on the same pool with no Flight SQL
 and no tunnel, to show what the sandbox itself costs in the same conditions.
 
-* ``SELECT 42`` latency: bursts of queries with no pause between them, each burst as long as the
-  warm pool is deep, so every chain query checks out a ready sandbox; the pool is refilled and
-  settled (untimed) between bursts. The paths take turns burst by burst, so they see the
-  same background load.
+* ``SELECT 42`` latency with a warm pool (the target's figure): before every query the pool is
+  refilled and settled (untimed), so the query finds a ready sandbox and no container start
+  competes with it for the two cores; the paths take turns query by query.
+* ``SELECT 42`` in bursts (reported beside it): queries with no pause between them, each burst
+  as long as the warm pool is deep, so every chain query still checks out a ready sandbox but
+  runs while the engine replaces the ones used before it, as under sustained load.
 * A 10M-row two-int64 result: MB/s from the call to the whole table in client memory, the paths
   interleaved rep by rep, the pool settled before each chain rep.
 
@@ -39,6 +41,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import POLICY, SELECT_42, settle
+from bench.controlplane_process import ControlPlaneProcess
 from bench.entry import run_benchmark
 from bench.flight_paths import (
     ChainClient,
@@ -50,7 +53,7 @@ from bench.flight_paths import (
 )
 from bench.report import flight_summary, render_flight
 from bench.stats import Json, Progress
-from bench.tunnel import CONNECT_TIMEOUT_S, ControlPlaneThread
+from bench.tunnel import CONNECT_TIMEOUT_S
 from launcher.config import load_config
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.enroll import enroll
@@ -101,10 +104,8 @@ async def serve(plan: Plan, launcher_id: str, state_dir: Path, progress: Progres
     flags = {"state_dir": state_dir, "image": plan.image, "launcher_id": launcher_id}
     config = load_config(flags=flags | {"max_sandboxes": plan.warm + 2})
     data = ControlPlaneData(state_dir / "cp")
-    async with ControlPlaneThread(data, flight_listen="127.0.0.1:0") as control_plane:
-        server = control_plane.server
-        assert server.flight is not None
-        identity = await enroll(server.address, data.tokens().create(), state_dir / "w", "b")
+    async with ControlPlaneProcess(data, flight=True) as control_plane:
+        identity = await enroll(control_plane.address, data.tokens().create(), state_dir / "w", "b")
         async with LocalLauncher(config, warm_override=plan.warm, progress=progress) as lau:
             finished: list[QueryRecord] = []  # sandbox queries the tunnel ran
             runner = ExecutorQueryRunner(lau.executor, lau.policies, on_finished=finished.append)
@@ -114,7 +115,7 @@ async def serve(plan: Plan, launcher_id: str, state_dir: Path, progress: Progres
                 await asyncio.wait_for(tunnel.connected.wait(), CONNECT_TIMEOUT_S)
                 key = data.api_keys().create("analyst")
                 chain = await asyncio.to_thread(
-                    ChainClient, server.flight.location, data.ca().cert_pem(), key
+                    ChainClient, control_plane.flight_location, data.ca().cert_pem(), key
                 )
                 try:
                     return await measure(plan, lau, chain.fetch, finished, progress)
@@ -131,12 +132,14 @@ def summary(samples: Samples) -> Json:
         {name: [f.seconds for f in fetches] for name, fetches in samples.latency.items()},
         {name: [f.seconds for f in fetches] for name, fetches in samples.wide.items()},
         samples.wide["in_process"][0].bytes,
+        bursts_s={name: [f.seconds for f in fetches] for name, fetches in samples.bursts.items()},
     ) | {"sandbox_queries_per_chain_select42": samples.sandbox_queries_per_chain_query}
 
 
 @dataclass(frozen=True, slots=True)
 class Samples:
-    latency: dict[str, list[Fetch]]
+    latency: dict[str, list[Fetch]]  # each query on a settled warm pool
+    bursts: dict[str, list[Fetch]]  # pause-free bursts, the pool refilling meanwhile
     wide: dict[str, list[Fetch]]
     sandbox_queries_per_chain_query: float  # does an ADBC execute cost more than one sandbox?
 
@@ -163,15 +166,16 @@ async def measure(
             await settle(pool)
             await asyncio.to_thread(timed, fetch, SELECT_42)
         before = len(finished)
-        latency = await latency_case(plan, pool, fetchers, progress)
+        latency = await settled_case(plan, pool, fetchers, progress)
         await settle(pool)  # every chain query's record is in once its sandbox is replaced
         per_query = (len(finished) - before) / len(latency["chain"])
+        bursts = await burst_case(plan, pool, fetchers, progress)
         wide = await wide_case(plan, pool, fetchers, progress)
     finally:
         one_hop.close()
         server.close()
         local.close()
-    return Samples(latency, wide, per_query)
+    return Samples(latency, bursts, wide, per_query)
 
 
 def worker_local(launcher: LocalLauncher, loop: asyncio.AbstractEventLoop) -> Fetcher:
@@ -191,7 +195,27 @@ def burst(fetch: Fetcher, n: int) -> list[Fetch]:
     return [timed(fetch, SELECT_42) for _ in range(n)]
 
 
-async def latency_case(
+async def settled_case(
+    plan: Plan, pool: SandboxPool, fetchers: dict[str, Fetcher], progress: Progress
+) -> dict[str, list[Fetch]]:
+    samples: dict[str, list[Fetch]] = {name: [] for name in PATHS}
+    for i in range(plan.reps):
+        for name in PATHS:
+            await settle(pool)  # untimed: a ready sandbox, and no start or destroy in flight
+            samples[name].append(await asyncio.to_thread(timed, fetchers[name], SELECT_42))
+        if (i + 1) % 10 == 0 or i + 1 == plan.reps:
+            progress(f"SELECT 42 on a settled pool {i + 1}/{plan.reps}: " + _medians(samples))
+    return samples
+
+
+def _medians(samples: dict[str, list[Fetch]]) -> str:
+    return ", ".join(
+        f"{name} {sorted(f.seconds for f in fetches)[len(fetches) // 2] * 1000:.2f} ms"
+        for name, fetches in samples.items()
+    )
+
+
+async def burst_case(
     plan: Plan, pool: SandboxPool, fetchers: dict[str, Fetcher], progress: Progress
 ) -> dict[str, list[Fetch]]:
     samples: dict[str, list[Fetch]] = {name: [] for name in PATHS}
@@ -200,14 +224,7 @@ async def latency_case(
         for name in PATHS:
             await settle(pool)  # untimed: every chain query of the burst finds a warm sandbox
             samples[name] += await asyncio.to_thread(burst, fetchers[name], n)
-        medians = {
-            name: sorted(f.seconds for f in samples[name])[len(samples[name]) // 2]
-            for name in PATHS
-        }
-        progress(
-            f"SELECT 42 {len(samples['chain'])}/{plan.reps}: "
-            + ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in medians.items())
-        )
+        progress(f"SELECT 42 in bursts {len(samples['chain'])}/{plan.reps}: " + _medians(samples))
     return samples
 
 

@@ -2,8 +2,8 @@
 
 The local path is ``LocalLauncher.execute`` in this process. The tunnel path is a
 ``ControlPlaneClient`` -> the reference control plane (TLS) -> the worker's mTLS tunnel ->
-the same launcher's executor -> the same pool. The control plane runs on its own event loop in
-a thread, as it would in its own process; the worker and the client share the bench's loop.
+the same launcher's executor -> the same pool. The control plane runs in its own process
+(``controlplane_process``); the worker and the client share the bench's loop.
 
 Two cases, local and tunnel reps interleaved so both see the same background load:
 
@@ -15,21 +15,19 @@ Two cases, local and tunnel reps interleaved so both see the same background loa
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.ipc
 
 from bench.cases import POLICY, SELECT_42, settle
+from bench.controlplane_process import ControlPlaneProcess
 from bench.stats import Json, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.server import ControlPlaneServer
 from launcher.enroll import enroll
 from launcher.executor import collect_table
 from launcher.local import LocalLauncher
@@ -42,36 +40,6 @@ from launcher.tunnel_queries import ExecutorQueryRunner
 WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
 CONNECT_TIMEOUT_S = 30.0
-T = TypeVar("T")
-
-
-class ControlPlaneThread:
-    """The reference control plane on its own event loop thread, on loopback ports (with the
-    Flight SQL endpoint too when ``flight_listen`` is given, for ``bench_flight.py``)."""
-
-    def __init__(self, data: ControlPlaneData, *, flight_listen: str | None = None) -> None:
-        self.data = data
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.server = ControlPlaneServer(
-            data, "127.0.0.1:0", tunnel_listen="127.0.0.1:0", flight_listen=flight_listen
-        )
-
-    async def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
-
-    async def __aenter__(self) -> ControlPlaneThread:
-        self._thread.start()
-        await self._on_loop(self.server.start())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            await self._on_loop(self.server.stop(0))
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            await asyncio.to_thread(self._thread.join, 30)
-            self._loop.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +74,8 @@ async def tunnel_cases(
     progress: Progress,
 ) -> Json:
     """Both cases through one control plane, one enrolled worker and one warm pool."""
-    async with ControlPlaneThread(ControlPlaneData(work_dir / "cp")) as control_plane:
-        address, data = control_plane.server.address, control_plane.data
+    async with ControlPlaneProcess(ControlPlaneData(work_dir / "cp")) as control_plane:
+        address, data = control_plane.address, control_plane.data
         identity = await enroll(address, data.tokens().create(), work_dir / "worker", "bench")
         async with LocalLauncher(
             config, policies=policies, warm_override=2, progress=progress

@@ -8,19 +8,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import signal
 import sys
 import time
 from pathlib import Path
 
+from .catalog import load_catalog
 from .controlplane.audit import DEFAULT_LIMIT as DEFAULT_AUDIT_LIMIT
 from .controlplane.audit import AuditLog, format_records
 from .controlplane.catalogs import apply_catalog, read_catalog
 from .controlplane.datadir import ControlPlaneData
+from .controlplane.policies import (
+    apply_policies,
+    policy_files,
+    read_policies,
+    remove_policy,
+    stored_policy_names,
+)
 from .controlplane.registry import Worker, WorkerRegistry
 from .controlplane.server import ControlPlaneServer
 from .errors import DuckcellError
+from .flight import ControlPlaneWithFlight, FlightListen
 from .policy_yaml import parse_duration
 
 
@@ -62,6 +72,18 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     serve.add_argument(
         "--catalog", type=Path, help="catalog YAML to apply at start (see `controlplane catalog`)"
     )
+    serve.add_argument(
+        "--policies",
+        type=Path,
+        metavar="DIR",
+        help="policy YAML directory to apply at start (see `controlplane policy`)",
+    )
+    serve.add_argument(
+        "--audit-retention-days",
+        type=_positive_days,
+        metavar="DAYS",
+        help="delete audit records older than DAYS, at start and hourly (default: keep all)",
+    )
     catalog = control_commands.add_parser(
         "catalog", help="the catalog workers get: tables, connections, roles"
     )
@@ -73,6 +95,7 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     apply.add_argument("file", type=Path, help="catalog YAML file")
     show = catalog_commands.add_parser("show", help="print the current catalog (JSON)")
     show.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_policy_parser(control_commands)
     workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
     workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
     worker_admin = control_commands.add_parser("worker", help="manage one worker")
@@ -88,21 +111,78 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
         "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
     )
     audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    audit.add_argument(
+        "--prune-older-than",
+        type=_positive_days,
+        metavar="DAYS",
+        help="instead of listing, delete the records of queries started more than DAYS ago",
+    )
+
+
+def _add_policy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy = commands.add_parser(
+        "policy", help="policies pushed to workers (none: workers use their own policies/)"
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    apply = policy_commands.add_parser(
+        "apply", help="check policy YAML files and add them, or none (running servers push them)"
+    )
+    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    apply.add_argument("files", type=Path, nargs="+", metavar="FILE", help="policy YAML file")
+    listing = policy_commands.add_parser("list", help="list the control plane's policies")
+    listing.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    show = policy_commands.add_parser("show", help="print one policy's YAML")
+    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    show.add_argument("name", metavar="NAME")
+    remove = policy_commands.add_parser("remove", help="take a policy out (workers are told)")
+    remove.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    remove.add_argument("name", metavar="NAME")
+
+
+def _run_policy_command(args: argparse.Namespace, data: ControlPlaneData) -> int:
+    if args.policy_command == "apply":
+        documents, applied = apply_policies(data.root, args.files)
+        names = ", ".join(policy.name for policy in applied)
+        print(f"policies revision {documents.revision} applied: {names}", file=sys.stderr)
+    elif args.policy_command == "remove":
+        documents = remove_policy(data.root, args.name)
+        print(f"policy {args.name} removed; revision {documents.revision or '-'}", file=sys.stderr)
+    elif args.policy_command == "show":
+        texts = read_policies(data.root).texts
+        if args.name not in texts:
+            raise DuckcellError(f"no control-plane policy {args.name!r}")
+        sys.stdout.write(texts[args.name])
+    else:
+        documents = read_policies(data.root)
+        for name, text in documents.texts.items():
+            print(f"{name}  sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}")
+        print(f"revision {documents.revision or '- (workers use their own)'}", file=sys.stderr)
+    return 0
 
 
 async def _serve(args: argparse.Namespace) -> int:
     data = ControlPlaneData(args.data)
+    if args.policies is not None:
+        catalog = load_catalog(args.catalog) if args.catalog is not None else None
+        apply_policies(data.root, policy_files(args.policies), catalog=catalog, replace=True)
     if args.catalog is not None:
-        apply_catalog(data.root, args.catalog)
+        apply_catalog(data.root, args.catalog, policies=lambda: stored_policy_names(data.root))
+    # Checked before anything listens: plaintext Flight SQL is refused off loopback.
+    flight_listen = (
+        FlightListen.parse(args.flight_listen, plaintext=args.flight_plaintext)
+        if args.flight_listen
+        else None
+    )
+    retention = args.audit_retention_days
     server = ControlPlaneServer(
         data,
         args.listen,
         args.host,
         tunnel_listen=args.tunnel_listen,
-        flight_listen=args.flight_listen,
-        flight_plaintext=args.flight_plaintext,
+        audit_retention_s=retention * DAY_S if retention is not None else None,
     )
-    await server.start()
+    served = ControlPlaneWithFlight(server, flight_listen)
+    await served.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -110,7 +190,7 @@ async def _serve(args: argparse.Namespace) -> int:
     print(
         f"duckcell: control plane listening on {server.address}, tunnel on "
         f"{server.tunnel_address}"
-        f"{f', Flight SQL on {server.flight.location}' if server.flight else ''}"
+        f"{f', Flight SQL on {served.flight.location}' if served.flight else ''}"
         f" (CA {server.fingerprint()})",
         file=sys.stderr,
         flush=True,
@@ -118,7 +198,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stopping.wait()
     finally:
-        await server.stop()
+        await served.stop()
     return 0
 
 
@@ -137,11 +217,19 @@ def run_controlplane_command(args: argparse.Namespace) -> int:
         if args.catalog_command == "show":
             print(read_catalog(data.root).catalog.to_json())
             return 0
-        version = apply_catalog(data.root, args.file)
+        version = apply_catalog(
+            data.root, args.file, policies=lambda: stored_policy_names(data.root)
+        )
         tables = len(version.catalog.tables)
         print(f"catalog revision {version.revision} applied: {tables} table(s)", file=sys.stderr)
         return 0
+    if args.controlplane_command == "policy":
+        return _run_policy_command(args, data)
     if args.controlplane_command == "audit":
+        if args.prune_older_than is not None:
+            pruned = AuditLog(data.database()).prune(time.time() - args.prune_older_than * DAY_S)
+            print(f"deleted {pruned} audit record(s) older than {args.prune_older_than:g} days")
+            return 0
         records = AuditLog(data.database()).recent(args.limit)
         if args.json:
             print(json.dumps([record.as_dict() for record in records], indent=2))
@@ -178,3 +266,17 @@ def _print_workers(workers: list[Worker], now: float) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+DAY_S = 86_400.0
+
+
+def _positive_days(text: str) -> float:
+    """An argparse type: a positive number of days (fractions allowed)."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not days > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of days")
+    return days

@@ -158,6 +158,16 @@ class WorkerShutdownError(QueryError):
     reason = "worker_shutdown"
 
 
+class WorkerDrainingError(WorkerShutdownError):
+    """The worker was draining and refused the query before running anything of it.
+
+    The control plane runs such a query on another worker when there is one; a client sees
+    this only when there was none (it is a ``WorkerShutdownError``: run it again later).
+    """
+
+    reason = "worker_draining"
+
+
 class QueryDeniedError(QueryError):
     """Refused before anything ran: a denied statement, table or write destination."""
 
@@ -237,6 +247,7 @@ _QUERY_ERRORS: dict[str, type[QueryError]] = {
         ResultLimitError,
         QueryCancelledError,
         WorkerShutdownError,
+        WorkerDrainingError,
         QueryDeniedError,
         SandboxLostError,
     )

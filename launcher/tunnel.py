@@ -45,7 +45,8 @@ from launcher.catalog import Catalog
 from launcher.controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
 from launcher.dialing import Backoff, Keepalive, ProxyConfig
 from launcher.enroll import Identity
-from launcher.errors import CatalogError, TunnelRefusedError
+from launcher.errors import CatalogError, PolicyError, TunnelRefusedError
+from launcher.policy import Policy, load_pushed_policies
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 from launcher.tunnel_queries import AuditSink, NoQueryRunner, QueryRunner, QueryTasks
@@ -70,6 +71,9 @@ class TunnelClient:
     module docstring); without one, gRPC's own reading of the environment applies.
     ``keepalive`` defaults to pings every 10 s answered within 10 s. ``on_catalog`` gets
     each catalog the control plane pushes (right after the Welcome, then on every change).
+    ``on_policies`` gets the control plane's policies, validated, whenever their revision
+    changes (an empty list when it has none: the worker's own policies apply); when any pushed
+    policy is invalid none is taken and the error is logged.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class TunnelClient:
         proxy: ProxyConfig | None = None,
         keepalive: Keepalive | None = None,
         on_catalog: Callable[[Catalog], object] | None = None,
+        on_policies: Callable[[list[Policy]], object] | None = None,
         sessions: SessionHost | None = None,
     ) -> None:
         self._identity = identity
@@ -97,6 +102,8 @@ class TunnelClient:
         self._session_host: SessionHost = sessions
         self._on_catalog = on_catalog or (lambda catalog: None)
         self.catalog_revision = ""
+        self._on_policies = on_policies or (lambda policies: None)
+        self.policies_revision = ""  # "" until the control plane pushes policies of its own
         self._runner: QueryRunner = runner or NoQueryRunner()
         self._audit = audit
         self._drain_grace_s = drain_grace_s
@@ -187,7 +194,9 @@ class TunnelClient:
                 )
                 send = _Sender(call)
                 sessions = WorkerSessions(self._session_host, send)
-                queries = QueryTasks(self._runner, stub, audit=self._audit, sessions=sessions)
+                queries = QueryTasks(
+                    self._runner, stub, audit=self._audit, sessions=sessions, send=send
+                )
                 await self._serve(call, send, queries, sessions, welcome)
             finally:
                 self.connected.clear()
@@ -272,8 +281,11 @@ class TunnelClient:
         draining = pb.Draining(
             grace_ms=round(self._drain_grace_s * 1000), running_queries=len(queries)
         )
-        await send(pb.WorkerMessage(draining=draining))
         worker = self._identity.worker_id
+        # Refuse first: a RunQuery read while Draining is being written must not run. Its
+        # refusal goes up the stream after Draining, so the control plane moves it elsewhere.
+        queries.refuse_new(worker)
+        await send(pb.WorkerMessage(draining=draining))
         drained = asyncio.create_task(queries.drain(self._drain_grace_s, worker))
         try:
             await asyncio.wait({drained, *enders}, return_when=asyncio.FIRST_COMPLETED)
@@ -309,7 +321,9 @@ class TunnelClient:
                 self._apply_config(message.config)
 
     def _apply_config(self, push: pb.ConfigPush) -> None:
-        """Take a pushed catalog; a bad one is logged and the one in force stays."""
+        """Take a pushed catalog and policies; each bad part is logged and the one in force
+        stays."""
+        self._apply_policies(push)
         try:
             catalog = Catalog.from_json(push.catalog_json)
         except CatalogError as error:
@@ -318,6 +332,27 @@ class TunnelClient:
         log.info("catalog revision %s: %d table(s)", push.revision, len(catalog.tables))
         self.catalog_revision = push.revision
         self._on_catalog(catalog)
+
+    def _apply_policies(self, push: pb.ConfigPush) -> None:
+        """Policies before the catalog: a new role may name a policy that comes with it."""
+        if push.policies_revision == self.policies_revision:
+            return  # a catalog-only change, or a repeat after a reconnect
+        try:
+            policies = load_pushed_policies((doc.name, doc.yaml) for doc in push.policies)
+            self._on_policies(policies)  # may refuse them too (``PolicyError``)
+        except PolicyError as error:
+            log.error(
+                "policies revision %s refused, keeping the policies in force: %s",
+                push.policies_revision,
+                error,
+            )
+            return
+        log.info(
+            "policies revision %s: %s",
+            push.policies_revision or "(none: this worker's own)",
+            ", ".join(policy.name for policy in policies) or "-",
+        )
+        self.policies_revision = push.policies_revision  # only once it took effect
 
     async def _read(self, call: aio.StreamStreamCall) -> pb.ControlMessage | None:
         """The next message, or None at a clean end; a refusal raises ``TunnelRefusedError``."""

@@ -1,16 +1,18 @@
 """The worker's query side of the tunnel: run what ``RunQuery`` asks and push the results.
 
-``TunnelClient`` hands every ``RunQuery`` to ``QueryTasks``, which runs it as its own task: the
-task opens ``Tunnel.PushResults`` on the tunnel's channel, sends the query id, forwards the
-runner's Arrow IPC bytes untouched (never decoded) and ends with one ``Outcome``. Each query has
-its own client-streaming call, so gRPC flow control holds back only that query when its client
-reads slowly; the tunnel stream and other queries go on. ``Cancel`` (the client went away) and
+``TunnelClient`` hands every ``RunQuery`` to ``QueryTasks``, which runs it as its own task and
+gives the runner's Arrow IPC bytes, untouched (never decoded), to a ``ResultSink``
+(``launcher.tunnel_results``). A small result goes back as one message on the tunnel stream; a
+larger one gets its own ``Tunnel.PushResults`` call (query id, the IPC pieces, one ``Outcome``),
+so gRPC flow control holds back only that query when its client reads slowly; the tunnel
+stream and other queries go on. ``Cancel`` (the client went away) and
 the end of the tunnel stream cancel the tasks; cancelling a query releases its sandbox.
 
 ``drain`` is the worker's shutdown: new queries are answered at once with the reason
-"worker_shutdown" (a RunQuery may cross the worker's Draining message on the wire), running
-ones get a grace period, then the runner cancels the rest and they too end with
-"worker_shutdown", so their clients know the query can simply be retried.
+"worker_draining" (a RunQuery may cross the worker's Draining message on the wire; the control
+plane then runs it on another worker), running ones get a grace period, then the runner
+cancels the rest and they end with "worker_shutdown", so their clients know the query can
+simply be retried.
 
 Every query the control plane sends gets one line in the worker's audit log (``launcher.audit``)
 when its task ends, whether it succeeded, failed, was cancelled or was stopped by a drain.
@@ -39,12 +41,14 @@ from .errors import (
     PoolError,
     QueryError,
     SessionError,
+    WorkerDrainingError,
     WorkerShutdownError,
 )
 from .executor import Executor, QueryRecord
 from .policy import PolicySet
 from .protocol import controlplane_pb2 as pb
 from .protocol import controlplane_pb2_grpc as pb_grpc
+from .tunnel_results import ResultSink, Send
 from .tunnel_sessions import WorkerSessions
 
 log = logging.getLogger(__name__)
@@ -197,7 +201,7 @@ class NoQueryRunner:
 
 
 class QueryTasks:
-    """The queries one tunnel stream is running, each pushing on its own PushResults call."""
+    """The queries one tunnel stream is running, each delivering through its ``ResultSink``."""
 
     def __init__(
         self,
@@ -206,8 +210,10 @@ class QueryTasks:
         *,
         audit: AuditSink | None = None,
         sessions: WorkerSessions | None = None,
+        send: Send | None = None,
     ) -> None:
         self._runner = runner
+        self._send = send  # the tunnel stream, for results small enough to ride inline
         self._sessions = sessions  # maps a RunQuery's session id to the local session
         self._stub = stub
         self._audit: AuditSink = audit or NoAuditLog()
@@ -233,13 +239,19 @@ class QueryTasks:
         await self._runner.cancel(query_id)
         task.cancel()
 
+    def refuse_new(self, worker: str) -> None:
+        """From now on answer every new query with ``WorkerDrainingError`` (call it before the
+        worker says Draining: a RunQuery read in between must not run)."""
+        self._refusal = f"worker {worker} is shutting down and took no new query: run it again"
+
     async def drain(self, grace_s: float, worker: str) -> None:
         """Take no new query, give the running ones ``grace_s`` to finish, stop the rest.
 
-        Returns once every query has ended and pushed its outcome. New and stopped queries end
-        with ``WorkerShutdownError``'s reason, whose message says the query can be retried.
+        Returns once every query has ended and pushed its outcome. New queries end with
+        ``WorkerDrainingError``'s reason, stopped ones with ``WorkerShutdownError``'s; both
+        messages say the query can be retried.
         """
-        self._refusal = f"worker {worker} is shutting down and took no new query: run it again"
+        self.refuse_new(worker)
         running = list(self._tasks.values())
         if running:
             await asyncio.wait(running, timeout=grace_s)
@@ -271,18 +283,16 @@ class QueryTasks:
         started = time.time()
         progress = _Progress()
         outcome: pb.Outcome | None = None
-        call = self._stub.PushResults()
+        sink = ResultSink(query_id, self._stub, self._send)
         try:
-            await call.write(pb.ResultChunk(query_id=query_id))
-            outcome = await self._forward(call, request, progress)
-            await call.write(pb.ResultChunk(outcome=outcome))
-            await call.done_writing()
-            await call
+            outcome = await self._forward(sink, request, progress)
+            if not await sink.finish(outcome):
+                log.info("results of query %s not delivered: the tunnel stream ended", query_id)
         except (aio.AioRpcError, asyncio.InvalidStateError) as error:
             # The control plane stopped waiting (client gone, tunnel down): nothing to deliver.
             log.info("results of query %s not delivered: %s", query_id, error)
         finally:
-            call.cancel()
+            sink.close()
             self._tasks.pop(query_id, None)
             if outcome is None:  # cancelled, or the control plane hung up mid-result
                 outcome = self._interrupted(query_id, progress)
@@ -290,13 +300,13 @@ class QueryTasks:
             self._audit.write(_audit_record(request, started, outcome, progress))
 
     async def _forward(
-        self, call: aio.StreamUnaryCall, request: pb.RunQuery, progress: _Progress
+        self, sink: ResultSink, request: pb.RunQuery, progress: _Progress
     ) -> pb.Outcome:
-        """Run the query, write its chunks to ``call``, and say how it ended."""
+        """Run the query, hand its chunks to ``sink``, and say how it ended."""
         query_id = request.query_id
         try:
             if self._refusal is not None:
-                raise WorkerShutdownError(self._refusal)
+                raise WorkerDrainingError(self._refusal)
             bound = {"parameters": request.parameters} if request.parameters else {}
             runner = self._runner.run(
                 query_id, request.sql, request.policy, **self._in(request), **bound
@@ -304,7 +314,7 @@ class QueryTasks:
             async with contextlib.aclosing(runner) as chunks:
                 async for chunk in chunks:
                     progress.bytes += len(chunk)
-                    await call.write(pb.ResultChunk(ipc=chunk))
+                    await sink.add(chunk)
             outcome = pb.Outcome(ok=True)
         except DuckcellError as error:
             failure = error

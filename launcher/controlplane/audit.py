@@ -16,6 +16,7 @@ like every other database write (see ``server``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import sqlite3
@@ -66,6 +67,7 @@ _COLUMNS = (
     "query_id, caller, sql, worker_id, policy, started_at, finished_at, queued_s, run_s, rows, "
     "bytes, outcome, reason, message, sandbox, sql_sha256"
 )
+_FIELDS = tuple(name.strip() for name in _COLUMNS.split(","))
 
 
 class AuditSink(Protocol):
@@ -88,13 +90,25 @@ class AuditLog:
         self._conn = conn
 
     def write(self, record: AuditRecord) -> None:
-        values = tuple(record.as_dict()[name.strip()] for name in _COLUMNS.split(","))
+        values = tuple(getattr(record, name) for name in _FIELDS)
         marks = ", ".join("?" * len(values))
         try:
             with self._conn:
                 self._conn.execute(f"INSERT INTO query_audit ({_COLUMNS}) VALUES ({marks})", values)
         except sqlite3.Error as exc:
             log.error("audit record of query %s not written: %s", record.query_id, exc)
+
+    def prune(self, before: float) -> int:
+        """Delete the records of queries started before ``before`` (epoch seconds); returns
+        how many went. Raises ``ControlPlaneError`` when the database refuses."""
+        try:
+            with self._conn:
+                cursor = self._conn.execute(
+                    "DELETE FROM query_audit WHERE started_at < ?", (before,)
+                )
+        except sqlite3.Error as exc:
+            raise ControlPlaneError(f"pruning the audit log failed: {exc}") from None
+        return cursor.rowcount
 
     def recent(self, limit: int = DEFAULT_LIMIT) -> list[AuditRecord]:
         """The ``limit`` most recently started queries, newest first."""
@@ -106,6 +120,29 @@ class AuditLog:
         except sqlite3.Error as exc:
             raise ControlPlaneError(f"reading the audit log failed: {exc}") from None
         return [AuditRecord(*row) for row in rows]
+
+
+PRUNE_INTERVAL_S = 3600.0
+
+
+async def prune_forever(
+    audit: AuditLog,
+    keep_s: float,
+    *,
+    clock: Clock = time.time,
+    interval_s: float = PRUNE_INTERVAL_S,
+) -> None:
+    """Delete records older than ``keep_s`` now and every ``interval_s`` (a server's task);
+    a failed pass is logged and the next one tries again."""
+    while True:
+        try:
+            pruned = audit.prune(before=clock() - keep_s)
+        except ControlPlaneError as error:
+            log.error("%s", error)
+        else:
+            if pruned:
+                log.info("audit retention: deleted %d record(s) older than %g s", pruned, keep_s)
+        await asyncio.sleep(interval_s)
 
 
 class QueryTrail:

@@ -15,7 +15,9 @@ Hand-offs, all on the control plane's event loop:
 - the worker's tunnel ends (``worker_gone``) or its PushResults call ends without an outcome:
   the query's queue is emptied and given a failure, so the client gets an error, not a hang;
 - the worker says it is draining (``worker_draining``): it is no longer picked; its running
-  queries go on, and any that its drain stops end with the reason "worker_shutdown".
+  queries go on, and any that its drain stops end with the reason "worker_shutdown". A query
+  that crossed the Draining message on the wire is refused by the worker before it runs
+  ("worker_draining"): ``run`` sends it to another worker, up to ``MAX_MOVES`` times.
 
 Sessions (``open_session``, ``run(..., session_id=)``, ``close_session``): a session lives in
 one sandbox on one worker, so its queries go down that worker's stream and nowhere else
@@ -36,70 +38,35 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from launcher.catalog import Catalog
-from launcher.errors import (
-    DuckcellError,
-    QueryDeniedError,
-    QueryError,
-    SessionError,
-    WorkerUnavailableError,
-    query_error,
-)
+from launcher.errors import DuckcellError, QueryDeniedError, SessionError
 from launcher.protocol import controlplane_pb2 as pb
 
 from .access import authorize
 from .audit import AuditSink, Clock, NoAudit, QueryTrail
 from .placement import Candidate, choose_worker, pin_for
+from .relay import (
+    End,
+    Outbox,
+    Pending,
+    QueryDone,
+    UnknownQueryError,
+    disconnected,
+    drain,
+    end_trail,
+    outcome_end,
+    reason_of,
+    refused_by_drain,
+)
 from .sessions import RoutedSession, SessionTable, session_policy
 
 log = logging.getLogger(__name__)
 
-# Chunks waiting between a worker's PushResults call and the client, per query.
-RELAY_DEPTH = 8
+__all__ = ["MAX_MOVES", "Outbox", "QueryDone", "QueryRouter", "UnknownQueryError"]
 
-Outbox = asyncio.Queue[pb.ControlMessage]
-
-
-@dataclass(frozen=True, slots=True)
-class QueryDone:
-    """The last item of a successful query's stream."""
-
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    error: DuckcellError | None
-    outcome: pb.Outcome | None = None  # the worker's, when it sent one
-
-    @property
-    def rows(self) -> int:
-        return self.outcome.rows if self.outcome is not None else 0
-
-
-@dataclass(slots=True)
-class _Pending:
-    worker_id: str
-    outbox: Outbox  # the stream the RunQuery went down; its end fails the query
-    session_id: str = ""  # the session it runs in, if any
-    relay: asyncio.Queue[bytes | _End] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=RELAY_DEPTH)
-    )
-    claimed: bool = False  # a PushResults call is delivering this query
-    delivered: bool = False  # its outcome is in the relay: the worker may now leave
-    closed: bool = False  # nobody reads the relay any more
-
-    def fail(self, error: DuckcellError) -> None:
-        """End the client's stream with ``error`` now, whatever is still queued."""
-        _drain(self.relay)
-        self.relay.put_nowait(_End(error))
-
-
-class UnknownQueryError(DuckcellError):
-    """A PushResults call for a query nobody waits for (finished, cancelled, or not this
-    worker's)."""
+# How many times one query may be moved on after draining workers refused it.
+MAX_MOVES = 3
 
 
 class QueryRouter:
@@ -116,7 +83,7 @@ class QueryRouter:
         self._names: dict[str, str] = {}
         self._catalog = catalog
         self._draining: set[str] = set()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._sessions = SessionTable()
         self._turn = itertools.count()
         self._audit: AuditSink = audit or NoAudit()
@@ -150,7 +117,7 @@ class QueryRouter:
             # right after its last PushResults call, maybe before a slow client read the end.
             if pending.outbox is outbox and not pending.closed and not pending.delivered:
                 log.info("query %s lost its worker %s", query_id, worker_id)
-                pending.fail(_disconnected(worker_id))
+                pending.fail(disconnected(worker_id))
 
     async def accept(
         self, worker_id: str, query_id: str, chunks: AsyncIterable[pb.ResultChunk]
@@ -172,7 +139,22 @@ class QueryRouter:
                 await pending.relay.put(chunk.ipc)
         finally:
             if not finished and not pending.closed:
-                pending.fail(_disconnected(worker_id))
+                pending.fail(disconnected(worker_id))
+
+    def deliver(self, worker_id: str, result: pb.QueryResult) -> None:
+        """A whole result the worker sent inline on its stream (``launcher.tunnel_results``).
+
+        The relay of a waiting query is empty and has room for both items, so this never
+        blocks the stream's reader. A result nobody waits for any more is dropped.
+        """
+        pending = self._pending.get(result.query_id)
+        if pending is None or pending.worker_id != worker_id or pending.claimed or pending.closed:
+            log.info("dropping the result of query %s: nobody waits for it", result.query_id)
+            return
+        pending.claimed = pending.delivered = True
+        if result.ipc:
+            pending.relay.put_nowait(result.ipc)
+        pending.relay.put_nowait(self._end_of(pending, result.outcome))
 
     def session_opened(self, worker_id: str, outbox: Outbox, answer: pb.SessionOpened) -> None:
         """The worker's answer to a ``SessionOpen`` sent down ``outbox``."""
@@ -183,16 +165,16 @@ class QueryRouter:
         if self._sessions.forget(ended.session_id, ended.reason, outbox=outbox) is not None:
             log.info("session %s ended on worker %s: %s", ended.session_id, worker_id, ended.reason)
 
-    def _end_of(self, pending: _Pending, outcome: pb.Outcome) -> _End:
+    def _end_of(self, pending: Pending, outcome: pb.Outcome) -> End:
         """A query's end; the worker's "session" reason means its session is over there."""
         if outcome.ok or outcome.reason != "session" or not pending.session_id:
-            return _outcome(outcome)
+            return outcome_end(outcome)
         self._sessions.forget(pending.session_id, "is no longer open on its worker")
         error = SessionError(
             f"session {pending.session_id} has ended on worker {pending.worker_id} "
             f"({outcome.message}): open a new session"
         )
-        return _End(error, outcome)
+        return End(error, outcome)
 
     def broadcast(self, message: pb.ControlMessage) -> None:
         """Send ``message`` down every connected worker's stream (a catalog push)."""
@@ -264,6 +246,7 @@ class QueryRouter:
         Close the generator (``contextlib.aclosing``) so an early exit cancels the query.
         """
         query_id = uuid.uuid4().hex
+        requested = policy
         trail = QueryTrail(
             self._audit, query_id=query_id, caller=caller, sql=sql, policy=policy, clock=self._clock
         )
@@ -274,12 +257,13 @@ class QueryRouter:
                 worker_id, policy = self._place(sql, policy, role)
                 outbox = self._outboxes[worker_id]
         except DuckcellError as error:
-            trail.end("error", _reason_of(error), str(error), policy=policy)
+            trail.end("error", reason_of(error), str(error), policy=policy)
             raise
         trail.worker_id = worker_id
-        pending = _Pending(worker_id, outbox, session_id)
+        pending = Pending(worker_id, outbox, session_id)
         self._pending[query_id] = pending
         done = False
+        moves = 0
         try:
             message = pb.RunQuery(
                 query_id=query_id,
@@ -295,8 +279,16 @@ class QueryRouter:
                     trail.bytes += len(item)
                     yield item
                     continue
+                if refused_by_drain(item) and not session_id and moves < MAX_MOVES:
+                    moved = self._move(query_id, pending, sql, requested, role)
+                    if moved is not None:  # else the client gets the drain's refusal
+                        moves += 1
+                        pending, message.policy = moved
+                        worker_id = trail.worker_id = pending.worker_id
+                        pending.outbox.put_nowait(pb.ControlMessage(run_query=message))
+                        continue
                 done = True
-                _end_trail(trail, item)  # before the client sees the end
+                end_trail(trail, item)  # before the client sees the end
                 if item.error is not None:
                     raise item.error
                 yield QueryDone(item.rows)
@@ -304,12 +296,37 @@ class QueryRouter:
         finally:
             trail.end("cancelled", "client_gone", "the client left before the query ended")
             pending.closed = True
-            _drain(pending.relay)  # wakes an accept() waiting for room
+            drain(pending.relay)  # wakes an accept() waiting for room
             del self._pending[query_id]
             if not done and self._outboxes.get(worker_id) is pending.outbox:
                 log.info("query %s abandoned by its client: cancelling it", query_id)
                 cancel = pb.Cancel(query_id=query_id)
                 pending.outbox.put_nowait(pb.ControlMessage(cancel=cancel))
+
+    def _move(
+        self, query_id: str, refused: Pending, sql: str, policy: str, role: str | None
+    ) -> tuple[Pending, str] | None:
+        """A new worker (and the policy there) for a query a draining worker refused before
+        running it; ``None`` when no other worker may take it (pins, or none online).
+
+        The draining worker is no longer among the candidates: its Draining message came
+        down the same stream before its refusal.
+        """
+        try:
+            worker_id, policy = self._place(sql, policy, role)
+        except DuckcellError as error:
+            log.info("query %s refused by draining %s: %s", query_id, refused.worker_id, error)
+            return None
+        refused.closed = True
+        pending = Pending(worker_id, self._outboxes[worker_id])
+        self._pending[query_id] = pending
+        log.info(
+            "query %s refused by draining worker %s: running it on %s",
+            query_id,
+            refused.worker_id,
+            worker_id,
+        )
+        return pending, policy
 
     async def open_session(self, policy: str = "", *, owner: str, role: str | None = None) -> str:
         """Open a session on an online worker for ``owner``; returns its id.
@@ -359,48 +376,3 @@ class QueryRouter:
         """Send ``close`` to the session's worker, if the stream it lives on is still up."""
         if self._outboxes.get(session.worker_id) is session.outbox:
             session.outbox.put_nowait(pb.ControlMessage(session_close=close))
-
-
-def _outcome(outcome: pb.Outcome) -> _End:
-    if outcome.ok:
-        return _End(None, outcome)
-    return _End(query_error(outcome.reason, outcome.message), outcome)
-
-
-def _end_trail(trail: QueryTrail, end: _End) -> None:
-    """Write the audit record of a query whose end arrived (an outcome, or the worker lost)."""
-    if end.error is None:
-        outcome, reason = "ok", ""
-    elif isinstance(end.error, QueryError | SessionError):
-        outcome, reason = "error", _reason_of(end.error)
-    else:
-        outcome, reason = "error", "worker_lost"
-    worker = end.outcome
-    trail.end(
-        outcome,
-        reason,
-        "" if end.error is None else str(end.error),
-        rows=end.rows,
-        queued_s=worker.queued_s if worker is not None else None,
-        run_s=worker.run_s if worker is not None else None,
-        sandbox=worker.sandbox if worker is not None else "",
-        policy=worker.policy if worker is not None else "",
-    )
-
-
-def _reason_of(error: DuckcellError) -> str:
-    """The audit log's reason for a query that failed before or without an outcome."""
-    if isinstance(error, QueryError):
-        return error.reason
-    if isinstance(error, SessionError):
-        return "session"
-    return "no_worker"
-
-
-def _disconnected(worker_id: str) -> WorkerUnavailableError:
-    return WorkerUnavailableError(f"worker {worker_id} disconnected during the query: run it again")
-
-
-def _drain(queue: asyncio.Queue[bytes | _End]) -> None:
-    while not queue.empty():
-        queue.get_nowait()

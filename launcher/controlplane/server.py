@@ -39,15 +39,15 @@ from grpc import aio
 
 from launcher import __version__
 from launcher.errors import CertificateError, ControlPlaneError, EnrollmentError
-from launcher.flight import FlightListen, FlightSqlServer
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
-from .apikeys import ApiKey, ApiKeys
-from .audit import AuditLog
+from .apikeys import ApiKeys
+from .audit import AuditLog, prune_forever
 from .ca import CertificateAuthority
 from .catalogs import CatalogVersion, CatalogWatcher
 from .datadir import ControlPlaneData
+from .policies import PolicyDocuments, PolicyWatcher
 from .query import QueryService
 from .registry import Worker, WorkerRegistry, new_worker_id
 from .routing import QueryRouter
@@ -140,16 +140,13 @@ class ControlPlaneServer:
         tunnel_listen: str | None = None,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         clock: Clock = time.time,
-        flight_listen: str | None = None,
-        flight_plaintext: bool = False,
         observe: Callable[[Message], object] = lambda message: None,
+        audit_retention_s: float | None = None,
     ) -> None:
         self._observe = observe  # sees every message workers send (see TunnelService)
-        # Checked before anything listens: plaintext Flight is refused off loopback.
-        self._flight_listen = (
-            FlightListen.parse(flight_listen, plaintext=flight_plaintext) if flight_listen else None
-        )
-        self.flight: FlightSqlServer | None = None
+        # None keeps every audit record; else older ones are deleted at start and hourly.
+        self._audit_retention_s = audit_retention_s
+        self._prune_task: asyncio.Task[None] | None = None
         self._data = data
         self._listen = listen
         self._host, port = split_address(listen)
@@ -161,7 +158,11 @@ class ControlPlaneServer:
         self._server: aio.Server | None = None
         self._catalog_task: asyncio.Task[None] | None = None
         self.catalog = CatalogWatcher(data.root, self._push_catalog)
+        self._policies_task: asyncio.Task[None] | None = None
+        self.policies = PolicyWatcher(data.root, self._push_policies)
         self.router: QueryRouter | None = None
+        # API keys over this server's database, for the surfaces clients call (Flight SQL).
+        self.api_keys: ApiKeys | None = None
         self._conn: sqlite3.Connection | None = None
         self._tunnel: TunnelService | None = None
         self._registry: WorkerRegistry | None = None
@@ -180,6 +181,15 @@ class ControlPlaneServer:
 
     def fingerprint(self) -> str:
         return self._data.ca().fingerprint()
+
+    def ca(self) -> CertificateAuthority:
+        """The CA whose certificates this server presents (a Flight SQL endpoint's too)."""
+        return self._data.ca()
+
+    @property
+    def hosts(self) -> list[str]:
+        """The names and addresses this server's TLS certificates are valid for."""
+        return list(self._hosts)
 
     async def start(self) -> None:
         ca = self._data.ca()
@@ -207,35 +217,42 @@ class ControlPlaneServer:
             self._registry,
             router,
             heartbeat_interval_s=self._heartbeat_interval_s,
-            config=lambda: config_push(self.catalog.current),
+            config=lambda: config_push(self.catalog.current, self.policies.current),
             observe=self._observe,
         )
         pb_grpc.add_TunnelServicer_to_server(self._tunnel, server)
         # Served on both ports like the others; clients use the enrollment port (server TLS).
-        pb_grpc.add_QueryServicer_to_server(QueryService(ApiKeys(self._conn), router), server)
+        self.api_keys = ApiKeys(self._conn)
+        pb_grpc.add_QueryServicer_to_server(QueryService(self.api_keys, router), server)
         await server.start()
         self._server = server
         self._catalog_task = asyncio.create_task(self.catalog.run())
-        if self._flight_listen is not None:
-            api_keys = ApiKeys(self._conn)
-
-            async def verify_key(key: str) -> ApiKey:  # on this loop, which owns the database
-                return api_keys.verify(key)
-
-            self.flight = FlightSqlServer(
-                self._flight_listen,
-                router,
-                verify_key,
-                ca=ca,
-                hosts=self._hosts,
-                catalog=lambda: self.catalog.current.catalog,
-            )
-            await self.flight.start()
+        self._policies_task = asyncio.create_task(self.policies.run())
+        if self._audit_retention_s is not None:
+            audit = AuditLog(self._conn)
+            pruning = prune_forever(audit, self._audit_retention_s, clock=self._clock)
+            self._prune_task = asyncio.create_task(pruning)
 
     def _push_catalog(self, version: CatalogVersion) -> None:
-        """A new catalog revision was applied: every connected worker gets it now."""
+        """A new catalog revision was applied: every connected worker gets it now.
+
+        The policies are looked at first: a role in the new catalog may name a policy applied
+        just before it, and the two must reach the workers in one push (that push is made by
+        the policies' own change, which carries this catalog)."""
+        if self.policies.check():
+            return
         if self.router is not None:
-            self.router.broadcast(pb.ControlMessage(config=config_push(version)))
+            push = config_push(version, self.policies.current)
+            self.router.broadcast(pb.ControlMessage(config=push))
+
+    def _push_policies(self, documents: PolicyDocuments) -> None:
+        """The policies changed: every connected worker gets them now (with the catalog, read
+        again first for the same reason as in ``_push_catalog``)."""
+        if self.catalog.check():
+            return
+        if self.router is not None:
+            push = config_push(self.catalog.current, documents)
+            self.router.broadcast(pb.ControlMessage(config=push))
 
     async def revoke(self, worker_id: str) -> Worker:
         """Revoke a worker and close its tunnel now (the CLI, in another process, only writes
@@ -252,12 +269,15 @@ class ControlPlaneServer:
         Tunnels never finish by themselves, so they are told to close first (their workers
         reconnect with backoff until a control plane answers again).
         """
-        if self.flight is not None:
-            await self.flight.stop()
-            self.flight = None
         if self._catalog_task is not None:
             self._catalog_task.cancel()
             self._catalog_task = None
+        if self._policies_task is not None:
+            self._policies_task.cancel()
+            self._policies_task = None
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            self._prune_task = None
         if self._tunnel is not None:
             self._tunnel.close_all("the control plane is shutting down")
             self._tunnel = None
@@ -270,8 +290,13 @@ class ControlPlaneServer:
             self._registry = None
 
 
-def config_push(version: CatalogVersion) -> pb.ConfigPush:
-    return pb.ConfigPush(revision=version.revision, catalog_json=version.catalog.to_json())
+def config_push(version: CatalogVersion, policies: PolicyDocuments) -> pb.ConfigPush:
+    return pb.ConfigPush(
+        revision=version.revision,
+        catalog_json=version.catalog.to_json(),
+        policies=[pb.PolicyDocument(name=n, yaml=t) for n, t in policies.texts.items()],
+        policies_revision=policies.revision,
+    )
 
 
 def _bind(server: aio.Server, listen: str, credentials: grpc.ServerCredentials) -> int:

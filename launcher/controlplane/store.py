@@ -90,12 +90,17 @@ def open_database(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the database at ``path`` with the schema up to date.
 
     WAL lets readers proceed while a writer commits. Each thread must open its own connection.
+    ``synchronous=NORMAL`` (SQLite's advice for WAL) syncs at checkpoints, not at every commit:
+    a commit costs ~0.01 ms instead of an fsync (0.5 ms median, 7 ms p95 measured here, on the
+    event loop of every query's audit row). A crash of the process loses nothing; a crash of
+    the host or a power cut may lose the last commits before a checkpoint, never the file.
     Raises ``ControlPlaneError`` when the file cannot be opened or is from a newer duckcell.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
         conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         _migrate(conn, path)
     except sqlite3.Error as exc:

@@ -269,6 +269,8 @@ class TunnelService(pb_grpc.TunnelServicer):
                 self._router.session_opened(link.worker_id, outbox, item.session_opened)
             if item.HasField("session_ended"):
                 self._router.session_ended(link.worker_id, outbox, item.session_ended)
+            if item.HasField("result"):
+                self._router.deliver(link.worker_id, item.result)
             if item.HasField("heartbeat"):
                 watch.beat(loop.time())
                 # Re-read the registry: a revocation by another process shows up here.

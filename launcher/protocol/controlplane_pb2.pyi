@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -33,18 +33,30 @@ class EnrollReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., control_plane_version: _Optional[str] = ..., tunnel_port: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "draining", "session_opened", "session_ended")
+    __slots__ = ("hello", "heartbeat", "draining", "session_opened", "session_ended", "result")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     SESSION_OPENED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     draining: Draining
     session_opened: SessionOpened
     session_ended: SessionEnded
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., session_ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+    result: QueryResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., session_ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., result: _Optional[_Union[QueryResult, _Mapping]] = ...) -> None: ...
+
+class QueryResult(_message.Message):
+    __slots__ = ("query_id", "ipc", "outcome")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    ipc: bytes
+    outcome: Outcome
+    def __init__(self, query_id: _Optional[str] = ..., ipc: _Optional[bytes] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("worker_version", "labels")
@@ -132,12 +144,24 @@ class SessionEnded(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConfigPush(_message.Message):
-    __slots__ = ("revision", "catalog_json")
+    __slots__ = ("revision", "catalog_json", "policies", "policies_revision")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CATALOG_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: str
     catalog_json: str
-    def __init__(self, revision: _Optional[str] = ..., catalog_json: _Optional[str] = ...) -> None: ...
+    policies: _containers.RepeatedCompositeFieldContainer[PolicyDocument]
+    policies_revision: str
+    def __init__(self, revision: _Optional[str] = ..., catalog_json: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyDocument, _Mapping]]] = ..., policies_revision: _Optional[str] = ...) -> None: ...
+
+class PolicyDocument(_message.Message):
+    __slots__ = ("name", "yaml")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    yaml: str
+    def __init__(self, name: _Optional[str] = ..., yaml: _Optional[str] = ...) -> None: ...
 
 class RunQuery(_message.Message):
     __slots__ = ("query_id", "sql", "policy", "session_id", "parameters")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,13 @@ import pytest
 
 from launcher.audit import AUDIT_FILE, WorkerAuditLog, WorkerAuditRecord, read_audit
 from launcher.cli import main
-from launcher.controlplane.audit import AuditLog, AuditRecord, QueryTrail, format_records
+from launcher.controlplane.audit import (
+    AuditLog,
+    AuditRecord,
+    QueryTrail,
+    format_records,
+    prune_forever,
+)
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SqlError, WorkerUnavailableError
 
@@ -170,3 +177,64 @@ def test_the_worker_log_appends_one_flushed_line_per_record(tmp_path: Path) -> N
         assert len(path.read_text().splitlines()) == n + 1
     assert [r["query_id"] for r in read_audit(path)] == ["q0", "q1"]
     assert path.stat().st_mode & 0o777 == 0o600  # SQL can be as sensitive as the data
+
+
+def test_prune_deletes_only_records_started_before_the_cutoff(tmp_path: Path) -> None:
+    data = ControlPlaneData(tmp_path / "cp")
+    log = AuditLog(data.database())
+    for query_id, started in (("old", 100.0), ("edge", 200.0), ("new", 300.0)):
+        log.write(
+            AuditRecord(
+                query_id,
+                "k/r",
+                "SELECT 1",
+                "w",
+                "p",
+                started,
+                started + 1,
+                0,
+                1,
+                1,
+                8,
+                "ok",
+                "",
+                "",
+            )
+        )
+    assert log.prune(before=200.0) == 1
+    assert [r.query_id for r in log.recent()] == ["new", "edge"]
+    assert log.prune(before=200.0) == 0
+
+
+def _old_and_new(log: AuditLog, now: float) -> None:
+    for query_id, t in (("old", now - 10 * 86_400), ("new", now - 60)):
+        log.write(AuditRecord(query_id, "k", "SELECT 1", "w", "p", t, t, 0, 1, 1, 8, "ok", "", ""))
+
+
+def test_the_cli_prunes_records_older_than_some_days(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ControlPlaneData(tmp_path / "cp")
+    _old_and_new(AuditLog(data.database()), time.time())
+    assert main(["controlplane", "audit", "--data", str(data.root), "--prune-older-than", "7"]) == 0
+    assert "deleted 1 audit record(s) older than 7 days" in capsys.readouterr().out
+    assert [r.query_id for r in AuditLog(data.database()).recent()] == ["new"]
+    with pytest.raises(SystemExit):
+        main(["controlplane", "audit", "--data", str(data.root), "--prune-older-than", "0"])
+    assert "positive number of days" in capsys.readouterr().err
+
+
+def test_a_server_with_retention_prunes_at_start(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        data = ControlPlaneData(tmp_path / "cp")
+        _old_and_new(AuditLog(data.database()), time.time())
+        log = AuditLog(data.database())
+        task = asyncio.create_task(prune_forever(log, keep_s=7 * 86_400, interval_s=3600))
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                while [r.query_id for r in log.recent()] != ["new"]:
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())

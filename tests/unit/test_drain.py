@@ -166,7 +166,7 @@ class _Runner:
         return RunStats()
 
 
-def test_a_run_query_that_crosses_draining_is_answered_worker_shutdown() -> None:
+def test_a_run_query_that_crosses_draining_is_refused_as_worker_draining() -> None:
     async def scenario() -> None:
         stub, audit = _Stub(), _AuditList()
         tasks = QueryTasks(_Runner(), stub, audit=audit)  # type: ignore[arg-type]
@@ -176,9 +176,9 @@ def test_a_run_query_that_crosses_draining_is_answered_worker_shutdown() -> None
         (call,) = stub.calls
         assert call.chunks[0].query_id == "late"
         outcome = call.chunks[-1].outcome
-        assert not outcome.ok and outcome.reason == "worker_shutdown"
+        assert not outcome.ok and outcome.reason == "worker_draining"
         assert "wkr-test is shutting down" in outcome.message and "again" in outcome.message
-        assert [(r.query_id, r.reason) for r in audit.records] == [("late", "worker_shutdown")]
+        assert [(r.query_id, r.reason) for r in audit.records] == [("late", "worker_draining")]
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
 

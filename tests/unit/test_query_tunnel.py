@@ -328,6 +328,38 @@ def test_a_million_row_result_arrives_complete(control_plane: ControlPlane, tmp_
     run(scenario)
 
 
+def test_a_small_result_rides_inline_and_a_large_one_gets_its_own_call(tmp_path: Path) -> None:
+    """Checked on the control plane's side of the wire: what the worker sent it."""
+    seen: list[object] = []
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"), observe=seen.append)
+
+    def inline_results() -> int:
+        return sum(isinstance(m, pb.WorkerMessage) and m.HasField("result") for m in seen)
+
+    def pushed_chunks() -> int:
+        return sum(isinstance(m, pb.ResultChunk) for m in seen)
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            small = await s.client.table("SELECT 42 AS answer")
+            assert small.column("answer").to_pylist() == [42]
+            assert (inline_results(), pushed_chunks()) == (1, 0)
+            failed = s.client.table("SELECT * FROM no_such_table")
+            with pytest.raises(SqlError, match="no_such_table"):
+                await failed
+            assert (inline_results(), pushed_chunks()) == (2, 0)
+            big = await s.client.table("SELECT i FROM range(100000) t(i)")  # ~800 KB of IPC
+            assert pc.sum(big.column("i")).as_py() == 99_999 * 100_000 // 2
+            assert inline_results() == 2
+            # query id, what was held back as one piece, the rest, the outcome
+            assert pushed_chunks() >= 4
+
+    try:
+        run(scenario)
+    finally:
+        control_plane.close()
+
+
 def test_the_cli_runs_a_query_through_the_control_plane(
     control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
