@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pyarrow.flight as flight
@@ -44,6 +47,9 @@ _NO_KEY = (
 )
 
 Verify = Callable[[str], Awaitable[ApiKey]]
+# Seconds a verified key is accepted without asking the database again, and how many are kept.
+KEY_CACHE_S = 5.0
+_KEY_CACHE_SIZE = 1024
 
 
 class CallerMiddleware(flight.ServerMiddleware):
@@ -60,11 +66,29 @@ class CallerMiddleware(flight.ServerMiddleware):
 
 
 class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
-    """Authenticates every call; ``verify`` runs on the loop through ``bridge``."""
+    """Authenticates every call; ``verify`` runs on the loop through ``bridge``.
 
-    def __init__(self, bridge: LoopBridge, verify: Verify) -> None:
+    A key verified in the last ``cache_s`` seconds is accepted without asking the loop again:
+    an ADBC query makes two or three calls, and each hop to the loop and the database cost
+    0.6 to 0.8 ms of a ``SELECT 42``'s latency here. So a revoked key
+    (``duckcell controlplane apikey revoke``) is refused at the latest ``cache_s`` later.
+    The cache holds the SHA-256 of keys, never a key; refusals are never cached.
+    """
+
+    def __init__(
+        self,
+        bridge: LoopBridge,
+        verify: Verify,
+        *,
+        cache_s: float = KEY_CACHE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._bridge = bridge
         self._verify = verify
+        self._cache_s = cache_s
+        self._clock = clock
+        self._verified: dict[str, tuple[ApiKey, float]] = {}
+        self._lock = threading.Lock()  # handlers run on many threads
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallerMiddleware:
         values = headers.get(AUTHORIZATION) or [""]
@@ -78,10 +102,21 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
         return CallerMiddleware(self._check(header.removeprefix(BEARER)), session=session)
 
     def _check(self, key: str) -> ApiKey:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        now = self._clock()
+        with self._lock:
+            cached = self._verified.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         try:
-            return self._bridge.call(self._verify(key))
+            caller = self._bridge.call(self._verify(key))
         except ApiKeyError as error:
             raise flight.FlightUnauthenticatedError(str(error)) from None
+        with self._lock:
+            if len(self._verified) >= _KEY_CACHE_SIZE:
+                self._verified = {d: v for d, v in self._verified.items() if v[1] > now}
+            self._verified[digest] = (caller, now + self._cache_s)
+        return caller
 
 
 def basic_password(encoded: str) -> str:

@@ -34,6 +34,10 @@ STOPPING = "the Flight SQL server is shutting down and stopped the query: run it
 POLL_S = 0.05
 
 
+# An Arrow IPC stream ends with a continuation marker and a zero length.
+IPC_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 def never_cancelled() -> bool:
     return False
 
@@ -142,6 +146,13 @@ class IpcSource(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+    def holds_end(self) -> bool:
+        """Whether the bytes at hand end with the IPC end-of-stream marker: then the rest of
+        the stream can be read without waiting for the worker (a small result arrives whole,
+        see ``launcher.tunnel_results``). A batch body ending in the same eight bytes only
+        makes a reader wait for the next chunk, as it would anyway."""
+        return bytes(self._chunk[-len(IPC_END) :]) == IPC_END
 
     def read_to_outcome(self) -> None:
         """After the IPC end-of-stream: wait for the worker's outcome (raising its error)."""

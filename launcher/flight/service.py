@@ -116,6 +116,9 @@ class FlightSqlService(flight.FlightServerBase):
             return flight.RecordBatchStream(self._metadata(caller, request, context))
         with translated():
             query = self.tickets.claim(request.handle, caller.key_id)
+        if query.table is not None:  # it arrived whole at GetFlightInfo
+            self.tickets.done(query)
+            return flight.RecordBatchStream(query.table)
         return flight.GeneratorStream(query.schema, streamed(self._stream(query, context)))
 
     @handler
@@ -202,6 +205,7 @@ class FlightSqlService(flight.FlightServerBase):
             self.tickets.check_room(caller.key_id)
         query = self._open(caller, sql, parameters, context)
         with translated():
+            query.prefetch()
             handle = self.tickets.park(query)
         return _info(query.schema, descriptor, statement_ticket(handle))
 

@@ -81,6 +81,8 @@ class RunningQuery:
     source: IpcSource
     reader: ipc.RecordBatchStreamReader
     _closed: bool = field(default=False, init=False)
+    # The whole result, when it had arrived by the time the schema was read (``prefetch``).
+    table: pa.Table | None = field(default=None, init=False)
 
     @classmethod
     def open(
@@ -99,6 +101,23 @@ class RunningQuery:
     @property
     def schema(self) -> pa.Schema:
         return self.reader.schema
+
+    def prefetch(self) -> None:
+        """Take the whole result now when it has already arrived whole (a small result comes
+        in one message): ``DoGet`` then sends ``table`` from pyarrow's C++ side, with no
+        Python generator and no hop to the loop per batch. Raises the query's error (and
+        closes it) when the worker's outcome is a failure; does nothing for a result still
+        streaming in."""
+        if not self.source.holds_end():
+            return
+        try:
+            batches = list(self.reader)
+            self.source.read_to_outcome()
+        except BaseException:
+            self.close()
+            raise
+        self.table = pa.Table.from_batches(batches, self.schema)
+        self.close()  # finished: closing cancels nothing, it only lets the router go
 
     def batches(self, cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
         """The remaining batches, decoded from the worker's IPC bytes as they come.

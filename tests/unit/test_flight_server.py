@@ -29,7 +29,7 @@ from launcher.cli import main
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone
-from launcher.errors import ApiKeyError, ControlPlaneError, SqlError
+from launcher.errors import ApiKeyError, ControlPlaneError, ResultLimitError, SqlError
 from launcher.flight import FlightListen, FlightSqlServer
 from launcher.flight import messages as msg
 from launcher.flight.metadata import SQL_INFO_SCHEMA
@@ -42,6 +42,8 @@ DEADLINE_S = 5.0
 END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 # SQL the role rule parses (DuckDB's parser) before the scripted router sees it.
 OK, HANG, FAIL = "SELECT 'ok'", "SELECT 'hang'", "SELECT fail"
+# A small result that arrives in one piece (inline through the tunnel), then its outcome.
+WHOLE, WHOLE_THEN_FAIL = "SELECT 'whole'", "SELECT 'whole', 'then fail'"
 TABLE = pa.table({"n": pa.array([1, 2, 3], pa.int64()), "s": ["a", "b", None]})
 
 
@@ -67,6 +69,12 @@ class ScriptedRouter:
         try:
             if sql == FAIL:
                 raise SqlError('Binder Error: Referenced column "fail" not found')
+            if sql in (WHOLE, WHOLE_THEN_FAIL):
+                yield b"".join(ipc_messages(TABLE))
+                if sql == WHOLE_THEN_FAIL:
+                    raise ResultLimitError("result limit: more than 2 rows")
+                yield QueryDone(TABLE.num_rows)
+                return
             chunks = ipc_messages(TABLE)
             yield chunks[0]
             if sql == HANG:
@@ -153,6 +161,18 @@ def test_a_statement_streams_the_workers_batches_with_the_announced_schema(
         table = client.do_get(info.endpoints[0].ticket, bearer(KEY)).read_all()
     assert table.equals(TABLE)
     assert served.router.wait_closed(1) == [OK]
+
+
+def test_a_result_that_arrived_whole_is_taken_at_get_flight_info(served: Served) -> None:
+    """DoGet then sends it from pyarrow's side; the routed query is over before DoGet."""
+    with served.client() as client:
+        info = client.get_flight_info(statement(WHOLE), bearer(KEY))
+        assert served.router.wait_closed(1) == [WHOLE]  # already finished and let go
+        table = client.do_get(info.endpoints[0].ticket, bearer(KEY)).read_all()
+        assert table.equals(TABLE) and info.schema == TABLE.schema
+        # The worker's outcome still counts: a failure after the bytes fails the call.
+        with pytest.raises(flight.FlightServerError, match="result limit"):
+            client.get_flight_info(statement(WHOLE_THEN_FAIL), bearer(KEY))
 
 
 def test_a_ticket_is_good_once_and_only_for_the_key_that_asked(served: Served) -> None:
