@@ -63,7 +63,7 @@ from .cache_index import (
     shard_dir,
     unlink_unpinned,
 )
-from .errors import CacheError, DuckcellError
+from .errors import CacheError, first_domain_error
 from .objectstore import ObjectRef, ObjectStore
 
 __all__ = [
@@ -174,7 +174,7 @@ class ObjectCache:
                     tasks.append(group.create_task(self._fetch_and_pin(store, refs[i], fds, i)))
         except BaseException as error:
             _close_all(fds)
-            raise _first_domain_error(error) from None
+            raise first_domain_error(error) from None
         lease = CacheLease([relative_path(n) for n in names], [fd for fd in fds if fd is not None])
         if any(task.result() for task in tasks):
             try:
@@ -465,13 +465,3 @@ def _close_all(fds: list[int | None]) -> None:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _first_domain_error(error: BaseException) -> BaseException:
-    """The error to show for a failed TaskGroup: its first duckcell error, else its first."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    found: BaseException = error.subgroup(lambda e: isinstance(e, DuckcellError)) or error
-    while isinstance(found, BaseExceptionGroup):
-        found = found.exceptions[0]
-    return found

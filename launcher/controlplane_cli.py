@@ -49,6 +49,13 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     key_create = apikey_commands.add_parser("create", help="print a new API key")
     key_create.add_argument("--data", type=Path, required=True, help="control plane data directory")
     key_create.add_argument("--role", required=True, help="the role the key's queries run as")
+    key_list = apikey_commands.add_parser("list", help="key ids, roles and creation times")
+    key_list.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    key_revoke = apikey_commands.add_parser("revoke", help="refuse a key from now on")
+    key_revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    key_revoke.add_argument(
+        "key_id", metavar="ID", help="the key's id (the middle part of the key)"
+    )
     serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
     serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
     serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
@@ -210,9 +217,7 @@ def run_controlplane_command(args: argparse.Namespace) -> int:
         sys.stdout.write(data.ca().cert_pem().decode())
         return 0
     if args.controlplane_command == "apikey":
-        # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
-        print(data.api_keys().create(args.role))
-        return 0
+        return _apikey_command(args, data)
     if args.controlplane_command == "catalog":
         if args.catalog_command == "show":
             print(read_catalog(data.root).catalog.to_json())
@@ -280,3 +285,20 @@ def _positive_days(text: str) -> float:
     if not days > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of days")
     return days
+
+
+def _apikey_command(args: argparse.Namespace, data: ControlPlaneData) -> int:
+    keys = data.api_keys()
+    if args.apikey_command == "create":
+        # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
+        print(keys.create(args.role))
+    elif args.apikey_command == "list":
+        print(f"{'ID':<18}{'ROLE':<20}CREATED (UTC)")
+        for key_id, role, created in keys.list():
+            print(
+                f"{key_id:<18}{role:<20}{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(created))}"
+            )
+    else:
+        keys.revoke(args.key_id)
+        print(f"revoked API key {args.key_id}", file=sys.stderr)
+    return 0

@@ -30,7 +30,12 @@ from types import TracebackType
 
 from .cache import CacheLease, ObjectCache
 from .catalog import Binding, Catalog, Connection, Table
-from .errors import CatalogError, DuckcellError, ObjectStoreError, QueryDeniedError
+from .errors import (
+    CatalogError,
+    ObjectStoreError,
+    QueryDeniedError,
+    first_domain_error,
+)
 from .listing_cache import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
@@ -158,7 +163,7 @@ class DataPath:
                 tasks = [group.create_task(self._bind(table, files)) for table in tables]
         except BaseException as error:
             files.release()
-            raise _first_domain_error(error) from None
+            raise first_domain_error(error) from None
         files.bindings = tuple(task.result() for task in tasks)
         return files
 
@@ -205,16 +210,6 @@ class DataPath:
             store = self._make_store(self.catalog.connections[name], self._environ)
             self._stores[name] = store
         return store
-
-
-def _first_domain_error(error: BaseException) -> BaseException:
-    """What to raise for a failed TaskGroup: its first duckcell error, else its first."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    found: BaseException = error.subgroup(lambda e: isinstance(e, DuckcellError)) or error
-    while isinstance(found, BaseExceptionGroup):
-        found = found.exceptions[0]
-    return found
 
 
 def _reads(key: str, fmt: str) -> bool:

@@ -254,6 +254,17 @@ _QUERY_ERRORS: dict[str, type[QueryError]] = {
 }
 
 
+def first_domain_error(error: BaseException) -> BaseException:
+    """The error to show for a failed ``TaskGroup``: its first duckcell error, else its
+    first error (a plain exception is itself)."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    found: BaseException = error.subgroup(lambda e: isinstance(e, DuckcellError)) or error
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
 def query_error(reason: str, message: str) -> QueryError:
     """The ``QueryError`` for a ``reason`` that crossed the wire; unknown reasons keep theirs."""
     cls = _QUERY_ERRORS.get(reason)

@@ -67,6 +67,24 @@ class ApiKeys:
             )
         return f"{KEY_PREFIX}.{key_id}.{secret}"
 
+    def list(self) -> list[tuple[str, str, float]]:
+        """Every key as ``(key id, role, created at)``, oldest first; never a secret."""
+        rows = self._conn.execute(
+            "SELECT id, role, created_at FROM api_keys ORDER BY created_at, id"
+        ).fetchall()
+        return [(key_id, role, created) for key_id, role, created in rows]
+
+    def revoke(self, key_id: str) -> None:
+        """Delete a key: calls that send it are refused from now on (a Flight SQL endpoint
+        that verified it a moment ago may accept it for up to its cache's few seconds).
+        Raises ``ControlPlaneError`` for an unknown id. Audit records keep the id."""
+        with self._conn:
+            cursor = self._conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+        if cursor.rowcount == 0:
+            raise ControlPlaneError(
+                f"no API key {key_id}: `duckcell controlplane apikey list` shows the ids"
+            )
+
     def verify(self, key: str) -> ApiKey:
         """The key's id and role; raises ``ApiKeyError`` when it is malformed or unknown."""
         match = _KEY_RE.fullmatch(key.strip())

@@ -14,7 +14,6 @@ host.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -27,11 +26,12 @@ from pathlib import Path
 from launcher.catalog import Catalog, load_catalog, parse_catalog
 from launcher.errors import CatalogError
 
+from .watch import POLL_INTERVAL_S, FileWatcher
+
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.json"
 CONFIG_LOCK = ".config.lock"
-POLL_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +132,9 @@ def read_catalog(data_root: Path) -> CatalogVersion:
     return CatalogVersion.of(parse_catalog(text, str(path), Path("/")))
 
 
-class CatalogWatcher:
-    """Holds the current catalog; ``run`` polls the data directory and reports changes.
-
-    Polling a ``stat`` once a second is cheap and needs no cooperation from the admin command,
-    which may run on another host sharing the data directory. A document that fails to parse
-    is logged and ignored: the last good catalog stays in force.
-    """
+class CatalogWatcher(FileWatcher[CatalogVersion]):
+    """Holds the current catalog; ``run`` polls the data directory and reports changes (see
+    ``watch.FileWatcher``): a catalog that fails to parse leaves the last good one in force."""
 
     def __init__(
         self,
@@ -147,39 +143,11 @@ class CatalogWatcher:
         *,
         interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        self._path = data_root / CATALOG_FILE
-        self._root = data_root
-        self._on_change = on_change
-        self._interval_s = interval_s
-        self._seen = self._stamp()
-        self.current = read_catalog(data_root)
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def check(self) -> bool:
-        """Reload if the file changed; True when a new revision took effect."""
-        stamp = self._stamp()
-        if stamp == self._seen:
-            return False
-        self._seen = stamp
-        try:
-            version = read_catalog(self._root)
-        except CatalogError as error:
-            log.error("catalog not reloaded, keeping revision %s: %s", self.current.revision, error)
-            return False
-        if version.revision == self.current.revision:
-            return False
-        log.info("catalog revision %s -> %s", self.current.revision, version.revision)
-        self.current = version
-        self._on_change(version)
-        return True
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self.check()
+        super().__init__(
+            data_root / CATALOG_FILE,
+            lambda: read_catalog(data_root),
+            on_change,
+            what="catalog",
+            errors=(CatalogError,),
+            interval_s=interval_s,
+        )

@@ -19,7 +19,6 @@ The stored text is the file as written, comments included, so ``policy show`` gi
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -34,11 +33,11 @@ from launcher.errors import PolicyError
 from launcher.policy import Policy, load_policy_text, read_policy_file
 
 from .catalogs import config_lock, read_catalog, unknown_role_policies
+from .watch import POLL_INTERVAL_S, FileWatcher
 
 log = logging.getLogger(__name__)
 
 POLICIES_FILE = "policies.json"
-POLL_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +179,9 @@ def _to_json(texts: Mapping[str, str]) -> str:
     return json.dumps({"policies": dict(texts)}, sort_keys=True, indent=1)
 
 
-class PolicyWatcher:
-    """Holds the current policies; ``run`` polls the data directory and reports changes.
-
-    Like ``CatalogWatcher``: a ``stat`` a second, and a document that fails to load is logged
-    and ignored, so the last good set stays in force.
-    """
+class PolicyWatcher(FileWatcher[PolicyDocuments]):
+    """Holds the current policies; ``run`` polls the data directory and reports changes (see
+    ``watch.FileWatcher``): a set that fails to load leaves the last good one in force."""
 
     def __init__(
         self,
@@ -194,41 +190,11 @@ class PolicyWatcher:
         *,
         interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        self._root = data_root
-        self._path = data_root / POLICIES_FILE
-        self._on_change = on_change
-        self._interval_s = interval_s
-        self._seen = self._stamp()
-        self.current = read_policies(data_root)
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def check(self) -> bool:
-        """Reload if the file changed; True when a new revision took effect."""
-        stamp = self._stamp()
-        if stamp == self._seen:
-            return False
-        self._seen = stamp
-        try:
-            documents = read_policies(self._root)
-        except PolicyError as error:
-            log.error(
-                "policies not reloaded, keeping revision %s: %s", self.current.revision, error
-            )
-            return False
-        if documents.revision == self.current.revision:
-            return False
-        log.info("policies revision %s -> %s", self.current.revision, documents.revision)
-        self.current = documents
-        self._on_change(documents)
-        return True
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self.check()
+        super().__init__(
+            data_root / POLICIES_FILE,
+            lambda: read_policies(data_root),
+            on_change,
+            what="policies",
+            errors=(PolicyError,),
+            interval_s=interval_s,
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.cli import main
 from launcher.controlplane.apikeys import ApiKeys
 from launcher.controlplane.store import open_database
 from launcher.errors import ApiKeyError, ControlPlaneError
@@ -50,3 +51,19 @@ def test_wrong_unknown_and_malformed_keys_are_refused_without_quoting_them(
 def test_a_role_must_be_a_plain_word(tmp_path: Path) -> None:
     with pytest.raises(ControlPlaneError, match="--role"):
         ApiKeys(open_database(tmp_path / "cp.db")).create("no spaces please")
+
+
+def test_the_cli_lists_and_revokes_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "cp")
+    assert main(["controlplane", "apikey", "create", "--data", data, "--role", "analyst"]) == 0
+    key = capsys.readouterr().out.strip()
+    key_id = key.split(".")[1]
+    assert main(["controlplane", "apikey", "list", "--data", data]) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "analyst" in listed and key.split(".")[2] not in listed
+    assert main(["controlplane", "apikey", "revoke", "--data", data, key_id]) == 0
+    keys = ApiKeys(open_database(tmp_path / "cp" / "controlplane.db"))
+    with pytest.raises(ApiKeyError, match=f"unknown API key {key_id}"):
+        keys.verify(key)
+    assert main(["controlplane", "apikey", "revoke", "--data", data, key_id]) == 2
+    assert "no API key" in capsys.readouterr().err
