@@ -6,6 +6,8 @@ Layout under the cache root::
     objects/ab/.partial-<uuid>-<sha256>.parquet   a download in progress (hidden from globs)
     locks/ab/<sha256>.lock        held (LOCK_EX) by whoever downloads or removes that entry
     index.db                      SQLite in WAL mode: one row per entry, plus counters
+    .sessions/<instance>/<slot>/  hard links to entries, one directory per session sandbox
+                                  (``launcher.session_files``); never indexed, counted or evicted
 
 Why SQLite rather than a sidecar file per entry: eviction needs the least recently used entries
 and the total size, which one indexed query answers while sidecars would need a directory walk;

@@ -40,9 +40,9 @@ from .listing_cache import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
 from .secretstore import SecretStore
+from .session_files import SANDBOX_CACHE
 from .writes import PendingWrite, plan_write
 
-SANDBOX_CACHE = "/cache"  # where the cache root is mounted (read-only) in every sandbox
 # Files a table made of a prefix or directory reads; a table naming one object reads it as is.
 _EXTENSIONS = {
     "parquet": (".parquet", ".parq", ".pq"),

@@ -4,7 +4,9 @@ Four things can end a query early and the caller is always told which: the runne
 timeout, the launcher's hard wall-clock kill (timeout plus a grace, for calls DuckDB cannot
 interrupt), the container's memory limit (OOM kill, read back from the engine), and a cancel.
 Per-query sandboxes are released (destroyed) whatever happened; a session's sandbox is kept
-unless it was killed or lost.
+unless it was killed or lost. A session's sandbox reads its tables through its session
+directory: before each of its queries the query's leased files are linked there
+(``launcher.session_files``), so a session may read a new table at any query.
 
 A writing query (``TableFiles.write``, see ``launcher.writes``) runs its rewritten SQL; the
 runner's output chunks are spooled on the host and uploaded only after the query succeeded and
@@ -24,6 +26,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from .backend.base import SandboxBackend
+from .catalog import Binding
 from .datapath import TableFiles
 from .errors import (
     DuckcellError,
@@ -105,7 +108,7 @@ class QueryExecution:
                 pool = executor._pool_for(self._policy)
                 sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
                 try:
-                    async for chunk in self._run_in(sandbox, started):
+                    async for chunk in self._run_in(sandbox, started, self._tables.bindings):
                         yield chunk
                 finally:
                     pool.release(sandbox)
@@ -135,7 +138,12 @@ class QueryExecution:
             self._executor.sessions.get(session.session_id)
             session.active_queries += 1
             try:
-                async for chunk in self._run_in(session.sandbox, started):
+                bindings = self._tables.bindings
+                session_dir = session.sandbox.session_dir
+                if session_dir is not None and bindings:
+                    # Under the session's lock: no query of this session reads meanwhile.
+                    bindings = await asyncio.to_thread(session_dir.link, bindings)
+                async for chunk in self._run_in(session.sandbox, started, bindings):
                     yield chunk
             finally:
                 session.active_queries -= 1
@@ -163,7 +171,9 @@ class QueryExecution:
             raise QueryCancelledError("query cancelled while it waited for a sandbox")
         return task.result()
 
-    async def _run_in(self, sandbox: Sandbox, started: float) -> AsyncIterator[bytes]:
+    async def _run_in(
+        self, sandbox: Sandbox, started: float, bindings: tuple[Binding, ...]
+    ) -> AsyncIterator[bytes]:
         self._sandbox = sandbox
         self.record.sandbox = sandbox.name
         self.record.slot = sandbox.slot
@@ -177,7 +187,7 @@ class QueryExecution:
             timeout_s=limits.statement_timeout_s,
             max_rows=limits.max_result_rows,
             max_bytes=limits.max_result_bytes,
-            tables=self._tables.bindings,
+            tables=bindings,
             output_path=write.plan.output_path if (write := self._tables.write) else "",
             parameters=self._parameters,
         )

@@ -2,6 +2,8 @@
 
 Ready means the container runs, the runner answered a real RPC over the socket and the
 warm-up Arrow IPC decoded on our side: the pool never hands out a half-started sandbox.
+A session policy's sandbox (with a cache) also gets its session directory, created before
+the container and removed after it (``launcher.session_files``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
-from .backend.base import SandboxBackend, SandboxHandle
+from .backend.base import SandboxBackend, SandboxHandle, SandboxSpec
 from .errors import DuckcellError, SandboxStartError
-from .policy import Policy
+from .policy import Isolation, Policy
 from .runner_client import RunnerClient
 from .sandbox import Sandbox, build_spec, new_sandbox_name
+from .session_files import SessionDir
 
 _EXIT_POLL_S = 0.25
 
@@ -37,7 +41,31 @@ class SandboxFactory:
     async def start(self, policy: Policy) -> Sandbox:
         settings = self.settings
         slot = uuid.uuid4().hex[:16]
-        spec = build_spec(
+        session_dir = None
+        if policy.isolation is Isolation.SESSION and settings.cache_dir:
+            session_dir = SessionDir.for_slot(Path(settings.cache_dir), settings.instance_id, slot)
+            await asyncio.to_thread(session_dir.create)
+        try:
+            handle = await self.backend.create(self._spec(policy, slot, session_dir))
+        except BaseException:
+            if session_dir is not None:
+                await asyncio.shield(asyncio.to_thread(session_dir.remove))
+            raise
+        client: RunnerClient | None = None
+        try:
+            await self.backend.start(handle)
+            client = RunnerClient(handle.runner_target)
+            await self._wait_ready(handle, client)
+        except BaseException as error:
+            await self._discard(handle, client, session_dir, error)
+            raise
+        return Sandbox(
+            handle=handle, policy=policy, client=client, slot=slot, session_dir=session_dir
+        )
+
+    def _spec(self, policy: Policy, slot: str, session_dir: SessionDir | None) -> SandboxSpec:
+        settings = self.settings
+        return build_spec(
             policy,
             name=new_sandbox_name(),
             slot=slot,
@@ -45,17 +73,8 @@ class SandboxFactory:
             launcher_id=settings.launcher_id,
             instance_id=settings.instance_id,
             cache_dir=settings.cache_dir,
+            session_dir=session_dir.sandbox if session_dir is not None else None,
         )
-        handle = await self.backend.create(spec)
-        client: RunnerClient | None = None
-        try:
-            await self.backend.start(handle)
-            client = RunnerClient(handle.runner_target)
-            await self._wait_ready(handle, client)
-        except BaseException as error:
-            await self._discard(handle, client, error)
-            raise
-        return Sandbox(handle=handle, policy=policy, client=client, slot=slot)
 
     async def _wait_ready(self, handle: SandboxHandle, client: RunnerClient) -> None:
         """Wait for Ready, but notice at once if the container exits instead."""
@@ -78,7 +97,11 @@ class SandboxFactory:
             ready.cancel()
 
     async def _discard(
-        self, handle: SandboxHandle, client: RunnerClient | None, error: BaseException
+        self,
+        handle: SandboxHandle,
+        client: RunnerClient | None,
+        session_dir: SessionDir | None,
+        error: BaseException,
     ) -> None:
         # Shielded: a cancelled start must still remove what it created.
         async def cleanup() -> None:
@@ -86,12 +109,22 @@ class SandboxFactory:
                 await client.close()
             with contextlib.suppress(DuckcellError):
                 await self.backend.remove(handle)
+            if session_dir is not None:
+                await asyncio.to_thread(session_dir.remove)
 
         await asyncio.shield(cleanup())
 
     async def destroy(self, sandbox: Sandbox) -> None:
-        """Kill and remove; removal is a forced remove, so PID 1 never gets a grace period."""
+        """Kill and remove; removal is a forced remove, so PID 1 never gets a grace period.
+
+        The session directory goes once the container is gone (nothing reads it then), even
+        if the removal failed: its links would only keep evicted cache entries alive.
+        """
         try:
             await sandbox.client.close()
         finally:
-            await self.backend.remove(sandbox.handle)
+            try:
+                await self.backend.remove(sandbox.handle)
+            finally:
+                if sandbox.session_dir is not None:
+                    await asyncio.to_thread(sandbox.session_dir.remove)

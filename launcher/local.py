@@ -17,11 +17,12 @@ from .config import LauncherConfig
 from .errors import ImageMissingError
 from .executor import Executor, QueryExecution
 from .factory import FactorySettings, SandboxFactory
-from .instance import InstanceLock, ReapReport, reap_orphans
+from .instance import InstanceLock, ReapReport, instance_alive, reap_orphans
 from .policy import Policy, PolicySet, check_no_downgrade, load_policies
 from .policy_pools import PolicyPools
 from .pool import SandboxPool
 from .session import Session, SessionManager
+from .session_files import remove_stale
 
 
 class LocalLauncher:
@@ -67,6 +68,13 @@ class LocalLauncher:
         )
         if self.reaped.removed:
             self._progress(f"removed {len(self.reaped.removed)} orphaned sandbox(es)")
+        if config.cache_dir:
+            # Session directories of launchers that died without removing them.
+            own = self._lock.instance_id
+            remove_stale(
+                config.cache_dir,
+                lambda owner: owner == own or instance_alive(config.instances_dir, owner),
+            )
         factory = SandboxFactory(
             backend,
             FactorySettings(

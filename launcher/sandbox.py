@@ -24,6 +24,7 @@ from .backend.base import (
 )
 from .policy import Isolation, Policy
 from .runner_client import RunnerClient
+from .session_files import SessionDir
 
 SANDBOX_USER = "65534:65534"  # nobody:nogroup; the image has no other user to offer
 TMP_BYTES = 16 * 1024 * 1024
@@ -45,6 +46,8 @@ class Sandbox:
     policy: Policy
     client: RunnerClient
     slot: str
+    # A session policy's sandbox with a cache: the directory its queries' files are linked into.
+    session_dir: SessionDir | None = None
     state: SandboxState = SandboxState.READY
     created_at: float = field(default_factory=time.monotonic)
 
@@ -66,21 +69,26 @@ def build_spec(
     launcher_id: str,
     instance_id: str,
     cache_dir: str | None,
+    session_dir: str | None = None,
 ) -> SandboxSpec:
     """The container spec for one sandbox of ``policy``.
 
     Docker labels are fixed at creation, and a pooled sandbox is created before its query
     exists, so the query/session label carries the sandbox's one-use slot id; the executor
-    records which query or session used that slot.
+    records which query or session used that slot. ``session_dir`` (as the sandbox sees it)
+    makes the runner lock to that directory instead of the first query's files (see
+    ``launcher.session_files``).
     """
     limits = policy.limits
     work_label = LABEL_SESSION if policy.isolation is Isolation.SESSION else LABEL_QUERY
-    runner_config = {
+    runner_config: dict[str, int | str] = {
         "memory_limit_bytes": policy.duckdb.memory_limit_bytes,
         "threads": policy.duckdb.threads,
         "max_temp_directory_bytes": policy.duckdb.max_temp_directory_bytes,
         "statement_timeout_ms": int(limits.statement_timeout_s * 1000),
     }
+    if session_dir:
+        runner_config["session_dir"] = session_dir
     return SandboxSpec(
         name=name,
         image=image,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -40,10 +42,16 @@ SESSION_POLICY = QUERY_POLICY.replace("name: q", "name: s").replace("query\n", "
 
 
 class Harness:
-    def __init__(self, backend: FakeBackend, capacity: int = 8, queue_timeout_s: float = 5) -> None:
+    def __init__(
+        self,
+        backend: FakeBackend,
+        capacity: int = 8,
+        queue_timeout_s: float = 5,
+        cache_dir: str | None = None,
+    ) -> None:
         self.backend = backend
         self.factory = SandboxFactory(
-            backend, FactorySettings("img", "unit", "inst", None, start_timeout_s=5)
+            backend, FactorySettings("img", "unit", "inst", cache_dir, start_timeout_s=5)
         )
         self.capacity = Capacity(capacity)
         self.queue_timeout_s = queue_timeout_s
@@ -366,3 +374,28 @@ def test_session_cancel_before_the_runner_sees_the_query() -> None:
             await task
 
     scenario(body)
+
+
+def test_a_session_sandbox_gets_a_session_directory_that_goes_with_it(tmp_path: Path) -> None:
+    """Created before the container (the runner is told its sandbox path), removed after it;
+    per-query sandboxes get none."""
+    policy = SESSION
+
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(policy)
+        session_dir = session.sandbox.session_dir
+        assert session_dir is not None and session_dir.host.is_dir()
+        assert session_dir.host.parent == tmp_path / ".sessions" / "inst"
+        spec = h.backend.containers[session.sandbox.handle.container_id].spec
+        runner = json.loads(spec.environment["DUCKCELL_RUNNER_CONFIG"])
+        assert runner["session_dir"] == f"/cache/.sessions/inst/{session.sandbox.slot}"
+        h.sessions.close(session.session_id)
+        for _ in range(100):
+            if not session_dir.host.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert not session_dir.host.exists()
+        per_query = await h.pool_for(QUERY).acquire()
+        assert per_query.session_dir is None
+
+    scenario(body, cache_dir=str(tmp_path))

@@ -404,3 +404,57 @@ def test_the_parquet_warm_up_is_skipped_when_scratch_cannot_hold_it(
     assert "Parquet warm-up skipped" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
     con.close()
+
+
+def test_a_session_sandbox_is_locked_to_its_directory_not_to_files(dirs: RunnerConfig) -> None:
+    session = RunnerConfig(**{**_fields(dirs), "session_dir": f"{dirs.cache_dir}/.sessions/i/s"})
+    statements = lock_statements(session, ["/ignored.parquet"])
+    assert statements[0] == (
+        f"SET allowed_directories = ['{dirs.scratch_dir}/', '{session.session_dir}/']"
+    )
+    assert not any("allowed_paths" in statement for statement in statements)
+    assert statements[-1] == "SET lock_configuration = true"
+
+
+def test_a_session_binds_new_tables_from_its_directory_only(dirs: RunnerConfig) -> None:
+    """Later queries may bind new files of the session directory (the launcher linked them);
+    a file outside it is refused before binding, and SQL cannot climb out with ``..``."""
+    session_dir = Path(dirs.cache_dir) / ".sessions" / "i" / "s"
+    session_dir.mkdir(parents=True)
+    for name in ("a.parquet", "b.parquet"):
+        os.link(Path(dirs.cache_dir) / name, session_dir / name)
+    config = RunnerConfig(**{**_fields(dirs), "session_dir": str(session_dir)})
+    runner = RunnerService(open_locked(config), default_timeout_s=2, batch_rows=64, config=config)
+    linked = f"{session_dir}/a.parquet"
+    rows, _ = execute(
+        runner,
+        "FROM first",
+        tables=[pb.TableBinding(name="first", format="parquet", paths=[linked])],
+    )
+    assert rows == [{"x": 1}]
+    second = pb.TableBinding(name="second", format="parquet", paths=[f"{session_dir}/b.parquet"])
+    rows, _ = execute(runner, "SELECT (FROM first) AS a, (FROM second) AS b", tables=[second])
+    assert rows == [{"a": 1, "b": 2}]
+    outside = binding(dirs, "other", "other.parquet")
+    _, last = execute(runner, "FROM other", tables=[outside])
+    assert last.failure.reason == pb.FAILURE_REASON_DENIED
+    assert "not a normalised path under" in last.failure.message
+    for sql in (
+        f"SELECT * FROM '{dirs.cache_dir}/other.parquet'",
+        f"SELECT * FROM '{session_dir}/../../../other.parquet'",
+        f"SELECT * FROM glob('{dirs.cache_dir}/**')",
+    ):
+        _, last = execute(runner, sql)
+        assert "Permission Error" in last.failure.message, sql
+
+
+def test_a_session_directory_outside_the_cache_breaks_the_sandbox(dirs: RunnerConfig) -> None:
+    config = RunnerConfig(**{**_fields(dirs), "session_dir": dirs.cache_dir})
+    runner = RunnerService(open_locked(config), default_timeout_s=2, batch_rows=64, config=config)
+    _, last = execute(runner, "SELECT 1")
+    assert last.failure.reason == pb.FAILURE_REASON_INTERNAL
+    assert "could not be locked" in last.failure.message
+
+
+def _fields(config: RunnerConfig) -> dict[str, object]:
+    return {name: getattr(config, name) for name in RunnerConfig.__dataclass_fields__}

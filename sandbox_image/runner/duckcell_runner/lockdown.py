@@ -7,6 +7,13 @@ to the /scratch directory plus exactly the cached files of that query's tables
 (``allowed_paths``), external access off, configuration locked. So a query cannot list or read
 another table's files in the shared /cache, not even with ``glob('/cache/*')``.
 
+A session's sandbox (``session_dir`` set) serves many queries but can be locked only once, so
+it is locked to a directory instead: /scratch plus its session directory under the cache
+(``allowed_directories``), no ``allowed_paths``. The launcher alone writes that directory (the
+cache is mounted read-only): before each query it hard-links the query's cached files there,
+and the runner binds only paths inside it. DuckDB refuses paths outside the allowed
+directories, ``..`` traversal included; the integration tests probe this against the image.
+
 The order matters and was established against hostile probes: startup-only options go into
 ``connect``; ``temp_directory``, ``allowed_directories`` and ``allowed_paths`` must be set while
 external access is still on; ``lock_configuration`` comes last because nothing can be set after
@@ -38,6 +45,7 @@ class RunnerConfig:
     max_temp_directory_bytes: int = 256 * 1024 * 1024
     statement_timeout_ms: int = 60_000
     batch_rows: int = 65_536
+    session_dir: str = ""  # set for session sandboxes: lock to this directory, not to files
 
     @classmethod
     def from_env(cls) -> RunnerConfig:
@@ -77,14 +85,23 @@ def startup_statements(config: RunnerConfig) -> list[str]:
 
 
 def lock_statements(config: RunnerConfig, paths: Sequence[str]) -> list[str]:
-    """The SET statements that lock the sandbox to /scratch and ``paths``, ending with the lock.
+    """The SET statements that lock the sandbox to /scratch and ``paths`` (or, in a session
+    sandbox, its session directory, whatever ``paths``), ending with the lock.
 
     ``paths`` must have passed ``path_problem``: an allowed path is compared as written, so a
     glob in it would allow that glob.
     """
+    scratch = _quote(_dir(config.scratch_dir))
+    if config.session_dir:
+        directories = f"[{scratch}, {_quote(_dir(config.session_dir))}]"
+        return [
+            f"SET allowed_directories = {directories}",
+            "SET enable_external_access = false",
+            "SET lock_configuration = true",
+        ]
     allowed = ", ".join(_quote(path) for path in paths)
     return [
-        f"SET allowed_directories = [{_quote(_dir(config.scratch_dir))}]",
+        f"SET allowed_directories = [{scratch}]",
         f"SET allowed_paths = [{allowed}]",
         "SET enable_external_access = false",
         "SET lock_configuration = true",
@@ -100,11 +117,25 @@ _GLOB = re.compile(r"[*?\[\]{}]")
 
 
 def path_problem(config: RunnerConfig, path: str) -> str | None:
-    """Why ``path`` may not be bound (None if it may): a plain file path under the cache."""
-    if not path.startswith(_dir(config.cache_dir)) or os.path.normpath(path) != path:
-        return f"table file {json.dumps(path)} is not a normalised path under {config.cache_dir}"
+    """Why ``path`` may not be bound (None if it may): a plain file path under the cache, or
+    under the session directory in a session sandbox."""
+    root = config.session_dir or config.cache_dir
+    if not path.startswith(_dir(root)) or os.path.normpath(path) != path:
+        return f"table file {json.dumps(path)} is not a normalised path under {root}"
     if _GLOB.search(path) or "\0" in path:
         return f"table file {json.dumps(path)} contains glob or NUL characters"
+    return None
+
+
+def session_dir_problem(config: RunnerConfig) -> str | None:
+    """Why the configured session directory cannot be locked to (None if it can)."""
+    path = config.session_dir
+    if not path:
+        return None
+    if not path.startswith(_dir(config.cache_dir)) or os.path.normpath(path) != path:
+        return f"session directory {json.dumps(path)} is not a normalised path under the cache"
+    if _GLOB.search(path) or "\0" in path or path.rstrip("/") == config.cache_dir.rstrip("/"):
+        return f"session directory {json.dumps(path)} is not a directory of its own"
     return None
 
 

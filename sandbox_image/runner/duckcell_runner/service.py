@@ -3,7 +3,9 @@
 One query runs at a time on the sandbox's single connection (a session's queries queue behind
 each other). The first Execute locks the connection before any of its SQL runs: file access
 becomes /scratch plus the files of that query's catalog tables, which are then bound as temp
-views. A session's later queries may only bind files that first lock allowed.
+views. A per-query sandbox serves no later query. A session's sandbox is locked to its session
+directory instead (``lockdown``): each of its queries may bind any file the launcher linked
+there, and nothing outside it.
 
 A query that writes (the launcher rewrote a ``COPY ... TO 's3://...'`` to a file under
 /scratch and named it in ``output_path``) gets that file streamed back as ``output`` chunks once
@@ -36,7 +38,7 @@ from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
 
 from . import __version__
-from .lockdown import RunnerConfig, lock_statements, path_problem
+from .lockdown import RunnerConfig, lock_statements, path_problem, session_dir_problem
 from .warmup import warm_parquet
 
 # Statements a sandbox never runs, whatever the locked configuration would say. ATTACH is
@@ -243,6 +245,10 @@ class RunnerService(pb_grpc.RunnerServicer):
                 raise QueryFailed(pb.FAILURE_REASON_DENIED, f"Permission Error: {problem}")
         paths = {path for table in tables for path in table.paths}
         if self._allowed is None:
+            unusable = session_dir_problem(self._config)
+            if unusable is not None:
+                self._broken = f"the sandbox could not be locked ({unusable}); it serves no query"
+                raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken)
             try:
                 for statement in lock_statements(self._config, sorted(paths)):
                     self._con.execute(statement)
@@ -251,7 +257,8 @@ class RunnerService(pb_grpc.RunnerServicer):
                 raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken) from None
             self._allowed = frozenset(paths)
         for table in tables:
-            if not self._allowed.issuperset(table.paths):
+            # A session directory's lock covers every path path_problem let through.
+            if not self._config.session_dir and not self._allowed.issuperset(table.paths):
                 raise QueryFailed(pb.FAILURE_REASON_DENIED, _SESSION_LOCKED.format(name=table.name))
         try:
             for table in tables:

@@ -1,0 +1,189 @@
+"""A session reads new catalog tables at any query, and still nothing else (real Docker).
+
+A session's sandbox is locked to its own directory under the cache
+(``launcher.session_files``); the launcher links each query's cached files there. These tests
+are the hostile probes the design rests on: if DuckDB in the image ever let ``..`` out of an
+allowed directory, ``test_a_session_reads_what_it_binds_and_nothing_else`` fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from launcher.cache import ObjectCache
+from launcher.catalog import load_catalog
+from launcher.config import LauncherConfig
+from launcher.datapath import DataPath
+from launcher.errors import QueryError
+from launcher.executor import collect_table
+from launcher.local import LocalLauncher
+from launcher.session import Session
+
+from .conftest import make_config, run, with_launcher
+
+pytestmark = pytest.mark.docker
+
+CATALOG = """\
+connections:
+  samples: {kind: local}
+tables:
+  trips: {connection: samples, path: trips.parquet, format: parquet}
+  payroll: {connection: samples, path: payroll.parquet, format: parquet}
+  secrets: {connection: samples, path: secrets.parquet, format: parquet}
+"""
+DENIED = "Permission Error"
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    con = duckdb.connect()
+    con.execute(f"COPY (FROM range(0, 1000) t(i)) TO '{data}/trips.parquet'")
+    con.execute(f"COPY (SELECT 'alice' AS who, 250000 AS salary) TO '{data}/payroll.parquet'")
+    con.execute(f"COPY (SELECT 'hunter2' AS password) TO '{data}/secrets.parquet'")
+    con.close()
+    (data / "catalog.yaml").write_text(CATALOG)
+    return data / "catalog.yaml"
+
+
+@pytest.fixture
+def cached_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    return make_config(image, policies_dir, cache_dir=cache)
+
+
+async def _gone(path: Path, timeout_s: float = 20.0) -> bool:
+    """Sandboxes are destroyed off the critical path: wait for the directory to go."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while path.exists() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    return not path.exists()
+
+
+def test_a_session_reads_what_it_binds_and_nothing_else(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """In one session, table A then table B are both readable (the old lock refused B). The
+    cache's other files, another session's directory, ``..``/``//``/``./``/URL-encoded and
+    ``file:`` tricks, globs over the cache, and writes into the session directory are refused;
+    closing the session removes its directory."""
+    assert cached_config.cache_dir is not None
+    cache_root = cached_config.cache_dir
+    # A dead launcher's leftover session directory: removed when a launcher starts.
+    stale = cache_root / ".sessions" / "0123456789abcdef" / "fedcba9876543210"
+    stale.mkdir(parents=True)
+    cache = ObjectCache(cache_root, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache)
+
+    async def body(launcher: LocalLauncher) -> None:
+        assert not stale.parent.exists()
+
+        async def query(session: Session, sql: str, reads: str = "") -> list[dict[str, object]]:
+            tables = await data.prepare(reads or sql, session.policy)
+            execution = launcher.executor.execute(sql, session_id=session.session_id, tables=tables)
+            return (await collect_table(execution)).to_pylist()
+
+        async def refused(session: Session, sql: str, match: str = DENIED) -> None:
+            with pytest.raises(QueryError, match=match):
+                await query(session, sql, "SELECT 1")
+
+        first = await launcher.open_session("tight-session")
+        other = await launcher.open_session("tight-session")
+        try:
+            mine = first.sandbox.session_dir
+            theirs = other.sandbox.session_dir
+            assert mine is not None and theirs is not None and mine.host.is_dir()
+            # (1) table A, then table B in a later query, then both.
+            assert await query(first, "SELECT count(*) AS n FROM trips") == [{"n": 1000}]
+            assert await query(first, "SELECT who FROM payroll") == [{"who": "alice"}]
+            both = "SELECT (SELECT count(*) FROM trips) AS n, (SELECT who FROM payroll) AS who"
+            assert await query(first, both) == [{"n": 1000, "who": "alice"}]
+            # The other session binds `secrets`: its file is now in the cache and in its dir.
+            assert await query(other, "SELECT password FROM secrets") == [{"password": "hunter2"}]
+            async with await data.prepare("FROM secrets", other.policy) as files:
+                secret = files.bindings[0].paths[0]  # /cache/objects/ab/<name>.parquet
+            relative = secret.removeprefix("/cache/")
+            name = secret.rsplit("/", 1)[-1]
+            linked_elsewhere = f"{theirs.sandbox}/{name}"
+            assert (theirs.host / name).exists()
+            up = mine.sandbox + "/../../.."  # back to /cache
+            # (2) the cache's other files, by path, traversal, glob or URL.
+            for probe in (
+                f"read_parquet('{secret}')",
+                f"read_parquet('{up}/{relative}')",
+                f"read_parquet('{mine.sandbox}/./../../../{relative}')",
+                f"read_parquet('{mine.sandbox}//../../../{relative}')",
+                f"read_parquet('{mine.sandbox}/{name}/../../../../{relative}')",
+                f"read_parquet('file://{secret}')",
+                f"read_parquet('file:{up}/{relative}')",
+                "glob('/cache/**')",
+                "glob('/cache/*')",
+                "glob('/cache/objects/**')",
+                f"glob('{up}/**')",
+                "glob('/cache/.sessions/**')",
+                "read_parquet('/cache/objects/*/*.parquet')",
+                f"read_text('{up}/{relative}')",
+                f"read_blob('{secret}')",
+            ):
+                await refused(first, f"SELECT * FROM {probe}")
+            await refused(
+                first,
+                f"SELECT * FROM read_parquet('{mine.sandbox}/%2e%2e/%2e%2e/%2e%2e/{relative}')",
+                match=f"{DENIED}|No files found",
+            )
+            # (3) another session's directory, directly or by climbing out of our own.
+            await refused(first, f"SELECT * FROM read_parquet('{linked_elsewhere}')")
+            await refused(
+                first, f"SELECT * FROM read_parquet('{mine.sandbox}/../{theirs.host.name}/{name}')"
+            )
+            await refused(first, f"SELECT * FROM glob('{theirs.sandbox}/*')")
+            # Our own directory lists only what this session bound (trips, payroll).
+            listed = await query(first, f"SELECT file FROM glob('{mine.sandbox}/*')")
+            assert len(listed) == 2 and all(name not in row["file"] for row in listed)
+            # (4) the session directory is read-only in the sandbox.
+            for write in (
+                f"COPY (SELECT 1 AS x) TO '{mine.sandbox}/planted.parquet'",
+                f"COPY (SELECT 1 AS x) TO '{mine.sandbox}/../planted.parquet'",
+            ):
+                with pytest.raises(QueryError, match=r"Read-only file system|Permission Error"):
+                    await query(first, write, "SELECT 1")
+            assert sorted(p.name for p in mine.host.iterdir()) == sorted(
+                row["file"].rsplit("/", 1)[-1] for row in listed
+            )
+            # Earlier views still work after all those failures.
+            assert await query(first, both) == [{"n": 1000, "who": "alice"}]
+        finally:
+            launcher.close_session(first.session_id)
+            launcher.close_session(other.session_id)
+        # (5) the directories go with the sessions.
+        assert await _gone(mine.host) and await _gone(theirs.host)
+        await cache.close()
+
+    run(with_launcher(cached_config, body))
+
+
+def test_a_session_without_a_cache_keeps_the_first_query_lock(
+    image: str, policies_dir: Path
+) -> None:
+    """No cache directory, no session directory: the runner keeps the exact first-query lock."""
+    config = make_config(image, policies_dir)
+
+    async def body(launcher: LocalLauncher) -> None:
+        session = await launcher.open_session("tight-session")
+        try:
+            assert session.sandbox.session_dir is None
+            execution = launcher.executor.execute(
+                "SELECT * FROM glob('/cache/**')", session_id=session.session_id
+            )
+            with pytest.raises(QueryError, match=DENIED):
+                await collect_table(execution)
+        finally:
+            launcher.close_session(session.session_id)
+
+    run(with_launcher(config, body))
