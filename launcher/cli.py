@@ -34,12 +34,13 @@ from .enroll import Identity, enroll
 from .errors import DuckcellError
 from .executor import collect_table
 from .image import ImageBuilder
-from .instance import reap_orphans
+from .instance import instance_alive, reap_orphans
 from .local import LocalLauncher
 from .output import FORMATS, write_result
 from .policy import load_policies, load_policy_file
 from .remote import ControlPlaneClient
 from .secretcli import add_secrets_parser, run_secrets_command, secret_store
+from .session_files import remove_stale
 from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
@@ -339,6 +340,12 @@ async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
             own_instance=None,
         )
         print(f"removed {len(report.removed)} orphaned sandbox(es); {report.kept_live} in use")
+        # And the session directories those launchers left in the cache.
+        stale = remove_stale(
+            config.cache_root, lambda owner: instance_alive(config.instances_dir, owner)
+        )
+        if stale:
+            print(f"removed the session directories of {len(stale)} gone launcher(s)")
         return 0
     finally:
         backend.close()

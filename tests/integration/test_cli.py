@@ -146,3 +146,15 @@ def test_killed_launcher_leaves_no_sandbox_after_restart(
 def _query_started(engine: docker.DockerClient, launcher_id: str) -> bool:
     found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
     return any(b"query" in c.logs() and b"started" in c.logs() for c in found)
+
+
+def test_sandboxes_reap_removes_session_directories_of_gone_launchers(cli_env: dict) -> None:
+    """A launcher killed with a session open leaves its session directory in the cache."""
+    cache = Path(cli_env["DUCKCELL_STATE_DIR"]) / "cache"
+    stale = cache / ".sessions" / "deadbeefdeadbeef" / "slot1"
+    stale.mkdir(parents=True)
+    (stale / "linked.parquet").write_bytes(b"PAR1")
+    done = _duckcell("sandboxes", "reap", env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert "removed the session directories of 1 gone launcher(s)" in done.stdout
+    assert not stale.parent.exists()
