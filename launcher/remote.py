@@ -63,7 +63,11 @@ class ControlPlaneClient:
                 if chunk.HasField("ipc"):
                     yield chunk.ipc
                 else:
+                    # The outcome is the last message and says the query succeeded: waiting
+                    # for the call's own end as well cost ~1.5 ms of SELECT 42 here (one more
+                    # wake-up of each process); the cancel below then ends a finished call.
                     finished = True
+                    break
         except aio.AioRpcError as error:
             raise self._translate(error) from None
         finally:
