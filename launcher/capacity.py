@@ -37,6 +37,13 @@ class Capacity:
     def register(self, pool: Reclaimable, wake: Callable[[], None]) -> None:
         self._pools.append((pool, wake))
 
+    def unregister(self, pool: Reclaimable) -> None:
+        """Forget a closed pool (a policy update retires pools while the launcher runs)."""
+        self._pools = [(p, wake) for p, wake in self._pools if p is not pool]
+
+    def pool_count(self) -> int:
+        return len(self._pools)
+
     def try_take(self) -> bool:
         if self._used >= self.limit:
             return False

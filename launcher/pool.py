@@ -105,6 +105,7 @@ class SandboxPool:
             self._destroy_later(sandbox)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._capacity.unregister(self)
 
     # --- checkout -------------------------------------------------------------------------
     async def acquire(self) -> Sandbox:

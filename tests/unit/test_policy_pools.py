@@ -124,6 +124,7 @@ def test_a_changed_policy_gets_a_new_pool_and_its_idle_sandboxes_are_removed() -
         # 2 new-version + 2 untouched: the old ones are gone (removals finish in the background)
         await eventually(lambda: h.backend.live() == 4, "only the warm stock is left")
         assert await threads(h, policy(QUERY_V2)) == 3
+        await eventually(lambda: h.capacity.pool_count() == 2, "the closed pool is forgotten")
 
     scenario(body)
 
