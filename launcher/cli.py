@@ -316,6 +316,12 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if args.local_policies_only:
+            print(
+                "duckcell: --local-policies-only: policies the control plane pushes are ignored",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             await client.run()
         finally:
