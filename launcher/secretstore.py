@@ -105,25 +105,34 @@ class SecretStore:
             return len(secrets)
 
     def _read(self) -> dict[str, str]:
-        """The decrypted map; empty when nothing was ever stored."""
+        """The decrypted map; empty when nothing was ever stored.
+
+        Readers take no lock, so a read may see the data file from before a ``rotate_key``
+        step and the key file from after it: a token no key opens is read once more, both
+        files again, before it counts as a wrong key."""
         data_file = self.path / DATA_FILE
-        try:
-            token = data_file.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as error:
-            raise SecretError(
-                f"cannot read the secret store {data_file} ({error.strerror}); run as the "
-                "worker's user, who owns it"
-            ) from None
-        try:
-            plain = self._fernet(create=False).decrypt(token)
-        except InvalidToken:
-            raise SecretError(
-                f"the secret store {data_file} cannot be decrypted with {self.path / KEY_FILE}: "
-                "the key is not the one it was written with, or the file is damaged; restore "
-                "the matching key, or move both files away and set the secrets again"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                token = data_file.read_bytes()
+            except FileNotFoundError:
+                return {}
+            except OSError as error:
+                raise SecretError(
+                    f"cannot read the secret store {data_file} ({error.strerror}); run as the "
+                    "worker's user, who owns it"
+                ) from None
+            try:
+                plain = self._fernet(create=False).decrypt(token)
+                break
+            except InvalidToken:
+                if attempt == 1:
+                    continue
+                raise SecretError(
+                    f"the secret store {data_file} cannot be decrypted with "
+                    f"{self.path / KEY_FILE}: the key is not the one it was written with, or "
+                    "the file is damaged; restore the matching key, or move both files away "
+                    "and set the secrets again"
+                ) from None
         secrets = json.loads(plain)
         if not isinstance(secrets, dict):
             raise SecretError(f"the secret store {data_file} is not a map of names to values")

@@ -269,7 +269,8 @@ class QueryTasks:
             _, stuck = await asyncio.wait(late.values(), timeout=STOP_WAIT_S)
             for task in stuck:
                 task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        while self._tasks:  # refusals of RunQuery messages read meanwhile end quickly too
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel every query and wait until each has released its sandbox."""

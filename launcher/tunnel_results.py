@@ -14,6 +14,7 @@ stream); nothing is decoded here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from grpc import aio
@@ -74,7 +75,9 @@ class ResultSink:
         """
         if self._call is None and self._send is not None:
             result = pb.QueryResult(query_id=self._query_id, ipc=self._take(), outcome=outcome)
-            return await self._send(pb.WorkerMessage(result=result))
+            # Shielded: the stream is shared, and gRPC cancels the whole call when a write on
+            # it is cancelled, which a Cancel for this query arriving mid-write would do.
+            return await asyncio.shield(self._send(pb.WorkerMessage(result=result)))
         call = await self._open()
         await call.write(pb.ResultChunk(outcome=outcome))
         await call.done_writing()

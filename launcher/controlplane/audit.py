@@ -98,13 +98,16 @@ class AuditLog:
         except sqlite3.Error as exc:
             log.error("audit record of query %s not written: %s", record.query_id, exc)
 
-    def prune(self, before: float) -> int:
-        """Delete the records of queries started before ``before`` (epoch seconds); returns
-        how many went. Raises ``ControlPlaneError`` when the database refuses."""
+    def prune(self, before: float, *, limit: int | None = None) -> int:
+        """Delete the records of queries started before ``before`` (epoch seconds), at most
+        ``limit`` of them; returns how many went. Raises ``ControlPlaneError`` when the
+        database refuses."""
         try:
             with self._conn:
                 cursor = self._conn.execute(
-                    "DELETE FROM query_audit WHERE started_at < ?", (before,)
+                    "DELETE FROM query_audit WHERE rowid IN (SELECT rowid FROM query_audit "
+                    "WHERE started_at < ? LIMIT ?)",
+                    (before, -1 if limit is None else limit),
                 )
         except sqlite3.Error as exc:
             raise ControlPlaneError(f"pruning the audit log failed: {exc}") from None
@@ -123,6 +126,7 @@ class AuditLog:
 
 
 PRUNE_INTERVAL_S = 3600.0
+PRUNE_BATCH = 5000
 
 
 async def prune_forever(
@@ -135,13 +139,17 @@ async def prune_forever(
     """Delete records older than ``keep_s`` now and every ``interval_s`` (a server's task);
     a failed pass is logged and the next one tries again."""
     while True:
+        pruned = 0
         try:
-            pruned = audit.prune(before=clock() - keep_s)
+            # In batches, yielding to the loop between them: a first pass over a large table
+            # must not hold up heartbeats and queries.
+            while (batch := audit.prune(before=clock() - keep_s, limit=PRUNE_BATCH)) > 0:
+                pruned += batch
+                await asyncio.sleep(0)
         except ControlPlaneError as error:
             log.error("%s", error)
-        else:
-            if pruned:
-                log.info("audit retention: deleted %d record(s) older than %g s", pruned, keep_s)
+        if pruned:
+            log.info("audit retention: deleted %d record(s) older than %g s", pruned, keep_s)
         await asyncio.sleep(interval_s)
 
 

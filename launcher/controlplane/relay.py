@@ -28,6 +28,14 @@ RELAY_DEPTH = 8
 Outbox = asyncio.Queue[pb.ControlMessage]
 
 
+class WholeResult(bytes):
+    """IPC bytes that are a query's whole result (it came inline on the tunnel stream): only
+    its outcome follows. Still ``bytes`` for every consumer; one that can use the whole result
+    at once (Flight SQL's ``GetFlightInfo``) checks for this type rather than guessing."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class QueryDone:
     """The last item of a successful query's stream."""

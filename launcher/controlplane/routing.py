@@ -52,6 +52,7 @@ from .relay import (
     Pending,
     QueryDone,
     UnknownQueryError,
+    WholeResult,
     disconnected,
     drain,
     end_trail,
@@ -63,7 +64,7 @@ from .sessions import RoutedSession, SessionTable, session_policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_MOVES", "Outbox", "QueryDone", "QueryRouter", "UnknownQueryError"]
+__all__ = ["MAX_MOVES", "Outbox", "QueryDone", "QueryRouter", "UnknownQueryError", "WholeResult"]
 
 # How many times one query may be moved on after draining workers refused it.
 MAX_MOVES = 3
@@ -153,7 +154,7 @@ class QueryRouter:
             return
         pending.claimed = pending.delivered = True
         if result.ipc:
-            pending.relay.put_nowait(result.ipc)
+            pending.relay.put_nowait(WholeResult(result.ipc))
         pending.relay.put_nowait(self._end_of(pending, result.outcome))
 
     def session_opened(self, worker_id: str, outbox: Outbox, answer: pb.SessionOpened) -> None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pyarrow.flight as flight
 
-from launcher.controlplane.routing import QueryDone
+from launcher.controlplane.routing import QueryDone, WholeResult
 
 T = TypeVar("T")
 
@@ -32,10 +32,6 @@ STOPPING = "the Flight SQL server is shutting down and stopped the query: run it
 # How often a waiting handler looks at its call's is_cancelled (the only cancel signal
 # pyarrow.flight gives a handler).
 POLL_S = 0.05
-
-
-# An Arrow IPC stream ends with a continuation marker and a zero length.
-IPC_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
 def never_cancelled() -> bool:
@@ -126,6 +122,7 @@ class IpcSource(io.RawIOBase):
         self._bridge = bridge
         self._result = result
         self._chunk = memoryview(b"")
+        self._whole = False  # the chunk at hand is the whole result
         self._ended = False
         self.cancelled: Callable[[], bool] = never_cancelled
 
@@ -147,12 +144,12 @@ class IpcSource(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def holds_end(self) -> bool:
-        """Whether the bytes at hand end with the IPC end-of-stream marker: then the rest of
-        the stream can be read without waiting for the worker (a small result arrives whole,
-        see ``launcher.tunnel_results``). A batch body ending in the same eight bytes only
-        makes a reader wait for the next chunk, as it would anyway."""
-        return bytes(self._chunk[-len(IPC_END) :]) == IPC_END
+    def holds_whole_result(self) -> bool:
+        """Whether the bytes at hand are the query's whole result (``WholeResult``: it came
+        inline, see ``launcher.tunnel_results``), so the rest of the stream can be read
+        without waiting for the worker. Never guessed from the bytes: a batch can end with
+        the same eight bytes as the stream's end marker."""
+        return self._whole
 
     def read_to_outcome(self) -> None:
         """After the IPC end-of-stream: wait for the worker's outcome (raising its error)."""
@@ -169,4 +166,5 @@ class IpcSource(io.RawIOBase):
                 self._ended = True
                 return False
             self._chunk = memoryview(chunk)
+            self._whole = isinstance(chunk, WholeResult)
         return True

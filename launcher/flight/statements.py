@@ -108,7 +108,7 @@ class RunningQuery:
         Python generator and no hop to the loop per batch. Raises the query's error (and
         closes it) when the worker's outcome is a failure; does nothing for a result still
         streaming in."""
-        if not self.source.holds_end():
+        if not self.source.holds_whole_result():
             return
         try:
             batches = list(self.reader)

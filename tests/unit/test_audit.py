@@ -201,9 +201,13 @@ def test_prune_deletes_only_records_started_before_the_cutoff(tmp_path: Path) ->
                 "",
             )
         )
-    assert log.prune(before=200.0) == 1
+    assert log.prune(before=200.0) == 1  # strictly before the cutoff
     assert [r.query_id for r in log.recent()] == ["new", "edge"]
     assert log.prune(before=200.0) == 0
+    assert log.prune(before=400.0, limit=1) == 1  # batches: at most `limit` at a time
+    assert log.prune(before=400.0, limit=1) == 1
+    assert log.prune(before=400.0, limit=1) == 0
+    assert log.recent() == []
 
 
 def _old_and_new(log: AuditLog, now: float) -> None:

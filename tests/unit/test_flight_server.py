@@ -28,7 +28,7 @@ from bench.controlplane_process import ControlPlaneProcess
 from launcher.cli import main
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.routing import QueryDone
+from launcher.controlplane.routing import QueryDone, WholeResult
 from launcher.errors import ApiKeyError, ControlPlaneError, ResultLimitError, SqlError
 from launcher.flight import FlightListen, FlightSqlServer
 from launcher.flight import messages as msg
@@ -44,6 +44,8 @@ END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 OK, HANG, FAIL = "SELECT 'ok'", "SELECT 'hang'", "SELECT fail"
 # A small result that arrives in one piece (inline through the tunnel), then its outcome.
 WHOLE, WHOLE_THEN_FAIL = "SELECT 'whole'", "SELECT 'whole', 'then fail'"
+# The same bytes in one chunk but streamed (not marked whole): never read ahead.
+ONE_CHUNK = "SELECT 'one chunk'"
 TABLE = pa.table({"n": pa.array([1, 2, 3], pa.int64()), "s": ["a", "b", None]})
 
 
@@ -69,8 +71,11 @@ class ScriptedRouter:
         try:
             if sql == FAIL:
                 raise SqlError('Binder Error: Referenced column "fail" not found')
-            if sql in (WHOLE, WHOLE_THEN_FAIL):
+            if sql == ONE_CHUNK:
                 yield b"".join(ipc_messages(TABLE))
+                await asyncio.Event().wait()  # the rest of a long stream, never sent
+            if sql in (WHOLE, WHOLE_THEN_FAIL):
+                yield WholeResult(b"".join(ipc_messages(TABLE)))
                 if sql == WHOLE_THEN_FAIL:
                     raise ResultLimitError("result limit: more than 2 rows")
                 yield QueryDone(TABLE.num_rows)
@@ -173,6 +178,11 @@ def test_a_result_that_arrived_whole_is_taken_at_get_flight_info(served: Served)
         # The worker's outcome still counts: a failure after the bytes fails the call.
         with pytest.raises(flight.FlightServerError, match="result limit"):
             client.get_flight_info(statement(WHOLE_THEN_FAIL), bearer(KEY))
+        # Bytes that merely end like a stream are not taken for a whole result: GetFlightInfo
+        # answers at the schema and leaves the rest to DoGet (which the test never calls).
+        info = client.get_flight_info(statement(ONE_CHUNK), bearer(KEY))
+        assert info.schema == TABLE.schema
+        assert served.router.closed == [WHOLE, WHOLE_THEN_FAIL]
 
 
 def test_a_ticket_is_good_once_and_only_for_the_key_that_asked(served: Served) -> None:

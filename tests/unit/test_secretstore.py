@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from launcher.cache import ObjectCache
 from launcher.catalog import Catalog, SecretRef, parse_catalog
@@ -219,3 +219,22 @@ def test_cli_rotate_key(
     assert main(["secrets", "rotate-key", "--state", str(state)]) == 0
     assert "re-encrypted 1 secret(s)" in capsys.readouterr().err
     assert SecretStore(state / "secrets").get("A") == VALUE
+
+
+def test_a_read_racing_a_rotation_reads_both_files_again(
+    store: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data file from before a rotation step and the key file from after it: retried."""
+    store.set("A", VALUE)
+    real = store._fernet
+    calls = []
+
+    def racing(*, create: bool) -> MultiFernet:
+        calls.append(create)
+        if len(calls) == 1:  # the key file already rotated, the data file not yet
+            return MultiFernet([Fernet(Fernet.generate_key())])
+        return real(create=create)
+
+    monkeypatch.setattr(store, "_fernet", racing)
+    assert store.get("A") == VALUE
+    assert len(calls) == 2
