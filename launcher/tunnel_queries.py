@@ -284,7 +284,10 @@ class QueryTasks:
         started = time.time()
         progress = _Progress()
         outcome: pb.Outcome | None = None
-        sink = ResultSink(query_id, self._stub, self._send)
+        # Once draining, outcomes go on their own acknowledged call: the stream ends soon.
+        sink = ResultSink(
+            query_id, self._stub, self._send, inline_now=lambda: self._refusal is None
+        )
         try:
             outcome = await self._forward(sink, request, progress)
             if not await sink.finish(outcome):

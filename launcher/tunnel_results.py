@@ -33,7 +33,9 @@ Send = Callable[[pb.WorkerMessage], Awaitable[bool]]
 class ResultSink:
     """Collects one query's IPC pieces and delivers them with its outcome.
 
-    ``send`` writes on the tunnel stream (``None``: every result gets its own call). Use
+    ``send`` writes on the tunnel stream (``None``: every result gets its own call), when
+    ``inline_now`` says so at the end: a draining worker hangs up right after its last
+    outcomes, and only a ``PushResults`` call's answer proves the control plane read one. Use
     ``add`` for each piece, then ``finish`` once with the outcome; ``close`` always, in a
     ``finally`` (it cancels a call left open by an error or a cancellation).
     """
@@ -45,10 +47,12 @@ class ResultSink:
         send: Send | None,
         *,
         inline_limit: int = INLINE_LIMIT,
+        inline_now: Callable[[], bool] = lambda: True,
     ) -> None:
         self._query_id = query_id
         self._stub = stub
         self._send = send
+        self._inline_now = inline_now
         self._limit = inline_limit if send is not None else -1
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -73,7 +77,7 @@ class ResultSink:
         Raises ``aio.AioRpcError`` (or ``asyncio.InvalidStateError``) when the control plane
         ended the query's call: it stopped waiting for this result.
         """
-        if self._call is None and self._send is not None:
+        if self._call is None and self._send is not None and self._inline_now():
             result = pb.QueryResult(query_id=self._query_id, ipc=self._take(), outcome=outcome)
             # Shielded: the stream is shared, and gRPC cancels the whole call when a write on
             # it is cancelled, which a Cancel for this query arriving mid-write would do.
