@@ -80,14 +80,19 @@ def engine() -> Iterator[docker.DockerClient]:
     assert not new_volumes, f"tests left volumes behind: {new_volumes}"
     leftovers = [
         c
-        for c in client.containers.list(all=True, filters={"label": "duckcell.launcher"})
+        # Sparse: one list call, no inspect per container (which races with removals).
+        for c in client.containers.list(
+            all=True, sparse=True, filters={"label": "duckcell.launcher"}
+        )
         # Only this run's: another test run on the same engine may be going on.
-        if c.labels.get("duckcell.launcher", "").startswith(f"{TEST_LAUNCHER_PREFIX}{RUN_ID}")
+        if (c.attrs.get("Labels") or {})
+        .get("duckcell.launcher", "")
+        .startswith(f"{TEST_LAUNCHER_PREFIX}{RUN_ID}")
     ]
     for container in leftovers:
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
-    assert not leftovers, f"tests left sandboxes behind: {[c.name for c in leftovers]}"
+    assert not leftovers, f"tests left sandboxes behind: {[c.attrs['Names'] for c in leftovers]}"
     client.close()
 
 
@@ -145,5 +150,8 @@ async def until_in_sandbox(
 
 
 def containers_of(engine: docker.DockerClient, launcher_id: str) -> list[str]:
-    found = engine.containers.list(all=True, filters={"label": f"duckcell.launcher={launcher_id}"})
-    return [c.name for c in found]
+    """Names of the launcher's containers, from one list call: the SDK's ``containers.list``
+    inspects each one after listing, which fails (NotFound) when a pool removes one between
+    the two calls (seen in CI)."""
+    found = engine.api.containers(all=True, filters={"label": f"duckcell.launcher={launcher_id}"})
+    return [name.lstrip("/") for c in found for name in c["Names"][:1]]

@@ -264,8 +264,13 @@ async def _until_queries_started(
     a query; ``seen`` collects their names across calls (a finished query's sandbox is gone)."""
 
     def look() -> None:
-        found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
-        seen.update(c.name for c in found if _STARTED.search(c.logs()))
+        found = engine.containers.list(
+            sparse=True, filters={"label": f"duckcell.launcher={launcher_id}"}
+        )
+        for c in found:
+            with contextlib.suppress(docker.errors.NotFound):  # removed since the listing
+                if _STARTED.search(c.logs()):
+                    seen.add(c.attrs["Names"][0].lstrip("/"))
 
     async with asyncio.timeout(90):
         while await asyncio.to_thread(look) or len(seen) < count:
@@ -288,8 +293,14 @@ async def _until_query_started(
     """Wait until one of this launcher's sandboxes logs that its runner started a query."""
 
     def started() -> bool:
-        found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
-        return any(_STARTED.search(c.logs()) for c in found)
+        found = engine.containers.list(
+            sparse=True, filters={"label": f"duckcell.launcher={launcher_id}"}
+        )
+        for c in found:
+            with contextlib.suppress(docker.errors.NotFound):  # removed since the listing
+                if _STARTED.search(c.logs()):
+                    return True
+        return False
 
     async with asyncio.timeout(60):
         while not await asyncio.to_thread(started):
