@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -155,3 +156,18 @@ def containers_of(engine: docker.DockerClient, launcher_id: str) -> list[str]:
     the two calls (seen in CI)."""
     found = engine.api.containers(all=True, filters={"label": f"duckcell.launcher={launcher_id}"})
     return [name.lstrip("/") for c in found for name in c["Names"][:1]]
+
+
+QUERY_STARTED = re.compile(rb"runner: query \S+ started")
+
+
+def sandboxes_that_started_a_query(engine: docker.DockerClient, launcher_id: str) -> set[str]:
+    """Names of the launcher's sandboxes whose runner logged that it started a query. One list
+    call (no inspect per container); a sandbox removed since the listing is skipped."""
+    found = engine.api.containers(all=True, filters={"label": f"duckcell.launcher={launcher_id}"})
+    started = set()
+    for container in found:
+        with contextlib.suppress(docker.errors.NotFound):
+            if QUERY_STARTED.search(engine.api.logs(container["Id"])):
+                started.add(container["Names"][0].lstrip("/"))
+    return started

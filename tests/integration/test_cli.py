@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
-from .conftest import containers_of
+from .conftest import containers_of, sandboxes_that_started_a_query
 
 pytestmark = pytest.mark.docker
 
@@ -144,8 +144,7 @@ def test_killed_launcher_leaves_no_sandbox_after_restart(
 
 
 def _query_started(engine: docker.DockerClient, launcher_id: str) -> bool:
-    found = engine.containers.list(filters={"label": f"duckcell.launcher={launcher_id}"})
-    return any(b"query" in c.logs() and b"started" in c.logs() for c in found)
+    return bool(sandboxes_that_started_a_query(engine, launcher_id))
 
 
 def test_sandboxes_reap_removes_session_directories_of_gone_launchers(cli_env: dict) -> None:

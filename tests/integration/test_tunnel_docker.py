@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import subprocess
 import sys
@@ -36,12 +35,11 @@ from launcher.tunnel import TunnelClient
 from launcher.tunnel_queries import ExecutorQueryRunner
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
-from .conftest import containers_of
+from .conftest import containers_of, sandboxes_that_started_a_query
 from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 # What the sandbox's runner prints to stderr as it begins executing a query.
-_STARTED = re.compile(rb"runner: query \S+ started")
 
 
 def test_queries_through_the_tunnel_run_in_real_sandboxes(
@@ -264,13 +262,7 @@ async def _until_queries_started(
     a query; ``seen`` collects their names across calls (a finished query's sandbox is gone)."""
 
     def look() -> None:
-        found = engine.containers.list(
-            sparse=True, filters={"label": f"duckcell.launcher={launcher_id}"}
-        )
-        for c in found:
-            with contextlib.suppress(docker.errors.NotFound):  # removed since the listing
-                if _STARTED.search(c.logs()):
-                    seen.add(c.attrs["Names"][0].lstrip("/"))
+        seen.update(sandboxes_that_started_a_query(engine, launcher_id))
 
     async with asyncio.timeout(90):
         while await asyncio.to_thread(look) or len(seen) < count:
@@ -293,14 +285,7 @@ async def _until_query_started(
     """Wait until one of this launcher's sandboxes logs that its runner started a query."""
 
     def started() -> bool:
-        found = engine.containers.list(
-            sparse=True, filters={"label": f"duckcell.launcher={launcher_id}"}
-        )
-        for c in found:
-            with contextlib.suppress(docker.errors.NotFound):  # removed since the listing
-                if _STARTED.search(c.logs()):
-                    return True
-        return False
+        return bool(sandboxes_that_started_a_query(engine, launcher_id))
 
     async with asyncio.timeout(60):
         while not await asyncio.to_thread(started):
