@@ -4,13 +4,15 @@
 The issue's target: once the files are cached, is an isolated query within 1.15x of in-process
 DuckDB on the same files? And what does the first (cold) query pay? TPC-H lineitem, orders,
 customer and nation are generated with ``tpchgen-cli`` once into ``--data-dir`` and reused,
-uploaded to a real S3 API server (moto) on loopback, and a ``LocalLauncher`` with a catalog over
+uploaded to a real S3 API server (moto, its own process) on loopback, and a ``LocalLauncher`` with a catalog over
 that bucket runs ``scan`` (TPC-H Q1) and ``join`` (TPC-H Q10), one fresh sandbox per query, as
 ``duckcell query --catalog`` does:
 
 - cold: cache emptied (untimed); timed: list the objects, download them, query, decode.
 - warm: every object cached: list, lease (hits), query, decode. The catalog's default
-  ``listing_ttl`` (0: every query lists every table, so it sees every object written before it).
+  ``listing_ttl`` (0: every query lists every table, so it sees every object written before it),
+  prepared early as a worker prepares it: the tables are bound to their last listings and the
+  fresh LISTs run beside the sandbox, which holds its result until they agree.
 - warm, listing reused: the same over a catalog whose connection sets ``listing_ttl``
   (``--listing-ttl``, default 60s): a query lists a table only when its last listing is older,
   so it may miss objects others wrote meanwhile (``launcher.listing_cache``). Reported beside
@@ -34,10 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,6 @@ from pathlib import Path
 
 import boto3
 import duckdb
-from moto.server import ThreadedMotoServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -142,13 +143,19 @@ def tpch_files(plan: Plan, progress: Progress) -> Path:
 
 @contextlib.contextmanager
 def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
-    """A moto S3 server on loopback holding the tables; yields its endpoint and bytes held."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    """A moto S3 server on loopback holding the tables; yields its endpoint and bytes held.
+
+    It runs as a process of its own, as an object store does: in this process its request
+    handling would take the launcher's GIL, slowing the launcher as no real store would.
+    """
+    with socket.socket() as probe:  # a free port (moto's CLI cannot report one it picked)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_listening(port, server)
         client = boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -164,7 +171,22 @@ def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
         progress(f"uploaded {total / 1e6:.0f} MB to the S3 server at {endpoint}")
         yield endpoint, total
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def wait_listening(port: int, server: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the moto S3 server exited ({server.returncode}) at start-up")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto did not listen in {timeout_s:g} s") from None
+            time.sleep(0.05)
 
 
 def catalog_text(endpoint: str, listing_ttl: str = "0s") -> str:
@@ -262,7 +284,7 @@ async def in_sandbox(
 ) -> SandboxRun:
     """List, lease (downloading what is missing), run in a fresh sandbox, decode: timed."""
     started = time.perf_counter()
-    files = await data.prepare(sql, policy)
+    files = await data.prepare(sql, policy, early=True)  # as a worker does
     prepared = time.perf_counter()
     execution = launcher.executor.execute(sql, policy=policy, tables=files)
     table = await collect_table(execution)

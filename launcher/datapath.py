@@ -14,6 +14,12 @@ listing is back. A connection with a ``listing_ttl`` reuses a table's listing fo
 (``launcher.listing_cache``: what that trades, and how a write through this worker or an object
 that is gone drops it); by default every query lists.
 
+A query prepared ``early`` does not wait for that LIST when its table was listed before: its
+files are leased from the last listing at once and the fresh LIST runs beside the query.
+``TableFiles.confirmed()`` says whether the fresh listing matched (same keys, ETags, sizes); the
+executor holds every result byte and any upload until it has, and runs the query again on
+fresh files when it has not. A warm query so pays max(LIST, run) instead of LIST + run.
+
 A query that writes (``COPY (SELECT ...) TO 's3://...'``, see ``launcher.writes``) is checked
 against the policy first, before any listing or download, and comes back with a
 ``PendingWrite``: the executor runs its rewritten SQL and uploads the output through the
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -60,8 +66,21 @@ class TableFiles:
     bindings: tuple[Binding, ...] = ()
     leases: list[CacheLease] = field(default_factory=list)
     write: PendingWrite | None = None
+    # Set when prepared early on last listings: the fresh LISTs' verdict (see ``confirmed``),
+    # and how to prepare the query again on fresh files when they disagree.
+    pending: asyncio.Task[bool] | None = None
+    again: Callable[[], Awaitable[TableFiles]] | None = None
+
+    async def confirmed(self) -> bool:
+        """Whether these bindings are the tables' files as listed now: True at once unless
+        prepared early; else waits for the fresh LISTs (raising what they raised)."""
+        if self.pending is None:
+            return True
+        return await asyncio.shield(self.pending)
 
     def release(self) -> None:
+        if self.pending is not None:
+            _drop(self.pending)
         if self.write is not None:
             self.write.discard()
         leases, self.leases = self.leases, []
@@ -138,8 +157,12 @@ class DataPath:
         self._stores.clear()
         self.listings.clear()
 
-    async def prepare(self, sql: str, policy: Policy) -> TableFiles:
+    async def prepare(self, sql: str, policy: Policy, *, early: bool = False) -> TableFiles:
         """The bindings for the catalog tables ``sql`` names, their files leased in the cache.
+
+        ``early``: a table listed before is bound to its last listing without waiting for a
+        fresh LIST; the result's ``confirmed()`` must then be true before its results are used
+        (its ``again()`` prepares the query anew when it is not).
 
         Raises SqlError (unparseable SQL), QueryDeniedError (the policy may not read a table's
         connection, or not write where the SQL writes), CatalogError (a table without files),
@@ -158,30 +181,59 @@ class DataPath:
                     f"{table.name}); use a policy whose access.connections includes it"
                 )
         files = TableFiles(write=write)
+        unconfirmed: list[tuple[Table, list[ObjectRef]]] = []
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._bind(table, files)) for table in tables]
+                tasks = [
+                    group.create_task(self._bind(t, files, unconfirmed, early)) for t in tables
+                ]
         except BaseException as error:
             files.release()
             raise first_domain_error(error) from None
         files.bindings = tuple(task.result() for task in tasks)
+        if unconfirmed:
+            # Started once the leases are in, so they do not slow the leases down: from here
+            # on they run beside the sandbox.
+            checks = [asyncio.ensure_future(self._still_listed(*u)) for u in unconfirmed]
+            files.pending = asyncio.ensure_future(_all_true(checks))
+            files.again = functools.partial(self.prepare, sql, policy)
         return files
 
-    async def _bind(self, table: Table, files: TableFiles) -> Binding:
-        """List (or reuse a listing of) one table and lease its files."""
+    async def _bind(
+        self,
+        table: Table,
+        files: TableFiles,
+        unconfirmed: list[tuple[Table, list[ObjectRef]]],
+        early: bool,
+    ) -> Binding:
+        """List (or reuse a listing of) one table and lease its files. ``early``: lease the
+        last listing, adding it to ``unconfirmed`` for a fresh LIST to check."""
         ttl = self.catalog.connections[table.connection].listing_ttl
         reused = self.listings.get(table.connection, table.path, ttl)
+        last = None
+        if reused is None and early:
+            reused = last = self.listings.last(table.connection, table.path)
         if reused is not None:
             try:
-                return await self._lease(table, reused, files)
+                binding = await self._lease(table, reused, files)
             except ObjectStoreError:
                 # An object the reused listing names changed or went: list afresh, once.
                 self.listings.drop(table.connection, table.path)
+            else:
+                if last is not None:
+                    unconfirmed.append((table, last))
+                return binding
         started = self.listings.start()
         refs = await self._list(table)
-        if ttl > 0:
-            self.listings.put(table.connection, table.path, refs, started)
+        self.listings.put(table.connection, table.path, refs, started)
         return await self._lease(table, refs, files)
+
+    async def _still_listed(self, table: Table, refs: list[ObjectRef]) -> bool:
+        """List ``table`` afresh, keep that listing, and say whether it is still ``refs``."""
+        started = self.listings.start()
+        fresh = await self._list(table)
+        self.listings.put(table.connection, table.path, fresh, started)
+        return sorted(fresh, key=_order) == sorted(refs, key=_order)
 
     async def _list(self, table: Table) -> list[ObjectRef]:
         refs = await self._store(table.connection).list(table.path)
@@ -210,6 +262,24 @@ class DataPath:
             store = self._make_store(self.catalog.connections[name], self._environ)
             self._stores[name] = store
         return store
+
+
+async def _all_true(checks: list[asyncio.Task[bool]]) -> bool:
+    try:
+        return all(await asyncio.gather(*checks))
+    finally:
+        for check in checks:
+            _drop(check)  # after one failed (or this was cancelled): the others are moot
+
+
+def _drop(task: asyncio.Future[bool]) -> None:
+    """Cancel a check nobody will await; an error it ended with is not an unretrieved one."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+def _order(ref: ObjectRef) -> tuple[str, str]:
+    return ref.bucket, ref.key
 
 
 def _reads(key: str, fmt: str) -> bool:

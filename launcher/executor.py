@@ -11,6 +11,12 @@ directory: before each of its queries the query's leased files are linked there
 A writing query (``TableFiles.write``, see ``launcher.writes``) runs its rewritten SQL; the
 runner's output chunks are spooled on the host and uploaded only after the query succeeded and
 its sandbox was released, and the write's one-row result replaces DuckDB's COPY count.
+
+Tables prepared early (``DataPath.prepare(..., early=True)``) are bound to their last listings
+while fresh LISTs run: a per-query sandbox starts at once, but no result byte leaves and no
+upload starts before ``TableFiles.confirmed()``; when a listing changed, that sandbox is
+destroyed and the query runs again, once, on fresh files. A session's sandbox keeps state
+between queries, so a session query waits for the verdict before it starts.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class QueryRecord:
     total_s: float = 0.0
     summary: QuerySummary | None = None
     outcome: str = "running"
+    reruns: int = 0  # times prepared again: a table changed since its last listing (early)
 
 
 class QueryExecution:
@@ -78,6 +85,7 @@ class QueryExecution:
         self._parameters = parameters
         self._tables = tables if tables is not None else TableFiles()
         write = self._tables.write
+        self._original_sql = sql
         self._sql = write.plan.sql if write is not None else sql
         self._policy = policy
         self._session = session
@@ -105,13 +113,8 @@ class QueryExecution:
                 async for chunk in self._run_in_session(self._session, started):
                     yield chunk
             else:
-                pool = executor._pool_for(self._policy)
-                sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
-                try:
-                    async for chunk in self._run_in(sandbox, started, self._tables.bindings):
-                        yield chunk
-                finally:
-                    pool.release(sandbox)
+                async for chunk in self._run_per_query(started):
+                    yield chunk
             if self._tables.write is not None:
                 # After the release: an upload needs no sandbox, so it should not hold one.
                 yield await self._tables.write.publish()
@@ -130,7 +133,51 @@ class QueryExecution:
             self.record.total_s = time.monotonic() - started
             executor._running.pop(self.query_id, None)
 
+    async def _run_per_query(self, started: float) -> AsyncIterator[bytes]:
+        """Run in a fresh sandbox; when the tables' listings prove to have changed meanwhile,
+        nothing of that run has left: run again on fresh files."""
+        pool = self._executor._pool_for(self._policy)
+        while True:
+            sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
+            stale = False
+            try:
+                stream = self._run_in(sandbox, started, self._tables.bindings)
+                try:
+                    async for chunk in stream:
+                        if not await self._tables.confirmed():
+                            stale = True
+                            break
+                        yield chunk
+                finally:
+                    await stream.aclose()
+                # A writing query yields nothing: its upload waits for the verdict here.
+                stale = stale or not await self._tables.confirmed()
+            except QueryError:
+                # An error on early-bound files stands only if they were the right files.
+                if self._stop_reason is not None or await self._tables.confirmed():
+                    raise
+                stale = True
+            finally:
+                pool.release(sandbox)
+            if not stale:
+                return
+            await self._prepare_again()
+
+    async def _prepare_again(self) -> None:
+        """Swap the early-bound tables for freshly listed ones (never early again)."""
+        again, old = self._tables.again, self._tables
+        self._tables = TableFiles()
+        old.release()
+        if again is None:  # confirmed() is only false for tables prepared early
+            raise QueryError("the query's table listings changed and it cannot be prepared again")
+        self.record.reruns += 1
+        self._tables = await again()
+        write = self._tables.write
+        self._sql = write.plan.sql if write is not None else self._original_sql
+
     async def _run_in_session(self, session: Session, started: float) -> AsyncIterator[bytes]:
+        if not await self._tables.confirmed():
+            await self._prepare_again()
         # A session runs one query at a time; the lock is the queue.
         await self._unless_cancelled(session.lock.acquire(), lambda _: session.lock.release())
         try:

@@ -16,6 +16,11 @@ and how little:
 - **A listing proven stale is dropped.** When an object it names cannot be downloaded any more
   (changed or deleted), the caller drops the listing and lists again (``DataPath``).
 
+Every listing is kept, whatever the TTL, as the *last known* listing of its table (``last``):
+a query may start early on it while a fresh LIST runs, its results held back until that LIST
+proves the listing unchanged (``DataPath.prepare(..., early=True)``). That trades nothing away:
+a listing that changed costs a second run, never a stale answer.
+
 Each entry remembers when its LIST *started*, so the TTL is never stretched by a slow LIST, and
 a drop that happens while a LIST is in flight wins: that listing is not stored.
 """
@@ -57,9 +62,14 @@ class ListingCache:
             if listing is None:
                 return None
             if self._clock() - listing.listed_at >= ttl:
-                del self._listings[(connection, path)]
-                return None
+                return None  # kept as the last known listing (``last``)
             return list(listing.refs)
+
+    def last(self, connection: str, path: str) -> list[ObjectRef] | None:
+        """The last listing of ``path`` stored, however old; only to start early on."""
+        with self._lock:
+            listing = self._listings.get((connection, path))
+            return None if listing is None else list(listing.refs)
 
     def start(self) -> tuple[float, int]:
         """A token for a LIST about to start; hand it back to ``put`` with its result."""

@@ -158,3 +158,37 @@ def test_duckcell_query_with_a_catalog(
     done = duckcell("SELECT * FROM remote")
     assert done.returncode == 2
     assert "secret env:NOPE_KEY_ID is not set" in done.stderr
+
+
+def test_a_query_prepared_early_answers_from_the_tables_files_as_they_are_now(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """A worker prepares queries early: a table listed before is bound to its last listing
+    while a fresh LIST runs beside the sandbox. Unchanged, that run stands (no rerun). After a
+    third file lands in the table, the early run's result is held back, thrown away with its
+    sandbox, and the query runs once more on the fresh files: the client sees only the new
+    count, and nothing stays leased."""
+    assert cached_config.cache_dir is not None
+    cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache)
+    trips = catalog_file.parent / "trips"
+    sql = "SELECT count(*) AS n FROM trips"
+
+    async def body(launcher: LocalLauncher) -> list[tuple[int, int, int]]:
+        policy = launcher.policies.get("default")
+        seen = []
+        for step in range(3):
+            if step == 2:
+                con = duckdb.connect()
+                con.execute(f"COPY (FROM range(1000, 1250) t(i)) TO '{trips}/part-2.parquet'")
+                con.close()
+            tables = await data.prepare(sql, policy, early=True)
+            execution = launcher.executor.execute(sql, policy=policy, tables=tables)
+            table = await collect_table(execution)
+            in_use = cache.stats().in_use
+            seen.append((table.column("n")[0].as_py(), execution.record.reruns, in_use))
+        await cache.close()
+        return seen
+
+    # first: listed before it ran; second: early, confirmed; third: early, refuted, run again
+    assert run(with_launcher(cached_config, body)) == [(1000, 0, 0), (1000, 0, 0), (1250, 1, 0)]

@@ -187,3 +187,33 @@ def test_a_session_without_a_cache_keeps_the_first_query_lock(
             launcher.close_session(session.session_id)
 
     run(with_launcher(config, body))
+
+
+def test_a_session_query_prepared_early_waits_for_fresh_files(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """A session's sandbox keeps state between queries, so an early-prepared session query
+    never runs on a listing the fresh LIST refutes: it is prepared again first and runs once,
+    on the new file (a temp table it creates holds the new rows, not the old ones)."""
+    assert cached_config.cache_dir is not None
+    cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache)
+    trips = catalog_file.parent / "trips.parquet"
+
+    async def body(launcher: LocalLauncher) -> tuple[list[dict[str, object]], int]:
+        session = await launcher.open_session("tight-session")
+        try:
+            (await data.prepare("FROM trips", session.policy, early=True)).release()
+            con = duckdb.connect()
+            con.execute(f"COPY (FROM range(0, 5) t(i)) TO '{trips}'")  # replaced: new ETag
+            con.close()
+            sql = "CREATE TEMP TABLE kept AS FROM trips; SELECT count(*) AS n FROM kept"
+            tables = await data.prepare(sql, session.policy, early=True)
+            execution = launcher.executor.execute(sql, session_id=session.session_id, tables=tables)
+            rows = (await collect_table(execution)).to_pylist()
+            return rows, execution.record.reruns
+        finally:
+            launcher.sessions.close(session.session_id)
+            await cache.close()
+
+    assert run(with_launcher(cached_config, body)) == ([{"n": 5}], 1)

@@ -238,3 +238,54 @@ def test_a_failed_multipart_upload_leaves_no_object(
     s3.fail = lambda method, query: False
     assert "out/broken.bin" not in keys(admin, "out/")
     assert admin.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_a_write_prepared_early_uploads_once_from_fresh_files(
+    writer_config: LauncherConfig, admin: Any, s3: S3Proxy
+) -> None:
+    """A write whose source table changed since its last listing: the early run's output is
+    never uploaded; the query runs again on the fresh files and exactly one object, with the
+    new rows, reaches S3."""
+    prefix = f"grow-{uuid.uuid4().hex[:8]}"
+    catalog = parse_catalog(
+        f"""\
+connections:
+  lake: {{kind: s3, endpoint: "{s3.url}", region: us-east-1, path_style: true,
+         access_key_id: {{env: LAKE_KEY}}, secret_access_key: {{env: LAKE_SECRET}}}}
+tables:
+  grow: {{connection: lake, path: "s3://{BUCKET}/{prefix}/", format: parquet}}
+""",
+        "catalog.yaml",
+    )
+    assert writer_config.cache_dir is not None
+    data = DataPath(
+        catalog, ObjectCache(writer_config.cache_dir, budget_bytes=64 * MiB), environ=ENV
+    )
+
+    def put(part: int, rows: range) -> None:
+        sink = io.BytesIO()
+        pq.write_table(pa.table({"i": pa.array(rows, pa.int64())}), sink)
+        admin.put_object(Bucket=BUCKET, Key=f"{prefix}/part-{part}.parquet", Body=sink.getvalue())
+
+    url = f"s3://{BUCKET}/out/{prefix}.parquet"
+    sql = f"COPY (SELECT i FROM grow ORDER BY i) TO '{url}'"
+
+    async def body(launcher: LocalLauncher) -> tuple[pa.Table, int]:
+        policy = launcher.policies.get("writer")
+        put(0, range(100))
+        (await data.prepare("SELECT * FROM grow", policy, early=True)).release()  # listed once
+        put(1, range(100, 150))
+        tables = await data.prepare(sql, policy, early=True)
+        assert len(tables.bindings[0].paths) == 1  # bound to the last listing...
+        execution = launcher.executor.execute(sql, policy=policy, tables=tables)
+        result = await collect_table(execution)
+        await data.cache.close()
+        return result, execution.record.reruns
+
+    puts_before = s3.count("PUT")
+    result, reruns = run(with_launcher(writer_config, body))
+    table, _ = object_table(admin, f"out/{prefix}.parquet")
+    assert reruns == 1  # ...which the fresh LIST refuted
+    assert table.column("i").to_pylist() == list(range(150))
+    assert result.to_pylist()[0]["Count"] == 150
+    assert s3.count("PUT") == puts_before + 3  # two source parts and one upload, not two

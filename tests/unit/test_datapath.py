@@ -301,3 +301,116 @@ def test_listing_cache_drops_win_over_a_listing_in_flight() -> None:
     assert listings.get("lake", "s3://bucket/trips/", 60) == [ref]
     listings.drop_overlapping("lake", "s3://bucket/")  # above it: dropped
     assert listings.get("lake", "s3://bucket/trips/", 60) is None
+
+
+# --- early: binding the last listing while a fresh LIST runs -----------------------------------
+class GatedStore(VersionedStore):
+    """A VersionedStore whose LISTs wait for ``gate`` once it is set to an unset Event."""
+
+    gate: asyncio.Event | None = None
+    broken: bool = False
+
+    async def list(self, url: str) -> list[ObjectRef]:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.broken:
+            raise ObjectStoreError("LIST failed: connection refused")
+        return await super().list(url)
+
+
+def test_early_binds_the_last_listing_before_the_fresh_list_is_back(
+    tmp_path: Path, policy: Policy
+) -> None:
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "0s", Clock())
+        first = await data.prepare("FROM trips", policy, early=True)
+        assert first.pending is None  # never listed before: listed first, nothing to confirm
+        assert await first.confirmed()
+        first.release()
+        store.gate = asyncio.Event()  # LISTs now hang until the gate opens
+        files = await data.prepare("FROM trips", policy, early=True)
+        assert len(files.bindings[0].paths) == 1 and files.pending is not None
+        assert not files.pending.done()  # prepared while its LIST is still out
+        store.gate.set()
+        assert await files.confirmed()  # unchanged: the early bindings stand
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+    assert store.listed == ["s3://bucket/trips/"] * 2  # one LIST per query, early or not
+
+
+def test_early_bindings_of_a_changed_table_are_refuted_and_prepared_again(
+    tmp_path: Path, policy: Policy
+) -> None:
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "0s", Clock())
+        (await data.prepare("FROM trips", policy, early=True)).release()
+        store.objects["trips/b.parquet"] = b"PAR1bb"  # added by another writer
+        files = await data.prepare("FROM trips", policy, early=True)
+        assert len(files.bindings[0].paths) == 1  # the last listing...
+        assert not await files.confirmed()  # ...which the fresh LIST refutes
+        assert files.again is not None
+        files.release()
+        fresh = await files.again()
+        assert fresh.pending is None and len(fresh.bindings[0].paths) == 2
+        fresh.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+
+
+def test_a_failed_confirming_list_fails_the_query_with_the_stores_error(
+    tmp_path: Path, policy: Policy
+) -> None:
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "0s", Clock())
+        (await data.prepare("FROM trips", policy, early=True)).release()
+        store.broken = True
+        files = await data.prepare("FROM trips", policy, early=True)
+        with pytest.raises(ObjectStoreError, match="connection refused"):
+            await files.confirmed()
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
+
+
+def test_releasing_early_tables_stops_their_fresh_list(tmp_path: Path, policy: Policy) -> None:
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "0s", Clock())
+        (await data.prepare("FROM trips", policy, early=True)).release()
+        store.gate = asyncio.Event()
+        files = await data.prepare("FROM trips", policy, early=True)
+        assert files.pending is not None
+        files.release()  # the query ended before its LIST came back
+        await asyncio.wait([files.pending])
+        assert files.pending.cancelled()
+        await data.cache.close()
+
+    asyncio.run(body())
+
+
+def test_without_early_a_query_never_binds_an_unconfirmed_listing(
+    tmp_path: Path, policy: Policy
+) -> None:
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = ttl_data_path(tmp_path, store, "0s", Clock())
+        (await data.prepare("FROM trips", policy, early=True)).release()
+        store.objects["trips/b.parquet"] = b"PAR1bb"
+        files = await data.prepare("FROM trips", policy)
+        assert files.pending is None and len(files.bindings[0].paths) == 2
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())
