@@ -4,9 +4,9 @@
 The issue's target: once the files are cached, is an isolated query within 1.15x of in-process
 DuckDB on the same files? And what does the first (cold) query pay? TPC-H lineitem, orders,
 customer and nation are generated with ``tpchgen-cli`` once into ``--data-dir`` and reused,
-uploaded to a real S3 API server (moto, its own process) on loopback, and a ``LocalLauncher`` with a catalog over
-that bucket runs ``scan`` (TPC-H Q1) and ``join`` (TPC-H Q10), one fresh sandbox per query, as
-``duckcell query --catalog`` does:
+uploaded to a real S3 API server (moto, its own process) on loopback, and a ``LocalLauncher``
+with a catalog over that bucket runs ``scan`` (TPC-H Q1) and ``join`` (TPC-H Q10), one fresh
+sandbox per query, as a worker does:
 
 - cold: cache emptied (untimed); timed: list the objects, download them, query, decode.
 - warm: every object cached: list, lease (hits), query, decode. The catalog's default
@@ -48,6 +48,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import boto3
 import duckdb
@@ -152,34 +153,48 @@ def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_listening(port, server)
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=S3_ENV["BENCH_S3_KEY"],
-            aws_secret_access_key=S3_ENV["BENCH_S3_SECRET"],
-        )
-        client.create_bucket(Bucket=BUCKET)
-        total = 0
-        for path in sorted(files.glob("*/*.parquet")):
-            client.upload_file(str(path), BUCKET, f"{path.parent.name}/{path.name}")
-            total += path.stat().st_size
-        progress(f"uploaded {total / 1e6:.0f} MB to the S3 server at {endpoint}")
-        yield endpoint, total
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with tempfile.TemporaryFile() as log:  # its request log; shown only if it fails to start
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            wait_listening(port, server, log)
+            yield endpoint, upload(endpoint, files, progress)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
-def wait_listening(port: int, server: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+def upload(endpoint: str, files: Path, progress: Progress) -> int:
+    """Create the bucket and upload the tables; the bytes uploaded."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ENV["BENCH_S3_KEY"],
+        aws_secret_access_key=S3_ENV["BENCH_S3_SECRET"],
+    )
+    client.create_bucket(Bucket=BUCKET)
+    total = 0
+    for path in sorted(files.glob("*/*.parquet")):
+        client.upload_file(str(path), BUCKET, f"{path.parent.name}/{path.name}")
+        total += path.stat().st_size
+    progress(f"uploaded {total / 1e6:.0f} MB to the S3 server at {endpoint}")
+    return total
+
+
+def wait_listening(
+    port: int, server: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 30
+) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if server.poll() is not None:
-            raise RuntimeError(f"the moto S3 server exited ({server.returncode}) at start-up")
+            log.seek(0)
+            tail = log.read().decode(errors="replace").strip()[-800:]
+            raise RuntimeError(f"the moto S3 server exited ({server.returncode}): {tail}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return

@@ -68,7 +68,7 @@ class TableFiles:
     write: PendingWrite | None = None
     # Set when prepared early on last listings: the fresh LISTs' verdict (see ``confirmed``),
     # and how to prepare the query again on fresh files when they disagree.
-    pending: asyncio.Task[bool] | None = None
+    pending: asyncio.Future[list[bool]] | None = None
     again: Callable[[], Awaitable[TableFiles]] | None = None
 
     async def confirmed(self) -> bool:
@@ -76,7 +76,7 @@ class TableFiles:
         prepared early; else waits for the fresh LISTs (raising what they raised)."""
         if self.pending is None:
             return True
-        return await asyncio.shield(self.pending)
+        return all(await asyncio.shield(self.pending))
 
     def release(self) -> None:
         if self.pending is not None:
@@ -129,8 +129,9 @@ class DataPath:
     Object store clients are built once per connection, when a query first needs one, so a
     connection whose secret is missing fails only the queries that read it. ``secrets`` is the
     worker's secret store for ``{store: NAME}`` references; it reaches the default ``stores``
-    factory (a factory handed in resolves references its own way). ``listings`` keeps the
-    listings of connections with a ``listing_ttl`` (tests hand in one with their own clock).
+    factory (a factory handed in resolves references its own way). ``listings`` keeps every
+    table's last listing: reused within a connection's ``listing_ttl``, and the start of an
+    early prepare whatever its age (tests hand in one with their own clock).
     """
 
     def __init__(
@@ -194,8 +195,8 @@ class DataPath:
         if unconfirmed:
             # Started once the leases are in, so they do not slow the leases down: from here
             # on they run beside the sandbox.
-            checks = [asyncio.ensure_future(self._still_listed(*u)) for u in unconfirmed]
-            files.pending = asyncio.ensure_future(_all_true(checks))
+            # gather: cancelling it cancels every check, and it reads every check's error.
+            files.pending = asyncio.gather(*(self._still_listed(*u) for u in unconfirmed))
             files.again = functools.partial(self.prepare, sql, policy)
         return files
 
@@ -264,18 +265,10 @@ class DataPath:
         return store
 
 
-async def _all_true(checks: list[asyncio.Task[bool]]) -> bool:
-    try:
-        return all(await asyncio.gather(*checks))
-    finally:
-        for check in checks:
-            _drop(check)  # after one failed (or this was cancelled): the others are moot
-
-
-def _drop(task: asyncio.Future[bool]) -> None:
-    """Cancel a check nobody will await; an error it ended with is not an unretrieved one."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+def _drop(checks: asyncio.Future[list[bool]]) -> None:
+    """Cancel checks nobody will await; an error they ended with is not an unretrieved one."""
+    checks.cancel()
+    checks.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _order(ref: ObjectRef) -> tuple[str, str]:

@@ -22,6 +22,7 @@ between queries, so a session query waits for the verdict before it starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,7 @@ from .errors import (
     QueryError,
     QueryTimeoutError,
     SandboxLostError,
+    SqlError,
 )
 from .policy import Isolation, Policy
 from .pool import SandboxPool
@@ -109,11 +111,14 @@ class QueryExecution:
         executor = self._executor
         executor._running[self.query_id] = self
         try:
+            # aclosing: a consumer that leaves early closes this generator; the inner one must
+            # release its sandbox (or session lock) now, before the leases below go.
             if self._session is not None:
-                async for chunk in self._run_in_session(self._session, started):
-                    yield chunk
+                run = self._run_in_session(self._session, started)
             else:
-                async for chunk in self._run_per_query(started):
+                run = self._run_per_query(started)
+            async with contextlib.aclosing(run) as items:
+                async for chunk in items:
                     yield chunk
             if self._tables.write is not None:
                 # After the release: an upload needs no sandbox, so it should not hold one.
@@ -152,8 +157,9 @@ class QueryExecution:
                     await stream.aclose()
                 # A writing query yields nothing: its upload waits for the verdict here.
                 stale = stale or not await self._tables.confirmed()
-            except QueryError:
-                # An error on early-bound files stands only if they were the right files.
+            except SqlError:
+                # DuckDB's error on early-bound files (a column gone, say) stands only if they
+                # were the right files; timeouts and memory limits stand whatever the files.
                 if self._stop_reason is not None or await self._tables.confirmed():
                     raise
                 stale = True
@@ -168,9 +174,12 @@ class QueryExecution:
         again, old = self._tables.again, self._tables
         self._tables = TableFiles()
         old.release()
+        if self._stop_reason == "cancelled":  # no LIST, no download for a query nobody wants
+            raise QueryCancelledError("query cancelled")
         if again is None:  # confirmed() is only false for tables prepared early
             raise QueryError("the query's table listings changed and it cannot be prepared again")
         self.record.reruns += 1
+        self.record.summary = None
         self._tables = await again()
         write = self._tables.write
         self._sql = write.plan.sql if write is not None else self._original_sql

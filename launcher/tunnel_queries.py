@@ -120,12 +120,13 @@ class ExecutorQueryRunner:
         the sandbox."""
         chosen = self._policies.get(policy or self._default_policy)
         # The catalog tables the SQL names are fetched into the cache before a sandbox is
-        # taken; the lease is released when the query ends, however it ends. Early: a table
-        # listed before is not listed again first; the executor holds the results until the
-        # fresh listing agrees (``launcher.datapath``).
+        # taken; the lease is released when the query ends, however it ends. Early (not in a
+        # session, whose query waits for the verdict anyway): a table listed before is not
+        # listed again first; the executor holds the results until the fresh listing agrees
+        # (``launcher.datapath``).
         tables = None
         if self._data is not None:
-            tables = await self._data.prepare(sql, chosen, early=True)
+            tables = await self._data.prepare(sql, chosen, early=not session_id)
         try:
             execution = self._executor.execute(
                 sql,
