@@ -3,7 +3,8 @@
 The local path is ``LocalLauncher.execute`` in this process. The tunnel path is a
 ``ControlPlaneClient`` -> the reference control plane (TLS) -> the worker's mTLS tunnel ->
 the same launcher's executor -> the same pool. The control plane runs in its own process
-(``controlplane_process``); the worker and the client share the bench's loop.
+(``controlplane_process``), and so does the client (``client_process``), as they are deployed;
+the worker is this process, as the local path is.
 
 Two cases, local and tunnel reps interleaved so both see the same background load:
 
@@ -24,16 +25,15 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from bench.cases import POLICY, SELECT_42, settle
+from bench.client_process import ClientProcess
 from bench.controlplane_process import ControlPlaneProcess
 from bench.stats import Json, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.enroll import enroll
-from launcher.executor import collect_table
 from launcher.local import LocalLauncher
 from launcher.policy import PolicySet
 from launcher.pool import SandboxPool
-from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
 from launcher.tunnel_queries import ExecutorQueryRunner
 
@@ -87,7 +87,8 @@ async def tunnel_cases(
             try:
                 await asyncio.wait_for(tunnel.connected.wait(), CONNECT_TIMEOUT_S)
                 api_key = data.api_keys().create("analyst")
-                async with ControlPlaneClient(address, api_key, data.ca().cert_pem()) as client:
+                ca_pem = data.ca().cert_pem()
+                async with ClientProcess(address, ca_pem, api_key, work_dir / "client") as client:
                     paths = Paths(launcher, client)
                     latency = await latency_case(paths, pool, reps, progress)
                     throughput = await throughput_case(paths, pool, wide_reps, progress)
@@ -99,24 +100,22 @@ async def tunnel_cases(
 
 @dataclass(frozen=True, slots=True)
 class Paths:
+    """Both paths timed the same way (``consume``); the tunnel's in the client's process."""
+
     launcher: LocalLauncher
-    client: ControlPlaneClient
+    client: ClientProcess
 
     async def local_select(self) -> float:
-        started = time.perf_counter()
-        await collect_table(self.launcher.execute(SELECT_42, policy=POLICY))
-        return time.perf_counter() - started
+        return (await consume(self.launcher.execute(SELECT_42, policy=POLICY).chunks())).seconds
 
     async def tunnel_select(self) -> float:
-        started = time.perf_counter()
-        await self.client.table(SELECT_42, policy=POLICY)
-        return time.perf_counter() - started
+        return (await self.tunnel_wide(SELECT_42)).seconds
 
     async def local_wide(self) -> Transfer:
         return await consume(self.launcher.execute(WIDE, policy=POLICY).chunks())
 
-    async def tunnel_wide(self) -> Transfer:
-        return await consume(self.client.chunks(WIDE, policy=POLICY))
+    async def tunnel_wide(self, sql: str = WIDE) -> Transfer:
+        return Transfer(**(await self.client.run(sql, POLICY)))
 
 
 async def latency_case(paths: Paths, pool: SandboxPool, reps: int, progress: Progress) -> Json:

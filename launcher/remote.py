@@ -60,9 +60,9 @@ class ControlPlaneClient:
         finished = False
         try:
             async for chunk in call:
-                if chunk.HasField("ipc"):
+                if chunk.ipc:
                     yield chunk.ipc
-                else:
+                if chunk.HasField("outcome"):
                     # The outcome is the last message and says the query succeeded: waiting
                     # for the call's own end as well cost ~1.5 ms of SELECT 42 here (one more
                     # wake-up of each process); the cancel below then ends a finished call.

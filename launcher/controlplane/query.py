@@ -20,7 +20,7 @@ from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
 from .apikeys import ApiKey, ApiKeys
-from .routing import QueryDone, QueryRouter
+from .routing import QueryDone, QueryRouter, WholeResult
 from .sessions import SESSION_REASON
 from .wire import REASON_KEY
 
@@ -66,10 +66,13 @@ class QueryService(pb_grpc.QueryServicer):
         try:
             # aclosing: when this call is cancelled the router's cleanup cancels the query.
             async with contextlib.aclosing(run) as items:
+                whole = b""
                 async for item in items:
                     if isinstance(item, QueryDone):
                         outcome = pb.Outcome(ok=True, rows=item.rows)
-                        await context.write(pb.QueryChunk(outcome=outcome))
+                        await context.write(pb.QueryChunk(ipc=whole, outcome=outcome))
+                    elif isinstance(item, WholeResult):
+                        whole = item  # only its outcome follows: sent in one message with it
                     else:
                         await context.write(pb.QueryChunk(ipc=item))
         except (WorkerUnavailableError, QueryError, SessionError) as error:
