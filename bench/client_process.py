@@ -17,13 +17,13 @@ the command line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.controlplane_process import wait_or_kill
 from launcher.remote import ControlPlaneClient
 
 STOP_TIMEOUT_S = 10.0
@@ -60,12 +60,7 @@ class ClientProcess:
             return
         assert process.stdin is not None
         process.stdin.close()  # end of input: the client exits
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await wait_or_kill(process, STOP_TIMEOUT_S)
 
     async def run(self, sql: str, policy: str) -> dict[str, float]:
         process = self._process

@@ -107,9 +107,14 @@ class ControlPlaneProcess:
         if process is None or process.returncode is not None:
             return
         process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await wait_or_kill(process, STOP_TIMEOUT_S)
+
+
+async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float) -> None:
+    """Wait for ``process`` to exit once told to; kill it if it has not within ``timeout_s``."""
+    try:
+        await asyncio.wait_for(process.wait(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

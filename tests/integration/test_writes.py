@@ -24,7 +24,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from launcher.cache import ObjectCache
-from launcher.catalog import parse_catalog
+from launcher.catalog import Catalog, parse_catalog
 from launcher.config import LauncherConfig
 from launcher.datapath import DataPath
 from launcher.errors import ObjectStoreError, QueryDeniedError, SqlError
@@ -92,18 +92,23 @@ def writer_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherCon
     return make_config(image, directory, cache_dir=tmp_path / "cache")
 
 
-@pytest.fixture
-def data(s3: S3Proxy, writer_config: LauncherConfig) -> Iterator[DataPath]:
-    catalog = parse_catalog(
+def lake_catalog(s3: S3Proxy, table: str, prefix: str) -> Catalog:
+    """A catalog of one table over ``s3://BUCKET/PREFIX/`` through the proxy."""
+    return parse_catalog(
         f"""\
 connections:
   lake: {{kind: s3, endpoint: "{s3.url}", region: us-east-1, path_style: true,
          access_key_id: {{env: LAKE_KEY}}, secret_access_key: {{env: LAKE_SECRET}}}}
 tables:
-  trips: {{connection: lake, path: "s3://{BUCKET}/trips/", format: parquet}}
+  {table}: {{connection: lake, path: "s3://{BUCKET}/{prefix}/", format: parquet}}
 """,
         "catalog.yaml",
     )
+
+
+@pytest.fixture
+def data(s3: S3Proxy, writer_config: LauncherConfig) -> Iterator[DataPath]:
+    catalog = lake_catalog(s3, "trips", "trips")
     assert writer_config.cache_dir is not None
     cache = ObjectCache(writer_config.cache_dir, budget_bytes=256 * MiB)
     yield DataPath(catalog, cache, environ=ENV)
@@ -247,16 +252,7 @@ def test_a_write_prepared_early_uploads_once_from_fresh_files(
     never uploaded; the query runs again on the fresh files and exactly one object, with the
     new rows, reaches S3."""
     prefix = f"grow-{uuid.uuid4().hex[:8]}"
-    catalog = parse_catalog(
-        f"""\
-connections:
-  lake: {{kind: s3, endpoint: "{s3.url}", region: us-east-1, path_style: true,
-         access_key_id: {{env: LAKE_KEY}}, secret_access_key: {{env: LAKE_SECRET}}}}
-tables:
-  grow: {{connection: lake, path: "s3://{BUCKET}/{prefix}/", format: parquet}}
-""",
-        "catalog.yaml",
-    )
+    catalog = lake_catalog(s3, "grow", prefix)
     assert writer_config.cache_dir is not None
     data = DataPath(
         catalog, ObjectCache(writer_config.cache_dir, budget_bytes=64 * MiB), environ=ENV

@@ -318,6 +318,13 @@ class GatedStore(VersionedStore):
         return await super().list(url)
 
 
+async def listed_once(tmp_path: Path, store: MemoryStore, policy: Policy) -> DataPath:
+    """A data path (listing_ttl 0) whose ``trips`` was listed by one earlier query."""
+    data = ttl_data_path(tmp_path, store, "0s", Clock())
+    (await data.prepare("FROM trips", policy, early=True)).release()
+    return data
+
+
 def test_early_binds_the_last_listing_before_the_fresh_list_is_back(
     tmp_path: Path, policy: Policy
 ) -> None:
@@ -348,8 +355,7 @@ def test_early_bindings_of_a_changed_table_are_refuted_and_prepared_again(
     store = GatedStore({"trips/a.parquet": b"PAR1a"})
 
     async def body() -> None:
-        data = ttl_data_path(tmp_path, store, "0s", Clock())
-        (await data.prepare("FROM trips", policy, early=True)).release()
+        data = await listed_once(tmp_path, store, policy)
         store.objects["trips/b.parquet"] = b"PAR1bb"  # added by another writer
         files = await data.prepare("FROM trips", policy, early=True)
         assert len(files.bindings[0].paths) == 1  # the last listing...
@@ -370,8 +376,7 @@ def test_a_failed_confirming_list_fails_the_query_with_the_stores_error(
     store = GatedStore({"trips/a.parquet": b"PAR1a"})
 
     async def body() -> None:
-        data = ttl_data_path(tmp_path, store, "0s", Clock())
-        (await data.prepare("FROM trips", policy, early=True)).release()
+        data = await listed_once(tmp_path, store, policy)
         store.broken = True
         files = await data.prepare("FROM trips", policy, early=True)
         with pytest.raises(ObjectStoreError, match="connection refused"):
@@ -386,8 +391,7 @@ def test_releasing_early_tables_stops_their_fresh_list(tmp_path: Path, policy: P
     store = GatedStore({"trips/a.parquet": b"PAR1a"})
 
     async def body() -> None:
-        data = ttl_data_path(tmp_path, store, "0s", Clock())
-        (await data.prepare("FROM trips", policy, early=True)).release()
+        data = await listed_once(tmp_path, store, policy)
         store.gate = asyncio.Event()
         files = await data.prepare("FROM trips", policy, early=True)
         assert files.pending is not None
@@ -406,8 +410,7 @@ def test_without_early_a_query_never_binds_an_unconfirmed_listing(
     store = GatedStore({"trips/a.parquet": b"PAR1a"})
 
     async def body() -> None:
-        data = ttl_data_path(tmp_path, store, "0s", Clock())
-        (await data.prepare("FROM trips", policy, early=True)).release()
+        data = await listed_once(tmp_path, store, policy)
         store.objects["trips/b.parquet"] = b"PAR1bb"
         files = await data.prepare("FROM trips", policy)
         assert files.pending is None and len(files.bindings[0].paths) == 2
