@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import docker
 import duckdb
 import pyarrow as pa
@@ -33,6 +32,7 @@ from launcher.local import LocalLauncher
 from launcher.objectstore import S3Store
 
 from .conftest import containers_of, make_config, run, with_launcher
+from .lake import admin_client, policies_with
 from .s3proxy import S3Proxy
 
 pytestmark = pytest.mark.docker
@@ -66,28 +66,12 @@ def s3() -> Iterator[S3Proxy]:
 def admin(s3: S3Proxy) -> Any:
     """A plain boto3 client (through the proxy) that sets the bucket up and inspects it."""
     s3.fail = lambda method, query: False
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id="admin",
-        aws_secret_access_key="admin",
-    )
-    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-        client.create_bucket(Bucket=BUCKET)
-        sink = io.BytesIO()
-        pq.write_table(pa.table({"i": pa.array(range(1000), pa.int64())}), sink)
-        client.put_object(Bucket=BUCKET, Key="trips/part-0.parquet", Body=sink.getvalue())
-    return client
+    return admin_client(s3.url, BUCKET)
 
 
 @pytest.fixture
 def writer_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
-    directory = tmp_path / "policies"
-    directory.mkdir()
-    for policy in policies_dir.glob("*.yaml"):
-        (directory / policy.name).write_text(policy.read_text())
-    (directory / "writer.yaml").write_text(WRITER)
+    directory = policies_with(policies_dir, tmp_path / "policies", "writer", WRITER)
     (tmp_path / "cache").mkdir()
     return make_config(image, directory, cache_dir=tmp_path / "cache")
 

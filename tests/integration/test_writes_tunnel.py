@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import boto3
 import docker
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +42,7 @@ from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config
+from .lake import admin_client, policies_with
 from .s3proxy import S3Proxy
 
 pytestmark = pytest.mark.docker
@@ -79,27 +79,12 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Proxy]:
 @pytest.fixture
 def admin(s3: S3Proxy) -> Any:
     """A plain boto3 client that sets the bucket up and reads back what the worker wrote."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id="admin",
-        aws_secret_access_key="admin",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    sink = io.BytesIO()
-    pq.write_table(pa.table({"i": pa.array(range(1000), pa.int64())}), sink)
-    client.put_object(Bucket=BUCKET, Key="trips/part-0.parquet", Body=sink.getvalue())
-    return client
+    return admin_client(s3.url, BUCKET)
 
 
 @pytest.fixture
 def worker_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
-    directory = tmp_path / "policies"
-    directory.mkdir()
-    for policy in policies_dir.glob("*.yaml"):
-        (directory / policy.name).write_text(policy.read_text())
-    (directory / "writer.yaml").write_text(WRITER)
+    directory = policies_with(policies_dir, tmp_path / "policies", "writer", WRITER)
     return make_config(image, directory, cache_dir=tmp_path / "cache")
 
 
