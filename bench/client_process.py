@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.controlplane_process import wait_or_kill
+from launcher.allocator import tune_allocator
 from launcher.remote import ControlPlaneClient
 
 STOP_TIMEOUT_S = 10.0
@@ -94,4 +95,5 @@ async def serve(address: str, work_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as `duckcell query` does
     asyncio.run(serve(sys.argv[1], Path(sys.argv[2])))

@@ -15,6 +15,7 @@ from typing import Any
 from bench.engine import remove_leftovers
 from bench.report import write_results
 from bench.stats import Json, Progress
+from launcher.allocator import tune_allocator
 from launcher.errors import DuckcellError
 
 Run = Callable[[str, Progress], Coroutine[Any, Any, Json]]
@@ -40,6 +41,7 @@ def run_benchmark(
     ``name`` (``latest-<name>.json`` beside a timestamped copy). Exit code: 0, 2 on a duckcell
     error, 130 when interrupted (then nothing is written)."""
     progress = make_progress()
+    tune_allocator()  # as the duckcell command does: this process is the launcher
     launcher_id = f"{prefix}-{os.getpid()}"
     signal.signal(signal.SIGTERM, _interrupt)
     try:

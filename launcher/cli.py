@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .allocator import tune_allocator
 from .audit import AUDIT_FILE, WorkerAuditLog
 from .backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from .backend.docker_engine import DockerBackend
@@ -359,6 +360,7 @@ async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_allocator()  # every command may pass a large result along
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="duckcell: %(levelname)s %(name)s: %(message)s",

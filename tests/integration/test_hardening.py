@@ -14,6 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from launcher import allocator
 from launcher.config import LauncherConfig
 from launcher.errors import SqlError
 from launcher.executor import collect_table
@@ -44,6 +45,7 @@ out["scratch_writable"] = writable("/scratch/probe")
 st = os.statvfs("/scratch")
 out["scratch_bytes"] = st.f_blocks * st.f_frsize
 out["env_keys"] = sorted(os.environ)
+out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 try:
     socket.create_connection(("1.1.1.1", 53), timeout=1)
     out["network"] = "reachable"
@@ -112,6 +114,8 @@ def test_container_spec_has_every_hardening_flag(
     assert probe["scratch_bytes"] == 1024**3  # policy default: scratch 1GiB
     secretish = [k for k in probe["env_keys"] if any(w in k for w in ("KEY", "SECRET", "TOKEN"))]
     assert secretish == []
+    # Not a hardening flag: the image's allocator settings, the values the launcher applies.
+    assert probe["malloc_env"] == allocator.ENVIRONMENT
 
 
 @pytest.mark.runsc
