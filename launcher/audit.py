@@ -46,6 +46,7 @@ class WorkerAuditRecord:
     run_s: float = 0.0
     rows: int = 0
     bytes: int = 0
+    reruns: int = 0  # runs thrown away because a table's listing changed under them
 
     def as_json(self) -> str:
         fields = asdict(self)

@@ -63,7 +63,7 @@ class QueryRecord:
     sandbox: str = ""
     slot: str = ""
     session_id: str | None = None
-    queued_s: float = 0.0
+    queued_s: float = 0.0  # waiting for a sandbox (or a session's turn), reruns' waits added
     total_s: float = 0.0
     summary: QuerySummary | None = None
     outcome: str = "running"
@@ -142,11 +142,12 @@ class QueryExecution:
         """Run in a fresh sandbox; when the tables' listings prove to have changed meanwhile,
         nothing of that run has left: run again on fresh files."""
         pool = self._executor._pool_for(self._policy)
+        waiting = started  # a rerun's queued time is its own wait, not the run thrown away
         while True:
             sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
             stale = False
             try:
-                stream = self._run_in(sandbox, started, self._tables.bindings)
+                stream = self._run_in(sandbox, waiting, self._tables.bindings)
                 try:
                     async for chunk in stream:
                         if not await self._tables.confirmed():
@@ -168,6 +169,7 @@ class QueryExecution:
             if not stale:
                 return
             await self._prepare_again()
+            waiting = time.monotonic()
 
     async def _prepare_again(self) -> None:
         """Swap the early-bound tables for freshly listed ones (never early again)."""
@@ -228,12 +230,13 @@ class QueryExecution:
         return task.result()
 
     async def _run_in(
-        self, sandbox: Sandbox, started: float, bindings: tuple[Binding, ...]
+        self, sandbox: Sandbox, waiting: float, bindings: tuple[Binding, ...]
     ) -> AsyncIterator[bytes]:
+        """Run in ``sandbox``, obtained after waiting since ``waiting`` (monotonic)."""
         self._sandbox = sandbox
         self.record.sandbox = sandbox.name
         self.record.slot = sandbox.slot
-        self.record.queued_s = time.monotonic() - started
+        self.record.queued_s += time.monotonic() - waiting
         limits = self._policy.limits
         loop = asyncio.get_running_loop()
         hard_deadline = loop.time() + limits.statement_timeout_s + self._executor.kill_grace_s

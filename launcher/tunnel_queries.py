@@ -68,6 +68,7 @@ class RunStats:
     queued_s: float = 0.0
     run_s: float = 0.0
     policy: str = ""  # the policy it ran under (a request's empty name resolved)
+    reruns: int = 0  # runs thrown away because a table's listing changed under them
 
 
 class QueryRunner(Protocol):
@@ -186,6 +187,7 @@ def _stats(record: QueryRecord) -> RunStats:
         queued_s=record.queued_s,
         run_s=max(0.0, record.total_s - record.queued_s),
         policy=record.policy,
+        reruns=record.reruns,
     )
 
 
@@ -389,6 +391,7 @@ def _audit_record(
         run_s=outcome.run_s,
         rows=outcome.rows,
         bytes=progress.bytes,
+        reruns=progress.stats.reruns,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -22,6 +23,7 @@ from launcher.datapath import DataPath
 from launcher.errors import SqlError
 from launcher.executor import collect_table
 from launcher.local import LocalLauncher
+from launcher.sandbox import Sandbox
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
 from .conftest import make_config, run, with_launcher
@@ -174,8 +176,20 @@ def test_a_query_prepared_early_answers_from_the_tables_files_as_they_are_now(
     trips = catalog_file.parent / "trips"
     sql = "SELECT count(*) AS n FROM trips"
 
+    checkouts: list[tuple[float, float]] = []  # each pool.acquire's start and end (monotonic)
+
     async def body(launcher: LocalLauncher) -> list[tuple[int, int, int]]:
         policy = launcher.policies.get("default")
+        pool = launcher.executor._pool_for(policy)
+        acquire = pool.acquire
+
+        async def timed_acquire() -> Sandbox:
+            asked = time.monotonic()
+            sandbox = await acquire()
+            checkouts.append((asked, time.monotonic()))
+            return sandbox
+
+        pool.acquire = timed_acquire  # type: ignore[method-assign]
         seen = []
         for step in range(3):
             if step == 2:
@@ -188,7 +202,14 @@ def test_a_query_prepared_early_answers_from_the_tables_files_as_they_are_now(
             in_use = cache.stats().in_use
             seen.append((table.column("n")[0].as_py(), execution.record.reruns, in_use))
         await cache.close()
+        # The rerun's queued time is its two waits for a sandbox, not the run thrown away (and
+        # the fresh preparation) between its checkouts: counting from the query's start would
+        # give at least the first wait plus the whole span between the two checkouts.
+        (asked_1, got_1), (asked_2, got_2) = checkouts[-2:]
+        assert (got_1 - asked_1) + (got_2 - asked_2) <= execution.record.queued_s
+        assert execution.record.queued_s < (got_1 - asked_1) + (got_2 - got_1)
         return seen
 
     # first: listed before it ran; second: early, confirmed; third: early, refuted, run again
     assert run(with_launcher(cached_config, body)) == [(1000, 0, 0), (1000, 0, 0), (1250, 1, 0)]
+    assert len(checkouts) == 4

@@ -7,6 +7,7 @@ sandboxes removed) is proven with a real worker process in the integration tier.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
@@ -186,9 +187,11 @@ def test_a_run_query_that_crosses_draining_is_refused_as_worker_draining() -> No
 class _AuditList:
     def __init__(self) -> None:
         self.records: list[WorkerAuditRecord] = []
+        self.written = asyncio.Event()
 
     def write(self, record: WorkerAuditRecord) -> None:
         self.records.append(record)
+        self.written.set()
 
 
 def test_a_worker_leaving_after_its_last_outcome_does_not_lose_the_unread_result() -> None:
@@ -211,5 +214,31 @@ def test_a_worker_leaving_after_its_last_outcome_does_not_lose_the_unread_result
         router.worker_gone("wkr-1", outbox)  # before the client read past the first chunk
         items = [await first] + [item async for item in results]
         assert items == [b"a", b"b", b"c", QueryDone(rows=3)]
+
+    asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
+
+
+class _RerunRunner:
+    """A query whose first run was thrown away (a table changed under it), then ran again."""
+
+    async def run(self, query_id: str, sql: str, policy: str, **_: object) -> AsyncIterator[bytes]:
+        yield b"ipc"
+
+    async def cancel(self, query_id: str) -> None:
+        return None
+
+    def stats(self, query_id: str) -> RunStats:
+        return RunStats(rows=1, sandbox="sbx", queued_s=0.01, run_s=0.2, policy="p", reruns=1)
+
+
+def test_the_worker_audit_record_counts_the_runs_thrown_away() -> None:
+    async def scenario() -> None:
+        stub, audit = _Stub(), _AuditList()
+        tasks = QueryTasks(_RerunRunner(), stub, audit=audit)  # type: ignore[arg-type]
+        tasks.start(pb.RunQuery(query_id="q", sql="SELECT n FROM t"))
+        await audit.written.wait()
+        (record,) = audit.records
+        assert (record.outcome, record.rows, record.reruns) == ("ok", 1, 1), record
+        assert json.loads(record.as_json())["reruns"] == 1
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
