@@ -360,11 +360,11 @@ async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tune_allocator()  # every command may pass a large result along
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="duckcell: %(levelname)s %(name)s: %(message)s",
     )
+    tune_allocator()  # every command may pass a large result along
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         if args.command == "query":

@@ -63,7 +63,7 @@ class QueryRecord:
     sandbox: str = ""
     slot: str = ""
     session_id: str | None = None
-    queued_s: float = 0.0  # waiting for a sandbox (or a session's turn), reruns' waits added
+    queued_s: float = 0.0  # waiting for a sandbox (or a session's turn), a rerun's wait added
     total_s: float = 0.0
     summary: QuerySummary | None = None
     outcome: str = "running"
@@ -114,7 +114,7 @@ class QueryExecution:
             # aclosing: a consumer that leaves early closes this generator; the inner one must
             # release its sandbox (or session lock) now, before the leases below go.
             if self._session is not None:
-                run = self._run_in_session(self._session, started)
+                run = self._run_in_session(self._session)
             else:
                 run = self._run_per_query(started)
             async with contextlib.aclosing(run) as items:
@@ -144,10 +144,13 @@ class QueryExecution:
         pool = self._executor._pool_for(self._policy)
         waiting = started  # a rerun's queued time is its own wait, not the run thrown away
         while True:
-            sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
+            try:
+                sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
+            finally:  # a wait that fails (no capacity, no start) was queued time too
+                self.record.queued_s += time.monotonic() - waiting
             stale = False
             try:
-                stream = self._run_in(sandbox, waiting, self._tables.bindings)
+                stream = self._run_in(sandbox, self._tables.bindings)
                 try:
                     async for chunk in stream:
                         if not await self._tables.confirmed():
@@ -186,11 +189,15 @@ class QueryExecution:
         write = self._tables.write
         self._sql = write.plan.sql if write is not None else self._original_sql
 
-    async def _run_in_session(self, session: Session, started: float) -> AsyncIterator[bytes]:
+    async def _run_in_session(self, session: Session) -> AsyncIterator[bytes]:
         if not await self._tables.confirmed():
             await self._prepare_again()
         # A session runs one query at a time; the lock is the queue.
-        await self._unless_cancelled(session.lock.acquire(), lambda _: session.lock.release())
+        waiting = time.monotonic()
+        try:
+            await self._unless_cancelled(session.lock.acquire(), lambda _: session.lock.release())
+        finally:
+            self.record.queued_s += time.monotonic() - waiting
         try:
             # The session may have ended while this query waited for its turn.
             self._executor.sessions.get(session.session_id)
@@ -201,7 +208,7 @@ class QueryExecution:
                 if session_dir is not None and bindings:
                     # Under the session's lock: no query of this session reads meanwhile.
                     bindings = await asyncio.to_thread(session_dir.link, bindings)
-                async for chunk in self._run_in(session.sandbox, started, bindings):
+                async for chunk in self._run_in(session.sandbox, bindings):
                     yield chunk
             finally:
                 session.active_queries -= 1
@@ -230,13 +237,11 @@ class QueryExecution:
         return task.result()
 
     async def _run_in(
-        self, sandbox: Sandbox, waiting: float, bindings: tuple[Binding, ...]
+        self, sandbox: Sandbox, bindings: tuple[Binding, ...]
     ) -> AsyncIterator[bytes]:
-        """Run in ``sandbox``, obtained after waiting since ``waiting`` (monotonic)."""
         self._sandbox = sandbox
         self.record.sandbox = sandbox.name
         self.record.slot = sandbox.slot
-        self.record.queued_s += time.monotonic() - waiting
         limits = self._policy.limits
         loop = asyncio.get_running_loop()
         hard_deadline = loop.time() + limits.statement_timeout_s + self._executor.kill_grace_s

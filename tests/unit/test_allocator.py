@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from launcher import allocator
 
@@ -36,8 +39,18 @@ print(json.dumps({"tuned": tuned, "faults": faults() - before}))
 ROOT = Path(__file__).resolve().parents[2]
 
 
+pytestmark = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="the settings are glibc's (mallopt)"
+)
+
+
 def _faults(mode: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONSAFEPATH")
+    }
+    env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, mode],
         env=env,
@@ -54,8 +67,9 @@ def test_tuned_allocator_reuses_large_buffers() -> None:
     default, tuned = _faults("default"), _faults("tuned")
     assert tuned["tuned"] is True
     assert isinstance(default["faults"], int) and isinstance(tuned["faults"], int)
-    assert default["faults"] > 50 * 1000  # each message's buffers faulted in again
-    assert tuned["faults"] < 50 * 20  # the same heap pages reused
+    # Each message's buffers faulted in again, against the same heap pages reused. A ratio, not
+    # counts: transparent huge pages ("always") fault 2 MiB at a time.
+    assert default["faults"] > 20 * max(tuned["faults"], 10)
 
 
 def test_the_sandbox_image_sets_the_same_values() -> None:
