@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -155,6 +156,67 @@ def test_result_limits(service: RunnerService) -> None:
 def test_statement_timeout_interrupts(service: RunnerService) -> None:
     _, last = execute(service, "SELECT sum(hash(range)) FROM range(100000000000)")
     assert last.failure.reason == pb.FAILURE_REASON_TIMEOUT
+
+
+class _Hooked:
+    """A connection that calls ``hook(sql)`` after each ``execute`` it passes on."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, hook: Callable[[str], None]) -> None:
+        self._con, self._hook = con, hook
+
+    def execute(self, sql: str, *args: object) -> duckdb.DuckDBPyConnection:
+        result = self._con.execute(sql, *args)
+        self._hook(sql)
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._con, name)
+
+
+def test_a_cancel_between_two_statements_is_not_lost(dirs: RunnerConfig) -> None:
+    """DuckDB forgets an interrupt that finds nothing running: the runner checks between
+    statements, so nothing after the cancel runs (before, the rest ran and succeeded, and a
+    long statement ran on to the timeout)."""
+    service: RunnerService
+
+    def cancel_after_the_first(sql: str) -> None:
+        if sql.startswith("CREATE TEMP TABLE"):
+            service.Cancel(pb.CancelRequest(query_id="q"), _Context())
+
+    hooked = _Hooked(open_locked(dirs), cancel_after_the_first)
+    service = RunnerService(hooked, default_timeout_s=2, batch_rows=1024, config=dirs)  # type: ignore[arg-type]
+    _, last = execute(
+        service, "CREATE TEMP TABLE t AS SELECT 1; CREATE TEMP TABLE u AS SELECT 2; SELECT 3"
+    )
+    assert last.failure.reason == pb.FAILURE_REASON_CANCELLED
+    tables = execute(service, "SELECT table_name FROM duckdb_tables() ORDER BY 1")[0]
+    assert tables == [{"table_name": "t"}]
+
+
+def test_a_cancel_during_the_lock_waits_for_it_and_breaks_nothing(dirs: RunnerConfig) -> None:
+    """The lock's SETs run under the state lock, so a cancel cannot interrupt one half-way
+    (that left the sandbox broken: "could not be locked (INTERRUPT Error ...)")."""
+    service: RunnerService
+    held: list[bool] = []
+    cancels: list[threading.Thread] = []
+
+    def cancel_during_the_lock(sql: str) -> None:
+        if sql.startswith("SET ") and not held:
+            cancel = threading.Thread(
+                target=service.Cancel, args=(pb.CancelRequest(query_id="q"), _Context())
+            )
+            cancel.start()
+            cancels.append(cancel)
+        if sql.startswith("SET "):
+            held.append(service._state.locked())
+
+    hooked = _Hooked(open_locked(dirs), cancel_during_the_lock)
+    service = RunnerService(hooked, default_timeout_s=2, batch_rows=1024, config=dirs)  # type: ignore[arg-type]
+    _, last = execute(service, "SELECT sum(hash(range)) FROM range(100000000000)")
+    cancels[0].join()
+    assert held and all(held)
+    assert last.failure.reason == pb.FAILURE_REASON_CANCELLED
+    assert execute(service, "SELECT 2 AS b")[0] == [{"b": 2}]
 
 
 def test_large_batches_are_cut_below_the_message_cap(service: RunnerService) -> None:

@@ -250,12 +250,16 @@ class RunnerService(pb_grpc.RunnerServicer):
                 self._broken = f"the sandbox could not be locked ({unusable}); it serves no query"
                 raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken)
             try:
-                for statement in lock_statements(self._config, sorted(paths)):
-                    self._con.execute(statement)
+                # Under the state lock: a cancel or timeout waits the few SETs out rather than
+                # interrupting one and leaving the sandbox half-locked (it is seen just below).
+                with self._state:
+                    for statement in lock_statements(self._config, sorted(paths)):
+                        self._con.execute(statement)
             except duckdb.Error as error:
                 self._broken = f"the sandbox could not be locked ({error}); it serves no query"
                 raise QueryFailed(pb.FAILURE_REASON_INTERNAL, self._broken) from None
             self._allowed = frozenset(paths)
+        self._check_stopped(running)
         for table in tables:
             # A session directory's lock covers every path path_problem let through.
             if not self._config.session_dir and not self._allowed.issuperset(table.paths):
@@ -269,6 +273,16 @@ class RunnerService(pb_grpc.RunnerServicer):
                 )
         except duckdb.Error as error:
             raise self._translate(error, running) from None
+
+    def _check_stopped(self, running: _Running) -> None:
+        """Raise if a stop landed between two statements: DuckDB forgets an interrupt that
+        finds nothing running, so without this the query would run on to its timeout."""
+        with self._state:
+            reason = running.stop_reason
+        if reason == pb.FAILURE_REASON_CANCELLED:
+            raise QueryFailed(reason, "query cancelled")
+        if reason != pb.FAILURE_REASON_UNSPECIFIED:
+            raise QueryFailed(pb.FAILURE_REASON_TIMEOUT, "statement timeout: query interrupted")
 
     def _binding_problem(self, table: pb.TableBinding) -> str | None:
         if not table.name or "\0" in table.name:
@@ -303,8 +317,10 @@ class RunnerService(pb_grpc.RunnerServicer):
         reader: pa.RecordBatchReader | None = None
         try:
             for statement in statements[:-1]:
+                self._check_stopped(running)
                 # Every execute() result must be run to its end before the next statement.
                 self._con.execute(statement.query).complete()
+            self._check_stopped(running)
             if kind in _QUERY_TYPES:
                 batch_rows = request.batch_rows or self._batch_rows
                 reader = self._con.sql(last.query, params=params).to_arrow_reader(batch_rows)
