@@ -372,6 +372,7 @@ def _add_stats(outcome: pb.Outcome, stats: RunStats) -> None:
     outcome.queued_s = stats.queued_s
     outcome.run_s = stats.run_s
     outcome.policy = stats.policy
+    outcome.reruns = stats.reruns
 
 
 def _audit_record(
@@ -391,7 +392,7 @@ def _audit_record(
         run_s=outcome.run_s,
         rows=outcome.rows,
         bytes=progress.bytes,
-        reruns=progress.stats.reruns,
+        reruns=outcome.reruns,
     )
 
 

@@ -52,6 +52,7 @@ class AuditRecord:
     reason: str
     message: str
     sandbox: str = ""
+    reruns: int = 0  # runs the worker threw away: a table's listing changed under them
     sql_sha256: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ class AuditRecord:
 
 _COLUMNS = (
     "query_id, caller, sql, worker_id, policy, started_at, finished_at, queued_s, run_s, rows, "
-    "bytes, outcome, reason, message, sandbox, sql_sha256"
+    "bytes, outcome, reason, message, sandbox, reruns, sql_sha256"
 )
 _FIELDS = tuple(name.strip() for name in _COLUMNS.split(","))
 
@@ -194,6 +195,7 @@ class QueryTrail:
         run_s: float | None = None,
         sandbox: str = "",
         policy: str = "",
+        reruns: int = 0,
     ) -> None:
         """Write the record. Timings default to the control plane's view: no queue, and the
         whole time from arrival to now as run time (the worker's view is used when it sent one).
@@ -216,6 +218,7 @@ class QueryTrail:
             message=message,
             sandbox=sandbox,
             policy=policy or self._draft.policy,
+            reruns=reruns,
         )
         self._sink.write(record)
 

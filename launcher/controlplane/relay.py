@@ -100,6 +100,7 @@ def end_trail(trail: QueryTrail, end: End) -> None:
         run_s=worker.run_s if worker is not None else None,
         sandbox=worker.sandbox if worker is not None else "",
         policy=worker.policy if worker is not None else "",
+        reruns=worker.reruns if worker is not None else 0,
     )
 
 

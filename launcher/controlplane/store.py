@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: how many runs of a query its worker threw away (a table's listing changed under them).
+    """
+    ALTER TABLE query_audit ADD COLUMN reruns INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

@@ -194,7 +194,7 @@ class ResultChunk(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., ipc: _Optional[bytes] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("ok", "reason", "message", "rows", "queued_s", "run_s", "sandbox", "policy")
+    __slots__ = ("ok", "reason", "message", "rows", "queued_s", "run_s", "sandbox", "policy", "reruns")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class Outcome(_message.Message):
     RUN_S_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    RERUNS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
     message: str
@@ -211,7 +212,8 @@ class Outcome(_message.Message):
     run_s: float
     sandbox: str
     policy: str
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., queued_s: _Optional[float] = ..., run_s: _Optional[float] = ..., sandbox: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    reruns: int
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., queued_s: _Optional[float] = ..., run_s: _Optional[float] = ..., sandbox: _Optional[str] = ..., policy: _Optional[str] = ..., reruns: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ()

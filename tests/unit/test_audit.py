@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,10 @@ from launcher.controlplane.audit import (
     prune_forever,
 )
 from launcher.controlplane.datadir import ControlPlaneData
+from launcher.controlplane.relay import end_trail, outcome_end
+from launcher.controlplane.store import MIGRATIONS, open_database
 from launcher.errors import SqlError, WorkerUnavailableError
+from launcher.protocol import controlplane_pb2 as pb
 
 from .test_query_tunnel import LONG_SQL, ControlPlane, eventually, run, stack
 from .test_tunnel import DEADLINE_S
@@ -166,6 +170,31 @@ def test_a_trail_is_written_once_with_the_control_planes_timings_by_default() ->
         2.5,
     )
     assert format_records(written)[1].split()[3:6] == ["k/r", "-", "p"]
+
+
+def test_the_workers_reruns_reach_the_control_planes_record(tmp_path: Path) -> None:
+    """The worker's Outcome says how many runs it threw away; the row keeps the count."""
+    log = AuditLog(ControlPlaneData(tmp_path / "cp").database())
+    trail = QueryTrail(log, query_id="q", caller="k/r", sql="SELECT 1", policy="p")
+    end_trail(trail, outcome_end(pb.Outcome(ok=True, rows=1, sandbox="sbx", reruns=2)))
+    (record,) = log.recent()
+    assert (record.outcome, record.rows, record.sandbox, record.reruns) == ("ok", 1, "sbx", 2)
+
+
+def test_an_audit_table_from_before_reruns_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "cp.db"
+    old = sqlite3.connect(path)
+    for sql in MIGRATIONS[:6]:
+        old.executescript(sql)
+    old.execute(
+        "INSERT INTO query_audit VALUES "
+        "('q', 'k/r', 'SELECT 1', 'h', 'w', 'p', 1, 2, 0, 1, 1, 8, 'ok', '', '', 's')"
+    )
+    old.execute("PRAGMA user_version = 6")
+    old.commit()
+    old.close()
+    (record,) = AuditLog(open_database(path)).recent()
+    assert (record.query_id, record.sql_sha256, record.sandbox, record.reruns) == ("q", "h", "s", 0)
 
 
 def test_the_worker_log_appends_one_flushed_line_per_record(tmp_path: Path) -> None:

@@ -233,12 +233,20 @@ class _RerunRunner:
 
 def test_the_worker_audit_record_counts_the_runs_thrown_away() -> None:
     async def scenario() -> None:
-        stub, audit = _Stub(), _AuditList()
-        tasks = QueryTasks(_RerunRunner(), stub, audit=audit)  # type: ignore[arg-type]
+        stub, audit, sent = _Stub(), _AuditList(), list[pb.WorkerMessage]()
+
+        async def send(message: pb.WorkerMessage) -> bool:
+            sent.append(message)
+            return True
+
+        tasks = QueryTasks(_RerunRunner(), stub, audit=audit, send=send)  # type: ignore[arg-type]
         tasks.start(pb.RunQuery(query_id="q", sql="SELECT n FROM t"))
         await audit.written.wait()
         (record,) = audit.records
         assert (record.outcome, record.rows, record.reruns) == ("ok", 1, 1), record
         assert json.loads(record.as_json())["reruns"] == 1
+        # ...and so is the control plane's: the Outcome it is sent carries the count.
+        outcomes = [m.result.outcome for m in sent if m.result.HasField("outcome")]
+        assert [o.reruns for o in outcomes] == [1]
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
