@@ -123,6 +123,14 @@ def config(image: str, policies_dir: Path) -> LauncherConfig:
     return make_config(image, policies_dir)
 
 
+@pytest.fixture
+def cached_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
+    """The test policies with a cache directory of the test's own."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    return make_config(image, policies_dir, cache_dir=cache)
+
+
 def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 

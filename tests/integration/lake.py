@@ -37,3 +37,16 @@ def policies_with(shipped: Path, directory: Path, name: str, text: str) -> Path:
         (directory / policy.name).write_text(policy.read_text())
     (directory / f"{name}.yaml").write_text(text)
     return directory
+
+
+def writer_policy(bucket: str) -> str:
+    """A per-query policy named ``writer`` that may write under ``s3://BUCKET/out/``."""
+    return f"""\
+name: writer
+isolation: query
+runtime: runc
+limits: {{cpus: 1, memory: 1GiB, scratch: 256MiB, statement_timeout: 60s}}
+duckdb: {{memory_limit: 512MiB, max_temp_directory_size: 128MiB}}
+writes: {{allowed: true, prefixes: ["s3://{bucket}/out/"]}}
+pool: {{warm: 0}}
+"""

@@ -26,7 +26,7 @@ from launcher.local import LocalLauncher
 from launcher.sandbox import Sandbox
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
-from .conftest import make_config, run, with_launcher
+from .conftest import run, with_launcher
 
 pytestmark = pytest.mark.docker
 
@@ -51,13 +51,6 @@ def catalog_file(tmp_path: Path) -> Path:
     con.close()
     (data / "catalog.yaml").write_text(CATALOG)
     return data / "catalog.yaml"
-
-
-@pytest.fixture
-def cached_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    return make_config(image, policies_dir, cache_dir=cache)
 
 
 def test_a_multi_file_table_is_read_through_the_cache(

@@ -51,13 +51,6 @@ def catalog_file(tmp_path: Path) -> Path:
     return data / "catalog.yaml"
 
 
-@pytest.fixture
-def cached_config(image: str, policies_dir: Path, tmp_path: Path) -> LauncherConfig:
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    return make_config(image, policies_dir, cache_dir=cache)
-
-
 async def _gone(path: Path, timeout_s: float = 20.0) -> bool:
     """Sandboxes are destroyed off the critical path: wait for the directory to go."""
     deadline = asyncio.get_running_loop().time() + timeout_s

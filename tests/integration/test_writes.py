@@ -32,22 +32,14 @@ from launcher.local import LocalLauncher
 from launcher.objectstore import S3Store
 
 from .conftest import containers_of, make_config, run, with_launcher
-from .lake import admin_client, policies_with
+from .lake import admin_client, policies_with, writer_policy
 from .s3proxy import S3Proxy
 
 pytestmark = pytest.mark.docker
 MiB = 1024 * 1024
 BUCKET = "lake-writes"
 ENV = {"LAKE_KEY": "worker-key", "LAKE_SECRET": "worker-secret"}
-WRITER = """\
-name: writer
-isolation: query
-runtime: runc
-limits: {cpus: 1, memory: 1GiB, scratch: 256MiB, statement_timeout: 60s}
-duckdb: {memory_limit: 512MiB, max_temp_directory_size: 128MiB}
-writes: {allowed: true, prefixes: ["s3://lake-writes/out/"]}
-pool: {warm: 0}
-"""
+WRITER = writer_policy(BUCKET)
 Failing = Callable[[str, str], bool]
 
 

@@ -42,21 +42,13 @@ from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config
-from .lake import admin_client, policies_with
+from .lake import admin_client, policies_with, writer_policy
 from .s3proxy import S3Proxy
 
 pytestmark = pytest.mark.docker
 BUCKET = "tunnel-writes"
 KEY_ENV, SECRET_ENV = "DUCKCELL_TEST_WRITES_KEY", "DUCKCELL_TEST_WRITES_SECRET"
-WRITER = """\
-name: writer
-isolation: query
-runtime: runc
-limits: {cpus: 1, memory: 1GiB, scratch: 256MiB, statement_timeout: 60s}
-duckdb: {memory_limit: 512MiB, max_temp_directory_size: 128MiB}
-writes: {allowed: true, prefixes: ["s3://tunnel-writes/out/"]}
-pool: {warm: 0}
-"""
+WRITER = writer_policy(BUCKET)
 
 
 @pytest.fixture
