@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -61,8 +62,15 @@ def service(dirs: RunnerConfig) -> Iterator[RunnerService]:
 
 
 class _Context:
-    def add_callback(self, callback: object) -> None:
-        pass
+    """An RPC still going: the callback is kept, for a test to call as gRPC would."""
+
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
+        self.callbacks: list[Callable[[], object]] = []
+
+    def add_callback(self, callback: Callable[[], object]) -> bool:
+        self.callbacks.append(callback)
+        return self.active  # gRPC: False once the RPC has ended, and never calls it then
 
 
 def execute(service: RunnerService, sql: str, **kwargs: object) -> tuple[list, pb.ExecuteChunk]:
@@ -159,7 +167,8 @@ def test_statement_timeout_interrupts(service: RunnerService) -> None:
 
 
 class _Hooked:
-    """A connection that calls ``hook(sql)`` after each ``execute`` it passes on."""
+    """A connection that calls ``hook(sql)`` after each ``execute`` it passes on, and before
+    each ``sql`` (the call that starts a query's last statement)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, hook: Callable[[str], None]) -> None:
         self._con, self._hook = con, hook
@@ -168,6 +177,10 @@ class _Hooked:
         result = self._con.execute(sql, *args)
         self._hook(sql)
         return result
+
+    def sql(self, query: str, **kwargs: object) -> duckdb.DuckDBPyRelation:
+        self._hook(query)
+        return self._con.sql(query, **kwargs)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._con, name)
@@ -217,6 +230,95 @@ def test_a_cancel_during_the_lock_waits_for_it_and_breaks_nothing(dirs: RunnerCo
     assert held and all(held)
     assert last.failure.reason == pb.FAILURE_REASON_CANCELLED
     assert execute(service, "SELECT 2 AS b")[0] == [{"b": 2}]
+
+
+def test_a_cancel_just_before_the_last_statement_starts_is_not_lost(dirs: RunnerConfig) -> None:
+    """The interrupt finds nothing running and DuckDB forgets it; the runner repeats it until
+    the query ends, so the statement that starts next is stopped (it ran to the timeout)."""
+    service: RunnerService
+    long_sql = "SELECT sum(hash(range)) FROM range(300000000)"  # a few seconds if not stopped
+
+    def cancel_before_the_last(sql: str) -> None:
+        if sql == long_sql:
+            assert service.Cancel(pb.CancelRequest(query_id="q"), _Context()).interrupted
+
+    dirs = replace(dirs, statement_timeout_ms=600_000)  # only the cancel may stop it
+    hooked = _Hooked(open_locked(dirs), cancel_before_the_last)
+    service = RunnerService(hooked, default_timeout_s=600, batch_rows=1024, config=dirs)  # type: ignore[arg-type]
+    _, last = execute(service, long_sql)
+    assert last.failure.reason == pb.FAILURE_REASON_CANCELLED
+
+
+def test_a_cancel_as_the_query_starts_is_not_lost(dirs: RunnerConfig) -> None:
+    """Checking the early-cancel list and taking the query are one step under the state lock:
+    a Cancel right after it finds the query (before, it could land between the two, be filed
+    as early, and the query ran)."""
+    dirs = replace(dirs, statement_timeout_ms=600_000)  # only the cancel may stop it
+    service = RunnerService(open_locked(dirs), default_timeout_s=600, batch_rows=1024, config=dirs)
+    real = service._state
+
+    class CancelAfterFirstRelease:
+        def __init__(self) -> None:
+            self.released = 0
+
+        def __enter__(self) -> None:
+            real.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            real.release()
+            self.released += 1
+            if self.released == 1:
+                service.Cancel(pb.CancelRequest(query_id="q"), _Context())
+
+    service._state = CancelAfterFirstRelease()  # type: ignore[assignment]
+    _, last = execute(service, "SELECT sum(hash(range)) FROM range(300000000)")  # a few seconds
+    assert last.failure.reason == pb.FAILURE_REASON_CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("stop", "reason"),
+    [("cancel", pb.FAILURE_REASON_CANCELLED), ("timeout", pb.FAILURE_REASON_TIMEOUT)],
+)
+def test_a_stop_while_the_result_streams_ends_it_with_its_reason(
+    service: RunnerService, stop: str, reason: int
+) -> None:
+    """DuckDB sees the interrupt between batches, and Arrow's reader raises it as OSError:
+    it ends the stream with a failure chunk (it escaped Execute as an error, which the
+    launcher took for a lost sandbox)."""
+    chunks = service.Execute(
+        pb.ExecuteRequest(query_id="q", sql="SELECT range AS x FROM range(10000000)"), _Context()
+    )
+    assert [next(chunks).HasField("ipc") for _ in range(3)] == [True, True, True]
+    if stop == "cancel":
+        assert service.Cancel(pb.CancelRequest(query_id="q"), _Context()).interrupted
+    else:
+        assert service._stop("q", pb.FAILURE_REASON_TIMEOUT)  # what the query's timer calls
+    last = list(chunks)[-1]
+    assert last.failure.reason == reason, last
+    assert execute(service, "SELECT 2 AS b")[0] == [{"b": 2}]
+
+
+def test_a_sql_error_after_the_first_batches_is_reported_as_one(service: RunnerService) -> None:
+    sql = "SELECT CASE WHEN range < 200000 THEN '1' ELSE 'x' END::INTEGER AS v FROM range(400000)"
+    chunks = list(service.Execute(pb.ExecuteRequest(query_id="q", sql=sql), _Context()))
+    assert sum(c.HasField("ipc") for c in chunks) > 2  # the error came after batches went
+    assert chunks[-1].failure.reason == pb.FAILURE_REASON_SQL
+    assert "Conversion Error" in chunks[-1].failure.message
+
+
+def test_a_query_whose_caller_left_while_it_waited_does_not_run(dirs: RunnerConfig) -> None:
+    """gRPC refuses a callback once the RPC ended (the caller left while the query waited
+    for the connection): the query is stopped before it runs anything."""
+    service = RunnerService(open_locked(dirs), default_timeout_s=60, batch_rows=1024, config=dirs)
+    chunks = list(
+        service.Execute(
+            pb.ExecuteRequest(query_id="q", sql="CREATE TEMP TABLE t AS SELECT 1"),
+            _Context(active=False),
+        )
+    )
+    assert chunks[-1].failure.reason == pb.FAILURE_REASON_CANCELLED
+    tables = execute(service, "SELECT table_name FROM duckdb_tables()")[0]
+    assert tables == []
 
 
 def test_large_batches_are_cut_below_the_message_cap(service: RunnerService) -> None:

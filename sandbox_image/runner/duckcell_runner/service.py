@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import grpc
@@ -57,6 +57,9 @@ _QUERY_TYPES = {"SELECT", "EXPLAIN"}
 # Keep each gRPC message well under clients' 16 MiB default.
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
 _OUTPUT_CHUNK_BYTES = 1024 * 1024
+# How often a stopped query's interrupt is repeated until the query ends: DuckDB forgets an
+# interrupt that finds nothing running, which a stop landing between two calls into it does.
+_REINTERRUPT_S = 0.02
 _READERS = {"parquet": "read_parquet", "csv": "read_csv"}
 _SESSION_LOCKED = (
     "Permission Error: this session's sandbox can read only the tables bound when its first "
@@ -77,6 +80,7 @@ class _Running:
     query_id: str
     stop_reason: int = pb.FAILURE_REASON_UNSPECIFIED
     done: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)  # set with done
 
 
 class _ChunkSink:
@@ -128,6 +132,27 @@ def _parameters(data: bytes) -> list[object] | None:
             pb.FAILURE_REASON_SQL, f"expected one row of query parameters, got {table.num_rows}"
         )
     return [column[0].as_py() for column in table.columns]
+
+
+def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """The reader's batches. An error DuckDB raises while streaming (an interrupt between
+    batches, a cast that fails on a later row) reaches Arrow's reader as ``OSError`` or
+    ``ArrowException`` carrying DuckDB's message: it is raised again as the duckdb error the
+    message names, so it is reported like one raised before the first batch."""
+    batches = iter(reader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as error:
+            message = str(error)
+            if message.startswith("INTERRUPT Error"):
+                raise duckdb.InterruptException(message) from None
+            if message.startswith("Out of Memory Error"):
+                raise duckdb.OutOfMemoryException(message) from None
+            raise duckdb.Error(message) from None
+        yield batch
 
 
 def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
@@ -196,8 +221,11 @@ class RunnerService(pb_grpc.RunnerServicer):
         with self._exclusive:
             # One line per query for `docker logs`: its id, never its SQL.
             print(f"runner: query {request.query_id} started", file=sys.stderr, flush=True)
-            with self._state:
+            running = _Running(request.query_id)
+            with self._state:  # one step: a Cancel sees either the early list or the query
                 cancelled = request.query_id in self._cancelled_early
+                if not cancelled:
+                    self._running = running
             if cancelled:
                 yield pb.ExecuteChunk(
                     failure=pb.Failure(
@@ -205,11 +233,11 @@ class RunnerService(pb_grpc.RunnerServicer):
                     )
                 )
                 return
-            running = _Running(request.query_id)
-            with self._state:
-                self._running = running
-            # The RPC ending early (client cancel, launcher gone) must stop DuckDB too.
-            context.add_callback(lambda: self._stop(running.query_id, pb.FAILURE_REASON_CANCELLED))
+            # The RPC ending early (client cancel, launcher gone) must stop DuckDB too; if it
+            # ended while this query waited for the connection, the query is already stopped.
+            stop = lambda: self._stop(running.query_id, pb.FAILURE_REASON_CANCELLED)  # noqa: E731
+            if not context.add_callback(stop):
+                stop()
             timeout_s = request.timeout_seconds or self._default_timeout_s
             timer = threading.Timer(
                 timeout_s, self._stop, (running.query_id, pb.FAILURE_REASON_TIMEOUT)
@@ -232,6 +260,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                         os.unlink(output)
                 with self._state:
                     running.done = True
+                    running.ended.set()
                     self._running = None
 
     # --- internals ----------------------------------------------------------------------
@@ -302,11 +331,23 @@ class RunnerService(pb_grpc.RunnerServicer):
             running = self._running
             if running is None or running.done or running.query_id != query_id:
                 return False
-            if running.stop_reason == pb.FAILURE_REASON_UNSPECIFIED:
+            first = running.stop_reason == pb.FAILURE_REASON_UNSPECIFIED
+            if first:
                 running.stop_reason = reason
             # Under the lock: a late timer or cancel must not interrupt the next query.
             self._con.interrupt()
+        if first:
+            threading.Thread(target=self._keep_interrupting, args=(running,), daemon=True).start()
         return True
+
+    def _keep_interrupting(self, running: _Running) -> None:
+        """Repeat a stopped query's interrupt until it ends: one that landed while no DuckDB
+        call ran (between two statements, before a reader's first fetch) is forgotten."""
+        while not running.ended.wait(_REINTERRUPT_S):
+            with self._state:
+                if running.done:
+                    return
+                self._con.interrupt()
 
     def _execute(self, request: pb.ExecuteRequest, running: _Running) -> Iterator[pb.ExecuteChunk]:
         started = time.perf_counter()
@@ -331,6 +372,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                     reader = self._con.execute(last.query, params).to_arrow_reader()
             rows, sent = 0, 0
             for data, chunk_rows in self._ipc_chunks(reader):
+                self._check_stopped(running)  # a result DuckDB finished still honours a stop
                 rows += chunk_rows
                 sent += len(data)
                 self._check_limits(request, rows, sent)
@@ -405,7 +447,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         sink = _ChunkSink()
         with ipc.new_stream(sink, reader.schema) as writer:
             yield sink.take(), 0
-            for batch in reader:
+            for batch in _batches(reader):
                 for part in _slices(batch):
                     writer.write_batch(part)
                     yield sink.take(), part.num_rows
