@@ -242,6 +242,10 @@ class QueryExecution:
         self._sandbox = sandbox
         self.record.sandbox = sandbox.name
         self.record.slot = sandbox.slot
+        # A cancel() that came while nothing was running (a session's files being linked)
+        # sent nothing to a runner: it is seen here, before the runner is asked.
+        if self._stop_reason == "cancelled":
+            raise QueryCancelledError("query cancelled")
         limits = self._policy.limits
         loop = asyncio.get_running_loop()
         hard_deadline = loop.time() + limits.statement_timeout_s + self._executor.kill_grace_s

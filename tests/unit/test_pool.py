@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +13,8 @@ from typing import TypeVar
 import pytest
 
 from launcher.capacity import Capacity
+from launcher.catalog import Binding
+from launcher.datapath import TableFiles
 from launcher.errors import (
     ImageMissingError,
     OverCapacityError,
@@ -99,6 +102,7 @@ async def until_in_sandbox(execution: QueryExecution) -> None:
 
 
 SESSION = load_policy_text(SESSION_POLICY, "<test>")
+DEADLINE_S = 10.0
 
 
 def test_pool_warms_to_its_size_and_never_reuses_a_sandbox() -> None:
@@ -372,6 +376,40 @@ def test_session_cancel_before_the_runner_sees_the_query() -> None:
         # A lost cancel would end the query at the 5 s statement timeout instead.
         with pytest.raises(QueryCancelledError):
             await task
+
+    scenario(body)
+
+
+def test_a_session_cancel_while_its_files_are_linked_stops_the_query() -> None:
+    """cancel() while the session's files are linked finds no sandbox to tell: the query
+    checks before it asks the runner (it ran)."""
+
+    async def body(h: Harness) -> None:
+        session = await h.sessions.open(SESSION)
+        linking, linked = threading.Event(), threading.Event()
+
+        class SlowLink:
+            def link(self, bindings: tuple[Binding, ...]) -> tuple[Binding, ...]:
+                linking.set()
+                linked.wait(DEADLINE_S)
+                return bindings
+
+        session.sandbox.session_dir = SlowLink()  # type: ignore[assignment]
+        tables = TableFiles(bindings=(Binding("t", "parquet", ("/cache/t.parquet",)),))
+        execution = h.executor.execute(
+            "CREATE TEMP TABLE ran AS SELECT 1", session_id=session.session_id, tables=tables
+        )
+        task = asyncio.ensure_future(collect_table(execution))
+        assert await asyncio.to_thread(linking.wait, DEADLINE_S)
+        assert await h.executor.cancel(execution.query_id)
+        linked.set()
+        with pytest.raises(QueryCancelledError):
+            await task
+        session.sandbox.session_dir = None
+        check = h.executor.execute(
+            "SELECT count(*) AS n FROM duckdb_tables()", session_id=session.session_id
+        )
+        assert (await collect_table(check)).to_pylist() == [{"n": 0}]
 
     scenario(body)
 
