@@ -65,7 +65,7 @@ from launcher.tunnel_queries import ExecutorQueryRunner
 
 WIDE = "SELECT i AS a, i * 2 AS b FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
-PATHS = ("in_process", "one_hop", "worker_local", "chain")
+PATHS = ("in_process", "one_hop", "one_hop_tls", "worker_local", "chain")
 Fetcher = Callable[[str], pa.Table]
 
 
@@ -118,7 +118,8 @@ async def serve(plan: Plan, launcher_id: str, state_dir: Path, progress: Progres
                     ChainClient, control_plane.flight_location, data.ca().cert_pem(), key
                 )
                 try:
-                    return await measure(plan, lau, chain.fetch, finished, progress)
+                    tls = data.ca().issue_server_cert(["127.0.0.1"]), data.ca().cert_pem()
+                    return await measure(plan, lau, chain.fetch, finished, progress, tls)
                 finally:
                     chain.close()
             finally:
@@ -150,14 +151,18 @@ async def measure(
     chain: Fetcher,
     finished: list[QueryRecord],
     progress: Progress,
+    tls: tuple[tuple[bytes, bytes], bytes],
 ) -> Samples:
-    """Both cases over the paths; the one-hop server lives only for the measurement."""
-    local, server = InProcessDuckDB(), OneHopServer()
-    one_hop = OneHopClient(server)
+    """Both cases over the paths; the one-hop servers live only for the measurement.
+    ``tls``: a certificate and key for the TLS one-hop server, and the CA to verify it with."""
+    (server_pair, ca_pem), local = tls, InProcessDuckDB()
+    server, tls_server = OneHopServer(), OneHopServer(server_pair)
+    one_hop, one_hop_tls = OneHopClient(server), OneHopClient(tls_server, ca_pem)
     pool = await launcher.warm(POLICY)
     fetchers = {
         "in_process": local.fetch,
         "one_hop": one_hop.fetch,
+        "one_hop_tls": one_hop_tls.fetch,
         "worker_local": worker_local(launcher, asyncio.get_running_loop()),
         "chain": chain,
     }
@@ -172,9 +177,8 @@ async def measure(
         bursts = await burst_case(plan, pool, fetchers, progress)
         wide = await wide_case(plan, pool, fetchers, progress)
     finally:
-        one_hop.close()
-        server.close()
-        local.close()
+        for closing in (one_hop, server, one_hop_tls, tls_server, local):
+            closing.close()
     return Samples(latency, bursts, wide, per_query)
 
 

@@ -4,7 +4,8 @@ worker thread makes so the bench's event loop (the worker's tunnel) keeps runnin
 * in-process DuckDB: one connection, ``to_arrow_reader().read_all()``;
 * a one-hop Flight server in this process beside DuckDB (what a GizmoSQL-style server gives):
   ``do_get`` streams ``fetch_record_batch`` over plaintext loopback gRPC to a raw
-  ``pyarrow.flight.FlightClient``;
+  ``pyarrow.flight.FlightClient`` (the target's bar), and the same over TLS (a diagnostic:
+  the chain's client hop is TLS, so this separates what TLS costs from what the hops cost);
 * the whole chain through ADBC: Flight SQL on the control plane (TLS, API key) -> mTLS tunnel
   -> worker -> warm-pool sandbox.
 """
@@ -59,8 +60,14 @@ class OneHopServer(flight.FlightServerBase):
     DuckDB's record batches. No auth, no TLS, no planning RPCs: the cheapest server a client
     can fetch DuckDB results from, so it is the bar for the chain's per-hop cost."""
 
-    def __init__(self) -> None:
-        super().__init__("grpc://127.0.0.1:0")
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+        """``tls``: (certificate PEM, key PEM) to serve TLS with; plaintext without."""
+        if tls is None:
+            super().__init__("grpc://127.0.0.1:0")
+        else:
+            pair = flight.CertKeyPair(cert=tls[0], key=tls[1])
+            super().__init__("grpc+tls://127.0.0.1:0", tls_certificates=[pair])
+        self.tls = tls is not None
         self._con = duckdb.connect()
 
     def do_get(
@@ -78,8 +85,13 @@ class OneHopServer(flight.FlightServerBase):
 class OneHopClient:
     """A raw ``FlightClient`` on the one-hop server, connected once and reused."""
 
-    def __init__(self, server: OneHopServer) -> None:
-        self._client = flight.FlightClient(f"grpc://127.0.0.1:{server.port}")
+    def __init__(self, server: OneHopServer, ca_pem: bytes | None = None) -> None:
+        """``ca_pem`` verifies a TLS server's certificate."""
+        if server.tls:
+            location = f"grpc+tls://127.0.0.1:{server.port}"
+            self._client = flight.FlightClient(location, tls_root_certs=ca_pem)
+        else:
+            self._client = flight.FlightClient(f"grpc://127.0.0.1:{server.port}")
 
     def fetch(self, sql: str) -> pa.Table:
         return self._client.do_get(flight.Ticket(sql.encode())).read_all()

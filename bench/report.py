@@ -239,6 +239,7 @@ def render_data(result: Json) -> str:
 _FLIGHT_PATHS = (
     ("in_process", "in-process DuckDB, Arrow fetch"),
     ("one_hop", "one-hop Flight server, FlightClient"),
+    ("one_hop_tls", "diag: the same one-hop server over TLS"),
     ("worker_local", "diag: worker's launcher, same pool, no Flight"),
     ("chain", "ADBC -> control plane -> tunnel -> sandbox"),
 )
@@ -264,7 +265,12 @@ def flight_summary(
     added_p50 = latency["chain"]["median_ms"] - latency["in_process"]["median_ms"]
     added_p95 = latency["chain"]["p95_ms"] - latency["in_process"]["p95_ms"]
     ratio = wide["chain"]["mb_per_s"] / wide["one_hop"]["mb_per_s"]
-    return {
+    extra: Json = {}
+    if "one_hop_tls" in wide:  # beside the target, never instead of it
+        extra["throughput_ratio_vs_tls_one_hop"] = (
+            wide["chain"]["mb_per_s"] / wide["one_hop_tls"]["mb_per_s"]
+        )
+    return extra | {
         "select42": latency,
         "select42_bursts": bursts,
         "added_p50_ms": added_p50,
@@ -323,6 +329,9 @@ def render_flight(result: Json) -> str:
             f"{row['mb_per_s']:>9.0f}{row['mb_per_s'] / one_hop:>10.2f}x"
         )
     lines += ["MB = 10^6 bytes of Arrow buffers in the client's table; call to whole table"]
+    if "throughput_ratio_vs_tls_one_hop" in result:
+        vs_tls = result["throughput_ratio_vs_tls_one_hop"]
+        lines.append(f"diag: chain MB/s / one-hop-over-TLS MB/s: {vs_tls:.2f}x (not the target)")
     if "sandbox_queries_per_chain_select42" in result:
         per_query = result["sandbox_queries_per_chain_select42"]
         lines.append(f"sandbox queries per ADBC SELECT 42 through the chain: {per_query:.2f}")

@@ -94,10 +94,17 @@ def test_flight_bench_script_starts() -> None:
 
 def test_flight_summary_checks_both_targets_from_the_same_samples() -> None:
     latency = {"in_process": [0.001, 0.002, 0.003], "one_hop": [0.002] * 3, "chain": [0.012] * 3}
-    wide = {"in_process": [0.1] * 3, "one_hop": [0.2] * 3, "chain": [0.4, 0.5, 0.3]}
+    wide = {
+        "in_process": [0.1] * 3,
+        "one_hop": [0.2] * 3,
+        "one_hop_tls": [0.25] * 3,
+        "chain": [0.4, 0.5, 0.3],
+    }
     bursts = {"in_process": [0.001] * 3, "chain": [0.021] * 3}
     result = flight_summary(latency, wide, 160_000_000, bursts_s=bursts)
     assert result["added_p50_ms"] == 10.0  # the settled figure, never the bursts'
+    # The TLS one-hop is a diagnostic beside the target's plaintext bar, never instead of it.
+    assert result["throughput_ratio_vs_tls_one_hop"] == 0.625
     assert result["select42_bursts"]["chain"]["median_ms"] == 21.0
     assert result["wide"]["one_hop"]["mb_per_s"] == 800.0
     assert result["throughput_ratio"] == 0.5
@@ -122,4 +129,6 @@ def test_flight_summary_checks_both_targets_from_the_same_samples() -> None:
         ["3", "21.00", "21.00", "+20.00ms"],
         ["3", "400", "400", "0.50x"],
     ]
+    assert "diag: the same one-hop server over TLS" in text
+    assert "diag: chain MB/s / one-hop-over-TLS MB/s: 0.62x (not the target)" in text
     assert text.endswith("one-hop MB/s          0.50x  target >= 0.6x   MISSED")
