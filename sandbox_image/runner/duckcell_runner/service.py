@@ -79,8 +79,7 @@ class QueryFailed(Exception):
 class _Running:
     query_id: str
     stop_reason: int = pb.FAILURE_REASON_UNSPECIFIED
-    done: bool = False
-    ended: threading.Event = field(default_factory=threading.Event)  # set with done
+    ended: threading.Event = field(default_factory=threading.Event)  # set under the state lock
 
 
 class _ChunkSink:
@@ -153,6 +152,13 @@ def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
                 raise duckdb.OutOfMemoryException(message) from None
             raise duckdb.Error(message) from None
         yield batch
+
+
+def _stopped(reason: int, detail: str) -> QueryFailed:
+    """How a stopped query fails: cancelled, or else (the timer, DuckDB's own limit) timed out."""
+    if reason == pb.FAILURE_REASON_CANCELLED:
+        return QueryFailed(reason, "query cancelled")
+    return QueryFailed(pb.FAILURE_REASON_TIMEOUT, f"statement timeout: {detail}")
 
 
 def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
@@ -259,7 +265,6 @@ class RunnerService(pb_grpc.RunnerServicer):
                     with contextlib.suppress(OSError):
                         os.unlink(output)
                 with self._state:
-                    running.done = True
                     running.ended.set()
                     self._running = None
 
@@ -304,14 +309,13 @@ class RunnerService(pb_grpc.RunnerServicer):
             raise self._translate(error, running) from None
 
     def _check_stopped(self, running: _Running) -> None:
-        """Raise if a stop landed between two statements: DuckDB forgets an interrupt that
-        finds nothing running, so without this the query would run on to its timeout."""
+        """Raise if the query was stopped. Called where DuckDB is not running (between
+        statements, between result chunks and output slices): an interrupt that finds nothing
+        running is forgotten, so without this the query would go on."""
         with self._state:
             reason = running.stop_reason
-        if reason == pb.FAILURE_REASON_CANCELLED:
-            raise QueryFailed(reason, "query cancelled")
         if reason != pb.FAILURE_REASON_UNSPECIFIED:
-            raise QueryFailed(pb.FAILURE_REASON_TIMEOUT, "statement timeout: query interrupted")
+            raise _stopped(reason, "query interrupted")
 
     def _binding_problem(self, table: pb.TableBinding) -> str | None:
         if not table.name or "\0" in table.name:
@@ -329,7 +333,7 @@ class RunnerService(pb_grpc.RunnerServicer):
     def _stop(self, query_id: str, reason: int) -> bool:
         with self._state:
             running = self._running
-            if running is None or running.done or running.query_id != query_id:
+            if running is None or running.ended.is_set() or running.query_id != query_id:
                 return False
             first = running.stop_reason == pb.FAILURE_REASON_UNSPECIFIED
             if first:
@@ -345,7 +349,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         call ran (between two statements, before a reader's first fetch) is forgotten."""
         while not running.ended.wait(_REINTERRUPT_S):
             with self._state:
-                if running.done:
+                if running.ended.is_set():
                     return
                 self._con.interrupt()
 
@@ -421,8 +425,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         try:
             with open(path, "rb") as written:
                 while data := written.read(_OUTPUT_CHUNK_BYTES):
-                    if running.stop_reason != pb.FAILURE_REASON_UNSPECIFIED:
-                        raise QueryFailed(running.stop_reason, "query stopped while sending output")
+                    self._check_stopped(running)
                     yield pb.ExecuteChunk(output=data)
         except FileNotFoundError:
             raise QueryFailed(
@@ -469,10 +472,7 @@ class RunnerService(pb_grpc.RunnerServicer):
     @staticmethod
     def _translate(error: duckdb.Error, running: _Running) -> QueryFailed:
         if isinstance(error, duckdb.InterruptException) or "maximum execution time" in str(error):
-            reason = running.stop_reason or pb.FAILURE_REASON_TIMEOUT
-            if reason == pb.FAILURE_REASON_CANCELLED:
-                return QueryFailed(reason, "query cancelled")
-            return QueryFailed(pb.FAILURE_REASON_TIMEOUT, f"statement timeout: {error}")
+            return _stopped(running.stop_reason or pb.FAILURE_REASON_TIMEOUT, str(error))
         if isinstance(error, duckdb.OutOfMemoryException):
             return QueryFailed(pb.FAILURE_REASON_MEMORY, str(error))
         return QueryFailed(pb.FAILURE_REASON_SQL, str(error))
