@@ -142,12 +142,33 @@ def tpch_files(plan: Plan, progress: Progress) -> Path:
     return target_dir
 
 
+@dataclass(frozen=True, slots=True)
+class S3Server:
+    """The loopback S3 server's endpoint, the bytes it holds, and its process id."""
+
+    endpoint: str
+    data_bytes: int
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU the server process has used so far (user + system, from /proc)."""
+        return process_cpu_seconds(self.pid)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
-    """A moto S3 server on loopback holding the tables; yields its endpoint and bytes held.
+def s3_server(files: Path, progress: Progress) -> Iterator[S3Server]:
+    """A moto S3 server on loopback holding the tables.
 
     It runs as a process of its own, as an object store does: in this process its request
-    handling would take the launcher's GIL, slowing the launcher as no real store would.
+    handling would take the launcher's GIL, slowing the launcher as no real store would. It
+    still shares this host's two cores with the sandbox, as a remote store would not: the CPU
+    it spends during each sandbox rep is measured and reported beside the rep (``s3_cpu``).
     """
     with socket.socket() as probe:  # a free port (moto's CLI cannot report one it picked)
         probe.bind(("127.0.0.1", 0))
@@ -158,7 +179,7 @@ def s3_server(files: Path, progress: Progress) -> Iterator[tuple[str, int]]:
         try:
             endpoint = f"http://127.0.0.1:{port}"
             wait_listening(port, server, log)
-            yield endpoint, upload(endpoint, files, progress)
+            yield S3Server(endpoint, upload(endpoint, files, progress), server.pid)
         finally:
             server.terminate()
             try:
@@ -291,13 +312,15 @@ class SandboxRun:
     prepare: float  # list the tables' objects, lease them (download on a miss)
     checkout: float  # a ready sandbox from the pool
     runner: float  # the runner's own execute time inside the sandbox, sends included
+    s3_cpu: float  # CPU the loopback S3 server spent meanwhile (its LISTs and GETs)
     rows: list[tuple[object, ...]]
 
 
 async def in_sandbox(
-    launcher: LocalLauncher, data: DataPath, policy: Policy, sql: str
+    launcher: LocalLauncher, data: DataPath, policy: Policy, sql: str, server: S3Server
 ) -> SandboxRun:
     """List, lease (downloading what is missing), run in a fresh sandbox, decode: timed."""
+    server_cpu = server.cpu_seconds()
     started = time.perf_counter()
     files = await data.prepare(sql, policy, early=True)  # as a worker does
     prepared = time.perf_counter()
@@ -306,14 +329,19 @@ async def in_sandbox(
     total = time.perf_counter() - started
     record = execution.record
     runner = record.summary.execute_seconds if record.summary else math.nan
+    s3_cpu = server.cpu_seconds() - server_cpu
     rows = [tuple(r.values()) for r in table.to_pylist()]
-    return SandboxRun(total, prepared - started, record.queued_s, runner, rows)
+    return SandboxRun(total, prepared - started, record.queued_s, runner, s3_cpu, rows)
 
 
 def split(runs: list[SandboxRun]) -> Json:
-    """Medians of the parts of sandbox runs, in milliseconds."""
+    """Medians of the parts of sandbox runs, and the S3 server's mean CPU per run (its
+    clock ticks are 10 ms: a median would round to them), in milliseconds."""
     parts = ("prepare", "checkout", "runner")
-    return {f"{p}_median_ms": statistics.median(getattr(r, p) for r in runs) * 1e3 for p in parts}
+    medians = {
+        f"{p}_median_ms": statistics.median(getattr(r, p) for r in runs) * 1e3 for p in parts
+    }
+    return medians | {"s3_cpu_mean_ms": statistics.fmean(r.s3_cpu for r in runs) * 1e3}
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -322,6 +350,7 @@ async def measure_query(
     plan: Plan,
     launcher: LocalLauncher,
     paths: tuple[DataPath, DataPath],
+    server: S3Server,
     progress: Progress,
 ) -> Json:
     """Cold reps, then warm (both listing settings) and in-process reps interleaved, then the
@@ -335,7 +364,7 @@ async def measure_query(
     for i in range(plan.cold_repeat):
         await asyncio.to_thread(data.cache.evict, all=True)  # untimed: empty the cache
         await settle(pool)
-        cold.append(await in_sandbox(launcher, data, policy, sql))
+        cold.append(await in_sandbox(launcher, data, policy, sql, server))
         progress(f"{name} cold {i + 1}/{plan.cold_repeat}: {cold[-1].total * 1000:.0f} ms")
     async with await data.prepare(sql, policy) as files:  # the files the sandbox read
         bindings = {b.name: list(b.paths) for b in files.bindings}
@@ -350,12 +379,12 @@ async def measure_query(
         fresh: list[float] = []
         for i in range(plan.warm_repeat):
             await settle(pool)
-            warm.append(await in_sandbox(launcher, data, policy, sql))
+            warm.append(await in_sandbox(launcher, data, policy, sql, server))
             local_seconds, local_rows = local.run(sql)
             in_process.append(local_seconds)
             fresh.append(local.run_fresh(sql))
             await settle(pool)
-            warm_reused.append(await in_sandbox(launcher, reusing, policy, sql))
+            warm_reused.append(await in_sandbox(launcher, reusing, policy, sql, server))
             if expected != local_rows or any(r[-1].rows != expected for r in (warm, warm_reused)):
                 raise RuntimeError(f"{name}: rep {i + 1} returned a different result")
         progress(f"{name} warm/in-process x{plan.warm_repeat} done; new-process diagnostic")
@@ -385,16 +414,16 @@ async def run(plan: Plan, launcher_id: str, progress: Progress) -> Json:
         policies = load_policies(work / "policies")
         flags = {"state_dir": work / "state", "image": plan.image, "launcher_id": launcher_id}
         config = load_config(flags=flags | {"cache_dir": work / "cache"}, env={})
-        with s3_server(files, progress) as (endpoint, total):
+        with s3_server(files, progress) as server:
             catalogs = [
-                parse_catalog(catalog_text(endpoint, ttl), str(work / "catalog.yaml"))
+                parse_catalog(catalog_text(server.endpoint, ttl), str(work / "catalog.yaml"))
                 for ttl in ("0s", plan.listing_ttl)
             ]
             cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
             data = DataPath(catalogs[0], cache, environ=S3_ENV)
             reusing = DataPath(catalogs[1], cache, environ=S3_ENV)
             try:
-                cases = await measure_all(plan, config, policies, (data, reusing), progress)
+                cases = await measure_all(plan, config, policies, (data, reusing), server, progress)
             finally:
                 await cache.close()
         return {
@@ -405,7 +434,7 @@ async def run(plan: Plan, launcher_id: str, progress: Progress) -> Json:
             "plan": asdict(plan) | {"data_dir": str(plan.data_dir), "output": str(plan.output)},
             "policy_name": POLICY,
             "policy": BENCH_POLICY,
-            "data_bytes": total,
+            "data_bytes": server.data_bytes,
             "queries": QUERIES,
             "cases": cases,
             "targets": [
@@ -431,11 +460,13 @@ async def measure_all(
     config: LauncherConfig,
     policies: PolicySet,
     paths: tuple[DataPath, DataPath],
+    server: S3Server,
     progress: Progress,
 ) -> Json:
     async with LocalLauncher(config, policies=policies, progress=progress) as launcher:
         return {
-            name: await measure_query(name, plan, launcher, paths, progress) for name in QUERIES
+            name: await measure_query(name, plan, launcher, paths, server, progress)
+            for name in QUERIES
         }
 
 

@@ -56,7 +56,12 @@ def test_render_data_shows_ratios_and_targets() -> None:
     def case(median: float, **parts: float) -> dict[str, float]:
         return {"n": 3, "median_ms": median, "p95_ms": median + 1} | parts
 
-    sandbox = {"prepare_median_ms": 10.0, "checkout_median_ms": 0.1, "runner_median_ms": 100.0}
+    sandbox = {
+        "prepare_median_ms": 10.0,
+        "checkout_median_ms": 0.1,
+        "runner_median_ms": 100.0,
+        "s3_cpu_mean_ms": 12.5,
+    }
     row = {
         "in_process": case(100.0),
         "warm": case(110.0, **sandbox),
@@ -76,7 +81,10 @@ def test_render_data_shows_ratios_and_targets() -> None:
     }
     text = render_data(result)
     assert "load average (1 min) 0.50 at start, 1.25 at end" in text
-    assert "scan  sandbox, warm cache                  3      110.0     111.0       1.10x" in text
+    warm = next(line for line in text.splitlines() if line.startswith("scan  sandbox, warm"))
+    assert warm.split() == "scan sandbox, warm cache 3 110.0 111.0 1.10x 10.0 0.1 100.0 12.5".split()
+    in_process = next(line for line in text.splitlines() if line.startswith("scan  in-process"))
+    assert in_process.split()[-1] == "1.00x"  # no sandbox parts, no S3 server column
     assert "scan: warm p50 / in-process p50            1.10x  target <= 1.15x  met" in text
 
 
