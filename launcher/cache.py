@@ -48,6 +48,7 @@ from .cache_index import (
     CacheStats,
     EntryLock,
     EvictReport,
+    IndexRow,
     VerifyProblem,
     VerifyReport,
     check_file,
@@ -185,10 +186,19 @@ class ObjectCache:
         return lease
 
     def _pin_all(self, names: list[str], refs: Sequence[ObjectRef]) -> list[int | None]:
-        """The first, cheap pass: pin every entry already good; None marks a miss."""
-        fds = [self._try_pin(name, ref) for name, ref in zip(names, refs, strict=True)]
-        misses = fds.count(None)
-        self._index.count(hits=len(fds) - misses, misses=misses)
+        """The first, cheap pass: pin every entry already good; None marks a miss.
+
+        On any error the entries pinned so far are let go (a lost pin would keep its entry
+        from eviction and repair for as long as this process lives)."""
+        fds: list[int | None] = []
+        try:
+            for name, ref in zip(names, refs, strict=True):
+                fds.append(self._try_pin(name, ref))
+            misses = fds.count(None)
+            self._index.count(hits=len(fds) - misses, misses=misses)
+        except BaseException:
+            _close_all(fds)
+            raise
         return fds
 
     async def _fetch_and_pin(
@@ -223,12 +233,18 @@ class ObjectCache:
             if error.errno in (errno.ENOENT, errno.ELOOP):
                 return None
             raise CacheError(f"cannot open cache entry {path} ({error.strerror})") from None
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        # Replaced or removed between open and lock: not the file the index describes.
-        if not same_file(fd, path) or os.fstat(fd).st_size != row.size:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # Replaced or removed between open and lock: not the file the index describes.
+            good = same_file(fd, path) and os.fstat(fd).st_size == row.size
+            if good:
+                self._index.touch(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not good:
             os.close(fd)
             return None
-        self._index.touch(name)
         return fd
 
     async def _fetch(self, store: ObjectStore, ref: ObjectRef, name: str) -> bool:
@@ -378,9 +394,28 @@ class ObjectCache:
         for row in rows:
             reason = check_file(self._entry_path(row.name), row.size, row.sha256)
             if reason is not None:
-                removed = repair and self._remove(row.name)
-                problems.append(VerifyProblem(relative_path(row.name), reason, removed))
+                problem = self._confirm(row, repair)
+                if problem is not None:
+                    problems.append(problem)
         return VerifyReport(len(rows) + len(dropped), problems)
+
+    def _confirm(self, row: IndexRow, repair: bool) -> VerifyProblem | None:
+        """Check a bad-looking entry again under its lock: another process may have evicted,
+        replaced or been fetching it since the rows were read (not a problem of the cache).
+        None when it was that; an entry busy now is left to its next check."""
+        lock = EntryLock(self._lock_path(row.name))
+        if not lock.try_acquire():
+            return None
+        try:
+            now = self._index.get(row.name)
+            if now is None or (now.size, now.sha256) != (row.size, row.sha256):
+                return None
+            reason = check_file(self._entry_path(row.name), row.size, row.sha256) or ""
+        finally:
+            lock.release()
+        if not reason:
+            return None
+        return VerifyProblem(relative_path(row.name), reason, repair and self._remove(row.name))
 
     def _remove(self, name: str) -> bool:
         """Remove an entry unless it is pinned or being fetched; True when it is gone.
@@ -442,8 +477,10 @@ class ObjectCache:
             elif path is not None and self._index.get(name) is None:
                 path.unlink(missing_ok=True)  # published, but the process died before indexing
             elif path is None and not os.path.lexists(self._entry_path(name)):
+                # Another process may have evicted it since the rows were read: then the row
+                # is gone too, and nothing was missing.
+                dropped = self._index.get(name) is not None
                 self._index.delete(name)
-                dropped = True
             lock.remove()
         finally:
             lock.release()
@@ -456,7 +493,10 @@ async def _owning_fds(pin: Callable[[], list[int | None]]) -> list[int | None]:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        task.add_done_callback(lambda done: done.cancelled() or _close_all(done.result()))
+        # A pin that failed has closed its own fds (``_pin_all``); only a finished one's remain.
+        task.add_done_callback(
+            lambda done: done.cancelled() or done.exception() or _close_all(done.result())
+        )
         raise
 
 

@@ -82,7 +82,9 @@ def test_render_data_shows_ratios_and_targets() -> None:
     text = render_data(result)
     assert "load average (1 min) 0.50 at start, 1.25 at end" in text
     warm = next(line for line in text.splitlines() if line.startswith("scan  sandbox, warm"))
-    assert warm.split() == "scan sandbox, warm cache 3 110.0 111.0 1.10x 10.0 0.1 100.0 12.5".split()
+    assert (
+        " ".join(warm.split()) == "scan sandbox, warm cache 3 110.0 111.0 1.10x 10.0 0.1 100.0 12.5"
+    )
     in_process = next(line for line in text.splitlines() if line.startswith("scan  in-process"))
     assert in_process.split()[-1] == "1.00x"  # no sandbox parts, no S3 server column
     assert "scan: warm p50 / in-process p50            1.10x  target <= 1.15x  met" in text

@@ -1,6 +1,7 @@
 """ObjectCache over a counting in-memory store and over LocalStore, with real files and locks.
 
-The stores are handed in through ``lease``; nothing of ours is patched. Cross-process behaviour
+The stores are handed in through ``lease``; nothing of ours is patched but the index, once, to
+fail in the middle of a lease. Cross-process behaviour
 (single flight, pins) runs real child processes on the same cache root.
 """
 
@@ -19,8 +20,9 @@ from typing import TypeVar
 
 import pytest
 
+import launcher.cache
 from launcher.cache import CacheLease, ObjectCache
-from launcher.cache_index import EntryLock, entry_name, relative_path
+from launcher.cache_index import EntryLock, entry_name, is_pinned, relative_path
 from launcher.errors import CacheError, ObjectStoreError
 from launcher.objectstore import LocalStore, ObjectRef
 
@@ -346,6 +348,36 @@ def test_opening_removes_stale_partials_and_unindexed_files_but_not_busy_ones(
     assert busy.exists() and entry_file(tmp_path, ref).exists()
 
 
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_lease_failing_in_its_first_pass_lets_go_of_what_it_pinned(tmp_path: Path) -> None:
+    """A pin lost on an error would keep its entry from eviction and repair for as long as the
+    process lives: the index failing on the second hit must leave the first one unpinned."""
+    store = make_store(3)
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    refs = run(store.list("t/"))
+    run(cache.lease(store, refs)).release()
+    index = cache._index
+    touch, touched = index.touch, []
+
+    def failing_touch(name: str) -> None:
+        touched.append(name)
+        if len(touched) == 2:
+            raise CacheError("the cache index is busy")
+        touch(name)
+
+    before = open_fds()
+    index.touch = failing_touch  # type: ignore[method-assign]
+    with pytest.raises(CacheError, match="busy"):
+        run(cache.lease(store, refs))
+    index.touch = touch  # type: ignore[method-assign]
+    assert open_fds() == before
+    assert not any(is_pinned(entry_file(tmp_path, ref)) for ref in refs)
+    assert cache.evict(all=True).skipped_in_use == 0
+
+
 def test_verify_finds_corruption_and_repair_removes_it_unless_pinned(tmp_path: Path) -> None:
     store = make_store(3)
     cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
@@ -400,6 +432,30 @@ def test_verify_reports_index_entries_whose_file_is_missing(tmp_path: Path) -> N
     assert store.downloads[refs[0].key] == store.downloads[refs[1].key] == 2
     lease.release()
     run(reopened.close())
+
+
+def test_verify_beside_another_process_evicting_reports_no_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`duckcell cache verify` reads the rows, then checks each file; a worker evicting in
+    between removes healthy entries, which are not missing (README: safe beside queries)."""
+    store = make_store(3)
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    run(cache.lease(store, run(store.list("t/")))).release()
+    worker = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    check, checked = launcher.cache.check_file, []
+
+    def check_after_an_eviction(path: Path, size: int, sha256: str) -> str | None:
+        if not checked:
+            assert worker.evict(to_bytes=0).removed == 3
+        checked.append(path)
+        return check(path, size, sha256)
+
+    monkeypatch.setattr(launcher.cache, "check_file", check_after_an_eviction)
+    report = cache.verify(repair=True)
+    assert report.checked == 3 and report.problems == [] and len(checked) == 3
+    run(worker.close())
+    run(cache.close())
 
 
 def test_a_changed_object_is_a_new_entry_and_the_old_one_is_never_served(tmp_path: Path) -> None:
