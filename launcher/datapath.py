@@ -144,18 +144,21 @@ class DataPath:
         stores: StoreFactory | None = None,
         listings: ListingCache | None = None,
     ) -> None:
-        self.catalog = catalog
         self.cache = cache
         self.listings = listings if listings is not None else ListingCache()
         self._environ = environ
         self._make_store = stores or functools.partial(store_for, secrets=secrets)
-        self._stores: dict[str, ObjectStore] = {}
+        self._view = _View(catalog)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._view.catalog
 
     def replace_catalog(self, catalog: Catalog) -> None:
         """Use ``catalog`` from the next query on (a worker's catalog push); store clients are
-        rebuilt because a connection's endpoint or secret names may have changed."""
-        self.catalog = catalog
-        self._stores.clear()
+        rebuilt because a connection's endpoint or secret names may have changed. A query
+        being prepared finishes with the catalog (and store clients) it started with."""
+        self._view = _View(catalog)
         self.listings.clear()
 
     async def prepare(self, sql: str, policy: Policy, *, early: bool = False) -> TableFiles:
@@ -169,12 +172,13 @@ class DataPath:
         connection, or not write where the SQL writes), CatalogError (a table without files),
         SecretError, ObjectStoreError or CacheError; nothing stays leased then.
         """
-        plan = plan_write(sql, policy, self.catalog)
+        view = self._view
+        plan = plan_write(sql, policy, view.catalog)
         write = None
         if plan is not None:
             dropper = functools.partial(self.listings.drop_overlapping, plan.connection)
-            write = PendingWrite(plan, self._store(plan.connection), uploaded=dropper)
-        tables = self.catalog.referenced(plan.sql if plan is not None else sql)
+            write = PendingWrite(plan, self._store(view, plan.connection), uploaded=dropper)
+        tables = view.catalog.referenced(plan.sql if plan is not None else sql)
         for table in tables:
             if not visible(policy.access.connections, table.connection):
                 raise QueryDeniedError(
@@ -186,7 +190,8 @@ class DataPath:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._bind(t, files, unconfirmed, early)) for t in tables
+                    group.create_task(self._bind(view, t, files, unconfirmed, early))
+                    for t in tables
                 ]
         except BaseException as error:
             files.release()
@@ -196,12 +201,13 @@ class DataPath:
             # Started once the leases are in, so they do not slow the leases down: from here
             # on they run beside the sandbox.
             # gather: cancelling it cancels every check, and it reads every check's error.
-            files.pending = asyncio.gather(*(self._still_listed(*u) for u in unconfirmed))
+            files.pending = asyncio.gather(*(self._still_listed(view, *u) for u in unconfirmed))
             files.again = functools.partial(self.prepare, sql, policy)
         return files
 
     async def _bind(
         self,
+        view: _View,
         table: Table,
         files: TableFiles,
         unconfirmed: list[tuple[Table, list[ObjectRef]]],
@@ -209,14 +215,14 @@ class DataPath:
     ) -> Binding:
         """List (or reuse a listing of) one table and lease its files. ``early``: lease the
         last listing, adding it to ``unconfirmed`` for a fresh LIST to check."""
-        ttl = self.catalog.connections[table.connection].listing_ttl
+        ttl = view.catalog.connections[table.connection].listing_ttl
         reused = self.listings.get(table.connection, table.path, ttl)
         last = None
         if reused is None and early:
             reused = last = self.listings.last(table.connection, table.path)
         if reused is not None:
             try:
-                binding = await self._lease(table, reused, files)
+                binding = await self._lease(view, table, reused, files)
             except ObjectStoreError:
                 # An object the reused listing names changed or went: list afresh, once.
                 self.listings.drop(table.connection, table.path)
@@ -225,19 +231,19 @@ class DataPath:
                     unconfirmed.append((table, last))
                 return binding
         started = self.listings.start()
-        refs = await self._list(table)
+        refs = await self._list(view, table)
         self.listings.put(table.connection, table.path, refs, started)
-        return await self._lease(table, refs, files)
+        return await self._lease(view, table, refs, files)
 
-    async def _still_listed(self, table: Table, refs: list[ObjectRef]) -> bool:
+    async def _still_listed(self, view: _View, table: Table, refs: list[ObjectRef]) -> bool:
         """List ``table`` afresh, keep that listing, and say whether it is still ``refs``."""
         started = self.listings.start()
-        fresh = await self._list(table)
+        fresh = await self._list(view, table)
         self.listings.put(table.connection, table.path, fresh, started)
         return sorted(fresh, key=_order) == sorted(refs, key=_order)
 
-    async def _list(self, table: Table) -> list[ObjectRef]:
-        refs = await self._store(table.connection).list(table.path)
+    async def _list(self, view: _View, table: Table) -> list[ObjectRef]:
+        refs = await self._store(view, table.connection).list(table.path)
         named = len(refs) == 1 and (
             table.path == refs[0].key or table.path.endswith("/" + refs[0].key)
         )
@@ -251,18 +257,29 @@ class DataPath:
             )
         return refs
 
-    async def _lease(self, table: Table, refs: list[ObjectRef], files: TableFiles) -> Binding:
-        lease = await self.cache.lease(self._store(table.connection), refs)
+    async def _lease(
+        self, view: _View, table: Table, refs: list[ObjectRef], files: TableFiles
+    ) -> Binding:
+        lease = await self.cache.lease(self._store(view, table.connection), refs)
         files.leases.append(lease)
         paths = tuple(f"{SANDBOX_CACHE}/{path}" for path in lease.paths)
         return Binding(table.name, table.format, paths)
 
-    def _store(self, name: str) -> ObjectStore:
-        store = self._stores.get(name)
+    def _store(self, view: _View, name: str) -> ObjectStore:
+        store = view.stores.get(name)
         if store is None:
-            store = self._make_store(self.catalog.connections[name], self._environ)
-            self._stores[name] = store
+            store = self._make_store(view.catalog.connections[name], self._environ)
+            view.stores[name] = store
         return store
+
+
+@dataclass(slots=True)
+class _View:
+    """A catalog and the store clients built for its connections: replaced together, so a
+    query holding one never meets a connection of another catalog."""
+
+    catalog: Catalog
+    stores: dict[str, ObjectStore] = field(default_factory=dict)
 
 
 def _drop(checks: asyncio.Future[list[bool]]) -> None:

@@ -418,3 +418,48 @@ def test_without_early_a_query_never_binds_an_unconfirmed_listing(
         await data.cache.close()
 
     asyncio.run(body())
+
+
+class PausedStore(MemoryStore):
+    """Its LISTs say they started (``listing``), then wait until the test opens ``gate``."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        super().__init__(objects)
+        self.listing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def list(self, url: str) -> list[ObjectRef]:
+        self.listing.set()
+        await self.gate.wait()
+        return await super().list(url)
+
+
+def test_a_catalog_push_while_a_query_is_prepared_leaves_that_query_on_its_catalog(
+    tmp_path: Path, store: MemoryStore, policy: Policy
+) -> None:
+    """A push that drops the query's connection lands between its LIST and its lease: the
+    query finishes on the catalog and store client it started with (it raised KeyError)."""
+
+    async def body() -> None:
+        gated = PausedStore(store.objects)
+        made: list[str] = []
+
+        def stores(connection: Connection, environ: Mapping[str, str] | None) -> ObjectStore:
+            made.append(connection.name)
+            return gated
+
+        catalog = parse_catalog(CATALOG, str(tmp_path / "cat.yaml"))
+        cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
+        data = DataPath(catalog, cache, stores=stores)
+        preparing = asyncio.create_task(data.prepare("FROM trips", policy))
+        await gated.listing.wait()
+        data.replace_catalog(Catalog.EMPTY)
+        gated.gate.set()
+        files = await preparing
+        assert [len(b.paths) for b in files.bindings] == [2] and made == ["lake"]
+        files.release()
+        after = await data.prepare("FROM trips", policy)  # the next query: the new catalog
+        assert after.bindings == () and made == ["lake"]
+        await cache.close()
+
+    asyncio.run(body())
