@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="run one query in a fresh sandbox and print it")
     query.add_argument("sql", help="SQL text (use - to read it from stdin)")
-    query.add_argument("--policy", default="default", help="policy name (default: default)")
+    query.add_argument(
+        "--policy",
+        help="policy name (default: `default`; through a control plane, the one your role "
+        "fixes, else the worker's default)",
+    )
     query.add_argument("--format", choices=FORMATS, default="table")
     query.add_argument("--output", "-o", type=Path, help="write the result to FILE")
     query.add_argument("--catalog", type=Path, help="catalog YAML whose tables SQL can name")
@@ -185,7 +189,7 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
         config = dataclasses.replace(config, cache_dir=data.cache.root)
     try:
         async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
-            policy = launcher.policies.get(args.policy)
+            policy = launcher.policies.get(args.policy or "default")
             progress(f"starting a {policy.runtime.value} sandbox (policy {policy.name})")
             session = None
             if policy.isolation.value == "session":
@@ -228,9 +232,10 @@ async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) 
         ca_pem = args.ca_file.read_bytes()
     except OSError as exc:
         raise DuckcellError(f"--ca-file: cannot read {args.ca_file}: {exc}") from None
-    progress(f"running on a worker through {args.control_plane} (policy {args.policy})")
+    chosen = f"policy {args.policy}" if args.policy else "your role's policy, else the default"
+    progress(f"running on a worker through {args.control_plane} ({chosen})")
     async with ControlPlaneClient(args.control_plane, api_key, ca_pem) as client:
-        table = await client.table(sql, args.policy)
+        table = await client.table(sql, args.policy or "")
     progress(f"{table.num_rows} row(s)")
     write_result(table, args.format, args.output)
     return 0

@@ -23,6 +23,7 @@ from grpc import aio
 from launcher.audit import AUDIT_FILE, WorkerAuditLog
 from launcher.backend.base import SandboxHandle
 from launcher.cli import main
+from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import (
     ApiKeyError,
@@ -378,6 +379,33 @@ def test_the_cli_runs_a_query_through_the_control_plane(
             argv = ["-q", "query", *remote, "SELECT * FROM no_such_table"]
             assert await asyncio.to_thread(main, argv) == 1
             assert "no_such_table" in capsys.readouterr().err
+
+    run(scenario)
+
+
+def test_the_cli_leaves_the_policy_to_the_role_unless_given_one(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A role that fixes its policy: the CLI without --policy runs under it (it used to ask
+    for `default` and was refused); asking for another is refused by the control plane."""
+    catalog = tmp_path / "roles.yaml"
+    catalog.write_text("roles:\n  bi: {policy: bi-policy}\n")
+    apply_catalog(control_plane.data.root, catalog)
+    worker_policy = POLICY.replace("name: default", "name: bi-policy")
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, policy=worker_policy) as s:
+            key = control_plane.data.api_keys().create("bi")
+            ca_file = tmp_path / "ca.pem"
+            ca_file.write_bytes(s.ca_pem())
+            remote = ["--control-plane", s.address, "--api-key", key, "--ca-file", str(ca_file)]
+            argv = ["-q", "query", *remote, "--format", "csv", "SELECT 7 AS answer"]
+            assert await asyncio.to_thread(main, argv) == 0
+            assert capsys.readouterr().out.split() == ['"answer"', "7"]
+            assert [r.policy for r in s.records] == ["bi-policy"]
+            argv = ["-q", "query", *remote, "--policy", "default", "SELECT 1"]
+            assert await asyncio.to_thread(main, argv) == 1
+            assert "may not choose policy 'default'" in capsys.readouterr().err
 
     run(scenario)
 
