@@ -34,6 +34,7 @@ from .dialing import ProxyConfig
 from .enroll import Identity, enroll
 from .errors import DuckcellError
 from .executor import collect_table
+from .grants import grants_from
 from .image import ImageBuilder
 from .instance import instance_alive, reap_orphans
 from .local import LocalLauncher
@@ -44,6 +45,8 @@ from .secretcli import add_secrets_parser, run_secrets_command, secret_store
 from .session_files import remove_stale
 from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
+
+log = logging.getLogger("duckcell.worker")
 
 
 class Progress:
@@ -149,6 +152,23 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore policies the control plane pushes; use only this host's policies/ "
         "(pushed ones may never turn a gVisor policy of this host into runc either way)",
+    )
+
+    run.add_argument(
+        "--allow-endpoint",
+        action="append",
+        metavar="URL",
+        help="an S3 endpoint the control plane's catalog may point this worker at, with its "
+        "secrets (repeatable; `aws` for AWS S3; default: DUCKCELL_ALLOW_ENDPOINTS, "
+        "comma-separated, else none)",
+    )
+    run.add_argument(
+        "--allow-local-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="a directory whose files the control plane's catalog may declare as local tables "
+        "(repeatable; default: DUCKCELL_ALLOW_LOCAL_DIRS, comma-separated, else none)",
     )
 
     add_cache_parser(commands)
@@ -297,9 +317,16 @@ async def _enroll(args: argparse.Namespace) -> int:
 async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     identity = Identity.load(args.state)
     config = _config(args)
+    grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ)
     # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    data = DataPath(Catalog.EMPTY, cache, secrets=secret_store(args.state))
+    data = DataPath(Catalog.EMPTY, cache, secrets=secret_store(args.state), grants=grants)
+
+    def take_catalog(catalog: Catalog) -> None:
+        data.replace_catalog(catalog)
+        for refusal in grants.refusals(catalog):
+            log.warning("the control plane's catalog: %s", refusal)
+
     config = dataclasses.replace(config, cache_dir=cache.root)
     async with LocalLauncher(config, progress=progress) as launcher:
         runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
@@ -310,7 +337,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             audit=WorkerAuditLog(args.state / AUDIT_FILE),
             drain_grace_s=args.drain_grace,
             proxy=ProxyConfig.from_env(os.environ),
-            on_catalog=data.replace_catalog,
+            on_catalog=take_catalog,
             on_policies=None if args.local_policies_only else launcher.apply_pushed_policies,
         )
         loop = asyncio.get_running_loop()
@@ -322,6 +349,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             file=sys.stderr,
             flush=True,
         )
+        print(f"duckcell: {grants.describe()}", file=sys.stderr, flush=True)
         if args.local_policies_only:
             print(
                 "duckcell: --local-policies-only: policies the control plane pushes are ignored",

@@ -42,6 +42,7 @@ from .errors import (
     QueryDeniedError,
     first_domain_error,
 )
+from .grants import CatalogGrants
 from .listing_cache import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
@@ -131,7 +132,9 @@ class DataPath:
     worker's secret store for ``{store: NAME}`` references; it reaches the default ``stores``
     factory (a factory handed in resolves references its own way). ``listings`` keeps every
     table's last listing: reused within a connection's ``listing_ttl``, and the start of an
-    early prepare whatever its age (tests hand in one with their own clock).
+    early prepare whatever its age (tests hand in one with their own clock). ``grants``: the
+    catalog is the control plane's, and may use only the endpoints and local directories this
+    worker allows (``launcher.grants``); None for a catalog of this host's own.
     """
 
     def __init__(
@@ -143,8 +146,10 @@ class DataPath:
         secrets: SecretStore | None = None,
         stores: StoreFactory | None = None,
         listings: ListingCache | None = None,
+        grants: CatalogGrants | None = None,
     ) -> None:
         self.cache = cache
+        self._grants = grants
         self.listings = listings if listings is not None else ListingCache()
         self._environ = environ
         self._make_store = stores or functools.partial(store_for, secrets=secrets)
@@ -169,13 +174,16 @@ class DataPath:
         (its ``again()`` prepares the query anew when it is not).
 
         Raises SqlError (unparseable SQL), QueryDeniedError (the policy may not read a table's
-        connection, or not write where the SQL writes), CatalogError (a table without files),
+        connection, or not write where the SQL writes; this worker's grants do not cover a
+        table's endpoint or directory), CatalogError (a table without files),
         SecretError, ObjectStoreError or CacheError; nothing stays leased then.
         """
         view = self._view
         plan = plan_write(sql, policy, view.catalog)
         write = None
         if plan is not None:
+            if self._grants is not None:
+                self._grants.check(view.catalog.connections[plan.connection])
             dropper = functools.partial(self.listings.drop_overlapping, plan.connection)
             write = PendingWrite(plan, self._store(view, plan.connection), uploaded=dropper)
         tables = view.catalog.referenced(plan.sql if plan is not None else sql)
@@ -185,6 +193,8 @@ class DataPath:
                     f"policy {policy.name} may not read connection {table.connection} (table "
                     f"{table.name}); use a policy whose access.connections includes it"
                 )
+            if self._grants is not None:
+                self._grants.check(view.catalog.connections[table.connection], table)
         files = TableFiles(write=write)
         unconfirmed: list[tuple[Table, list[ObjectRef]]] = []
         try:

@@ -4,7 +4,9 @@ Two workers enroll and connect; a catalog is applied while they run (no restart)
 both. A connection pinned to one worker by name always lands there; an unpinned table spreads
 over both. The pinned connection's secret lives only in the worker's environment: the test
 proves it never reaches the control plane (not its data directory, not its logs, not any
-message a worker sent it), while the query that needed it did read S3 with it.
+message a worker sent it), while the query that needed it did read S3 with it. The workers
+let the catalog reach only what their operator allowed (``launcher.grants``): a table the
+catalog declares over a worker's TLS key is refused on whichever worker it lands.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.datapath import DataPath
 from launcher.enroll import enroll
 from launcher.errors import QueryDeniedError
+from launcher.grants import CatalogGrants
 from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
@@ -76,7 +79,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         server.stop()
 
 
-def _catalog_yaml(endpoint: str, zones: Path) -> str:
+def _catalog_yaml(endpoint: str, zones: Path, worker_key: Path) -> str:
     return f"""
 connections:
   lake:
@@ -91,8 +94,9 @@ connections:
 tables:
   trips: {{connection: lake, path: "s3://lake/trips/", format: parquet}}
   zones: {{connection: shared, path: "{zones}", format: parquet}}
+  stolen: {{connection: shared, path: "{worker_key}", format: csv}}
 roles:
-  analyst: {{tables: [trips, zones]}}
+  analyst: {{tables: [trips, zones, stolen]}}
   guest: {{tables: [zones]}}
 """
 
@@ -107,10 +111,14 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = os.environ[SECRET_ENV]
-    zones = tmp_path / "zones.parquet"
+    shared = tmp_path / "shared"  # the one directory the workers let the catalog read
+    shared.mkdir()
+    zones = shared / "zones.parquet"
     pq.write_table(pa.table({"zone": [1, 2, 3]}), zones)
     catalog_file = tmp_path / "catalog.yaml"
-    catalog_file.write_text(_catalog_yaml(s3, zones))
+    # A catalog that also declares a worker's TLS key a table: the workers refuse it.
+    worker_key = tmp_path / "east" / "identity" / "worker.key"
+    catalog_file.write_text(_catalog_yaml(s3, zones, worker_key))
     received: list[bytes] = []  # every message a worker sends the control plane, serialized
     control_plane = ControlPlane(
         ControlPlaneData(tmp_path / "cp"), lambda m: received.append(m.SerializeToString())
@@ -118,7 +126,9 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
     configs: list[LauncherConfig] = []
     identities: list[str] = []
 
-    async def start_worker(name: str) -> tuple[TunnelClient, LocalLauncher, asyncio.Task[None]]:
+    async def start_worker(
+        name: str, grants: CatalogGrants
+    ) -> tuple[TunnelClient, LocalLauncher, asyncio.Task[None]]:
         assert control_plane.server is not None
         token = control_plane.data.tokens().create()
         identity = await enroll(control_plane.server.address, token, tmp_path / name, name)
@@ -126,7 +136,7 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
         cache = ObjectCache(tmp_path / f"cache-{name}", budget_bytes=64 * 2**20)
         config = make_config(image, policies_dir, cache_dir=cache.root)
         configs.append(config)
-        data = DataPath(Catalog.EMPTY, cache)
+        data = DataPath(Catalog.EMPTY, cache, grants=grants)
         launcher = LocalLauncher(config, warm_override=1)
         await launcher.start()
         runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
@@ -140,7 +150,11 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
     async def scenario() -> None:
         await control_plane.start()
         assert control_plane.server is not None
-        workers = [await start_worker(name) for name in ("east", "west")]
+        # Only east may reach the S3 endpoint (the pinned connection's); both read `shared`.
+        workers = [
+            await start_worker("east", CatalogGrants.of([s3], [shared])),
+            await start_worker("west", CatalogGrants.of([], [shared])),
+        ]
         try:
             # Applied while both run: the watcher pushes it, no restart.
             version = apply_catalog(control_plane.data.root, catalog_file)
@@ -160,6 +174,10 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
                 for _ in range(4):
                     table = await client.table("SELECT count(*) AS n FROM zones")
                     assert table.to_pylist() == [{"n": 3}]
+                for _ in range(2):  # whichever worker it lands on refuses it, reading nothing
+                    with pytest.raises(QueryDeniedError, match="outside the directories") as no:
+                        await client.table("SELECT * FROM stolen")
+                    assert "PRIVATE KEY" not in str(no.value)
             async with ControlPlaneClient(
                 control_plane.server.address,
                 control_plane.data.api_keys().create("guest"),

@@ -189,6 +189,10 @@ def test_sigterm_drains_the_worker_process_and_leaves_no_sandbox(
                     await asyncio.wait_for(long, 30)
                 assert time.monotonic() - signalled >= 6  # not before the grace was over
             assert await asyncio.to_thread(worker.wait, 60) == 0
+            said = (tmp_path / "worker.log").read_text()
+            assert (
+                f"endpoints allowed: aws; local directories allowed: {tmp_path.resolve()}" in said
+            )
         finally:
             if worker.poll() is None:  # the test failed: do not leave the worker's sandboxes
                 worker.kill()
@@ -246,7 +250,8 @@ def _worker_process(
     argv = [sys.executable, "-m", "launcher.cli", "--state-dir", str(config.state_dir)]
     argv += ["--policies-dir", str(config.policies_dir), "--image", config.image]
     argv += ["--launcher-id", config.launcher_id, "-v", "worker", "--state", str(state)]
-    argv += ["--drain-grace", str(grace_s)]
+    argv += ["--drain-grace", str(grace_s), "--allow-endpoint", "aws"]
+    argv += ["--allow-local-dir", str(state.parent)]
     with log.open("wb") as output:
         return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
 

@@ -26,13 +26,14 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from launcher.cache import ObjectCache
-from launcher.catalog import Catalog
+from launcher.catalog import Catalog, load_catalog
 from launcher.config import LauncherConfig
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.datapath import DataPath
 from launcher.errors import QueryDeniedError, SqlError
 from launcher.executor import QueryRecord
+from launcher.grants import CatalogGrants
 from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
@@ -108,7 +109,9 @@ async def catalog_stack(
     identity = await control_plane.enroll(tmp_path / "worker")
     assert config.cache_dir is not None
     cache = ObjectCache(config.cache_dir, budget_bytes=64 * 2**20)
-    data = DataPath(Catalog.EMPTY, cache)
+    # The worker's operator allows the lake's endpoint, as a real worker must be told to.
+    endpoints = [c.endpoint for c in load_catalog(catalog).connections.values() if c.endpoint]
+    data = DataPath(Catalog.EMPTY, cache, grants=CatalogGrants.of(endpoints, []))
     records: list[QueryRecord] = []
     try:
         async with LocalLauncher(config, warm_override=0) as launcher:

@@ -1,0 +1,137 @@
+"""What a catalog pushed by the control plane may make this worker do.
+
+The control plane names connections, endpoints and local paths; the worker holds the secrets
+and the files. Taken on trust, a pushed catalog could point a connection that carries one of
+this worker's secrets at a server of anyone's choosing (the secret would travel in its requests:
+put it in ``access_key_id`` and it is sent in clear in every request's Authorization header),
+or declare a ``kind: local`` table over any file the worker can read (its TLS key, its secret
+store's key). So the worker's operator says where pushed catalogs may reach: ``endpoints`` their
+S3 connections may use (``aws`` for AWS S3 itself, a connection without an endpoint), and
+``local_dirs`` their local tables may read. Anything else is refused, before anything is
+listed or run, with a message naming the flag that would allow it. A catalog given on this
+host (``duckcell query --catalog``) is the operator's own and is not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .catalog import Catalog, Connection, Kind, Table
+from .errors import DuckcellError, QueryDeniedError
+
+AWS = "aws"  # in ``endpoints``: AWS S3 itself (a connection with no endpoint)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_endpoint(url: str) -> str:
+    """``scheme://host:port`` in lower case, the port made explicit; ``aws`` stays ``aws``.
+
+    Raises DuckcellError for anything that is not an http(s) URL without a path.
+    """
+    if url.strip().lower() == AWS:
+        return AWS
+    parts = urlsplit(url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme.lower() not in _DEFAULT_PORTS
+        or not parts.hostname
+        or port == -1
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.username
+    ):
+        raise DuckcellError(
+            f"endpoint {url!r}: expected an http(s) URL such as https://minio.internal:9000 "
+            f"(no path), or {AWS!r} for AWS S3"
+        )
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{parts.hostname.lower()}:{port or _DEFAULT_PORTS[scheme]}"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogGrants:
+    """The endpoints and local directories pushed catalogs may use (normalized, resolved)."""
+
+    endpoints: frozenset[str] = frozenset()
+    local_dirs: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, endpoints: Iterable[str], local_dirs: Iterable[Path]) -> CatalogGrants:
+        """From the operator's flags; raises DuckcellError for a malformed endpoint or a
+        directory that is not one."""
+        dirs = []
+        for directory in local_dirs:
+            resolved = Path(directory).expanduser().resolve()
+            if not resolved.is_dir():
+                raise DuckcellError(f"allowed local directory {directory}: not a directory")
+            dirs.append(resolved)
+        return cls(frozenset(normalize_endpoint(e) for e in endpoints), tuple(dirs))
+
+    def check(self, connection: Connection, table: Table | None = None) -> None:
+        """Raise QueryDeniedError unless this worker lets a pushed catalog use ``connection``
+        (for S3, its endpoint) and read ``table`` (for a local table, its path)."""
+        if connection.kind == Kind.S3:
+            endpoint = normalize_endpoint(connection.endpoint or AWS)
+            if endpoint not in self.endpoints:
+                where = "AWS S3" if endpoint == AWS else connection.endpoint
+                allow = AWS if endpoint == AWS else connection.endpoint
+                raise QueryDeniedError(
+                    f"connection {connection.name} points at {where}, which this worker does "
+                    "not let the control plane's catalog use (it would get this worker's "
+                    f"requests and credentials); its operator can allow it with `duckcell "
+                    f"worker --allow-endpoint {allow}`"
+                )
+        elif table is not None:
+            path = Path(table.path).resolve()
+            if not any(path.is_relative_to(root) for root in self.local_dirs):
+                raise QueryDeniedError(
+                    f"table {table.name} reads {table.path} on the worker, outside the "
+                    "directories it lets the control plane's catalog read; its operator can "
+                    "allow a directory with `duckcell worker --allow-local-dir DIR`"
+                )
+
+    def refusals(self, catalog: Catalog) -> list[str]:
+        """What this worker will refuse of ``catalog``, one message per connection or table
+        (logged when a catalog arrives, so the operator hears of it before a query does)."""
+        found: dict[str, str] = {}
+        for table in catalog.tables.values():
+            connection = catalog.connections[table.connection]
+            key = connection.name if connection.kind == Kind.S3 else f"table {table.name}"
+            try:
+                self.check(connection, table)
+            except QueryDeniedError as error:
+                found.setdefault(key, str(error))
+        return list(found.values())
+
+    def describe(self) -> str:
+        """One line for the worker's start-up message."""
+        endpoints = ", ".join(sorted(self.endpoints)) or "none"
+        dirs = ", ".join(str(d) for d in self.local_dirs) or "none"
+        return f"catalog endpoints allowed: {endpoints}; local directories allowed: {dirs}"
+
+
+def split_list(text: str | None) -> list[str]:
+    """A comma-separated environment value as a list (empty items dropped)."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+ENDPOINTS_ENV = "DUCKCELL_ALLOW_ENDPOINTS"
+LOCAL_DIRS_ENV = "DUCKCELL_ALLOW_LOCAL_DIRS"
+
+
+def grants_from(
+    endpoints: list[str] | None, local_dirs: list[Path] | None, environ: Mapping[str, str]
+) -> CatalogGrants:
+    """The flags where given, else the comma-separated ``DUCKCELL_ALLOW_ENDPOINTS`` and
+    ``DUCKCELL_ALLOW_LOCAL_DIRS``; raises DuckcellError for a bad entry."""
+    if not endpoints:
+        endpoints = split_list(environ.get(ENDPOINTS_ENV))
+    if not local_dirs:
+        local_dirs = [Path(d) for d in split_list(environ.get(LOCAL_DIRS_ENV))]
+    return CatalogGrants.of(endpoints, local_dirs)

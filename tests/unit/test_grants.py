@@ -1,0 +1,123 @@
+"""What a pushed catalog may make a worker do (``launcher.grants``), and DataPath enforcing it
+before any store client is built or anything is listed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from launcher.cache import ObjectCache
+from launcher.catalog import Connection, parse_catalog
+from launcher.datapath import DataPath
+from launcher.errors import DuckcellError, QueryDeniedError
+from launcher.grants import AWS, CatalogGrants, grants_from, normalize_endpoint
+from launcher.objectstore import ObjectStore
+from launcher.policy import load_policy_text
+
+POLICY = """\
+name: w
+isolation: query
+runtime: runc
+limits: {cpus: 1, memory: 1GiB}
+access: {connections: ["*"]}
+writes: {allowed: true, prefixes: ["s3://open-data/out/"]}
+"""
+
+
+def catalog_text(data_dir: Path) -> str:
+    return f"""\
+connections:
+  lake: {{kind: s3, endpoint: "http://Minio.Internal:9000/", access_key_id: {{env: K}},
+         secret_access_key: {{env: S}}}}
+  evil: {{kind: s3, endpoint: "http://collector.example:80", access_key_id: {{store: LAKE}},
+         secret_access_key: {{store: LAKE}}}}
+  aws: {{kind: s3, region: eu-west-1}}
+  disk: {{kind: local}}
+tables:
+  trips: {{connection: lake, path: "s3://lake/trips/", format: parquet}}
+  loot: {{connection: evil, path: "s3://any/x/", format: csv}}
+  public: {{connection: aws, path: "s3://open-data/p/", format: parquet}}
+  zones: {{connection: disk, path: "{data_dir}/zones.csv", format: csv}}
+  keys: {{connection: disk, path: "{data_dir}/link/worker.key", format: csv}}
+"""
+
+
+def test_endpoints_are_compared_normalized() -> None:
+    assert normalize_endpoint("HTTP://Minio.Internal:9000/") == "http://minio.internal:9000"
+    assert normalize_endpoint("https://s3.example") == "https://s3.example:443"
+    assert normalize_endpoint(" AWS ") == AWS
+    for bad in ("minio:9000", "ftp://x", "http://x/path", "http://x:99999", "http://u@x"):
+        with pytest.raises(DuckcellError, match="expected an http"):
+            normalize_endpoint(bad)
+
+
+def test_a_pushed_catalog_reaches_only_the_granted_endpoints_and_directories(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "zones.csv").write_text("id\n1\n")
+    secret_dir = tmp_path / "state"
+    secret_dir.mkdir()
+    (secret_dir / "worker.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (data_dir / "link").symlink_to(secret_dir)  # a way out of the granted directory
+    catalog = parse_catalog(catalog_text(data_dir), str(tmp_path / "c.yaml"))
+    grants = CatalogGrants.of(["http://minio.internal:9000"], [data_dir])
+
+    def check(table: str) -> None:
+        t = catalog.tables[table]
+        grants.check(catalog.connections[t.connection], t)
+
+    check("trips")
+    check("zones")
+    with pytest.raises(
+        QueryDeniedError, match=re.escape("--allow-endpoint http://collector.example:80")
+    ):
+        check("loot")
+    with pytest.raises(QueryDeniedError, match=r"AWS S3.*--allow-endpoint aws"):
+        check("public")
+    with pytest.raises(QueryDeniedError, match=r"table keys reads .*--allow-local-dir DIR"):
+        check("keys")
+    assert len(grants.refusals(catalog)) == 3
+    assert CatalogGrants.of([AWS], []).refusals(catalog)[0].startswith("connection lake ")
+
+
+def test_grants_come_from_flags_else_the_environment(tmp_path: Path) -> None:
+    env = {"DUCKCELL_ALLOW_ENDPOINTS": "aws, https://s3.example", "DUCKCELL_ALLOW_LOCAL_DIRS": ""}
+    assert grants_from(None, None, env).endpoints == {AWS, "https://s3.example:443"}
+    flagged = grants_from(["http://m:9"], [tmp_path], env)
+    assert flagged.endpoints == {"http://m:9"} and flagged.local_dirs == (tmp_path.resolve(),)
+    assert grants_from(None, None, {}) == CatalogGrants()
+    with pytest.raises(DuckcellError, match="not a directory"):
+        grants_from(None, [tmp_path / "missing"], {})
+
+
+def test_datapath_refuses_an_ungranted_table_or_write_before_building_a_store(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    catalog = parse_catalog(catalog_text(data_dir), str(tmp_path / "c.yaml"))
+    built: list[str] = []
+
+    def stores(connection: Connection, environ: Mapping[str, str] | None) -> ObjectStore:
+        built.append(connection.name)
+        raise AssertionError("no store may be built for a refused query")
+
+    policy = load_policy_text(POLICY, "w.yaml")
+
+    async def body() -> None:
+        cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
+        data = DataPath(catalog, cache, stores=stores, grants=CatalogGrants())
+        with pytest.raises(QueryDeniedError, match="connection evil points at"):
+            await data.prepare("SELECT * FROM loot", policy)
+        with pytest.raises(QueryDeniedError, match="connection aws points at AWS S3"):
+            await data.prepare("COPY (SELECT 1) TO 's3://open-data/out/r.parquet'", policy)
+        assert built == [] and cache.stats().in_use == 0
+        await cache.close()
+
+    asyncio.run(body())
