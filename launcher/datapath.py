@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from .cache import CacheLease, ObjectCache
-from .catalog import Binding, Catalog, Connection, Table
+from .catalog import Binding, Catalog, Connection, Kind, Table
 from .errors import (
     CatalogError,
     ObjectStoreError,
@@ -254,9 +255,10 @@ class DataPath:
 
     async def _list(self, view: _View, table: Table) -> list[ObjectRef]:
         refs = await self._store(view, table.connection).list(table.path)
-        named = len(refs) == 1 and (
-            table.path == refs[0].key or table.path.endswith("/" + refs[0].key)
-        )
+        path = table.path
+        if view.catalog.connections[table.connection].kind == Kind.LOCAL:
+            path = os.path.realpath(path)  # the local store lists a link's target
+        named = len(refs) == 1 and (path == refs[0].key or path.endswith("/" + refs[0].key))
         if not named:  # a prefix or directory: only its data files, not _SUCCESS, .crc, README
             refs = [ref for ref in refs if _reads(ref.key, table.format)]
         if not refs:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import boto3
 import boto3.exceptions
@@ -101,6 +101,26 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
         with contextlib.suppress(BaseException):
             await task
         raise
+
+
+def _read_all(source: BinaryIO, key: str) -> Iterator[bytes]:
+    """A local file's bytes; a read error is the source's (``ObjectStoreError``), not the
+    cache disk's (an ``OSError`` from writing the copy)."""
+    while True:
+        try:
+            chunk = source.read(CHUNK)
+        except OSError as error:
+            raise _read_error(key, error) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_error(key: str, error: OSError) -> ObjectStoreError:
+    return ObjectStoreError(
+        f"cannot read local file {key!r} ({error.strerror}); check the disk or share it is "
+        "on, then run the query again"
+    )
 
 
 def write_chunks(
@@ -228,7 +248,9 @@ class S3Store:
                 raise ObjectStoreError("upload cancelled")
 
         # A PUT below the threshold, else a multipart upload; s3transfer aborts a multipart
-        # upload that fails, so a failed or cancelled upload leaves no object and no parts.
+        # upload that fails, so a failed upload leaves no object and no parts. A cancel is seen
+        # only between progress callbacks: one that lands after the last part (or after a
+        # single PUT's body went) may still leave the object written.
         with self._translated("upload", bucket, key):
             try:
                 self._client.upload_file(
@@ -342,14 +364,18 @@ class LocalStore:
                 f"cannot read local file {ref.key!r} ({error.strerror}); run the query again "
                 "if it was replaced, else check the path and its permissions"
             ) from None
-        with os.fdopen(fd, "rb") as source:
+        try:
+            source = os.fdopen(fd, "rb")  # refuses a directory (EISDIR)
+        except OSError as error:
+            os.close(fd)
+            raise _read_error(ref.key, error) from None
+        with source:
             info = os.fstat(source.fileno())
             if f"{info.st_size}-{info.st_mtime_ns}" != ref.etag:
                 raise ObjectStoreError(
                     f"local file {ref.key!r} changed since it was listed; run the query again"
                 )
-            chunks = iter(lambda: source.read(CHUNK), b"")
-            write_chunks(chunks, dest, ref.size, stop, what=ref.key)
+            write_chunks(_read_all(source, ref.key), dest, ref.size, stop, what=ref.key)
 
     async def upload(self, source: Path, url: str) -> None:
         await run_stoppable(lambda stop: self._upload(source, Path(url), stop))

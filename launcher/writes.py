@@ -282,8 +282,9 @@ class PendingWrite:
     The executor feeds it the runner's result and output chunks; ``publish`` uploads once the
     query has succeeded and returns the result to send instead; ``discard`` (always called when
     the query ends) removes the spooled file, so a failed query uploads nothing.
-    ``uploaded`` is called with the destination once the object is there (the data path drops
-    cached listings it makes stale).
+    ``uploaded`` is called with the destination once an upload was tried, whatever its end:
+    a cancelled or failed one may still have written the object, and the data path drops the
+    cached listings it would make stale (dropping them needlessly costs one LIST).
     """
 
     def __init__(
@@ -333,8 +334,9 @@ class PendingWrite:
                 f"the query succeeded but its result was not written to "
                 f"{self.plan.destination}: {error}"
             ) from None
-        if self._uploaded is not None:
-            self._uploaded(self.plan.destination)
+        finally:
+            if self._uploaded is not None:
+                self._uploaded(self.plan.destination)
         table = pa.ipc.open_stream(b"".join(self._result)).read_all()
         rows = int(table.column(0)[0].as_py()) if table.num_rows else 0
         return result_ipc(rows, self.size, self.plan.destination)

@@ -511,3 +511,21 @@ def test_local_store_files_go_through_the_cache(tmp_path: Path) -> None:
     for path, ref in zip(lease.paths, refs, strict=True):
         assert (tmp_path / "cache" / path).read_bytes() == Path(ref.key).read_bytes()
     lease.release()
+
+
+def test_a_local_source_that_cannot_be_read_is_the_stores_error_not_the_cache_disks(
+    tmp_path: Path,
+) -> None:
+    """Reading the source fails (a directory stands in for a file on a failing disk or share:
+    opening it for reading raises EISDIR); the message must not send the operator to free
+    cache space."""
+    folder = tmp_path / "not-a-file"
+    folder.mkdir()
+    info = folder.stat()
+    etag = f"{info.st_size}-{info.st_mtime_ns}"
+    ref = ObjectRef(LocalStore.source, "", str(folder), etag, info.st_size)
+    cache = ObjectCache(tmp_path / "cache", budget_bytes=MiB)
+    with pytest.raises(ObjectStoreError, match="cannot read local file") as raised:
+        run(cache.lease(LocalStore(), [ref]))
+    assert "free space" not in str(raised.value)
+    assert visible_files(tmp_path / "cache") == []

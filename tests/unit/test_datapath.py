@@ -463,3 +463,32 @@ def test_a_catalog_push_while_a_query_is_prepared_leaves_that_query_on_its_catal
         await cache.close()
 
     asyncio.run(body())
+
+
+def test_a_local_table_naming_a_link_to_one_file_binds_that_file(
+    tmp_path: Path, policy: Policy
+) -> None:
+    """`zones.csv -> .zones-v2.csv`, the usual atomic swap: the table is that one file, not a
+    directory whose hidden files are skipped (it failed with "no csv files")."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / ".zones-v2.csv").write_text("id\n1\n2\n")
+    (data_dir / "zones.csv").symlink_to(data_dir / ".zones-v2.csv")
+    catalog = parse_catalog(
+        f"connections:\n  disk: {{kind: local}}\ntables:\n"
+        f"  zones: {{connection: disk, path: '{data_dir}/zones.csv', format: csv}}\n",
+        str(tmp_path / "c.yaml"),
+    )
+    local = load_policy_text(POLICY.replace("[lake]", "[disk]"), "policies/t.yaml")
+
+    async def body() -> None:
+        data = DataPath(catalog, ObjectCache(tmp_path / "cache", budget_bytes=2**20))
+        files = await data.prepare("FROM zones", local)
+        (zones,) = files.bindings
+        assert len(zones.paths) == 1
+        cached = tmp_path / "cache" / zones.paths[0].removeprefix("/cache/")
+        assert cached.read_text() == "id\n1\n2\n"
+        files.release()
+        await data.cache.close()
+
+    asyncio.run(body())

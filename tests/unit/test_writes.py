@@ -201,6 +201,42 @@ def test_a_failed_upload_says_the_query_ran_but_nothing_was_written(tmp_path: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+class LandsThenHangs(MemoryStore):
+    """The object is written, then the call waits (a PUT whose body went, its answer not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed = asyncio.Event()
+
+    async def upload(self, source: Path, url: str) -> None:
+        await super().upload(source, url)
+        self.landed.set()
+        await asyncio.Event().wait()
+
+
+def test_a_write_cancelled_after_its_object_landed_still_drops_stale_listings(
+    tmp_path: Path,
+) -> None:
+    """The cancel comes too late to stop the object: the listings it makes stale must go,
+    or this worker would serve a listing without its own write (read-your-writes)."""
+    store = LandsThenHangs()
+    dropped: list[str] = []
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path, uploaded=dropped.append)
+
+    async def body() -> None:
+        write.accept_result(count_ipc(1))
+        await write.accept_output(b"PAR1")
+        publishing = asyncio.create_task(write.publish())
+        await store.landed.wait()
+        publishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+
+    asyncio.run(body())
+    assert store.uploads == {PLAN.destination: b"PAR1"} and dropped == [PLAN.destination]
+    write.discard()
+
+
 def test_no_output_from_the_sandbox_is_an_error_naming_the_fix(tmp_path: Path) -> None:
     store = MemoryStore()
     write = PendingWrite(PLAN, store, spool_dir=tmp_path)
