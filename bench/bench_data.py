@@ -25,7 +25,8 @@ Warm and in-process reps are interleaved so all see the same background load; be
 sandbox rep the pool is refilled and settled (untimed), so no container start runs beside a
 timed query. Every result is checked against the in-process one. The policy is the bench's own
 (``bench-data``: 2 CPUs, DuckDB 2 threads, 1 GiB buffer pool): the shipped ``default`` (1 CPU,
-512 MiB) runs both queries at SF1 too, but a data-heavy deployment gives sandboxes the machine.
+1 GiB, DuckDB 512 MiB) runs both queries at SF1 too, but a data-heavy deployment gives
+sandboxes the machine.
 
 Containers carry ``duckcell.launcher=bench-data-<pid>`` and are removed at the end. Progress on
 stderr, the table on stdout, JSON in ``<output>/data-<UTC>.json`` and ``latest-data.json``.

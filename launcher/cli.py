@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -38,7 +39,7 @@ from .grants import grants_from
 from .image import ImageBuilder
 from .instance import instance_alive, reap_orphans
 from .local import LocalLauncher
-from .output import FORMATS, write_result
+from .output import FORMATS, check_output, write_result
 from .policy import load_policies, load_policy_file
 from .remote import ControlPlaneClient
 from .secretcli import add_secrets_parser, run_secrets_command, secret_store
@@ -47,6 +48,7 @@ from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
 log = logging.getLogger("duckcell.worker")
+MAX_DRAIN_GRACE_S = 86400.0
 
 
 class Progress:
@@ -143,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--drain-grace",
-        type=float,
+        type=_grace_seconds,
         default=DEFAULT_DRAIN_GRACE_S,
         help="seconds running queries may take to finish on SIGTERM (default 30)",
     )
@@ -181,6 +183,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _grace_seconds(text: str) -> float:
+    """``--drain-grace``: finite seconds from 0 to a day (it travels as milliseconds in a
+    uint32 when the worker drains; a bad value would fail only then, at SIGTERM)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_DRAIN_GRACE_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds from 0 to {MAX_DRAIN_GRACE_S:.0f}, got {text!r}"
+        )
+    return seconds
+
+
 def _config(args: argparse.Namespace) -> LauncherConfig:
     return load_config(
         flags={
@@ -199,6 +215,7 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if args.format == "parquet" and args.output is None:
         raise DuckcellError("--format parquet needs --output FILE")
+    check_output(args.output)  # before the query runs, not after
     if args.control_plane:
         if args.catalog:
             raise DuckcellError("--catalog is for local queries; the control plane has its own")
@@ -300,6 +317,11 @@ def _enroll_token(args: argparse.Namespace) -> str:
             return args.token_file.read_text().strip()
         except OSError as exc:
             raise DuckcellError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+        except UnicodeDecodeError:
+            raise DuckcellError(
+                f"--token-file: {args.token_file} is not a token (not text); it should hold "
+                "the line `duckcell controlplane token create` printed"
+            ) from None
     token = os.environ.get("DUCKCELL_ENROLL_TOKEN")
     if not token:
         raise DuckcellError(

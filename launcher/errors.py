@@ -38,7 +38,8 @@
             ├── UnknownTokenError      no such token, or its secret does not match
             ├── ExpiredTokenError      the token's lifetime has passed
             ├── UsedTokenError         the token was already redeemed once
-            └── CaMismatchError        the token was made for another control plane's CA
+            ├── CaMismatchError        the token was made for another control plane's CA
+            └── WorkerNameTakenError   another worker has that name (or it is a worker's id)
 
 A query run through the control plane fails with the same ``QueryError`` subclass as a local
 one: its ``reason`` crosses the wire and ``query_error`` turns it back into the class.
@@ -215,6 +216,13 @@ class CaMismatchError(EnrollmentError):
     reason = "ca_mismatch"
 
 
+class WorkerNameTakenError(EnrollmentError):
+    """Another worker (not revoked) has the name, or the name is another worker's id: pins
+    and the registry name workers by either, so a second one would take its queries."""
+
+    reason = "name_taken"
+
+
 class TunnelRefusedError(ControlPlaneError):
     """The control plane refused the worker's tunnel (revoked, unknown, incompatible version).
 
@@ -283,6 +291,7 @@ _ENROLLMENT_ERRORS: dict[str, type[EnrollmentError]] = {
         ExpiredTokenError,
         UsedTokenError,
         CaMismatchError,
+        WorkerNameTakenError,
     )
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable
 from datetime import date, datetime, time, timedelta
@@ -14,6 +15,8 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from .errors import DuckcellError
 
 FORMATS = ("table", "csv", "json", "parquet")
 _CELL_WIDTH = 40
@@ -68,6 +71,21 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def check_output(output: Path | None) -> None:
+    """Refuse an ``--output`` that cannot be written, before the query runs (DuckcellError)."""
+    if output is None:
+        return
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise DuckcellError(f"--output {output}: is a directory; name a file")
+    if not folder.is_dir():
+        raise DuckcellError(f"--output {output}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        output.exists() and not os.access(output, os.W_OK)
+    ):
+        raise DuckcellError(f"--output {output}: not writable by this user")
+
+
 def write_result(
     table: pa.Table, fmt: str, output: Path | None, stdout: IO[str] | None = None
 ) -> None:
@@ -75,7 +93,10 @@ def write_result(
     if fmt == "parquet":
         if output is None:
             raise ValueError("--format parquet needs --output FILE")
-        pq.write_table(table, output)
+        try:
+            pq.write_table(table, output)
+        except OSError as error:
+            raise DuckcellError(f"--output {output}: cannot write it ({error})") from None
         return
     if fmt == "table":
         text = render_table(table)
@@ -89,5 +110,8 @@ def write_result(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if output is None:
         stdout.write(text)
-    else:
+        return
+    try:
         output.write_text(text)
+    except OSError as error:
+        raise DuckcellError(f"--output {output}: cannot write it ({error.strerror})") from None

@@ -5,7 +5,7 @@ at load, into the frozen dataclasses below; the launcher reads those and calls t
 ``writes_allowed`` and ``visible``. Any mistake raises ``PolicyError`` with one line naming the
 file, the line, the field, what was expected and what was found::
 
-    policies/strict.yaml:7: limits.memory: expected a size like "512MiB", got "lots"
+    policies/strict.yaml:9: limits.memory: expected a size like "512MiB", got "lots"
 
 Keys (``required`` or the default):
 

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from launcher.errors import ControlPlaneError
+from launcher.errors import ControlPlaneError, WorkerNameTakenError
 
 from .tokens import Clock
 
@@ -81,10 +81,26 @@ class WorkerRegistry:
     def register(
         self, *, worker_id: str, name: str, cert_serial: int, token_id: str, version: str
     ) -> Worker:
-        """Store a newly enrolled worker and return it."""
+        """Store a newly enrolled worker and return it.
+
+        Raises WorkerNameTakenError when a worker that is not revoked has ``name``, or ``name``
+        is any worker's id: pins name a worker by either, so a second holder would be handed
+        the first one's pinned queries (its data, its credentials).
+        """
         worker = Worker(worker_id, name, cert_serial, token_id, version, self._clock(), None)
         try:
             with self._conn:
+                holder = self._conn.execute(
+                    "SELECT id FROM workers WHERE (name = ? AND revoked_at IS NULL) OR id = ?",
+                    (name, name),
+                ).fetchone()
+                if holder is not None:
+                    raise WorkerNameTakenError(
+                        f"the name {name!r} is taken by worker {holder[0]}; enroll with "
+                        f"another --name, or revoke that worker first (`duckcell controlplane "
+                        f"worker revoke {holder[0]}`) and enroll with a new token (this one "
+                        "is spent)"
+                    )
                 self._conn.execute(
                     f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (

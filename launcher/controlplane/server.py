@@ -96,6 +96,13 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             token_id = self._tokens.redeem(request.token)
             worker_id = new_worker_id()
             cert_pem, serial = self._ca.sign_worker_csr(request.csr_pem, worker_id=worker_id)
+            worker = self._registry.register(
+                worker_id=worker_id,
+                name=request.worker_name or worker_id,
+                cert_serial=serial,
+                token_id=token_id,
+                version=request.worker_version,
+            )
         except EnrollmentError as error:
             log.info("enrollment refused (%s): %s", error.reason, error)
             await context.abort(
@@ -105,13 +112,6 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             )
         except CertificateError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        worker = self._registry.register(
-            worker_id=worker_id,
-            name=request.worker_name or worker_id,
-            cert_serial=serial,
-            token_id=token_id,
-            version=request.worker_version,
-        )
         log.info("enrolled worker %s (%s) with token %s", worker.worker_id, worker.name, token_id)
         return pb.EnrollReply(
             worker_id=worker.worker_id,
@@ -308,6 +308,11 @@ def _bind(server: aio.Server, listen: str, credentials: grpc.ServerCredentials) 
 
 def _next_port(listen: str, port: int) -> str:
     """The default tunnel address: the enrollment port plus one (or any free port for 0)."""
+    if port >= 65535:
+        raise ControlPlaneError(
+            f"the tunnel listens on the enrollment port plus one, and {listen} leaves none; "
+            "choose a lower port or give --tunnel-listen HOST:PORT"
+        )
     return f"{listen.rpartition(':')[0]}:{port + 1 if port else 0}"
 
 

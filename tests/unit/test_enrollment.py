@@ -31,6 +31,7 @@ from launcher.errors import (
     ExpiredTokenError,
     MalformedTokenError,
     UsedTokenError,
+    WorkerNameTakenError,
 )
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
@@ -117,6 +118,22 @@ def test_replayed_token_is_refused_and_writes_nothing(
         _enroll(control_plane, token, tmp_path / "second")
     assert _contents(tmp_path / "second") == []
     assert len(control_plane.registry().list()) == 1
+
+
+def test_a_name_another_worker_holds_is_refused_until_that_worker_is_revoked(
+    control_plane: RunningControlPlane, tmp_path: Path
+) -> None:
+    """Pins name a worker by name or id: a second `db-east` (or a worker calling itself by
+    the first's id) would be handed the first one's pinned queries."""
+    first = _enroll(control_plane, control_plane.token(), tmp_path / "first", name="db-east")
+    for name in ("db-east", first.worker_id):
+        with pytest.raises(WorkerNameTakenError, match=f"taken by worker {first.worker_id}"):
+            _enroll(control_plane, control_plane.token(), tmp_path / "second", name=name)
+        assert _contents(tmp_path / "second") == []
+    assert [w.worker_id for w in control_plane.registry().list()] == [first.worker_id]
+    control_plane.registry().revoke(first.worker_id)
+    again = _enroll(control_plane, control_plane.token(), tmp_path / "second", name="db-east")
+    assert again.worker_id != first.worker_id
 
 
 def test_expired_token_is_refused(control_plane: RunningControlPlane, tmp_path: Path) -> None:

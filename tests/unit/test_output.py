@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launcher.output import render_table, write_result
+from launcher.cli import main
+from launcher.output import check_output, render_table, write_result
 
 TABLE = pa.table({"n": [1, None], "s": ["dück", "x" * 60]})
 
@@ -37,3 +38,17 @@ def test_parquet_needs_a_file(tmp_path: Path) -> None:
         write_result(TABLE, "parquet", None)
     write_result(TABLE, "parquet", tmp_path / "t.parquet")
     assert pq.read_table(tmp_path / "t.parquet").equals(TABLE)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_query_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before config, engine or sandbox: a typo in --output costs no query (the file
+    error used to come as a traceback after the query had run)."""
+    missing = tmp_path / "no-such-dir" / "out.csv"
+    assert main(["query", "--format", "csv", "--output", str(missing), "SELECT 1"]) == 2
+    assert f"directory {missing.parent} does not exist" in capsys.readouterr().err
+    assert main(["query", "--output", str(tmp_path), "SELECT 1"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    check_output(tmp_path / "fine.csv")
+    check_output(None)
