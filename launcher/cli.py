@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from . import __version__
 from .allocator import tune_allocator
 from .audit import AUDIT_FILE, WorkerAuditLog
@@ -267,8 +269,14 @@ async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) 
         raise DuckcellError("--control-plane needs --ca-file PEM (`duckcell controlplane ca`)")
     try:
         ca_pem = args.ca_file.read_bytes()
+        x509.load_pem_x509_certificate(ca_pem)
     except OSError as exc:
         raise DuckcellError(f"--ca-file: cannot read {args.ca_file}: {exc}") from None
+    except ValueError:
+        raise DuckcellError(
+            f"--ca-file: {args.ca_file} is not a PEM certificate; get the control plane's with "
+            "`duckcell controlplane ca --data DIR > FILE`"
+        ) from None
     chosen = f"policy {args.policy}" if args.policy else "your role's policy, else the default"
     progress(f"running on a worker through {args.control_plane} ({chosen})")
     async with ControlPlaneClient(args.control_plane, api_key, ca_pem) as client:

@@ -292,6 +292,14 @@ def _apikey_command(args: argparse.Namespace, data: ControlPlaneData) -> int:
     if args.apikey_command == "create":
         # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
         print(keys.create(args.role))
+        catalog = read_catalog(data.root).catalog
+        if catalog.role(args.role) is None:  # a key now, a refusal at every query later
+            print(
+                f"duckcell: warning: the current catalog defines no role {args.role!r} "
+                f"(roles: {', '.join(sorted(catalog.roles))}); this key's queries are refused "
+                "until it does",
+                file=sys.stderr,
+            )
     elif args.apikey_command == "list":
         print(f"{'ID':<18}{'ROLE':<20}CREATED (UTC)")
         for key_id, role, created in keys.list():

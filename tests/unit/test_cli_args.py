@@ -32,3 +32,28 @@ def test_cli_values_that_would_fail_later_are_refused_at_once(
         load_config(config_file=config, env={})
     with pytest.raises(ControlPlaneError, match="leaves none"):
         _next_port("127.0.0.1:65535", 65535)
+
+
+def test_a_ca_file_that_is_no_certificate_is_named_before_dialing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    argv = ["query", "--control-plane", "localhost:1", "--api-key", "dck1.x.y"]
+    assert main([*argv, "--ca-file", str(junk), "SELECT 1"]) == 2
+    assert f"--ca-file: {junk} is not a PEM certificate" in capsys.readouterr().err
+
+
+def test_a_key_for_a_role_the_catalog_lacks_is_made_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "cp"
+    catalog = tmp_path / "roles.yaml"
+    catalog.write_text("roles:\n  analyst: {}\n")
+    assert main(["controlplane", "catalog", "apply", "--data", str(data), str(catalog)]) == 0
+    capsys.readouterr()
+    assert main(["controlplane", "apikey", "create", "--data", str(data), "--role", "anlyst"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("dck1.") and "defines no role 'anlyst' (roles: analyst)" in err
+    assert main(["controlplane", "apikey", "create", "--data", str(data), "--role", "analyst"]) == 0
+    assert capsys.readouterr().err == ""
