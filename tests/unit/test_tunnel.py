@@ -52,6 +52,7 @@ class ControlPlane:
         self.thread.start()
         self.server: ControlPlaneServer | None = None
         self.listen, self.tunnel_listen = "127.0.0.1:0", "127.0.0.1:0"
+        self._enrolled = 0
 
     async def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
@@ -78,8 +79,11 @@ class ControlPlane:
         return await self._on_loop(self.server.revoke(worker_id))
 
     async def enroll(self, state: Path) -> Identity:
+        """A new worker, named w1, w2, ... (names are unique per control plane)."""
         assert self.server is not None
-        return await enroll(self.server.address, self.data.tokens().create(), state, "w1")
+        self._enrolled += 1
+        name = f"w{self._enrolled}"
+        return await enroll(self.server.address, self.data.tokens().create(), state, name)
 
     def worker(self, worker_id: str) -> Worker:
         worker = WorkerRegistry(self.data.database()).get(worker_id)
