@@ -16,9 +16,11 @@ from launcher.controlplane.routing import QueryDone
 class Router(Protocol):
     """``QueryRouter``'s client side: the worker's Arrow IPC bytes, then ``QueryDone``.
 
-    ``caller`` names the API key for the audit log; ``parameters`` is an Arrow IPC stream of
-    one row of bound values (empty: the SQL has no placeholders); ``session_id`` runs the query
-    in a session ``owner`` opened with ``open_session``.
+    ``caller`` names the API key for the audit log; ``role`` is its role, which the router
+    checks again against the catalog at the moment it places (or moves) the query;
+    ``parameters`` is an Arrow IPC stream of one row of bound values (empty: the SQL has no
+    placeholders); ``session_id`` runs the query in a session ``owner`` opened with
+    ``open_session``.
     """
 
     def run(
@@ -27,6 +29,7 @@ class Router(Protocol):
         policy: str,
         *,
         caller: str = "",
+        role: str | None = None,
         parameters: bytes = b"",
         session_id: str = "",
         owner: str = "",

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from adbc_driver_flightsql import DatabaseOptions
 
 from launcher.catalog import Catalog, parse_catalog
+from launcher.controlplane.access import authorize
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone
@@ -65,6 +66,7 @@ class Call:
     caller: str
     parameters: list[object]
     session_id: str = ""
+    role: str | None = None
 
 
 def write_catalog(directory: Path) -> Catalog:
@@ -101,14 +103,18 @@ class DuckRouter:
         policy: str,
         *,
         caller: str = "",
+        role: str | None = None,
         parameters: bytes = b"",
         session_id: str = "",
         owner: str = "",
     ) -> AsyncIterator[bytes | QueryDone]:
         values = _values(parameters)
-        self.calls.append(Call(sql, policy, caller, values, session_id))
+        found = self.sessions.get(session_id) if session_id else None
+        if role is not None:  # as QueryRouter places a query: the role's rule, checked again
+            authorize(self.catalog, role, sql)
+            policy = found[1] if found else authorize(self.catalog, role, sql, policy)
+        self.calls.append(Call(sql, policy, caller, values, session_id, role))
         if session_id:
-            found = self.sessions.get(session_id)
             if found is None or found[0] != owner:
                 raise SessionError(f"session {session_id} has ended: open a new one")
             table = self._execute(found[2], sql, values)

@@ -35,6 +35,7 @@ def test_a_role_runs_under_its_policy_and_is_named_as_caller(stack: FlightStack)
     assert rows(stack, "analyst", "SELECT count(*) FROM trips") == [(3,)]
     (call,) = stack.router.calls
     assert (call.policy, call.caller) == ("default", "key-analyst/analyst")
+    assert call.role == "analyst"  # the router checks the role again when it places the query
 
 
 @pytest.mark.parametrize(
