@@ -361,6 +361,13 @@ def test_a_small_result_rides_inline_and_a_large_one_gets_its_own_call(tmp_path:
         control_plane.close()
 
 
+def remote_flags(s: Stack, key: str, tmp_path: Path) -> list[str]:
+    """`duckcell query`'s flags for this stack's control plane (its CA written to a file)."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(s.ca_pem())
+    return ["--control-plane", s.address, "--api-key", key, "--ca-file", str(ca_file)]
+
+
 def test_the_cli_runs_a_query_through_the_control_plane(
     control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,9 +377,7 @@ def test_the_cli_runs_a_query_through_the_control_plane(
             assert main(["controlplane", "apikey", "create", "--data", data, "--role", "bi"]) == 0
             key = capsys.readouterr().out.strip()
             assert key.startswith("dck1.") and "\n" not in key
-            ca_file = tmp_path / "ca.pem"
-            ca_file.write_bytes(s.ca_pem())
-            remote = ["--control-plane", s.address, "--api-key", key, "--ca-file", str(ca_file)]
+            remote = remote_flags(s, key, tmp_path)
             argv = ["-q", "query", *remote, "--format", "csv", "SELECT 7 AS answer"]
             assert await asyncio.to_thread(main, argv) == 0
             assert capsys.readouterr().out.split() == ['"answer"', "7"]
@@ -396,9 +401,7 @@ def test_the_cli_leaves_the_policy_to_the_role_unless_given_one(
     async def scenario() -> None:
         async with stack(control_plane, tmp_path, policy=worker_policy) as s:
             key = control_plane.data.api_keys().create("bi")
-            ca_file = tmp_path / "ca.pem"
-            ca_file.write_bytes(s.ca_pem())
-            remote = ["--control-plane", s.address, "--api-key", key, "--ca-file", str(ca_file)]
+            remote = remote_flags(s, key, tmp_path)
             argv = ["-q", "query", *remote, "--format", "csv", "SELECT 7 AS answer"]
             assert await asyncio.to_thread(main, argv) == 0
             assert capsys.readouterr().out.split() == ['"answer"', "7"]
