@@ -354,8 +354,11 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
 
     def take_catalog(catalog: Catalog) -> None:
         data.replace_catalog(catalog)
-        for refusal in grants.refusals(catalog):
-            log.warning("the control plane's catalog: %s", refusal)
+        try:
+            for refusal in grants.refusals(catalog):
+                log.warning("the control plane's catalog: %s", refusal)
+        except Exception:  # a report only: it must never end the tunnel
+            log.exception("could not check the control plane's catalog against the grants")
 
     config = dataclasses.replace(config, cache_dir=cache.root)
     async with LocalLauncher(config, progress=progress) as launcher:

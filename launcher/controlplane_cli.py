@@ -292,7 +292,11 @@ def _apikey_command(args: argparse.Namespace, data: ControlPlaneData) -> int:
     if args.apikey_command == "create":
         # The key alone on stdout, so `KEY=$(duckcell controlplane apikey create ...)` works.
         print(keys.create(args.role))
-        catalog = read_catalog(data.root).catalog
+        try:
+            catalog = read_catalog(data.root).catalog
+        except DuckcellError as error:  # the key exists: say so, do not fail the command
+            print(f"duckcell: warning: role not checked ({error})", file=sys.stderr)
+            return 0
         if catalog.role(args.role) is None:  # a key now, a refusal at every query later
             print(
                 f"duckcell: warning: the current catalog defines no role {args.role!r} "

@@ -243,15 +243,23 @@ class DataPath:
                 return binding
         started = self.listings.start()
         refs = await self._list(view, table)
-        self.listings.put(table.connection, table.path, refs, started)
+        self._keep(view, table, refs, started)
         return await self._lease(view, table, refs, files)
 
     async def _still_listed(self, view: _View, table: Table, refs: list[ObjectRef]) -> bool:
         """List ``table`` afresh, keep that listing, and say whether it is still ``refs``."""
         started = self.listings.start()
         fresh = await self._list(view, table)
-        self.listings.put(table.connection, table.path, fresh, started)
+        self._keep(view, table, fresh, started)
         return sorted(fresh, key=_order) == sorted(refs, key=_order)
+
+    def _keep(
+        self, view: _View, table: Table, refs: list[ObjectRef], started: tuple[float, int]
+    ) -> None:
+        """Keep a listing for the next queries, unless it came through a catalog that has
+        been replaced since (its store may no longer be the connection's)."""
+        if self._view is view:
+            self.listings.put(table.connection, table.path, refs, started)
 
     async def _list(self, view: _View, table: Table) -> list[ObjectRef]:
         refs = await self._store(view, table.connection).list(table.path)

@@ -14,6 +14,7 @@ host (``duckcell query --catalog``) is the operator's own and is not checked.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +34,18 @@ def normalize_endpoint(url: str) -> str:
     """
     if url.strip().lower() == AWS:
         return AWS
-    parts = urlsplit(url.strip())
     try:
+        parts = urlsplit(url.strip())
         port = parts.port
-    except ValueError:
-        port = -1
+    except ValueError:  # a bad port, an unclosed IPv6 bracket
+        parts, port = urlsplit(""), -1
     if (
         parts.scheme.lower() not in _DEFAULT_PORTS
         or not parts.hostname
         or port == -1
         or parts.path not in ("", "/")
         or parts.query
+        or parts.fragment
         or parts.username
     ):
         raise DuckcellError(
@@ -67,7 +69,7 @@ class CatalogGrants:
         directory that is not one."""
         dirs = []
         for directory in local_dirs:
-            resolved = Path(directory).expanduser().resolve()
+            resolved = Path(os.path.realpath(Path(directory).expanduser()))  # a loop: no raise
             if not resolved.is_dir():
                 raise DuckcellError(f"allowed local directory {directory}: not a directory")
             dirs.append(resolved)
@@ -77,7 +79,13 @@ class CatalogGrants:
         """Raise QueryDeniedError unless this worker lets a pushed catalog use ``connection``
         (for S3, its endpoint) and read ``table`` (for a local table, its path)."""
         if connection.kind == Kind.S3:
-            endpoint = normalize_endpoint(connection.endpoint or AWS)
+            try:
+                endpoint = normalize_endpoint(connection.endpoint or AWS)
+            except DuckcellError as error:  # the catalog's own check is looser
+                raise QueryDeniedError(
+                    f"connection {connection.name}: {error}; this worker uses no endpoint it "
+                    "cannot compare with the ones its operator allowed"
+                ) from None
             if endpoint not in self.endpoints:
                 where = "AWS S3" if endpoint == AWS else connection.endpoint
                 allow = AWS if endpoint == AWS else connection.endpoint
@@ -88,7 +96,7 @@ class CatalogGrants:
                     f"worker --allow-endpoint {allow}`"
                 )
         elif table is not None:
-            path = Path(table.path).resolve()
+            path = Path(os.path.realpath(table.path))  # as the local store lists it
             if not any(path.is_relative_to(root) for root in self.local_dirs):
                 raise QueryDeniedError(
                     f"table {table.name} reads {table.path} on the worker, outside the "

@@ -80,9 +80,12 @@ def check_output(output: Path | None) -> None:
         raise DuckcellError(f"--output {output}: is a directory; name a file")
     if not folder.is_dir():
         raise DuckcellError(f"--output {output}: directory {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (
-        output.exists() and not os.access(output, os.W_OK)
-    ):
+    # An existing file is truncated in place (no new entry in its folder): only it must be
+    # writable, as /dev/null is.
+    writable = (
+        os.access(output, os.W_OK) if output.exists() else os.access(folder, os.W_OK | os.X_OK)
+    )
+    if not writable:
         raise DuckcellError(f"--output {output}: not writable by this user")
 
 

@@ -319,7 +319,8 @@ class PendingWrite:
         """Upload the spooled file; the one-row result table as Arrow IPC stream bytes.
 
         Raises QueryError when the sandbox sent no file, ObjectStoreError when the upload
-        failed (nothing is left at the destination then).
+        failed (a failed upload leaves nothing at the destination; a cancelled one may have
+        landed it, see ``S3Store._upload``).
         """
         if self._file is None or self._spool is None:
             raise QueryError(

@@ -90,17 +90,7 @@ class WorkerRegistry:
         worker = Worker(worker_id, name, cert_serial, token_id, version, self._clock(), None)
         try:
             with self._conn:
-                holder = self._conn.execute(
-                    "SELECT id FROM workers WHERE (name = ? AND revoked_at IS NULL) OR id = ?",
-                    (name, name),
-                ).fetchone()
-                if holder is not None:
-                    raise WorkerNameTakenError(
-                        f"the name {name!r} is taken by worker {holder[0]}; enroll with "
-                        f"another --name, or revoke that worker first (`duckcell controlplane "
-                        f"worker revoke {holder[0]}`) and enroll with a new token (this one "
-                        "is spent)"
-                    )
+                self.check_name(name, token_spent=True)  # again: an enrollment may have raced
                 self._conn.execute(
                     f"INSERT INTO workers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -116,6 +106,26 @@ class WorkerRegistry:
         except sqlite3.Error as exc:
             raise ControlPlaneError(f"registering worker {worker_id} failed: {exc}") from None
         return worker
+
+    def check_name(self, name: str, *, token_spent: bool = False) -> None:
+        """Raise WorkerNameTakenError when a worker that is not revoked has ``name``, or
+        ``name`` is any worker's id."""
+        try:
+            holder = self._conn.execute(
+                "SELECT id FROM workers WHERE (name = ? AND revoked_at IS NULL) OR id = ?",
+                (name, name),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise ControlPlaneError(f"reading the worker registry failed: {exc}") from None
+        if holder is not None:
+            token = (
+                "with a new token (this one is spent)" if token_spent else "(the token is unused)"
+            )
+            raise WorkerNameTakenError(
+                f"the name {name!r} is taken by worker {holder[0]}: enroll again with another "
+                f"--name, or revoke that worker first (`duckcell controlplane worker revoke "
+                f"{holder[0]}`), {token}"
+            )
 
     def get(self, worker_id: str) -> Worker | None:
         rows = self._select("WHERE id = ?", (worker_id,))

@@ -93,12 +93,15 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         # The token is redeemed before the CSR is even parsed: nobody without a valid token gets
         # the CA to do any work, and a token is spent once whatever happens next.
         try:
-            token_id = self._tokens.redeem(request.token)
             worker_id = new_worker_id()
+            name = request.worker_name or worker_id
+            token_id = self._tokens.redeem(
+                request.token, before_use=lambda: self._registry.check_name(name)
+            )
             cert_pem, serial = self._ca.sign_worker_csr(request.csr_pem, worker_id=worker_id)
             worker = self._registry.register(
                 worker_id=worker_id,
-                name=request.worker_name or worker_id,
+                name=name,
                 cert_serial=serial,
                 token_id=token_id,
                 version=request.worker_version,

@@ -122,12 +122,19 @@ class EnrollmentTokens:
         fingerprint_hex = self._ca_fingerprint.removeprefix(FINGERPRINT_PREFIX)
         return f"{TOKEN_PREFIX}.{token_id}.{secret}.{fingerprint_hex}"
 
-    def redeem(self, token_text: str, *, now: float | None = None) -> str:
+    def redeem(
+        self,
+        token_text: str,
+        *,
+        now: float | None = None,
+        before_use: Callable[[], None] | None = None,
+    ) -> str:
         """Use up a token and return its id; a token is redeemed once, ever.
 
         The order of checks matters: the CA first (a token for another control plane is the
         likeliest mix-up and needs a different fix), then the secret, and only a caller holding
-        the right secret learns whether the token expired or was used.
+        the right secret learns whether the token expired or was used. ``before_use`` runs
+        then, for a valid token only; when it raises, the token stays unused.
         """
         parsed = parse_token(token_text)
         if parsed.ca_fingerprint != self._ca_fingerprint:  # public value: no need for hmac
@@ -143,6 +150,10 @@ class EnrollmentTokens:
                 f"{_NEW_TOKEN_HINT}"
             )
         at = self._clock() if now is None else now
+        if row[2] is not None or row[1] <= at:
+            raise self._refusal(parsed.token_id)
+        if before_use is not None:
+            before_use()
         won = self._write(
             "UPDATE enrollment_tokens SET used_at = ?"
             " WHERE id = ? AND used_at IS NULL AND expires_at > ?",

@@ -492,3 +492,24 @@ def test_a_local_table_naming_a_link_to_one_file_binds_that_file(
         await data.cache.close()
 
     asyncio.run(body())
+
+
+def test_a_listing_through_a_replaced_catalog_is_not_kept_for_the_new_one(
+    tmp_path: Path, policy: Policy
+) -> None:
+    """An early query's confirming LIST starts after a catalog push: it lists through the old
+    catalog's store, so its result must not become the new catalog's last listing (a changed
+    endpoint's store would refuse those refs on every later query)."""
+    store = GatedStore({"trips/a.parquet": b"PAR1a"})
+
+    async def body() -> None:
+        data = await listed_once(tmp_path, store, policy)
+        files = await data.prepare("FROM trips", policy, early=True)
+        assert files.pending is not None  # its confirming LIST has not run yet
+        data.replace_catalog(parse_catalog(CATALOG, str(tmp_path / "new.yaml")))
+        assert await files.confirmed()  # the query itself stands on its own listing
+        files.release()
+        assert data.listings.last("lake", "s3://bucket/trips/") is None
+        await data.cache.close()
+
+    asyncio.run(body())

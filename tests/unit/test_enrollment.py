@@ -126,13 +126,14 @@ def test_a_name_another_worker_holds_is_refused_until_that_worker_is_revoked(
     """Pins name a worker by name or id: a second `db-east` (or a worker calling itself by
     the first's id) would be handed the first one's pinned queries."""
     first = _enroll(control_plane, control_plane.token(), tmp_path / "first", name="db-east")
+    token = control_plane.token()
     for name in ("db-east", first.worker_id):
         with pytest.raises(WorkerNameTakenError, match=f"taken by worker {first.worker_id}"):
-            _enroll(control_plane, control_plane.token(), tmp_path / "second", name=name)
+            _enroll(control_plane, token, tmp_path / "second", name=name)
         assert _contents(tmp_path / "second") == []
     assert [w.worker_id for w in control_plane.registry().list()] == [first.worker_id]
     control_plane.registry().revoke(first.worker_id)
-    again = _enroll(control_plane, control_plane.token(), tmp_path / "second", name="db-east")
+    again = _enroll(control_plane, token, tmp_path / "second", name="db-east")  # still unused
     assert again.worker_id != first.worker_id
 
 

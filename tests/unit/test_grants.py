@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cache import ObjectCache
-from launcher.catalog import Connection, parse_catalog
+from launcher.catalog import Connection, Table, parse_catalog
 from launcher.datapath import DataPath
 from launcher.errors import DuckcellError, QueryDeniedError
 from launcher.grants import AWS, CatalogGrants, grants_from, normalize_endpoint
@@ -121,3 +121,39 @@ def test_datapath_refuses_an_ungranted_table_or_write_before_building_a_store(
         await cache.close()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://minio:9000?x=1",
+        "http://u@minio:9000",
+        "http://minio:abc",
+        "http://[::1",
+        "http://m#f",
+    ],
+)
+def test_an_endpoint_the_catalog_accepts_but_grants_cannot_compare_is_refused_not_fatal(
+    endpoint: str,
+) -> None:
+    """The catalog's own endpoint check is looser; such a connection is refused per query
+    (and reported at push), never an error that would end the worker's tunnel."""
+    connection = Connection("odd", "s3", endpoint=endpoint)
+    grants = CatalogGrants.of(["http://minio:9000"], [])
+    with pytest.raises(QueryDeniedError, match="connection odd: endpoint"):
+        grants.check(connection)
+    catalog = parse_catalog(
+        f'connections:\n  odd: {{kind: s3, endpoint: "{endpoint}"}}\n'
+        "tables:\n  t: {connection: odd, path: 's3://bkt/t/', format: parquet}\n",
+        "pushed.yaml",
+    )
+    assert [r.split(":")[0] for r in grants.refusals(catalog)] == ["connection odd"]
+
+
+def test_a_symlink_loop_is_refused_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    table = Table("t", "disk", str(tmp_path / "loop"), "csv")
+    with pytest.raises(QueryDeniedError, match="outside the directories"):
+        CatalogGrants().check(Connection("disk", "local"), table)
+    with pytest.raises(DuckcellError, match="not a directory"):
+        CatalogGrants.of([], [tmp_path / "loop"])
