@@ -410,10 +410,10 @@ class ObjectCache:
             now = self._index.get(row.name)
             if now is None or (now.size, now.sha256) != (row.size, row.sha256):
                 return None
-            reason = check_file(self._entry_path(row.name), row.size, row.sha256) or ""
+            reason = check_file(self._entry_path(row.name), row.size, row.sha256)
         finally:
             lock.release()
-        if not reason:
+        if reason is None:
             return None
         return VerifyProblem(relative_path(row.name), reason, repair and self._remove(row.name))
 

@@ -87,8 +87,8 @@ class CatalogGrants:
                     "cannot compare with the ones its operator allowed"
                 ) from None
             if endpoint not in self.endpoints:
-                where = "AWS S3" if endpoint == AWS else connection.endpoint
-                allow = AWS if endpoint == AWS else connection.endpoint
+                allow = connection.endpoint or AWS
+                where = "AWS S3" if allow == AWS else allow
                 raise QueryDeniedError(
                     f"connection {connection.name} points at {where}, which this worker does "
                     "not let the control plane's catalog use (it would get this worker's "
@@ -124,7 +124,7 @@ class CatalogGrants:
         return f"catalog endpoints allowed: {endpoints}; local directories allowed: {dirs}"
 
 
-def split_list(text: str | None) -> list[str]:
+def _split_list(text: str | None) -> list[str]:
     """A comma-separated environment value as a list (empty items dropped)."""
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
@@ -139,7 +139,7 @@ def grants_from(
     """The flags where given, else the comma-separated ``DUCKCELL_ALLOW_ENDPOINTS`` and
     ``DUCKCELL_ALLOW_LOCAL_DIRS``; raises DuckcellError for a bad entry."""
     if not endpoints:
-        endpoints = split_list(environ.get(ENDPOINTS_ENV))
+        endpoints = _split_list(environ.get(ENDPOINTS_ENV))
     if not local_dirs:
-        local_dirs = [Path(d) for d in split_list(environ.get(LOCAL_DIRS_ENV))]
+        local_dirs = [Path(d) for d in _split_list(environ.get(LOCAL_DIRS_ENV))]
     return CatalogGrants.of(endpoints, local_dirs)

@@ -75,7 +75,7 @@ def check_output(output: Path | None) -> None:
     """Refuse an ``--output`` that cannot be written, before the query runs (DuckcellError)."""
     if output is None:
         return
-    folder = output.parent if str(output.parent) else Path(".")
+    folder = output.parent  # Path("x").parent is Path(".")
     if output.is_dir():
         raise DuckcellError(f"--output {output}: is a directory; name a file")
     if not folder.is_dir():
