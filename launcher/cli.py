@@ -174,6 +174,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a directory whose files the control plane's catalog may declare as local tables "
         "(repeatable; default: DUCKCELL_ALLOW_LOCAL_DIRS, comma-separated, else none)",
     )
+    run.add_argument(
+        "--allow-secret",
+        action="append",
+        metavar="REF",
+        help="a secret the control plane's catalog may name besides this worker's secret store: "
+        "env:NAME or file:PATH (a file, or a directory for the files under it) (repeatable; "
+        "default: DUCKCELL_ALLOW_SECRETS, comma-separated, else none)",
+    )
 
     add_cache_parser(commands)
     add_secrets_parser(commands)
@@ -347,7 +355,7 @@ async def _enroll(args: argparse.Namespace) -> int:
 async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     identity = Identity.load(args.state)
     config = _config(args)
-    grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ)
+    grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
     # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
     data = DataPath(Catalog.EMPTY, cache, secrets=secret_store(args.state), grants=grants)

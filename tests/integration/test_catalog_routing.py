@@ -150,9 +150,11 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
     async def scenario() -> None:
         await control_plane.start()
         assert control_plane.server is not None
-        # Only east may reach the S3 endpoint (the pinned connection's); both read `shared`.
+        # Only east may reach the S3 endpoint (the pinned connection's) and use the variables
+        # holding its keys; both read `shared`.
+        keys = [f"env:{KEY_ENV}", f"env:{SECRET_ENV}"]
         workers = [
-            await start_worker("east", CatalogGrants.of([s3], [shared])),
+            await start_worker("east", CatalogGrants.of([s3], [shared], keys)),
             await start_worker("west", CatalogGrants.of([], [shared])),
         ]
         try:

@@ -109,9 +109,11 @@ async def catalog_stack(
     identity = await control_plane.enroll(tmp_path / "worker")
     assert config.cache_dir is not None
     cache = ObjectCache(config.cache_dir, budget_bytes=64 * 2**20)
-    # The worker's operator allows the lake's endpoint, as a real worker must be told to.
+    # The worker's operator allows the lake's endpoint and the variables holding its keys, as a
+    # real worker must be told to.
     endpoints = [c.endpoint for c in load_catalog(catalog).connections.values() if c.endpoint]
-    data = DataPath(Catalog.EMPTY, cache, grants=CatalogGrants.of(endpoints, []))
+    grants = CatalogGrants.of(endpoints, [], [f"env:{KEY_ENV}", f"env:{SECRET_ENV}"])
+    data = DataPath(Catalog.EMPTY, cache, grants=grants)
     records: list[QueryRecord] = []
     try:
         async with LocalLauncher(config, warm_override=0) as launcher:

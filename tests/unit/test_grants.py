@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cache import ObjectCache
-from launcher.catalog import Connection, Table, parse_catalog
+from launcher.catalog import Connection, SecretRef, Table, parse_catalog
 from launcher.datapath import DataPath
 from launcher.errors import DuckcellError, QueryDeniedError
 from launcher.grants import AWS, CatalogGrants, grants_from, normalize_endpoint
@@ -66,7 +66,7 @@ def test_a_pushed_catalog_reaches_only_the_granted_endpoints_and_directories(
     (secret_dir / "worker.key").write_text("-----BEGIN PRIVATE KEY-----\n")
     (data_dir / "link").symlink_to(secret_dir)  # a way out of the granted directory
     catalog = parse_catalog(catalog_text(data_dir), str(tmp_path / "c.yaml"))
-    grants = CatalogGrants.of(["http://minio.internal:9000"], [data_dir])
+    grants = CatalogGrants.of(["http://minio.internal:9000"], [data_dir], ["env:K", "env:S"])
 
     def check(table: str) -> None:
         t = catalog.tables[table]
@@ -86,9 +86,52 @@ def test_a_pushed_catalog_reaches_only_the_granted_endpoints_and_directories(
     assert CatalogGrants.of([AWS], []).refusals(catalog)[0].startswith("connection lake ")
 
 
+def test_a_pushed_connection_names_only_store_secrets_and_the_granted_env_and_files(
+    tmp_path: Path,
+) -> None:
+    """A pushed catalog could name any variable or file the worker can read as a credential
+    and send its value to an (allowed) endpoint: {store:} is always allowed, env and file
+    references only as granted (a granted directory covers the files under it, resolved)."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "key").write_text("k")
+    (tmp_path / "other").write_text("o")
+    (secrets / "link").symlink_to(tmp_path / "other")  # a way out of the granted directory
+    grants = CatalogGrants.of(["http://m:9"], [], ["env:LAKE_KEY", f"file:{secrets}"])
+
+    def connection(**refs: SecretRef) -> Connection:
+        return Connection("lake", "s3", endpoint="http://m:9", **refs)
+
+    grants.check(connection(access_key_id=SecretRef(store="ANY"), session_token=None))
+    grants.check(connection(access_key_id=SecretRef(env="LAKE_KEY")))
+    grants.check(connection(secret_access_key=SecretRef(file=str(secrets / "key"))))
+    refused = {
+        "access_key_id": SecretRef(env="DUCKCELL_ENROLL_TOKEN"),
+        "secret_access_key": SecretRef(file=str(secrets / "link")),
+        "session_token": SecretRef(file=str(tmp_path / "other")),
+    }
+    for field, ref in refused.items():
+        with pytest.raises(
+            QueryDeniedError,
+            match=rf"connection lake: {field} names the secret {re.escape(ref.describe())},"
+            rf".*--allow-secret {re.escape(ref.describe())}`.*\{{store: NAME\}}",
+        ):
+            grants.check(connection(**{field: ref}))
+    assert "secrets allowed: store:*, env:LAKE_KEY, file:" in grants.describe()
+    for bad in ("LAKE_KEY", "env:", "file:relative/path", "store:X"):
+        with pytest.raises(DuckcellError, match="expected env:NAME or file:/ABSOLUTE/PATH"):
+            CatalogGrants.of([], [], [bad])
+
+
 def test_grants_come_from_flags_else_the_environment(tmp_path: Path) -> None:
-    env = {"DUCKCELL_ALLOW_ENDPOINTS": "aws, https://s3.example", "DUCKCELL_ALLOW_LOCAL_DIRS": ""}
+    env = {
+        "DUCKCELL_ALLOW_ENDPOINTS": "aws, https://s3.example",
+        "DUCKCELL_ALLOW_LOCAL_DIRS": "",
+        "DUCKCELL_ALLOW_SECRETS": "env:A, env:B",
+    }
     assert grants_from(None, None, env).endpoints == {AWS, "https://s3.example:443"}
+    assert grants_from(None, None, env).secrets.env == {"A", "B"}
+    assert grants_from(None, None, env, ["env:C"]).secrets.env == {"C"}
     flagged = grants_from(["http://m:9"], [tmp_path], env)
     assert flagged.endpoints == {"http://m:9"} and flagged.local_dirs == (tmp_path.resolve(),)
     assert grants_from(None, None, {}) == CatalogGrants()
