@@ -115,7 +115,7 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
     audit.add_argument("--data", type=Path, required=True, help="control plane data directory")
     audit.add_argument(
-        "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
+        "--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
     )
     audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     audit.add_argument(
@@ -209,8 +209,40 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands that may start a control plane's data directory; the others (they list, show,
+# revoke, remove) refuse a directory no control plane has used, so a mistyped --data is an
+# error rather than an empty listing.
+_CREATING = {"serve", "ca", "token create", "apikey create", "catalog apply", "policy apply"}
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    command = args.controlplane_command
+    sub = getattr(args, f"{command}_command", None)
+    return f"{command} {sub}" if sub else command
+
+
 def run_controlplane_command(args: argparse.Namespace) -> int:
     data = ControlPlaneData(args.data)
+    if data.initialized():
+        return _run(args, data)
+    command = _command_name(args)
+    if command not in _CREATING:
+        raise DuckcellError(
+            f"--data {data.root}: no control plane data there (no CA, database, catalog or "
+            f"policies); check the path, or start one with `duckcell controlplane serve --data "
+            f"{data.root}`"
+        )
+    code = _run(args, data)
+    if command != "serve" and data.initialized():  # serve's start-up line names the CA
+        print(
+            f"duckcell: --data {data.root} held no control plane: this started a new one "
+            "there; if you meant an existing control plane, check the path",
+            file=sys.stderr,
+        )
+    return code
+
+
+def _run(args: argparse.Namespace, data: ControlPlaneData) -> int:
     if args.controlplane_command == "serve":
         return asyncio.run(_serve(args))
     if args.controlplane_command == "ca":
@@ -274,6 +306,16 @@ def _print_workers(workers: list[Worker], now: float) -> None:
 
 
 DAY_S = 86_400.0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _positive_days(text: str) -> float:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .apikeys import ApiKeys
 from .ca import CertificateAuthority
+from .catalogs import CATALOG_FILE
+from .policies import POLICIES_FILE
 from .store import open_database
 from .tokens import EnrollmentTokens
 
@@ -22,6 +24,12 @@ DATABASE = "controlplane.db"
 @dataclass(frozen=True, slots=True)
 class ControlPlaneData:
     root: Path
+
+    def initialized(self) -> bool:
+        """Whether a control plane has used this directory (it holds a CA, a database, a
+        catalog or policies)."""
+        parts = (CA_DIR, DATABASE, CATALOG_FILE, POLICIES_FILE)
+        return any((self.root / part).exists() for part in parts)
 
     def ca(self) -> CertificateAuthority:
         """The CA, created on first use (key file mode 0600)."""
