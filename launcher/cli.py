@@ -31,7 +31,7 @@ from .cache import ObjectCache
 from .cachecli import add_cache_parser, run_cache_command
 from .catalog import Catalog, load_catalog
 from .config import LauncherConfig, load_config
-from .controlplane_cli import add_controlplane_parser, run_controlplane_command
+from .controlplane_cli import add_controlplane_parser, dial_address, run_controlplane_command
 from .datapath import DataPath
 from .dialing import ProxyConfig
 from .enroll import Identity, enroll
@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         help="cache size budget, e.g. 10GiB (DUCKCELL_CACHE_BUDGET; default 10GiB)",
     )
     query.add_argument(
-        "--control-plane", help="HOST:PORT: run on a worker through this control plane"
+        "--control-plane",
+        type=dial_address,
+        help="HOST:PORT: run on a worker through this control plane",
     )
     query.add_argument("--api-key", help="API key for --control-plane (or DUCKCELL_API_KEY)")
     query.add_argument(
@@ -122,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     add_controlplane_parser(commands)
 
     join = commands.add_parser("enroll", help="enroll this worker with a control plane")
-    join.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
+    join.add_argument(
+        "--control-plane", required=True, type=dial_address, help="HOST:PORT of the control plane"
+    )
     token_source = join.add_mutually_exclusive_group()
     token_source.add_argument("--token", help="one-time token (or DUCKCELL_ENROLL_TOKEN)")
     token_source.add_argument("--token-file", type=Path, help="read the token from FILE")
@@ -143,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--state", type=Path, required=True, help="worker state directory")
     run.add_argument(
-        "--control-plane", help="HOST:PORT of the tunnel (default: from the enrolled identity)"
+        "--control-plane",
+        type=dial_address,
+        help="HOST:PORT of the tunnel (default: from the enrolled identity)",
     )
     run.add_argument(
         "--drain-grace",

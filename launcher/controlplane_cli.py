@@ -29,7 +29,8 @@ from .controlplane.policies import (
 )
 from .controlplane.registry import Worker, WorkerRegistry
 from .controlplane.server import ControlPlaneServer
-from .errors import DuckcellError
+from .controlplane.wire import split_address
+from .errors import ControlPlaneError, DuckcellError
 from .flight import ControlPlaneWithFlight, FlightListen
 from .policy_yaml import parse_duration
 
@@ -58,7 +59,9 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     )
     serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
     serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
-    serve.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    serve.add_argument(
+        "--listen", required=True, type=listen_address, help="HOST:PORT to listen on"
+    )
     serve.add_argument(
         "--host",
         action="append",
@@ -66,10 +69,14 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
         help="extra name the TLS certificate is valid for (repeatable)",
     )
     serve.add_argument(
-        "--tunnel-listen", help="HOST:PORT for the workers' mTLS tunnel (default: next port)"
+        "--tunnel-listen",
+        type=listen_address,
+        help="HOST:PORT for the workers' mTLS tunnel (default: next port)",
     )
     serve.add_argument(
-        "--flight-listen", help="HOST:PORT for Arrow Flight SQL clients (ADBC); TLS by default"
+        "--flight-listen",
+        type=listen_address,
+        help="HOST:PORT for Arrow Flight SQL clients (ADBC); TLS by default",
     )
     serve.add_argument(
         "--flight-plaintext",
@@ -306,6 +313,24 @@ def _print_workers(workers: list[Worker], now: float) -> None:
 
 
 DAY_S = 86_400.0
+
+
+def listen_address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` to listen on (port 0: any free port)."""
+    return _address(text, listening=True)
+
+
+def dial_address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` to connect to."""
+    return _address(text, listening=False)
+
+
+def _address(text: str, *, listening: bool) -> str:
+    try:
+        split_address(text, listening=listening)
+    except ControlPlaneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:

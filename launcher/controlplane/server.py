@@ -27,7 +27,6 @@ grpcio 1.85 waits that long (60 s by default) for a ping's answer, whatever the 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import sqlite3
 import time
@@ -53,7 +52,7 @@ from .registry import Worker, WorkerRegistry, new_worker_id
 from .routing import QueryRouter
 from .tokens import Clock, EnrollmentTokens
 from .tunnel import DEFAULT_HEARTBEAT_INTERVAL_S, TunnelService, revoked_refusal
-from .wire import MESSAGE_OPTIONS, REASON_KEY, split_address
+from .wire import MESSAGE_OPTIONS, REASON_KEY, is_ipv6, split_address
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,9 @@ class ControlPlaneServer:
         self._prune_task: asyncio.Task[None] | None = None
         self._data = data
         self._listen = listen
-        self._host, port = split_address(listen)
+        self._host, port = split_address(listen, listening=True)
+        if tunnel_listen:
+            split_address(tunnel_listen, listening=True)  # checked here, not by gRPC's bind
         self._tunnel_listen = tunnel_listen or _next_port(listen, port)
         self._heartbeat_interval_s = heartbeat_interval_s
         self._hosts = [*DEFAULT_HOSTS, *([] if self._host in _WILDCARDS else [self._host])]
@@ -174,12 +175,12 @@ class ControlPlaneServer:
 
     @property
     def address(self) -> str:
-        host = f"[{self._host}]" if _is_ipv6(self._host) else self._host
+        host = f"[{self._host}]" if is_ipv6(self._host) else self._host
         return f"{host}:{self.port}"
 
     @property
     def tunnel_address(self) -> str:
-        host = f"[{self._host}]" if _is_ipv6(self._host) else self._host
+        host = f"[{self._host}]" if is_ipv6(self._host) else self._host
         return f"{host}:{self.tunnel_port}"
 
     def fingerprint(self) -> str:
@@ -317,10 +318,3 @@ def _next_port(listen: str, port: int) -> str:
             "choose a lower port or give --tunnel-listen HOST:PORT"
         )
     return f"{listen.rpartition(':')[0]}:{port + 1 if port else 0}"
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False

@@ -55,7 +55,7 @@ class FlightListen:
     @classmethod
     def parse(cls, listen: str, *, plaintext: bool = False) -> FlightListen:
         """Raises ``ControlPlaneError`` for a bad address or plaintext off loopback."""
-        host, port = split_address(listen)
+        host, port = split_address(listen, listening=True)
         if plaintext and not is_loopback(host):
             raise ControlPlaneError(
                 f"--flight-plaintext needs a loopback --flight-listen (127.0.0.1, ::1 or "

@@ -10,6 +10,7 @@ import pytest
 from launcher.cli import main
 from launcher.config import load_config
 from launcher.controlplane.server import _next_port
+from launcher.controlplane.wire import split_address
 from launcher.errors import ConfigError, ControlPlaneError
 
 
@@ -57,3 +58,52 @@ def test_a_key_for_a_role_the_catalog_lacks_is_made_with_a_warning(
     assert out.startswith("dck1.") and "defines no role 'anlyst' (roles: analyst)" in err
     assert main(["controlplane", "apikey", "create", "--data", str(data), "--role", "analyst"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("address", "dial", "listen"),
+    [
+        ("localhost:7443", ("localhost", 7443), ("localhost", 7443)),
+        ("[::1]:7443", ("::1", 7443), ("::1", 7443)),
+        ("0.0.0.0:0", None, ("0.0.0.0", 0)),  # any free port: only to listen on
+        ("abc", None, None),  # no port (gRPC would have dialled 443)
+        (":7443", None, None),  # no host
+        ("a:b:7443", None, None),
+        ("::1:7443", None, None),  # IPv6 without brackets is ambiguous
+        ("[cp.example]:7443", None, None),
+        ("h:", None, None),
+        ("h:65536", None, None),
+        (" h:1", None, None),
+    ],
+)
+def test_host_port_is_checked_one_way_everywhere(
+    address: str, dial: tuple[str, int] | None, listen: tuple[str, int] | None
+) -> None:
+    for listening, expected in ((False, dial), (True, listen)):
+        if expected is None:
+            with pytest.raises(ControlPlaneError, match="expected HOST:PORT"):
+                split_address(address, listening=listening)
+        else:
+            assert split_address(address, listening=listening) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "--control-plane", "cp.example", "SELECT 1"],
+        ["enroll", "--control-plane", "cp:0", "--state", "w", "--token", "t"],
+        ["worker", "--state", "w", "--control-plane", ":7444"],
+        ["controlplane", "serve", "--data", "cp", "--listen", "abc"],
+        ["controlplane", "serve", "--data", "cp", "--listen", "h:1", "--tunnel-listen", "abc"],
+        ["controlplane", "serve", "--data", "cp", "--listen", "h:1", "--flight-listen", "h:x"],
+    ],
+)
+def test_every_host_port_flag_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    argv = [str(tmp_path / a) if a in ("w", "cp") else a for a in argv]
+    with pytest.raises(SystemExit) as usage:
+        main(argv)
+    assert usage.value.code == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
