@@ -68,21 +68,30 @@ class ApiKeys:
         return f"{KEY_PREFIX}.{key_id}.{secret}"
 
     def list(self) -> list[tuple[str, str, float]]:
-        """Every key as ``(key id, role, created at)``, oldest first; never a secret."""
+        """Every key not revoked as ``(key id, role, created at)``, oldest first; never a
+        secret."""
         rows = self._conn.execute(
-            "SELECT id, role, created_at FROM api_keys ORDER BY created_at, id"
+            "SELECT id, role, created_at FROM api_keys WHERE revoked_at IS NULL "
+            "ORDER BY created_at, id"
         ).fetchall()
         return [(key_id, role, created) for key_id, role, created in rows]
 
     def revoke(self, key_id: str) -> None:
-        """Delete a key: calls that send it are refused from now on (a Flight SQL endpoint
-        that verified it a moment ago may accept it for up to its cache's few seconds).
-        Raises ``ControlPlaneError`` for an unknown id. Audit records keep the id."""
+        """Mark a key revoked: calls that send it are refused from now on, saying so (a Flight
+        SQL endpoint that verified it a moment ago may accept it for up to its cache's few
+        seconds). Raises ``ControlPlaneError`` for an unknown or already revoked id. Audit
+        records keep the id."""
         with self._conn:
-            cursor = self._conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (self._clock(), key_id),
+            )
         if cursor.rowcount == 0:
+            known = self._conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,))
+            state = "is already revoked" if known.fetchone() else "does not exist"
             raise ControlPlaneError(
-                f"no API key {key_id}: `duckcell controlplane apikey list` shows the ids"
+                f"API key {key_id} {state}: `duckcell controlplane apikey list` shows the "
+                "keys in use"
             )
 
     def verify(self, key: str) -> ApiKey:
@@ -94,10 +103,13 @@ class ApiKeys:
                 f"again, or {_NEW_KEY_HINT}"
             )
         row = self._conn.execute(
-            "SELECT secret_hash, role FROM api_keys WHERE id = ?", (match["id"],)
+            "SELECT secret_hash, role, revoked_at FROM api_keys WHERE id = ?", (match["id"],)
         ).fetchone()
         # Compare a hash even for an unknown id, so timing does not tell ids apart.
-        stored, role = row if row is not None else ("", "")
+        stored, role, revoked_at = row if row is not None else ("", "", None)
         if not hmac.compare_digest(stored, _hash_secret(match["secret"])) or row is None:
             raise ApiKeyError(f"unknown API key {match['id']}: {_NEW_KEY_HINT}")
+        if revoked_at is not None:  # told only to a holder of the whole key
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(revoked_at))
+            raise ApiKeyError(f"API key {match['id']} was revoked at {when}: {_NEW_KEY_HINT}")
         return ApiKey(key_id=match["id"], role=role)

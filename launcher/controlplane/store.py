@@ -87,6 +87,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE query_audit ADD COLUMN reruns INTEGER NOT NULL DEFAULT 0;
     """,
+    # 8: a revoked API key is kept, marked, so its holder is told it was revoked (not unknown).
+    """
+    ALTER TABLE api_keys ADD COLUMN revoked_at REAL;
+    """,
 )
 
 

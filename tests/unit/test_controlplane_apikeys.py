@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
 from launcher.controlplane.apikeys import ApiKeys
-from launcher.controlplane.store import open_database
+from launcher.controlplane.store import MIGRATIONS, open_database
 from launcher.errors import ApiKeyError, ControlPlaneError
 
 
@@ -63,7 +64,30 @@ def test_the_cli_lists_and_revokes_keys(tmp_path: Path, capsys: pytest.CaptureFi
     assert key_id in listed and "analyst" in listed and key.split(".")[2] not in listed
     assert main(["controlplane", "apikey", "revoke", "--data", data, key_id]) == 0
     keys = ApiKeys(open_database(tmp_path / "cp" / "controlplane.db"))
-    with pytest.raises(ApiKeyError, match=f"unknown API key {key_id}"):
+    # Its holder is told it was revoked; a wrong secret for the same id stays "unknown".
+    with pytest.raises(ApiKeyError, match=rf"API key {key_id} was revoked at \d{{4}}-"):
         keys.verify(key)
+    with pytest.raises(ApiKeyError, match=f"unknown API key {key_id}"):
+        keys.verify(key[:-1] + ("A" if key[-1] != "A" else "B"))
+    assert main(["controlplane", "apikey", "list", "--data", data]) == 0
+    assert key_id not in capsys.readouterr().out
     assert main(["controlplane", "apikey", "revoke", "--data", data, key_id]) == 2
-    assert "no API key" in capsys.readouterr().err
+    assert f"API key {key_id} is already revoked" in capsys.readouterr().err
+    assert main(["controlplane", "apikey", "revoke", "--data", data, "0123456789abcdef"]) == 2
+    assert "API key 0123456789abcdef does not exist" in capsys.readouterr().err
+
+
+def test_keys_made_before_revocation_was_kept_still_verify(tmp_path: Path) -> None:
+    path = tmp_path / "cp.db"
+    old = sqlite3.connect(path)
+    for sql in MIGRATIONS[:7]:
+        old.executescript(sql)
+    old.execute("PRAGMA user_version = 7")
+    old.commit()
+    key = ApiKeys(old).create("analyst")  # the columns create() writes existed then
+    old.close()
+    keys = ApiKeys(open_database(path))
+    assert keys.verify(key).role == "analyst"
+    keys.revoke(key.split(".")[1])
+    with pytest.raises(ApiKeyError, match="was revoked"):
+        keys.verify(key)
