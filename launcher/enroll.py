@@ -36,6 +36,7 @@ from launcher import __version__
 from launcher.controlplane.ca import (
     fingerprint_of,
     generate_worker_key_and_csr,
+    refuse_loose_key,
     verify_chain,
     write_private_key,
 )
@@ -75,6 +76,7 @@ class Identity:
         directory = state_dir / IDENTITY_DIR
         try:
             document = json.loads((directory / IDENTITY_FILE).read_text())
+            refuse_loose_key(directory / KEY_FILE)
             return cls(
                 worker_id=document["worker_id"],
                 name=document["name"],

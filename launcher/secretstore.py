@@ -169,6 +169,8 @@ class SecretStore:
             ) from None
         if not keys:
             raise SecretError(f"{key_file} is empty; restore the store's key file")
+        if key_file.stat().st_mode & 0o077:  # restored or copied without its mode
+            raise SecretError(f"{key_file} is readable by other users: run `chmod 600 {key_file}`")
         return keys
 
     def _make_key(self, key_file: Path) -> bytes:

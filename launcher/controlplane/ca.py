@@ -73,6 +73,13 @@ def write_private_key(path: Path, pem: bytes) -> None:
     _atomic_write(path, pem, 0o600)
 
 
+def refuse_loose_key(path: Path) -> None:
+    """Raise ``CertificateError`` when a private key file is open to other users (someone
+    copied or restored it without its mode); the file is never used then."""
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise CertificateError(f"{path} is readable by other users: run `chmod 600 {path}`")
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -156,10 +163,7 @@ class CertificateAuthority:
 
     @classmethod
     def _load(cls, key_path: Path, cert_path: Path) -> CertificateAuthority:
-        if stat.S_IMODE(key_path.stat().st_mode) & 0o077:
-            raise CertificateError(
-                f"{key_path} is readable by other users: run `chmod 600 {key_path}`"
-            )
+        refuse_loose_key(key_path)
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         except (ValueError, TypeError) as exc:

@@ -27,6 +27,7 @@ from launcher.controlplane.tokens import parse_token
 from launcher.enroll import Identity, enroll
 from launcher.errors import (
     CaMismatchError,
+    CertificateError,
     ControlPlaneError,
     ExpiredTokenError,
     MalformedTokenError,
@@ -95,6 +96,10 @@ def test_round_trip_writes_a_verified_identity(
     }
     assert identity.tunnel_port > 0
     assert Identity.load(tmp_path / "worker") == identity
+    identity.key_path.chmod(0o640)  # restored from a backup without its mode: not used
+    with pytest.raises(CertificateError, match="readable by other users: run `chmod 600"):
+        Identity.load(tmp_path / "worker")
+    identity.key_path.chmod(0o600)
     assert _contents(tmp_path / "worker") == [
         identity.directory,
         *sorted(identity.directory.iterdir()),

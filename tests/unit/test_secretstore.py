@@ -77,6 +77,16 @@ def test_key_file_is_0600_and_directory_0700(store: SecretStore) -> None:
     assert sorted(p.name for p in store.path.iterdir()) == [".lock", DATA_FILE, KEY_FILE]
 
 
+def test_a_key_file_open_to_other_users_is_refused(store: SecretStore) -> None:
+    """A key restored or copied without its mode is not used silently (as the CA's key)."""
+    store.set("LAKE_SECRET", VALUE)
+    os.chmod(store.path / KEY_FILE, 0o644)
+    with pytest.raises(SecretError, match=r"readable by other users: run `chmod 600 "):
+        store.get("LAKE_SECRET")
+    os.chmod(store.path / KEY_FILE, 0o600)
+    assert store.get("LAKE_SECRET") == VALUE
+
+
 def test_a_wrong_key_or_damaged_file_is_a_clear_error(store: SecretStore) -> None:
     store.set("LAKE_SECRET", VALUE)
     (store.path / KEY_FILE).write_bytes(Fernet.generate_key())
