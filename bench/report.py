@@ -158,19 +158,26 @@ def render_tunnel(tunnel: Json | None) -> list[str]:
         f"{'':<48}{'':>4}{'':>11}{'p95 added':>10}{tunnel['added_p95_ms']:>+8.2f}ms",
         "",
         f"{'10M-row result, 2 x int64':<36}{'n':>4}{'median ms':>11}{'1st chunk':>11}"
-        f"{'MB':>8}{'chunks':>8}{'MB/s':>8}{'ratio':>7}",
+        f"{'MB':>8}{'chunks':>8}{'MB/s':>8}{'ratio':>7}{'CPU ms':>8}",
     ]
     for tag, key, title in (("4c", "wide_local", "local"), ("4d", "wide_tunnel", "tunnel")):
         row = tunnel[key]
         ratio = row["mb_per_s"] / tunnel["wide_local"]["mb_per_s"]
+        cpu = f"{row['cpu']['median_ms']:>8.0f}" if "cpu" in row else ""
         lines.append(
             f"{tag:<4}{title:<32}{row['time']['n']:>4}{row['time']['median_ms']:>11.0f}"
             f"{row['first_chunk']['median_ms']:>11.0f}{row['bytes'] / 1e6:>8.0f}"
-            f"{row['chunks']:>8}{row['mb_per_s']:>8.0f}{ratio:>7.2f}"
+            f"{row['chunks']:>8}{row['mb_per_s']:>8.0f}{ratio:>7.2f}{cpu}"
         )
     lines.append(
-        "from the call to the last chunk decoded with pyarrow; MB = 10^6 bytes of Arrow IPC"
+        "from the call to the last chunk decoded with pyarrow; MB = 10^6 bytes of Arrow IPC;"
     )
+    lines.append("CPU ms: the whole machine's busy CPU (all cores, /proc/stat) during the rep")
+    if "throughput_ratio_cpu_ceiling" in tunnel:
+        lines.append(
+            f"ceiling of the ratio on these {tunnel['cores']} cores, whatever the code: cores x "
+            f"local ms / tunnel CPU ms = {tunnel['throughput_ratio_cpu_ceiling']:.2f}"
+        )
     return lines
 
 

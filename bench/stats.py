@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 Progress = Callable[[str], None]
@@ -24,3 +26,24 @@ def summarize(samples_s: list[float]) -> Json:
         "max_ms": ms[-1],
         "samples_ms": [round(value, 4) for value in ms],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class MachineCpu:
+    """CPU seconds the whole machine has spent so far (``/proc/stat``, every core): busy
+    (user, nice, system, irq, softirq) and stolen by the hypervisor (a virtual machine's
+    neighbours)."""
+
+    busy: float
+    steal: float
+
+    @classmethod
+    def now(cls) -> MachineCpu:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        tick = os.sysconf("SC_CLK_TCK")
+        return cls((user + nice + system + irq + softirq) / tick, steal / tick)
+
+    def since(self, earlier: MachineCpu) -> MachineCpu:
+        return MachineCpu(self.busy - earlier.busy, self.steal - earlier.steal)

@@ -16,6 +16,8 @@ Two cases, local and tunnel reps interleaved so both see the same background loa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ import pyarrow.ipc
 from bench.cases import POLICY, SELECT_42, settle
 from bench.client_process import ClientProcess
 from bench.controlplane_process import ControlPlaneProcess
-from bench.stats import Json, Progress, summarize
+from bench.stats import Json, MachineCpu, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.enroll import enroll
@@ -40,6 +42,7 @@ from launcher.tunnel_queries import ExecutorQueryRunner
 WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
 CONNECT_TIMEOUT_S = 30.0
+NO_CPU = MachineCpu(0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class Transfer:
     bytes: int
     rows: int
     chunks: int
+    cpu: MachineCpu = NO_CPU  # what the whole machine spent meanwhile
 
 
 async def consume(chunks: AsyncIterator[bytes]) -> Transfer:
@@ -145,7 +149,9 @@ async def throughput_case(paths: Paths, pool: SandboxPool, reps: int, progress: 
     for i in range(reps):
         for name, run in (("local", paths.local_wide), ("tunnel", paths.tunnel_wide)):
             await settle(pool)
+            before = MachineCpu.now()
             transfer = await run()
+            transfer = dataclasses.replace(transfer, cpu=MachineCpu.now().since(before))
             if transfer.rows != WIDE_ROWS:
                 raise RuntimeError(f"{name} 10M-row result had {transfer.rows} rows")
             samples[name].append(transfer)
@@ -156,7 +162,17 @@ async def throughput_case(paths: Paths, pool: SandboxPool, reps: int, progress: 
         )
     rows = {name: transfer_summary(transfers) for name, transfers in samples.items()}
     ratio = rows["tunnel"]["mb_per_s"] / rows["local"]["mb_per_s"]
-    return {"wide_local": rows["local"], "wide_tunnel": rows["tunnel"], "throughput_ratio": ratio}
+    # Whatever the code, the tunnel cannot finish before the machine has done its CPU work on
+    # all its cores: tunnel time >= tunnel CPU / cores, so the ratio has this ceiling here.
+    cores = os.cpu_count() or 1
+    ceiling = cores * rows["local"]["time"]["median_ms"] / rows["tunnel"]["cpu"]["median_ms"]
+    return {
+        "wide_local": rows["local"],
+        "wide_tunnel": rows["tunnel"],
+        "throughput_ratio": ratio,
+        "throughput_ratio_cpu_ceiling": ceiling,
+        "cores": cores,
+    }
 
 
 def transfer_summary(transfers: list[Transfer]) -> Json:
@@ -165,6 +181,8 @@ def transfer_summary(transfers: list[Transfer]) -> Json:
     size = transfers[0].bytes
     return {
         "time": times,
+        "cpu": summarize([t.cpu.busy for t in transfers]),
+        "steal": summarize([t.cpu.steal for t in transfers]),
         "first_chunk": summarize([t.first_chunk for t in transfers]),
         "bytes": size,
         "rows": transfers[0].rows,

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text, ratio
-from bench.report import flight_summary, render_data, render_flight, target
+from bench.report import flight_summary, render_data, render_flight, render_tunnel, target
+from bench.stats import MachineCpu, summarize
+from bench.tunnel import Transfer, transfer_summary
 from launcher.catalog import parse_catalog
 from launcher.policy import load_policies
 
@@ -142,3 +144,27 @@ def test_flight_summary_checks_both_targets_from_the_same_samples() -> None:
     assert "diag: the same one-hop server over TLS" in text
     assert "diag: chain MB/s / one-hop-over-TLS MB/s: 0.62x (not the target)" in text
     assert text.endswith("one-hop MB/s          0.50x  target >= 0.6x   MISSED")
+
+
+def test_tunnel_table_shows_machine_cpu_and_the_ceiling_it_sets() -> None:
+    local = [Transfer(0.28, 0.01, 160, 10, 155, MachineCpu(0.55, 0.0)) for _ in range(3)]
+    tunnel = [Transfer(0.56, 0.02, 160, 10, 154, MachineCpu(1.2, 0.01)) for _ in range(3)]
+    result = {
+        "select42_local": summarize([0.005]),
+        "select42_tunnel": summarize([0.009]),
+        "added_p50_ms": 4.0,
+        "added_p95_ms": 5.0,
+        "wide_local": transfer_summary(local),
+        "wide_tunnel": transfer_summary(tunnel),
+        "throughput_ratio": 0.5,
+        "throughput_ratio_cpu_ceiling": 2 * 280 / 1200,
+        "cores": 2,
+    }
+    text = "\n".join(render_tunnel(result))
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:2] == "4c"}
+    rows |= {line.split()[0]: line.split() for line in text.splitlines() if line[:2] == "4d"}
+    assert rows["4c"][-1] == "550" and rows["4d"][-1] == "1200"  # the CPU ms column
+    assert "ceiling of the ratio on these 2 cores" in text and "= 0.47" in text
+    before = MachineCpu.now()
+    sum(range(2_000_000))
+    assert MachineCpu.now().since(before).busy >= 0.0
