@@ -128,7 +128,8 @@ class CatalogGrants:
 
     def check(self, connection: Connection, table: Table | None = None) -> None:
         """Raise QueryDeniedError unless this worker lets a pushed catalog use ``connection``
-        (for S3, its endpoint) and read ``table`` (for a local table, its path)."""
+        (for S3, its endpoint and the secrets it names) and read ``table`` (for a local table,
+        its path)."""
         if connection.kind == Kind.S3:
             try:
                 endpoint = normalize_endpoint(connection.endpoint or AWS)
