@@ -72,6 +72,11 @@ class StreamBroken(Exception):
         self.detail = detail
 
 
+# HTTP/2 flow control of the result stream; the runner's server sets the same (see
+# ``duckcell_runner.__main__.FLOW_CONTROL`` for why).
+FLOW_CONTROL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 8 * 1024 * 1024))
+
+
 class RunnerClient:
     """One channel to one sandbox's runner."""
 
@@ -81,6 +86,7 @@ class RunnerClient:
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
+                *FLOW_CONTROL,
                 # The first dial usually comes before the runner's socket exists; gRPC's
                 # default 1 s reconnect backoff then added ~0.9 s to every sandbox start.
                 ("grpc.initial_reconnect_backoff_ms", 10),

@@ -622,3 +622,16 @@ def test_a_session_directory_outside_the_cache_breaks_the_sandbox(dirs: RunnerCo
 
 def _fields(config: RunnerConfig) -> dict[str, object]:
     return {name: getattr(config, name) for name in RunnerConfig.__dataclass_fields__}
+
+
+def test_the_launcher_and_the_runner_agree_on_the_result_streams_flow_control() -> None:
+    """A fixed window with bandwidth-delay probing off, on both ends (the fastest of the
+    combinations tried); the window also bounds what a runner sends ahead."""
+    from duckcell_runner.__main__ import FLOW_CONTROL as RUNNER_SIDE
+    from launcher.runner_client import FLOW_CONTROL as LAUNCHER_SIDE
+
+    assert dict(RUNNER_SIDE) == dict(LAUNCHER_SIDE)
+    assert dict(LAUNCHER_SIDE) == {
+        "grpc.http2.bdp_probe": 0,
+        "grpc.http2.lookahead_bytes": 8 * 1024 * 1024,
+    }
