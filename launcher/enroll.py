@@ -76,6 +76,11 @@ class Identity:
         directory = state_dir / IDENTITY_DIR
         try:
             document = json.loads((directory / IDENTITY_FILE).read_text())
+            if not (directory / KEY_FILE).exists():
+                raise ControlPlaneError(
+                    f"{directory / KEY_FILE} is missing: restore it from a backup, or remove "
+                    f"{directory} and enroll again with a new token"
+                )
             refuse_loose_key(directory / KEY_FILE)
             return cls(
                 worker_id=document["worker_id"],

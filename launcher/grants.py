@@ -68,7 +68,9 @@ class SecretGrants:
     (``{store: NAME}`` is always allowed)."""
 
     env: frozenset[str] = frozenset()
-    files: tuple[Path, ...] = ()  # resolved; a directory allows the files under it
+    # As given (absolute); a directory allows the files under it. Both sides are resolved at
+    # each check, so a grant follows a symlink that is re-pointed (a rotated secret volume).
+    files: tuple[Path, ...] = ()
 
     @classmethod
     def of(cls, entries: Iterable[str]) -> SecretGrants:
@@ -80,7 +82,7 @@ class SecretGrants:
             if sep and kind == "env" and name.strip():
                 env.add(name.strip())
             elif sep and kind == "file" and name.strip().startswith("/"):
-                files.append(Path(os.path.realpath(name.strip())))
+                files.append(Path(os.path.normpath(name.strip())))
             else:
                 raise DuckcellError(
                     f"allowed secret {entry!r}: expected env:NAME or file:/ABSOLUTE/PATH "
@@ -95,7 +97,8 @@ class SecretGrants:
             return ref.env in self.env
         assert ref.file is not None
         path = Path(os.path.realpath(ref.file))  # as reading it would follow links
-        return any(path == root or path.is_relative_to(root) for root in self.files)
+        roots = (Path(os.path.realpath(root)) for root in self.files)
+        return any(path.is_relative_to(root) for root in roots)
 
     def describe(self) -> str:
         names = sorted(f"env:{name}" for name in self.env) + [f"file:{f}" for f in self.files]

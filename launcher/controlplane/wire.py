@@ -40,7 +40,7 @@ def split_address(address: str, *, listening: bool = False) -> tuple[str, int]:
         or bracketed != is_ipv6(host)  # [a name], or a bare IPv6 address (ambiguous)
         or (not bracketed and ":" in host)
         or host != host.strip()
-        or not port_text.isdigit()
+        or not (port_text.isascii() and port_text.isdigit())
         or not lowest <= int(port_text) <= 65535
     ):
         example = "0.0.0.0:7443" if listening else "localhost:7443"

@@ -74,6 +74,8 @@ def test_a_key_for_a_role_the_catalog_lacks_is_made_with_a_warning(
         ("h:", None, None),
         ("h:65536", None, None),
         (" h:1", None, None),
+        ("h:\u0663", None, None),  # a non-ASCII digit: int() takes it, gRPC would not
+        ("h:\u00b2", None, None),  # isdigit() but not int()
     ],
 )
 def test_host_port_is_checked_one_way_everywhere(

@@ -100,6 +100,12 @@ def test_round_trip_writes_a_verified_identity(
     with pytest.raises(CertificateError, match="readable by other users: run `chmod 600"):
         Identity.load(tmp_path / "worker")
     identity.key_path.chmod(0o600)
+    key = identity.key_path.read_bytes()
+    identity.key_path.unlink()  # lost: say what to do, not "run enroll" (it would refuse)
+    with pytest.raises(ControlPlaneError, match=r"worker\.key is missing: restore it"):
+        Identity.load(tmp_path / "worker")
+    identity.key_path.write_bytes(key)
+    identity.key_path.chmod(0o600)
     assert _contents(tmp_path / "worker") == [
         identity.directory,
         *sorted(identity.directory.iterdir()),

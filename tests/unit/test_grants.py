@@ -14,7 +14,7 @@ from launcher.cache import ObjectCache
 from launcher.catalog import Connection, SecretRef, Table, parse_catalog
 from launcher.datapath import DataPath
 from launcher.errors import DuckcellError, QueryDeniedError
-from launcher.grants import AWS, CatalogGrants, grants_from, normalize_endpoint
+from launcher.grants import AWS, CatalogGrants, SecretGrants, grants_from, normalize_endpoint
 from launcher.objectstore import ObjectStore
 from launcher.policy import load_policy_text
 
@@ -200,3 +200,21 @@ def test_a_symlink_loop_is_refused_not_raised(tmp_path: Path) -> None:
         CatalogGrants().check(Connection("disk", "local"), table)
     with pytest.raises(DuckcellError, match="not a directory"):
         CatalogGrants.of([], [tmp_path / "loop"])
+
+
+def test_a_file_grant_follows_a_rotated_secret_volume(tmp_path: Path) -> None:
+    """Kubernetes-style rotation re-points `..data`; a grant of the file's path keeps
+    allowing it, because both sides are resolved at each check, not at start."""
+    volume = tmp_path / "vol"
+    for version in ("..v1", "..v2"):
+        (volume / version).mkdir(parents=True)
+        (volume / version / "key").write_text(version)
+    (volume / "..data").symlink_to("..v1")
+    (volume / "key").symlink_to("..data/key")
+    grants = SecretGrants.of([f"file:{volume / 'key'}"])
+    ref = SecretRef(file=str(volume / "key"))
+    assert grants.allows(ref)
+    (volume / "..data").unlink()
+    (volume / "..data").symlink_to("..v2")
+    assert grants.allows(ref)
+    assert not grants.allows(SecretRef(file=str(volume / "..v1" / "key")))

@@ -19,8 +19,8 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 # HTTP/2 flow control for the result stream, the same on the launcher's channel
 # (``launcher/runner_client.py``): gRPC's bandwidth-delay probing, on by default, pings and
 # resizes the window as data flows; on this socket a fixed 8 MiB window moved a 160 MB result
-# in ~160 ms instead of ~260 ms, with a third less CPU (README, Benchmarks). 8 MiB is also the
-# most a runner sends ahead of a launcher that does not read.
+# in ~160 ms instead of ~260 ms, with a third less CPU (README, Benchmarks). The launcher's
+# 8 MiB window is also the most a runner sends ahead of a launcher that does not read.
 FLOW_CONTROL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 8 * 1024 * 1024))
 
 
