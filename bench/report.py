@@ -175,8 +175,9 @@ def render_tunnel(tunnel: Json | None) -> list[str]:
     lines.append("CPU ms: the whole machine's busy CPU (all cores, /proc/stat) during the rep")
     if "throughput_ratio_cpu_ceiling" in tunnel:
         lines.append(
-            f"ceiling of the ratio on these {tunnel['cores']} cores, whatever the code: cores x "
-            f"local ms / tunnel CPU ms = {tunnel['throughput_ratio_cpu_ceiling']:.2f}"
+            f"ceiling of the ratio on these {tunnel['cores']} cores (estimate, low by the pool "
+            f"refill's CPU): cores x local ms / tunnel CPU ms = "
+            f"{tunnel['throughput_ratio_cpu_ceiling']:.2f}"
         )
     return lines
 

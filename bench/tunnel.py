@@ -162,8 +162,10 @@ async def throughput_case(paths: Paths, pool: SandboxPool, reps: int, progress: 
         )
     rows = {name: transfer_summary(transfers) for name, transfers in samples.items()}
     ratio = rows["tunnel"]["mb_per_s"] / rows["local"]["mb_per_s"]
-    # Whatever the code, the tunnel cannot finish before the machine has done its CPU work on
-    # all its cores: tunnel time >= tunnel CPU / cores, so the ratio has this ceiling here.
+    # The tunnel cannot finish before the machine has done its CPU work on all its cores:
+    # tunnel time >= tunnel CPU / cores, which caps the ratio. The CPU counted is the whole
+    # machine's, the pool's refill (started by each checkout) included, so this estimate of
+    # the cap is low by the refill's share.
     cores = os.cpu_count() or 1
     ceiling = cores * rows["local"]["time"]["median_ms"] / rows["tunnel"]["cpu"]["median_ms"]
     return {
