@@ -1,9 +1,10 @@
 """Bring one sandbox from nothing to ready, or leave nothing behind.
 
-Ready means the container runs, the runner answered a real RPC over the socket and the
-warm-up Arrow IPC decoded on our side: the pool never hands out a half-started sandbox.
-A session policy's sandbox (with a cache) also gets its session directory, created before
-the container and removed after it (``launcher.session_files``).
+Ready means the container runs, the runner answered a real RPC over the socket, the
+warm-up Arrow IPC decoded on our side, and the runner's socket directory is sealed (no longer
+writable by the sandbox, its socket checked): the pool never hands out a half-started sandbox.
+With a cache, every sandbox also gets its own files directory, created before the container
+(it is the container's only ``/cache``) and removed after it (``launcher.sandbox_files``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import DuckcellError, SandboxStartError
 from .policy import Isolation, Policy
 from .runner_client import RunnerClient
 from .sandbox import Sandbox, build_spec, new_sandbox_name
-from .session_files import SessionDir
+from .sandbox_files import SandboxFiles
 
 _EXIT_POLL_S = 0.25
 
@@ -41,29 +42,28 @@ class SandboxFactory:
     async def start(self, policy: Policy) -> Sandbox:
         settings = self.settings
         slot = uuid.uuid4().hex[:16]
-        session_dir = None
-        if policy.isolation is Isolation.SESSION and settings.cache_dir:
-            session_dir = SessionDir.for_slot(Path(settings.cache_dir), settings.instance_id, slot)
-            await asyncio.to_thread(session_dir.create)
+        files = None
+        if settings.cache_dir:
+            files = SandboxFiles.for_slot(Path(settings.cache_dir), settings.instance_id, slot)
+            await asyncio.to_thread(files.create)
         try:
-            handle = await self.backend.create(self._spec(policy, slot, session_dir))
+            handle = await self.backend.create(self._spec(policy, slot, files))
         except BaseException:
-            if session_dir is not None:
-                await asyncio.shield(asyncio.to_thread(session_dir.remove))
+            if files is not None:
+                await asyncio.shield(asyncio.to_thread(files.remove))
             raise
         client: RunnerClient | None = None
         try:
             await self.backend.start(handle)
             client = RunnerClient(handle.runner_target)
             await self._wait_ready(handle, client)
+            await self.backend.seal(handle)
         except BaseException as error:
-            await self._discard(handle, client, session_dir, error)
+            await self._discard(handle, client, files, error)
             raise
-        return Sandbox(
-            handle=handle, policy=policy, client=client, slot=slot, session_dir=session_dir
-        )
+        return Sandbox(handle=handle, policy=policy, client=client, slot=slot, files=files)
 
-    def _spec(self, policy: Policy, slot: str, session_dir: SessionDir | None) -> SandboxSpec:
+    def _spec(self, policy: Policy, slot: str, files: SandboxFiles | None) -> SandboxSpec:
         settings = self.settings
         return build_spec(
             policy,
@@ -72,8 +72,8 @@ class SandboxFactory:
             image=settings.image,
             launcher_id=settings.launcher_id,
             instance_id=settings.instance_id,
-            cache_dir=settings.cache_dir,
-            session_dir=session_dir.sandbox if session_dir is not None else None,
+            files_dir=str(files.host) if files is not None else None,
+            lock_to_dir=files is not None and policy.isolation is Isolation.SESSION,
         )
 
     async def _wait_ready(self, handle: SandboxHandle, client: RunnerClient) -> None:
@@ -100,7 +100,7 @@ class SandboxFactory:
         self,
         handle: SandboxHandle,
         client: RunnerClient | None,
-        session_dir: SessionDir | None,
+        files: SandboxFiles | None,
         error: BaseException,
     ) -> None:
         # Shielded: a cancelled start must still remove what it created.
@@ -109,15 +109,15 @@ class SandboxFactory:
                 await client.close()
             with contextlib.suppress(DuckcellError):
                 await self.backend.remove(handle)
-            if session_dir is not None:
-                await asyncio.to_thread(session_dir.remove)
+            if files is not None:
+                await asyncio.to_thread(files.remove)
 
         await asyncio.shield(cleanup())
 
     async def destroy(self, sandbox: Sandbox) -> None:
         """Kill and remove; removal is a forced remove, so PID 1 never gets a grace period.
 
-        The session directory goes once the container is gone (nothing reads it then), even
+        The files directory goes once the container is gone (nothing reads it then), even
         if the removal failed: its links would only keep evicted cache entries alive.
         """
         try:
@@ -126,5 +126,5 @@ class SandboxFactory:
             try:
                 await self.backend.remove(sandbox.handle)
             finally:
-                if sandbox.session_dir is not None:
-                    await asyncio.to_thread(sandbox.session_dir.remove)
+                if sandbox.files is not None:
+                    await asyncio.to_thread(sandbox.files.remove)

@@ -88,7 +88,10 @@ async def reap_orphans(
             log.warning("could not remove orphan sandbox %s: %s", info.name, error)
             continue
         removed.append(info.name)
-        shutil.rmtree(run_dir / info.name.rsplit("-", 1)[-1], ignore_errors=True)
+        socket_dir = run_dir / info.name.rsplit("-", 1)[-1]
+        with contextlib.suppress(OSError):
+            os.chmod(socket_dir, 0o700)  # a sealed one is read-only (backend.docker_engine)
+        shutil.rmtree(socket_dir, ignore_errors=True)
     # Locks of launchers that died with no sandbox left are swept too.
     for lock in instances_dir.glob("*.lock"):
         if lock.stem != own_instance and not instance_alive(instances_dir, lock.stem):

@@ -22,11 +22,20 @@ from .backend.base import (
     SandboxHandle,
     SandboxSpec,
 )
-from .policy import Isolation, Policy
+from .policy import Isolation, Policy, Runtime
 from .runner_client import RunnerClient
-from .session_files import SessionDir
+from .sandbox_files import SANDBOX_FILES, SandboxFiles
 
 SANDBOX_USER = "65534:65534"  # nobody:nogroup; the image has no other user to offer
+# Under gVisor the container's pids cgroup also counts the sentry's and gofer's own threads
+# (28-44 at rest on 2 CPUs, varying between identical starts) and each process the query
+# forks costs about 5 host pids, so the policy's number cannot be the cgroup's. The policy's
+# pids become RLIMIT_NPROC, which gVisor enforces over the sandbox's own processes and
+# threads exactly (a fork bomb under nproc=128 got EAGAIN at 127 children, the sandbox
+# survived); the cgroup keeps a backstop sized for that many processes (128 of them peaked
+# at 804 host pids). Under runc RLIMIT_NPROC would count every uid-65534 process on the host.
+GVISOR_PIDS_PER_PROCESS = 8
+GVISOR_PIDS_BASE = 64
 TMP_BYTES = 16 * 1024 * 1024
 NOFILE = 1024
 
@@ -46,8 +55,8 @@ class Sandbox:
     policy: Policy
     client: RunnerClient
     slot: str
-    # A session policy's sandbox with a cache: the directory its queries' files are linked into.
-    session_dir: SessionDir | None = None
+    # With a cache: the sandbox's own directory (its /cache), where its queries' files are linked.
+    files: SandboxFiles | None = None
     state: SandboxState = SandboxState.READY
     created_at: float = field(default_factory=time.monotonic)
 
@@ -60,6 +69,14 @@ def new_sandbox_name() -> str:
     return f"duckcell-{uuid.uuid4().hex[:12]}"
 
 
+def host_pids(policy: Policy) -> int:
+    """The container's pids cgroup limit for ``policy`` (see GVISOR_PIDS_PER_PROCESS)."""
+    pids = policy.limits.pids
+    if policy.runtime is Runtime.RUNSC:
+        return pids * GVISOR_PIDS_PER_PROCESS + GVISOR_PIDS_BASE
+    return pids
+
+
 def build_spec(
     policy: Policy,
     *,
@@ -68,16 +85,16 @@ def build_spec(
     image: str,
     launcher_id: str,
     instance_id: str,
-    cache_dir: str | None,
-    session_dir: str | None = None,
+    files_dir: str | None,
+    lock_to_dir: bool = False,
 ) -> SandboxSpec:
     """The container spec for one sandbox of ``policy``.
 
     Docker labels are fixed at creation, and a pooled sandbox is created before its query
     exists, so the query/session label carries the sandbox's one-use slot id; the executor
-    records which query or session used that slot. ``session_dir`` (as the sandbox sees it)
-    makes the runner lock to that directory instead of the first query's files (see
-    ``launcher.session_files``).
+    records which query or session used that slot. ``files_dir`` is the host directory mounted
+    read-only at ``/cache/files`` (``launcher.sandbox_files``); ``lock_to_dir`` (sessions) makes the
+    runner lock DuckDB to that directory instead of the first query's files.
     """
     limits = policy.limits
     work_label = LABEL_SESSION if policy.isolation is Isolation.SESSION else LABEL_QUERY
@@ -87,8 +104,8 @@ def build_spec(
         "max_temp_directory_bytes": policy.duckdb.max_temp_directory_bytes,
         "statement_timeout_ms": int(limits.statement_timeout_s * 1000),
     }
-    if session_dir:
-        runner_config["session_dir"] = session_dir
+    if lock_to_dir:
+        runner_config["session_dir"] = SANDBOX_FILES
     return SandboxSpec(
         name=name,
         image=image,
@@ -96,11 +113,12 @@ def build_spec(
         user=SANDBOX_USER,
         cpus=limits.cpus,
         memory_bytes=limits.memory_bytes,
-        pids=limits.pids,
+        pids=host_pids(policy),
+        nproc=limits.pids if policy.runtime is Runtime.RUNSC else None,
         scratch_bytes=limits.scratch_bytes,
         tmp_bytes=TMP_BYTES,
         nofile=NOFILE,
-        cache_dir=cache_dir,
+        files_dir=files_dir,
         labels={
             LABEL_LAUNCHER: launcher_id,
             LABEL_INSTANCE: instance_id,

@@ -10,8 +10,11 @@ set -euo pipefail
 readonly RUNSC=/usr/bin/runsc
 # --network=none: sandboxes never get a network. --host-uds=create: the runner creates its gRPC
 # socket in a bind-mounted host directory; without this flag gVisor keeps the socket inside
-# the sandbox and the launcher on the host cannot connect to it.
-readonly RUNSC_ARGS='["--network=none", "--host-uds=create"]'
+# the sandbox and the launcher on the host cannot connect to it. --oci-seccomp: gVisor ignores
+# the container's seccomp profile unless told to apply it inside the sandbox; without it the
+# project's profile (launcher/backend/seccomp.py) would not hold under runsc, and user
+# namespaces (`unshare -r`), ptrace and mount would be open to code in the sandbox.
+readonly RUNSC_FLAGS=(--network=none --host-uds=create --oci-seccomp)
 readonly DOCKERD_LOG=/var/log/duckcell-dockerd.log
 readonly APT_LOG=/var/log/duckcell-apt.log
 readonly START_DEADLINE_S=60
@@ -24,9 +27,13 @@ die() {
 
 engine_answers() { timeout "${1:-5}" docker info >/dev/null 2>&1; }
 
-runtimes_json() { timeout 5 docker info --format '{{json .Runtimes}}' 2>/dev/null || true; }
+# The engine's runsc registration as JSON ({"path":...,"runtimeArgs":[...]}); "{}" when absent.
+runsc_json() {
+	timeout 5 docker info --format '{{with index .Runtimes "runsc"}}{{json .}}{{end}}' \
+		2>/dev/null || true
+}
 
-engine_has_runsc() { [[ $(runtimes_json) == *'"runsc"'* ]]; }
+runsc_registered() { [[ $1 == *'"path"'* ]]; }
 
 # The engine we would reconfigure must be the dockerd running on this host, not a remote one.
 local_dockerd_pid() {
@@ -54,15 +61,27 @@ daemon_config_of() {
 	echo /etc/docker/daemon.json
 }
 
-# Adds runsc (and the two flags it needs) to daemon.json, keeping everything else. Prints
+# The flags a runsc registration ($1, from runsc_json) lacks, one a line.
+# --host-uds=all is a superset of --host-uds=create, so it counts as present.
+runsc_flags_missing() {
+	local runsc=$1 flag
+	for flag in "${RUNSC_FLAGS[@]}"; do
+		[[ $runsc == *"\"$flag\""* ]] && continue
+		[[ $flag == --host-uds=create && $runsc == *'"--host-uds=all"'* ]] && continue
+		echo "$flag"
+	done
+}
+
+# Adds runsc and the flags given after $1 to daemon.json, keeping everything else. Prints
 # "changed" when it wrote the file. python3 is there: duckcell itself is a Python program.
 register_runsc() {
 	local config=$1
+	shift
 	mkdir -p "$(dirname "$config")"
-	python3 - "$config" "$RUNSC" "$RUNSC_ARGS" <<'PY'
+	python3 - "$config" "$RUNSC" "$@" <<'PY'
 import json, os, sys
 
-path, binary, wanted = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+path, binary, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
 try:
     with open(path) as f:
         config = json.load(f)
@@ -105,37 +124,44 @@ wait_for_engine() {
 	done
 }
 
-# After a SIGHUP dockerd reloads its runtimes; give it a moment to show runsc.
+# After a SIGHUP dockerd reloads its runtimes; give it a moment to show runsc with every flag.
 confirm_runsc() {
-	local _
+	local runsc _
 	for _ in {1..10}; do
-		engine_has_runsc && return 0
+		runsc=$(runsc_json)
+		runsc_registered "$runsc" && [[ -z $(runsc_flags_missing "$runsc") ]] && return 0
 		sleep 0.3
 	done
 	return 1
 }
 
-# Engine already up: only try to add runsc, and never fail the caller over it.
+# Engine already up: only try to add runsc or the flags its registration lacks, and never fail
+# the caller over it. A reload (SIGHUP) is enough, no restart: dockerd 20.10+ re-reads
+# `runtimes` on SIGHUP and rewrites the runsc wrapper every new container starts through, so
+# running containers (other people's sandboxes, an image build) are left alone.
 ensure_runsc_on_running_engine() {
-	local runtimes pid
-	runtimes=$(runtimes_json)
-	if [[ $runtimes == *'"runsc"'* ]]; then
-		[[ $runtimes == *host-uds=create* || $runtimes == *host-uds=all* ]] ||
-			say "note: runsc is registered without --host-uds=create, so gVisor sandboxes" \
-				"cannot hand their socket to the launcher; add it to runsc's runtimeArgs"
-		return 0
-	fi
+	local runsc pid missing
+	runsc=$(runsc_json)
+	missing=$(runsc_flags_missing "$runsc")
+	runsc_registered "$runsc" && [[ -z $missing ]] && return 0
 	pid=$(local_dockerd_pid)
 	if [[ $EUID -ne 0 || -z $pid || ! -x $RUNSC ]]; then
-		say "note: the Docker engine has no runsc runtime, so gVisor policies cannot run" \
-			"(to add it: sudo apt-get install runsc && sudo $0)"
+		if runsc_registered "$runsc"; then
+			say "note: runsc is registered without ${missing//$'\n'/ }, so gVisor sandboxes are not" \
+				"hardened as duckcell expects; add them to runsc's runtimeArgs (or run sudo $0)"
+		else
+			say "note: the Docker engine has no runsc runtime, so gVisor policies cannot run" \
+				"(to add it: sudo apt-get install runsc && sudo $0)"
+		fi
 		return 0
 	fi
-	if [[ $(register_runsc "$(daemon_config_of "$pid")") == changed ]]; then
-		say "registered runsc; reloading dockerd"
+	# Word splitting on purpose: one flag a line, none with spaces.
+	# shellcheck disable=SC2086
+	if [[ $(register_runsc "$(daemon_config_of "$pid")" $missing) == changed ]]; then
+		say "registered runsc with ${missing//$'\n'/ }; reloading dockerd"
 	fi
 	kill -HUP "$pid"
-	confirm_runsc || say "note: dockerd did not pick up runsc; see its log"
+	confirm_runsc || say "note: dockerd did not pick up runsc's flags; see its log"
 }
 
 missing_packages() {
@@ -185,7 +211,7 @@ main() {
 	local pid config changed started_pid=""
 	pid=$(pidof -s dockerd || true)
 	config=$(daemon_config_of "$pid")
-	changed=$(register_runsc "$config")
+	changed=$(register_runsc "$config" "${RUNSC_FLAGS[@]}")
 	[[ $changed != changed ]] || say "registered runsc in $config"
 
 	if [[ -n $pid ]]; then

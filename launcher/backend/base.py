@@ -19,6 +19,10 @@ LABEL_SESSION = "duckcell.session"
 LABEL_SANDBOX = "duckcell.sandbox"
 
 
+# Where a sandbox sees its own files directory (``SandboxSpec.files_dir``), read-only.
+SANDBOX_FILES = "/cache/files"
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxSpec:
     """Everything needed to create one hardened sandbox container (no secrets, ever)."""
@@ -33,9 +37,12 @@ class SandboxSpec:
     scratch_bytes: int
     tmp_bytes: int
     nofile: int
-    cache_dir: str | None
+    files_dir: str | None  # the sandbox's own files (launcher.sandbox_files), or none
     labels: Mapping[str, str] = field(default_factory=dict)
     environment: Mapping[str, str] = field(default_factory=dict)
+    # RLIMIT_NPROC inside the sandbox, for a runtime that counts it per sandbox (gVisor);
+    # under runc it would count every process of uid 65534 on the host, all sandboxes'.
+    nproc: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,11 @@ class SandboxBackend(Protocol):
     async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
 
     async def start(self, handle: SandboxHandle) -> None: ...
+
+    async def seal(self, handle: SandboxHandle) -> None:
+        """Once the runner is ready: take the sandbox's write access to its socket directory
+        away and check the socket is the one the runner made. Raises BackendError if not."""
+        ...
 
     async def kill(self, handle: SandboxHandle) -> None: ...
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,13 +21,15 @@ import docker.errors
 import requests.exceptions
 
 from ..errors import BackendError, EngineTimeoutError, EngineUnavailableError, ImageMissingError
-from .base import ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
+from .base import SANDBOX_FILES, ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
+from .seccomp import profile_json
 
 T = TypeVar("T")
 
 SOCKET_NAME = "runner.sock"
 RUNNER_DIR = "/run/duckcell"
 SANDBOX_UID = 65534
+LOG_OPTIONS = {"max-size": "1m", "max-file": "1"}
 
 _ENGINE_HELP = (
     "start a Docker engine (from a duckcell checkout: sudo scripts/ensure-docker.sh, "
@@ -110,7 +113,7 @@ class DockerBackend:
         try:
             container_id = await self._call("create", lambda: self._create(spec, socket_dir))
         except BaseException:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            remove_socket_dir(socket_dir)
             # A create that timed out here may still complete in the engine: remove by name.
             with contextlib.suppress(Exception):
                 await self.remove_by_id(spec.name)
@@ -124,6 +127,9 @@ class DockerBackend:
     async def start(self, handle: SandboxHandle) -> None:
         await self._call("start", lambda: self._api.start(handle.container_id))
 
+    async def seal(self, handle: SandboxHandle) -> None:
+        await self._call("seal", lambda: seal_socket_dir(self._socket_dir(handle.name)))
+
     async def kill(self, handle: SandboxHandle) -> None:
         try:
             await self._call("kill", lambda: self._api.kill(handle.container_id))
@@ -135,7 +141,7 @@ class DockerBackend:
         try:
             await self.remove_by_id(handle.container_id)
         finally:
-            shutil.rmtree(self._socket_dir(handle.name), ignore_errors=True)
+            remove_socket_dir(self._socket_dir(handle.name))
 
     async def remove_by_id(self, container_id: str) -> None:
         try:
@@ -191,11 +197,51 @@ class DockerBackend:
         self._client.close()
 
 
+def seal_socket_dir(directory: Path) -> None:
+    """Take the sandbox's write access to its socket directory away, then check what is there.
+
+    The runner creates its socket before any user SQL runs; from then on the sandbox has no
+    reason to write there. Sealed (root's, 0555), the directory cannot grow (no files on the
+    host's disk, no binaries to run) and the socket cannot be swapped for a link to another
+    socket the launcher would dial. The check runs after the seal, so nothing changes under it:
+    exactly one entry, the runner's socket, a socket and no link, owned by the sandbox user.
+    """
+    if os.geteuid() == 0:
+        os.chown(directory, 0, 0)
+    os.chmod(directory, 0o555)
+    entries = sorted(os.listdir(directory))
+    if entries != [SOCKET_NAME]:
+        raise BackendError(
+            f"the runner's socket directory {directory} holds {entries}, not just {SOCKET_NAME}; "
+            "the sandbox is not used"
+        )
+    info = os.lstat(directory / SOCKET_NAME)
+    if not stat.S_ISSOCK(info.st_mode) or (os.geteuid() == 0 and info.st_uid != SANDBOX_UID):
+        raise BackendError(
+            f"{directory / SOCKET_NAME} is not a socket made by the sandbox user (mode "
+            f"{stat.filemode(info.st_mode)}, uid {info.st_uid}); the sandbox is not used"
+        )
+
+
+def remove_socket_dir(directory: Path) -> None:
+    """Remove a sandbox's socket directory, sealed or not (a sealed one is read-only)."""
+    with contextlib.suppress(OSError):
+        os.chmod(directory, 0o700)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _ulimits(spec: SandboxSpec) -> list[docker.types.Ulimit]:
+    limits = {"nofile": spec.nofile}
+    if spec.nproc:
+        limits["nproc"] = spec.nproc
+    return [docker.types.Ulimit(name=name, soft=n, hard=n) for name, n in limits.items()]
+
+
 def container_config(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path) -> dict[str, Any]:
     """The ``create_container`` arguments of a sandbox: every hardening flag lives here."""
     binds = {str(socket_dir): {"bind": RUNNER_DIR, "mode": "rw"}}
-    if spec.cache_dir:
-        binds[spec.cache_dir] = {"bind": "/cache", "mode": "ro"}
+    if spec.files_dir:
+        binds[spec.files_dir] = {"bind": SANDBOX_FILES, "mode": "ro"}
     host_config = api.create_host_config(
         binds=binds,
         network_mode="none",
@@ -205,13 +251,15 @@ def container_config(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path)
             "/tmp": f"rw,nosuid,nodev,noexec,size={spec.tmp_bytes},mode=1777",
         },
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
+        security_opt=["no-new-privileges:true", f"seccomp={profile_json()}"],
         pids_limit=spec.pids,
         mem_limit=spec.memory_bytes,
         memswap_limit=spec.memory_bytes,  # no swap: the limit is the limit
         nano_cpus=int(spec.cpus * 1e9),
-        ulimits=[docker.types.Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
+        ulimits=_ulimits(spec),
         runtime=spec.runtime,
+        # Whatever the runner prints stays small on the host's disk: 1 MiB, one file.
+        log_config=docker.types.LogConfig(type="json-file", config=LOG_OPTIONS),
         ipc_mode="private",
         auto_remove=False,
     )

@@ -25,7 +25,7 @@ from .conftest import make_config, run, with_launcher
 pytestmark = pytest.mark.docker
 
 _PROBE = r"""
-import json, os, socket
+import json, os, resource, socket
 out = {}
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 out["cap_eff"] = status["CapEff"].strip()
@@ -40,11 +40,12 @@ def writable(path):
     except OSError:
         return False
 out["root_writable"] = writable("/probe")
-out["cache_writable"] = writable("/cache/probe")
+out["cache_writable"] = writable("/cache/files/probe")
 out["scratch_writable"] = writable("/scratch/probe")
 st = os.statvfs("/scratch")
 out["scratch_bytes"] = st.f_blocks * st.f_frsize
 out["env_keys"] = sorted(os.environ)
+out["max_processes"] = str(resource.getrlimit(resource.RLIMIT_NPROC)[1])
 out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 try:
     socket.create_connection(("1.1.1.1", 53), timeout=1)
@@ -96,7 +97,8 @@ def test_container_spec_has_every_hardening_flag(
     assert {u["Name"]: u["Hard"] for u in host["Ulimits"]} == {"nofile": 1024}
     assert host["Runtime"] == "runc"
     binds = {b.split(":")[1]: b for b in host["Binds"]}
-    assert binds["/cache"].endswith(":ro")
+    assert binds["/cache/files"].endswith(":ro")  # the sandbox's own files, never the cache
+    assert binds["/cache/files"].split(":")[0].startswith(str(cache / ".sandboxes"))
     labels = attrs["Config"]["Labels"]
     assert labels["duckcell.launcher"] == config.launcher_id
     assert labels["duckcell.policy"] == "default"
@@ -126,6 +128,11 @@ def test_strict_policy_runs_under_gvisor(
     attrs, probe = _inspect_live_sandbox(config, engine, "strict")
     assert attrs["HostConfig"]["Runtime"] == "runsc"
     assert attrs["HostConfig"]["ReadonlyRootfs"] is True
+    # The policy's 128 pids are the query's, counted by gVisor (RLIMIT_NPROC); the cgroup
+    # keeps a backstop that leaves room for gVisor's own threads (launcher.sandbox).
+    assert {u["Name"]: u["Hard"] for u in attrs["HostConfig"]["Ulimits"]}["nproc"] == 128
+    assert attrs["HostConfig"]["PidsLimit"] == 128 * 8 + 64
+    assert probe["max_processes"] == "128"
     assert probe["cap_eff"] == "0000000000000000"
     assert probe["uid"] == 65534
     assert probe["network"] != "reachable"

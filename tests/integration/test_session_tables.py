@@ -1,7 +1,7 @@
 """A session reads new catalog tables at any query, and still nothing else (real Docker).
 
-A session's sandbox is locked to its own directory under the cache
-(``launcher.session_files``); the launcher links each query's cached files there. These tests
+A session's sandbox is locked to its own directory, its only view of the cache
+(``launcher.sandbox_files``); the launcher links each query's cached files there. These tests
 are the hostile probes the design rests on: if DuckDB in the image ever let ``..`` out of an
 allowed directory, ``test_a_session_reads_what_it_binds_and_nothing_else`` fails.
 """
@@ -22,6 +22,7 @@ from launcher.errors import QueryError
 from launcher.executor import collect_table
 from launcher.local import LocalLauncher
 from launcher.session import Session
+from tests.support.parsers import InlineParser
 
 from .conftest import make_config, run, with_launcher
 
@@ -69,10 +70,10 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
     assert cached_config.cache_dir is not None
     cache_root = cached_config.cache_dir
     # A dead launcher's leftover session directory: removed when a launcher starts.
-    stale = cache_root / ".sessions" / "0123456789abcdef" / "fedcba9876543210"
+    stale = cache_root / ".sandboxes" / "0123456789abcdef" / "fedcba9876543210"
     stale.mkdir(parents=True)
     cache = ObjectCache(cache_root, budget_bytes=64 * 2**20)
-    data = DataPath(load_catalog(catalog_file), cache)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
 
     async def body(launcher: LocalLauncher) -> None:
         assert not stale.parent.exists()
@@ -89,8 +90,8 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
         first = await launcher.open_session("tight-session")
         other = await launcher.open_session("tight-session")
         try:
-            mine = first.sandbox.session_dir
-            theirs = other.sandbox.session_dir
+            mine = first.sandbox.files
+            theirs = other.sandbox.files
             assert mine is not None and theirs is not None and mine.host.is_dir()
             # (1) table A, then table B in a later query, then both.
             assert await query(first, "SELECT count(*) AS n FROM trips") == [{"n": 1000}]
@@ -105,21 +106,21 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
             name = secret.rsplit("/", 1)[-1]
             linked_elsewhere = f"{theirs.sandbox}/{name}"
             assert (theirs.host / name).exists()
-            up = mine.sandbox + "/../../.."  # back to /cache
+            up = mine.sandbox + "/.."  # back to /cache
             # (2) the cache's other files, by path, traversal, glob or URL.
             for probe in (
                 f"read_parquet('{secret}')",
                 f"read_parquet('{up}/{relative}')",
-                f"read_parquet('{mine.sandbox}/./../../../{relative}')",
-                f"read_parquet('{mine.sandbox}//../../../{relative}')",
-                f"read_parquet('{mine.sandbox}/{name}/../../../../{relative}')",
+                f"read_parquet('{mine.sandbox}/./../{relative}')",
+                f"read_parquet('{mine.sandbox}//../{relative}')",
+                f"read_parquet('{mine.sandbox}/{name}/../../{relative}')",
                 f"read_parquet('file://{secret}')",
                 f"read_parquet('file:{up}/{relative}')",
                 "glob('/cache/**')",
                 "glob('/cache/*')",
                 "glob('/cache/objects/**')",
                 f"glob('{up}/**')",
-                "glob('/cache/.sessions/**')",
+                "glob('/cache/.sandboxes/**')",
                 "read_parquet('/cache/objects/*/*.parquet')",
                 f"read_text('{up}/{relative}')",
                 f"read_blob('{secret}')",
@@ -127,15 +128,17 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
                 await refused(first, f"SELECT * FROM {probe}")
             await refused(
                 first,
-                f"SELECT * FROM read_parquet('{mine.sandbox}/%2e%2e/%2e%2e/%2e%2e/{relative}')",
+                f"SELECT * FROM read_parquet('{mine.sandbox}/%2e%2e/{relative}')",
                 match=f"{DENIED}|No files found",
             )
-            # (3) another session's directory, directly or by climbing out of our own.
-            await refused(first, f"SELECT * FROM read_parquet('{linked_elsewhere}')")
+            # (3) another session's files: the same path in this sandbox is not there (each
+            # sandbox has its own /cache/files), and no path leads out of our own directory.
+            await refused(
+                first, f"SELECT * FROM read_parquet('{linked_elsewhere}')", match="No files found"
+            )
             await refused(
                 first, f"SELECT * FROM read_parquet('{mine.sandbox}/../{theirs.host.name}/{name}')"
             )
-            await refused(first, f"SELECT * FROM glob('{theirs.sandbox}/*')")
             # Our own directory lists only what this session bound (trips, payroll).
             listed = await query(first, f"SELECT file FROM glob('{mine.sandbox}/*')")
             assert len(listed) == 2 and all(name not in row["file"] for row in listed)
@@ -164,13 +167,13 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
 def test_a_session_without_a_cache_keeps_the_first_query_lock(
     image: str, policies_dir: Path
 ) -> None:
-    """No cache directory, no session directory: the runner keeps the exact first-query lock."""
+    """No cache directory, no files directory: the runner keeps the exact first-query lock."""
     config = make_config(image, policies_dir)
 
     async def body(launcher: LocalLauncher) -> None:
         session = await launcher.open_session("tight-session")
         try:
-            assert session.sandbox.session_dir is None
+            assert session.sandbox.files is None
             execution = launcher.executor.execute(
                 "SELECT * FROM glob('/cache/**')", session_id=session.session_id
             )
@@ -190,7 +193,7 @@ def test_a_session_query_prepared_early_waits_for_fresh_files(
     on the new file (a temp table it creates holds the new rows, not the old ones)."""
     assert cached_config.cache_dir is not None
     cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
-    data = DataPath(load_catalog(catalog_file), cache)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
     trips = catalog_file.parent / "trips.parquet"
 
     async def body(launcher: LocalLauncher) -> tuple[list[dict[str, object]], int]:

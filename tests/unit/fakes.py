@@ -32,6 +32,7 @@ class FakeContainer:
     status: str = "created"
     server: grpc.Server | None = None
     oom_killed: bool = False
+    sealed: bool = False
 
 
 @dataclass
@@ -86,6 +87,9 @@ class FakeBackend:
         server.start()
         container.server = server
         container.status = "running"
+
+    async def seal(self, handle: SandboxHandle) -> None:
+        self.containers[handle.container_id].sealed = True
 
     async def kill(self, handle: SandboxHandle) -> None:
         container = self.containers.get(handle.container_id)

@@ -29,7 +29,7 @@ def _spec(name: str, instance: str) -> SandboxSpec:
         scratch_bytes=1,
         tmp_bytes=1,
         nofile=1,
-        cache_dir=None,
+        files_dir=None,
         labels={"duckcell.launcher": "L", "duckcell.instance": instance},
         environment={"DUCKCELL_RUNNER_CONFIG": "{}"},
     )

@@ -246,13 +246,6 @@ BAD_DOCUMENTS = [
         "at most limits.scratch (256MiB)",
     ),
     (
-        "runsc-pids",
-        with_line(3, "runtime: runsc") + "  pids: 64\n",
-        7,
-        "limits.pids",
-        "gVisor counts its own threads in the pids limit, got 64",
-    ),
-    (
         "idle-above-lifetime",
         BASE + "session:\n  idle_ttl: 2h\n  max_lifetime: 1h\n",
         8,
