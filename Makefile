@@ -52,6 +52,7 @@ bench: image
 	$(PYTHON) bench/bench_sandbox.py
 	$(PYTHON) bench/bench_data.py
 	$(PYTHON) bench/bench_flight.py
+	$(PYTHON) bench/bench_result_check.py
 
 bench-data: image
 	$(PYTHON) bench/bench_data.py

@@ -129,7 +129,7 @@ class RunnerClient:
 
         ``tables`` become temp views in the sandbox; a per-query sandbox's first query also
         limits its file access to their files for the rest of its life (a session sandbox is
-        locked to its session directory instead, see ``launcher.session_files``). ``output_path`` is
+        locked to its directory instead, see ``launcher.sandbox_files``). ``output_path`` is
         the /scratch file the SQL writes; the runner sends it back once the query succeeded.
         ``parameters`` (an Arrow IPC stream of one row) are bound to the SQL's placeholders.
         """
