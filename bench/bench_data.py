@@ -67,6 +67,7 @@ from launcher.datapath import SANDBOX_CACHE, DataPath
 from launcher.executor import collect_table
 from launcher.local import LocalLauncher
 from launcher.policy import Policy, PolicySet, load_policies
+from launcher.sql import ParserPool
 
 TABLES = ("lineitem", "orders", "customer", "nation")
 BUCKET = "tpch"
@@ -421,12 +422,15 @@ async def run(plan: Plan, launcher_id: str, progress: Progress) -> Json:
                 for ttl in ("0s", plan.listing_ttl)
             ]
             cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-            data = DataPath(catalogs[0], cache, environ=S3_ENV)
-            reusing = DataPath(catalogs[1], cache, environ=S3_ENV)
+            parser = ParserPool()  # the worker's: every query's SQL is parsed in its children
+            await parser.start()
+            data = DataPath(catalogs[0], cache, parser=parser, environ=S3_ENV)
+            reusing = DataPath(catalogs[1], cache, parser=parser, environ=S3_ENV)
             try:
                 cases = await measure_all(plan, config, policies, (data, reusing), server, progress)
             finally:
                 await cache.close()
+                await parser.close()
         return {
             "schema": 1,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,7 +1,9 @@
 """The ``duckcell`` command. It parses arguments and wires components; nothing else.
 
-Exit codes: 0 success, 1 the query failed (DuckDB's message on stderr), 2 anything else
-(bad input, no engine, missing image), 130 interrupted.
+Exit codes: 0 success, 1 the query failed (DuckDB's message on stderr; through a control plane
+also no worker online, or the worker lost), 2 anything else (bad flags or input, no engine,
+missing image, a control plane that does not answer, a refused key), 130 interrupted: each
+error's ``exit_code`` (``launcher.errors``).
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ from .errors import DuckcellError
 from .executor import collect_table
 from .grants import grants_from
 from .image import ImageBuilder
+from .inputs import check_statement_text, read_small_file, statement_text, stream_bytes
 from .instance import instance_alive, reap_orphans
 from .local import LocalLauncher
 from .output import FORMATS, check_output, write_result
 from .policy import load_policies, load_policy_file
 from .remote import ControlPlaneClient
+from .sandbox_files import remove_stale
 from .secretcli import add_secrets_parser, run_secrets_command, secret_store
-from .session_files import remove_stale
+from .sql import ParserPool, check_statement
 from .tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
 from .tunnel_queries import ExecutorQueryRunner
 
@@ -228,7 +232,8 @@ def _config(args: argparse.Namespace) -> LauncherConfig:
 
 
 async def _query(args: argparse.Namespace, progress: Progress) -> int:
-    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    sql = _statement(args.sql)
+    check_statement(sql)  # first: a statement over the limit is refused on every path
     if args.format == "parquet" and args.output is None:
         raise DuckcellError("--format parquet needs --output FILE")
     check_output(args.output)  # before the query runs, not after
@@ -237,7 +242,11 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
             raise DuckcellError("--catalog is for local queries; the control plane has its own")
         return await _remote_query(args, sql, progress)
     config = _config(args)
-    data = _data_path(args.catalog, config)
+    # Only a catalog's tables need the SQL parsed; its child starts while the launcher does.
+    parser = ParserPool(size=1) if args.catalog else None
+    if parser is not None:
+        await parser.start()
+    data = _data_path(args.catalog, config, parser)
     if data is not None:
         config = dataclasses.replace(config, cache_dir=data.cache.root)
     try:
@@ -262,17 +271,31 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     finally:
         if data is not None:
             await data.cache.close()
+        if parser is not None:
+            await parser.close()
     write_result(table, args.format, args.output)
     return 0
 
 
-def _data_path(catalog: Path | None, config: LauncherConfig) -> DataPath | None:
+def _statement(given: str) -> str:
+    """The statement from the argument, or stdin for ``-``, as UTF-8 text without NUL; else
+    ``StatementTextError`` (exit 2) naming the offending byte (``launcher.inputs``)."""
+    if given != "-":
+        check_statement_text(given)
+        return given
+    return statement_text(stream_bytes(sys.stdin))
+
+
+def _data_path(
+    catalog: Path | None, config: LauncherConfig, parser: ParserPool | None
+) -> DataPath | None:
     """The data path for ``--catalog``; its cache is ``cache_dir``, else STATE_DIR/cache, and
     ``{store: NAME}`` secrets come from STATE_DIR/secrets."""
-    if catalog is None:
+    if catalog is None or parser is None:
         return None
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    return DataPath(load_catalog(catalog), cache, secrets=secret_store(config.state_dir))
+    secrets = secret_store(config.state_dir)
+    return DataPath(load_catalog(catalog), cache, parser=parser, secrets=secrets)
 
 
 async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) -> int:
@@ -281,11 +304,9 @@ async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) 
         raise DuckcellError("--control-plane needs --api-key KEY (or DUCKCELL_API_KEY)")
     if args.ca_file is None:
         raise DuckcellError("--control-plane needs --ca-file PEM (`duckcell controlplane ca`)")
+    ca_pem = read_small_file(args.ca_file, "--ca-file", "the control plane's CA certificate")
     try:
-        ca_pem = args.ca_file.read_bytes()
         x509.load_pem_x509_certificate(ca_pem)
-    except OSError as exc:
-        raise DuckcellError(f"--ca-file: cannot read {args.ca_file}: {exc}") from None
     except ValueError:
         raise DuckcellError(
             f"--ca-file: {args.ca_file} is not a PEM certificate; get the control plane's with "
@@ -335,14 +356,13 @@ def _enroll_token(args: argparse.Namespace) -> str:
     if args.token is not None:
         return args.token
     if args.token_file is not None:
+        holds = "the line `duckcell controlplane token create` printed"
+        data = read_small_file(args.token_file, "--token-file", holds)
         try:
-            return args.token_file.read_text().strip()
-        except OSError as exc:
-            raise DuckcellError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+            return data.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise DuckcellError(
-                f"--token-file: {args.token_file} is not a token (not text); it should hold "
-                "the line `duckcell controlplane token create` printed"
+                f"--token-file: {args.token_file} is not a token (not text); it should hold {holds}"
             ) from None
     token = os.environ.get("DUCKCELL_ENROLL_TOKEN")
     if not token:
@@ -364,7 +384,11 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
     # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    data = DataPath(Catalog.EMPTY, cache, secrets=secret_store(args.state), grants=grants)
+    # Every query's SQL is parsed in these child processes, never in the worker itself.
+    parser = ParserPool()
+    await parser.start()
+    secrets = secret_store(args.state)
+    data = DataPath(Catalog.EMPTY, cache, parser=parser, secrets=secrets, grants=grants)
 
     def take_catalog(catalog: Catalog) -> None:
         data.replace_catalog(catalog)
@@ -407,6 +431,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             await client.run()
         finally:
             await cache.close()
+            await parser.close()
     return 0
 
 
@@ -427,12 +452,12 @@ async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
             own_instance=None,
         )
         print(f"removed {len(report.removed)} orphaned sandbox(es); {report.kept_live} in use")
-        # And the session directories those launchers left in the cache.
+        # And the sandbox directories those launchers left in the cache.
         stale = remove_stale(
             config.cache_root, lambda owner: instance_alive(config.instances_dir, owner)
         )
         if stale:
-            print(f"removed the session directories of {len(stale)} gone launcher(s)")
+            print(f"removed the sandbox directories of {len(stale)} gone launcher(s)")
         return 0
     finally:
         backend.close()

@@ -1,7 +1,8 @@
 """The data path of one query: catalog tables -> object listings -> cache lease -> bindings.
 
 ``DataPath.prepare`` runs on the host before the query reaches a sandbox. It asks DuckDB's
-parser which catalog tables the SQL names, lists each table's objects through its connection,
+parser (in the worker's parser processes, ``launcher.sql``) which catalog tables the SQL names
+and whether it writes, lists each table's objects through its connection,
 leases them in the shared cache (downloading what is missing), and returns the bindings the
 runner turns into temp views over ``/cache/...`` files, together with the lease that keeps those
 files from eviction until the query ends. Secrets are resolved here, on the host, only for the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,8 +49,9 @@ from .grants import CatalogGrants
 from .listing_cache import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
 from .policy import Policy, visible
+from .sandbox_files import SANDBOX_CACHE
 from .secretstore import SecretStore
-from .session_files import SANDBOX_CACHE
+from .sql import ParsedSql, SqlParser
 from .writes import PendingWrite, plan_write
 
 # Files a table made of a prefix or directory reads; a table naming one object reads it as is.
@@ -58,6 +61,10 @@ _EXTENSIONS = {
 }
 
 StoreFactory = Callable[[Connection, Mapping[str, str] | None], ObjectStore]
+# A write is a COPY statement, which starts with that keyword: SQL without the word needs no
+# parse when the catalog has no tables either (nothing to fetch, nothing to upload).
+_COPY = re.compile("copy", re.IGNORECASE)
+_NOTHING = ParsedSql(frozenset(), ())
 
 
 @dataclass(slots=True)
@@ -79,6 +86,14 @@ class TableFiles:
         if self.pending is None:
             return True
         return all(await asyncio.shield(self.pending))
+
+    async def suspect(self, error: str) -> bool:
+        """DuckDB could not read a file (``error`` is its message): whether a cached file it
+        names was damaged and is now dropped, so preparing again fetches it anew."""
+        for lease in self.leases:
+            if await lease.suspect(error):
+                return True
+        return False
 
     def release(self) -> None:
         if self.pending is not None:
@@ -135,7 +150,8 @@ class DataPath:
     table's last listing: reused within a connection's ``listing_ttl``, and the start of an
     early prepare whatever its age (tests hand in one with their own clock). ``grants``: the
     catalog is the control plane's, and may use only the endpoints and local directories this
-    worker allows (``launcher.grants``); None for a catalog of this host's own.
+    worker allows (``launcher.grants``); None for a catalog of this host's own. ``parser``
+    parses each query's SQL (``launcher.sql.ParserPool`` in a worker or the CLI).
     """
 
     def __init__(
@@ -143,6 +159,7 @@ class DataPath:
         catalog: Catalog,
         cache: ObjectCache,
         *,
+        parser: SqlParser,
         environ: Mapping[str, str] | None = None,
         secrets: SecretStore | None = None,
         stores: StoreFactory | None = None,
@@ -150,6 +167,7 @@ class DataPath:
         grants: CatalogGrants | None = None,
     ) -> None:
         self.cache = cache
+        self._parser = parser
         self._grants = grants
         self.listings = listings if listings is not None else ListingCache()
         self._environ = environ
@@ -174,20 +192,24 @@ class DataPath:
         fresh LIST; the result's ``confirmed()`` must then be true before its results are used
         (its ``again()`` prepares the query anew when it is not).
 
-        Raises SqlError (unparseable SQL), QueryDeniedError (the policy may not read a table's
+        Raises SqlError (unparseable SQL; StatementLimitError for one too large or costly to
+        parse), ParserUnavailableError, QueryDeniedError (the policy may not read a table's
         connection, or not write where the SQL writes; this worker's grants do not cover a
         table's endpoint or directory), CatalogError (a table without files),
         SecretError, ObjectStoreError or CacheError; nothing stays leased then.
         """
         view = self._view
-        plan = plan_write(sql, policy, view.catalog)
+        needed = view.catalog.tables or _COPY.search(sql)
+        parsed = await self._parser.parse(sql) if needed else _NOTHING
+        plan = plan_write(parsed, policy, view.catalog)
         write = None
         if plan is not None:
             if self._grants is not None:
                 self._grants.check(view.catalog.connections[plan.connection])
             dropper = functools.partial(self.listings.drop_overlapping, plan.connection)
             write = PendingWrite(plan, self._store(view, plan.connection), uploaded=dropper)
-        tables = view.catalog.referenced(plan.sql if plan is not None else sql)
+        # A write's rewritten SQL differs only in its destination literal: the same tables.
+        tables = view.catalog.referenced(parsed.tables)
         for table in tables:
             if not visible(policy.access.connections, table.connection):
                 raise QueryDeniedError(
@@ -213,7 +235,8 @@ class DataPath:
             # on they run beside the sandbox.
             # gather: cancelling it cancels every check, and it reads every check's error.
             files.pending = asyncio.gather(*(self._still_listed(view, *u) for u in unconfirmed))
-            files.again = functools.partial(self.prepare, sql, policy)
+        # Also for a query whose cached file proves damaged (TableFiles.suspect): once.
+        files.again = functools.partial(self.prepare, sql, policy)
         return files
 
     async def _bind(

@@ -20,6 +20,9 @@
     ├── CacheError                     the cache directory is unusable or an entry is bad
     ├── QueryError                     the query itself did not complete
     │   ├── SqlError                   DuckDB refused or failed the statement (its message)
+    │   │   ├── StatementLimitError    too large to take, or too slow or big to parse
+    │   │   └── StatementTextError     not UTF-8 text, or holds a NUL byte (bad input: exit 2)
+    │   ├── ParserUnavailableError     no SQL parser process was free in time (reason capacity)
     │   ├── QueryTimeoutError          statement timeout or hard wall-clock kill
     │   ├── MemoryLimitError           the sandbox hit its memory limit
     │   ├── ResultLimitError           the result passed max_result_rows / max_result_bytes
@@ -27,10 +30,14 @@
     │   ├── WorkerShutdownError        the worker shut down (drained) before the query ended
     │   ├── QueryDeniedError           refused before anything ran (statement, table, prefix)
     │   └── SandboxLostError           the sandbox died for another reason
+    │       └── RunnerInvalidError     the runner sent a malformed result or lied about it
+    │                                  (a possible compromise: its sandbox is destroyed)
     └── ControlPlaneError              the control plane's CA, store, enrollment or tunnel failed
         ├── CertificateError           a CA, certificate or CSR is invalid or unreadable
         ├── TunnelRefusedError         the control plane refused this worker's tunnel for good
         ├── ApiKeyError                an API key is missing, malformed or unknown
+        ├── ControlPlaneUnreachableError
+        │                              the control plane did not answer (address, TLS, down)
         ├── WorkerUnavailableError     no worker online, or the worker left during the query
         ├── RemoteQueryError           the control plane failed a query for another reason
         └── EnrollmentError            an enrollment token was refused (``reason`` says why)
@@ -43,6 +50,12 @@
 
 A query run through the control plane fails with the same ``QueryError`` subclass as a local
 one: its ``reason`` crosses the wire and ``query_error`` turns it back into the class.
+
+``exit_code`` is what ``duckcell query`` exits with: 1 for every failure of the query itself,
+local or through a control plane (``QueryError``, and ``WorkerUnavailableError`` and
+``RemoteQueryError``: the control plane took the query and it did not complete); 2 for every
+problem that is not the query's (the root's default: no engine, bad flags or input, a control
+plane that does not answer, a refused key).
 
 External errors (docker, grpc, DuckDB) are translated where they are met: the Docker backend,
 the runner client, the runner. Nothing outside those modules sees a foreign exception type.
@@ -137,6 +150,26 @@ class SqlError(QueryError):
     reason = "sql"
 
 
+class StatementLimitError(SqlError):
+    """A statement over the size limit, or whose parse passed its time or memory bound
+    (``launcher.sql.pool``): refused before it reached a sandbox."""
+
+
+class StatementTextError(SqlError):
+    """The statement is not valid UTF-8, or holds a NUL byte (``launcher.inputs``): refused
+    where it enters, before anything parses, records or runs it. INVALID_ARGUMENT on the wire,
+    like any ``SqlError``; but the caller's input, not a query that failed, so exit code 2."""
+
+    exit_code = 2
+
+
+class ParserUnavailableError(QueryError):
+    """No SQL parser process was free within the parse timeout, or none could be started:
+    retrying later can help, hence the reason "capacity" (like a full sandbox pool)."""
+
+    reason = "capacity"
+
+
 class QueryTimeoutError(QueryError):
     reason = "timeout"
 
@@ -177,6 +210,14 @@ class QueryDeniedError(QueryError):
 
 class SandboxLostError(QueryError):
     reason = "sandbox_lost"
+
+
+class RunnerInvalidError(SandboxLostError):
+    """The runner sent what no honest runner sends: a malformed Arrow IPC result, or a summary
+    that disagrees with what it sent (``launcher.result_check``). Its sandbox is destroyed and
+    the event logged as a possible compromise. Not worth retrying: the query may be the exploit."""
+
+    reason = "runner_invalid"
 
 
 class ControlPlaneError(DuckcellError):
@@ -238,12 +279,25 @@ class ApiKeyError(ControlPlaneError):
     """An API key is missing, malformed, unknown or does not match."""
 
 
+class ControlPlaneUnreachableError(ControlPlaneError):
+    """The control plane did not answer (wrong address, TLS refused, not running) or the
+    connection to it dropped: nothing says the query itself failed."""
+
+
 class WorkerUnavailableError(ControlPlaneError):
-    """No worker is online to run the query, or its worker disconnected during the query."""
+    """No worker is online to run the query, or its worker disconnected during the query.
+
+    The query's failure (exit code 1), told apart from an unreachable control plane by
+    ``reason``, which crosses the wire like a ``QueryError``'s."""
+
+    exit_code = 1
+    reason = "worker_unavailable"
 
 
 class RemoteQueryError(ControlPlaneError):
     """The control plane answered a query with an error that is not a ``QueryError``."""
+
+    exit_code = 1
 
 
 _QUERY_ERRORS: dict[str, type[QueryError]] = {
@@ -258,6 +312,7 @@ _QUERY_ERRORS: dict[str, type[QueryError]] = {
         WorkerDrainingError,
         QueryDeniedError,
         SandboxLostError,
+        RunnerInvalidError,
     )
 }
 

@@ -4,9 +4,9 @@ Four things can end a query early and the caller is always told which: the runne
 timeout, the launcher's hard wall-clock kill (timeout plus a grace, for calls DuckDB cannot
 interrupt), the container's memory limit (OOM kill, read back from the engine), and a cancel.
 Per-query sandboxes are released (destroyed) whatever happened; a session's sandbox is kept
-unless it was killed or lost. A session's sandbox reads its tables through its session
-directory: before each of its queries the query's leased files are linked there
-(``launcher.session_files``), so a session may read a new table at any query.
+unless it was killed or lost. A sandbox reads its tables through a directory of its own:
+before each query the query's leased files are linked there (``launcher.sandbox_files``), so
+no sandbox can open another query's files, and a session may read a new table at any query.
 
 A writing query (``TableFiles.write``, see ``launcher.writes``) runs its rewritten SQL; the
 runner's output chunks are spooled on the host and uploaded only after the query succeeded and
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,14 +42,19 @@ from .errors import (
     QueryCancelledError,
     QueryError,
     QueryTimeoutError,
+    ResultLimitError,
+    RunnerInvalidError,
     SandboxLostError,
     SqlError,
 )
 from .policy import Isolation, Policy
 from .pool import SandboxPool
+from .result_check import ResultGuard
 from .runner_client import OutputChunk, QuerySummary, StreamBroken
 from .sandbox import Sandbox
 from .session import Session, SessionManager
+
+log = logging.getLogger(__name__)
 
 _EXIT_WAIT_S = 3.0
 T = TypeVar("T")
@@ -94,6 +100,7 @@ class QueryExecution:
         self._sandbox: Sandbox | None = None
         self._stop_reason: str | None = None
         self._cancelled = asyncio.Event()
+        self._refetched = False  # a damaged cached file was dropped and fetched again
         self.record = QueryRecord(
             query_id, policy.name, session_id=session.session_id if session else None
         )
@@ -148,23 +155,32 @@ class QueryExecution:
                 sandbox = await self._unless_cancelled(pool.acquire(), pool.release)
             finally:  # a wait that fails (no capacity, no start) was queued time too
                 self.record.queued_s += time.monotonic() - waiting
-            stale = False
+            stale = sent = False
             try:
-                stream = self._run_in(sandbox, self._tables.bindings)
+                bindings = await _linked(sandbox, self._tables.bindings)
+                stream = self._run_in(sandbox, bindings)
                 try:
                     async for chunk in stream:
                         if not await self._tables.confirmed():
                             stale = True
                             break
+                        sent = True
                         yield chunk
                 finally:
                     await stream.aclose()
                 # A writing query yields nothing: its upload waits for the verdict here.
                 stale = stale or not await self._tables.confirmed()
-            except SqlError:
+            except SqlError as error:
                 # DuckDB's error on early-bound files (a column gone, say) stands only if they
                 # were the right files; timeouts and memory limits stand whatever the files.
-                if self._stop_reason is not None or await self._tables.confirmed():
+                # A cached file DuckDB could not read and the cache found damaged is dropped
+                # and the query runs again on a fresh copy, once (a copy damaged at its source
+                # would fail again), and only if nothing of the result has left.
+                if self._stop_reason is not None:
+                    raise
+                if not sent and not self._refetched and await self._tables.suspect(str(error)):
+                    self._refetched = True
+                elif await self._tables.confirmed():
                     raise
                 stale = True
             finally:
@@ -203,13 +219,18 @@ class QueryExecution:
             self._executor.sessions.get(session.session_id)
             session.active_queries += 1
             try:
-                bindings = self._tables.bindings
-                session_dir = session.sandbox.session_dir
-                if session_dir is not None and bindings:
-                    # Under the session's lock: no query of this session reads meanwhile.
-                    bindings = await asyncio.to_thread(session_dir.link, bindings)
-                async for chunk in self._run_in(session.sandbox, bindings):
-                    yield chunk
+                # Under the session's lock: no query of this session reads meanwhile.
+                bindings = await _linked(session.sandbox, self._tables.bindings)
+                try:
+                    async for chunk in self._run_in(session.sandbox, bindings):
+                        yield chunk
+                except SqlError as error:
+                    # Not run again: the session's earlier statements may have had effects.
+                    if await self._tables.suspect(str(error)):
+                        raise SqlError(
+                            f"{error} (a damaged cached file was dropped: run the query again)"
+                        ) from None
+                    raise
             finally:
                 session.active_queries -= 1
                 session.last_used = time.monotonic()
@@ -259,6 +280,7 @@ class QueryExecution:
             output_path=write.plan.output_path if (write := self._tables.write) else "",
             parameters=self._parameters,
         )
+        guard = ResultGuard(limits.max_result_rows, limits.max_result_bytes)
         try:
             while True:
                 # The deadline covers only the wait for the next item, never the consumer's
@@ -274,16 +296,9 @@ class QueryExecution:
                     await self._executor.backend.kill(sandbox.handle)
                     self._lose_session()
                     raise self._hard_kill_error() from None
-                if isinstance(item, QuerySummary):
-                    self.record.summary = item
-                elif isinstance(item, OutputChunk):
-                    if write is None:  # only a runner that ignores the protocol does this
-                        raise QueryError("the sandbox sent an output file no query asked for")
-                    await write.accept_output(item.data)
-                elif write is not None:
-                    write.accept_result(item)  # DuckDB's COPY count; publish() answers instead
-                else:
-                    yield item
+                checked = await self._take(item, sandbox, guard)
+                if checked:
+                    yield checked
         except StreamBroken as broken:
             # Explain first: losing the session removes the container we must inspect.
             error = await self._explain_loss(sandbox, broken)
@@ -291,6 +306,50 @@ class QueryExecution:
             raise error from None
         finally:
             await stream.aclose()
+
+    async def _take(
+        self, item: bytes | OutputChunk | QuerySummary, sandbox: Sandbox, guard: ResultGuard
+    ) -> bytes:
+        """One item from the runner; the result bytes it completes, once checked, to pass on.
+
+        Nothing of a result is trusted before ``guard`` checked it (``launcher.result_check``),
+        and the record's summary is the worker's own count, not the runner's.
+        """
+        write = self._tables.write
+        if isinstance(item, OutputChunk):
+            if write is None:  # only a runner that ignores the protocol does this
+                raise QueryError("the sandbox sent an output file no query asked for")
+            await write.accept_output(item.data)
+            return b""
+        try:
+            if isinstance(item, QuerySummary):
+                self.record.summary = guard.finish(item)
+                return b""
+            checked = guard.feed(item)
+        except (RunnerInvalidError, ResultLimitError) as error:
+            # Past a limit too: an honest runner stops before the guard sees the excess.
+            await self._contain(sandbox, guard, error)
+            raise
+        if write is not None and checked:
+            write.accept_result(checked)  # DuckDB's COPY count; publish() answers instead
+            return b""
+        return checked
+
+    async def _contain(self, sandbox: Sandbox, guard: ResultGuard, error: QueryError) -> None:
+        """A runner that sent what no honest one sends may run an attacker's code: kill its
+        sandbox now, as the hard kill does, and log it for the operator; the audit records
+        what the worker counted."""
+        self.record.summary = guard.counted()
+        log.warning(
+            "possible sandbox compromise: sandbox %s (policy %s, query %s) sent what no honest "
+            "runner sends and was killed: %s",
+            sandbox.name,
+            self._policy.name,
+            self.query_id,
+            error,
+        )
+        await self._executor.backend.kill(sandbox.handle)
+        self._lose_session()
 
     def _hard_kill_error(self) -> QueryTimeoutError:
         limits = self._policy.limits
@@ -406,6 +465,14 @@ class Executor:
 
     def running(self) -> list[str]:
         return list(self._running)
+
+
+async def _linked(sandbox: Sandbox, bindings: tuple[Binding, ...]) -> tuple[Binding, ...]:
+    """The bindings, re-pointed at links in the sandbox's own directory: the only cached files
+    its container can open (``launcher.sandbox_files``)."""
+    if sandbox.files is None or not bindings:
+        return bindings
+    return await asyncio.to_thread(sandbox.files.link, bindings)
 
 
 def _abandon(task: asyncio.Future[T], give_back: Callable[[T], object]) -> None:

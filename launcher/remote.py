@@ -4,8 +4,9 @@ The control plane's enrollment port serves ``Query.Run`` over server-authenticat
 client verifies it against the CA (``duckcell controlplane ca``) and authenticates with an API
 key in the ``authorization`` metadata. gRPC statuses are translated here: a failed query raises
 the same ``QueryError`` subclass a local run would (its ``reason`` travels as trailing
-metadata), a refused key ``ApiKeyError``, no or a lost worker ``WorkerUnavailableError``, an
-unknown, ended or refused session ``SessionError``.
+metadata), a refused key ``ApiKeyError``, no or a lost worker ``WorkerUnavailableError`` (its
+reason travels too), an unknown, ended or refused session ``SessionError``, and an UNAVAILABLE
+without a reason (gRPC's own: no connection, or it dropped) ``ControlPlaneUnreachableError``.
 
 Sessions (``open_session``, ``table(..., session_id=)``, ``close_session``) run every query of
 the session in one sandbox on one worker, so temp tables survive between them; the session
@@ -25,6 +26,7 @@ from .controlplane.sessions import SESSION_REASON
 from .controlplane.wire import MESSAGE_OPTIONS, REASON_KEY
 from .errors import (
     ApiKeyError,
+    ControlPlaneUnreachableError,
     DuckcellError,
     RemoteQueryError,
     SessionError,
@@ -126,12 +128,17 @@ class ControlPlaneClient:
         reason = dict(error.trailing_metadata() or ()).get(REASON_KEY)
         if reason == SESSION_REASON:
             return SessionError(details)
+        if reason == WorkerUnavailableError.reason:
+            return WorkerUnavailableError(details)
         if reason:
             return query_error(str(reason), details)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ApiKeyError(details)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return WorkerUnavailableError(f"{details} (control plane {self._address})")
+            return ControlPlaneUnreachableError(
+                f"no answer from the control plane at {self._address} ({details}): check the "
+                "address, the CA file, and that it is running"
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RemoteQueryError(f"no complete answer from {self._address} in time: {details}")
         return RemoteQueryError(f"control plane {self._address}: {code.name}: {details}")

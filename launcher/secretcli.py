@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import LauncherConfig
 from .errors import SecretError
+from .inputs import read_at_most
 from .secretstore import SecretStore
 
 SECRETS_DIR = "secrets"
@@ -79,7 +80,15 @@ def _read_value(name: str) -> str:
     if sys.stdin.isatty():
         value = getpass.getpass(f"value of {name}: ")
     else:
-        value = sys.stdin.read()
+        # Bounded: a secret is a few KiB, and `< /dev/zero` must not read until memory runs out.
+        data = read_at_most(sys.stdin, "stdin", f"the value of secret {name}")
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SecretError(
+                f"the value for secret {name} on stdin is not UTF-8 text; secrets are text "
+                "(base64-encode binary values)"
+            ) from None
         # One trailing newline is how `echo` and editors end input; it is not part of the secret.
         value = value.removesuffix("\n").removesuffix("\r") if value.endswith("\n") else value
     if not value:

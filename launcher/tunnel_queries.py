@@ -48,6 +48,7 @@ from .executor import Executor, QueryRecord
 from .policy import PolicySet
 from .protocol import controlplane_pb2 as pb
 from .protocol import controlplane_pb2_grpc as pb_grpc
+from .sql import check_statement
 from .tunnel_results import ResultSink, Send
 from .tunnel_sessions import WorkerSessions
 
@@ -318,6 +319,7 @@ class QueryTasks:
         try:
             if self._refusal is not None:
                 raise WorkerDrainingError(self._refusal)
+            check_statement(request.sql)  # first, whatever the control plane checked
             bound = {"parameters": request.parameters} if request.parameters else {}
             runner = self._runner.run(
                 query_id, request.sql, request.policy, **self._in(request), **bound

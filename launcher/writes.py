@@ -13,7 +13,8 @@ options allowed are ``FORMAT``, ``COMPRESSION``, ``COMPRESSION_LEVEL``, ``ROW_GR
 those write directories, not one object). The URL is the one a catalog table's ``path`` uses,
 so the written object can be declared a table and read back; DuckDB users know the form.
 
-Before anything runs, ``plan_write`` checks the destination against the policy
+Before anything runs, ``plan_write`` reads DuckDB's parse of the SQL (``launcher.sql``: which
+statements are a COPY, and the tokens after a COPY's TO), checks the destination against the policy
 (``writes.allowed`` and ``writes.prefixes``, see ``policy.writes_allowed``) and picks the
 catalog connection that uploads it: the s3 connection, visible to the policy's
 ``access.connections``, whose tables live in the destination's bucket; none, several, or one
@@ -34,21 +35,20 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import duckdb
 import pyarrow as pa
 import pyarrow.ipc
 
 from .catalog import Catalog, Connection
-from .errors import ObjectStoreError, QueryDeniedError, QueryError, SqlError
+from .errors import ObjectStoreError, QueryDeniedError, QueryError
 from .objectstore import ObjectStore
 from .policy import Policy, visible, writes_allowed
+from .sql import ParsedSql, Token
 
 SANDBOX_OUTPUT_DIR = "/scratch/duckcell-out"  # where a sandbox writes a query's output file
 _OPTIONS = (
@@ -60,7 +60,6 @@ _OPTIONS = (
     "parquet_version",
 )
 _GLOB = set("*?[]{}")
-_T = duckdb.token_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +72,6 @@ class WritePlan:
     output_path: str  # the file the sandbox writes, under /scratch
 
 
-class _Token(NamedTuple):
-    start: int
-    end: int
-    kind: object
-    text: str
-
-
 class _Target(NamedTuple):
     destination: str
     start: int  # the destination literal's span in the statement text
@@ -87,17 +79,17 @@ class _Target(NamedTuple):
     options: dict[str, str]
 
 
-def plan_write(sql: str, policy: Policy, catalog: Catalog) -> WritePlan | None:
-    """The write ``sql`` asks for, checked and rewritten; None if it writes no object.
+def plan_write(parsed: ParsedSql, policy: Policy, catalog: Catalog) -> WritePlan | None:
+    """The write a SQL text (``parsed`` by DuckDB) asks for, checked and rewritten; None if it
+    writes no object.
 
-    Raises QueryDeniedError (what is wrong and what to write instead) or SqlError (unparseable).
+    Raises QueryDeniedError (what is wrong and what to write instead).
     """
-    parsed = _statements(sql)
-    statements = [statement.query for statement in parsed]
+    statements = [statement.text for statement in parsed.statements]
     # DuckDB's parser says which statements are a COPY; its tokens say where the TO points.
     targets = [
-        _copy_target(statement.query) if statement.type == duckdb.StatementType.COPY else None
-        for statement in parsed
+        None if statement.copy_to is None else _target_at(statement.copy_to, 0)
+        for statement in parsed.statements
     ]
     if not any(targets):
         return None
@@ -189,64 +181,13 @@ def _unsupported(option: str) -> QueryDeniedError:
     )
 
 
-def _statements(sql: str) -> list[duckdb.Statement]:
-    try:
-        return _parser().extract_statements(sql)
-    except duckdb.Error as error:
-        raise SqlError(str(error)) from None
-
-
-_parsers = threading.local()
-
-
-def _parser() -> duckdb.DuckDBPyConnection:
-    """This thread's parse-only connection, locked like a sandbox's (it never runs SQL)."""
-    con: duckdb.DuckDBPyConnection | None = getattr(_parsers, "con", None)
-    if con is None:
-        con = duckdb.connect(":memory:", config={"autoload_known_extensions": False})
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        _parsers.con = con
-    return con
-
-
-def _tokens(query: str) -> list[_Token]:
-    """DuckDB's tokens of one statement, with their text; comments and the final ; left out."""
-    raw = duckdb.tokenize(query)
-    tokens = []
-    for i, (start, kind) in enumerate(raw):
-        end = raw[i + 1][0] if i + 1 < len(raw) else len(query)
-        text = query[start:end].rstrip()
-        if kind != _T.comment and not (kind == _T.operator and text == ";"):
-            tokens.append(_Token(start, start + len(text), kind, text))
-    return tokens
-
-
-def _copy_target(query: str) -> _Target | None:
-    """The object-storage destination of a ``COPY ... TO``; None for any other statement.
-
-    The TO is the first top-level TO keyword (parentheses counted, so an INTERVAL ... TO
-    inside the query does not count); a COPY ... FROM reads and is not a write.
-    """
-    tokens = _tokens(query)
-    if not tokens or tokens[0].text.upper() != "COPY":
-        return None
-    depth = 0
-    for i, token in enumerate(tokens):
-        if token.kind == _T.operator:
-            depth += token.text.count("(") - token.text.count(")")
-        elif depth == 0 and token.kind == _T.keyword and token.text.upper() in ("TO", "FROM"):
-            return _target_at(tokens, i + 1) if token.text.upper() == "TO" else None
-    return None
-
-
-def _target_at(tokens: list[_Token], i: int) -> _Target | None:
+def _target_at(tokens: tuple[Token, ...], i: int) -> _Target | None:
     if i >= len(tokens):
         return None
     literal = tokens[i]
     if "://" not in literal.text:
         return None  # a local file: the sandbox may only write its own /scratch
-    plain = literal.kind == _T.string_const and literal.text[:1] == literal.text[-1:] == "'"
+    plain = literal.kind == "string_const" and literal.text[:1] == literal.text[-1:] == "'"
     if not plain or len(literal.text) < 2:
         raise QueryDeniedError(
             f"write the COPY destination as a plain single-quoted string, not {literal.text}"
@@ -255,9 +196,9 @@ def _target_at(tokens: list[_Token], i: int) -> _Target | None:
     return _Target(destination, literal.start, literal.end, _options(tokens[i + 1 :]))
 
 
-def _options(tokens: list[_Token]) -> dict[str, str]:
+def _options(tokens: tuple[Token, ...]) -> dict[str, str]:
     """``[WITH] (NAME value, ...)`` after the destination, names and values lowercased."""
-    if tokens and tokens[0].kind == _T.keyword and tokens[0].text.upper() == "WITH":
+    if tokens and tokens[0].kind == "keyword" and tokens[0].text.upper() == "WITH":
         tokens = tokens[1:]
     if not tokens:
         return {}
@@ -265,8 +206,8 @@ def _options(tokens: list[_Token]) -> dict[str, str]:
         raise QueryDeniedError("write COPY options as (NAME value, ...) after the destination")
     options: dict[str, str] = {}
     item: list[str] = []
-    for token in [*tokens[1:-1], _Token(0, 0, _T.operator, ",")]:
-        if token.kind == _T.operator and token.text != ",":
+    for token in [*tokens[1:-1], Token(0, 0, "operator", ",")]:
+        if token.kind == "operator" and token.text != ",":
             raise _unsupported(item[0] if item else token.text)
         if token.text != ",":
             item.append(token.text.strip("'\"").lower())

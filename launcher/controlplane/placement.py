@@ -6,7 +6,7 @@ connection's tables runs on that worker or not at all; a query that reads none r
 online worker, round robin. A query that reads tables pinned to two different workers cannot
 run anywhere and is refused before it is sent.
 
-The catalog's tables are found in the SQL by DuckDB's parser (``Catalog.referenced``), the
+The catalog's tables are found in the SQL by DuckDB's parser (``access.tables_read``), the
 same rule the worker uses to decide what to fetch, so both sides agree on what a query reads.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.catalog import Catalog
+from launcher.catalog import Catalog, Table
 from launcher.errors import QueryDeniedError, WorkerUnavailableError
 
 
@@ -35,15 +35,11 @@ class Candidate:
     name: str = ""
 
 
-def pin_for(catalog: Catalog, sql: str) -> Pin | None:
-    """The pin a query must honour, or None. Raises QueryDeniedError for conflicting pins.
-
-    A SQL text DuckDB cannot parse raises SqlError with DuckDB's message.
-    """
-    if not any(connection.worker for connection in catalog.connections.values()):
-        return None  # nothing is pinned: no need to parse
+def pin_for(catalog: Catalog, tables: Sequence[Table]) -> Pin | None:
+    """The pin a query reading ``tables`` (``access.tables_read``) must honour, or None.
+    Raises QueryDeniedError for conflicting pins."""
     pins: dict[str, str] = {}
-    for table in catalog.referenced(sql):
+    for table in tables:
         connection = catalog.connections[table.connection]
         if connection.worker:
             pins.setdefault(connection.worker, connection.name)

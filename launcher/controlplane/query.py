@@ -3,8 +3,10 @@
 Each call is authenticated by the API key in its ``authorization: Bearer <key>`` metadata, then
 handed to the ``QueryRouter``; the worker's Arrow IPC bytes are written to the client as they
 arrive. The router's errors become gRPC statuses here, the one place that knows both; the
-trailing metadata ``duckcell-reason`` carries ``QueryError.reason`` so the client can raise the
-same error class a local query would.
+trailing metadata ``duckcell-reason`` carries ``QueryError.reason`` (and
+``WorkerUnavailableError.reason``) so the client can raise the same error class a local query
+would. A statement with a NUL byte is refused before the router sees it (``launcher.inputs``);
+one that is not UTF-8 never reaches ``Run``: protobuf's parse fails in gRPC (UNKNOWN).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import logging
 import grpc
 from grpc import aio
 
-from launcher.errors import ApiKeyError, QueryError, SessionError, WorkerUnavailableError
+from launcher.errors import (
+    ApiKeyError,
+    QueryError,
+    SessionError,
+    StatementTextError,
+    WorkerUnavailableError,
+)
+from launcher.inputs import check_statement_text
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
@@ -40,6 +49,8 @@ STATUS_BY_REASON = {
     "worker_shutdown": grpc.StatusCode.UNAVAILABLE,
     "denied": grpc.StatusCode.PERMISSION_DENIED,
     "sandbox_lost": grpc.StatusCode.UNAVAILABLE,
+    # A possibly compromised runner: not a retry's case (the query may be the exploit).
+    "runner_invalid": grpc.StatusCode.INTERNAL,
     "policy": grpc.StatusCode.INVALID_ARGUMENT,
     "capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "error": grpc.StatusCode.FAILED_PRECONDITION,
@@ -55,6 +66,10 @@ class QueryService(pb_grpc.QueryServicer):
         self, request: pb.QueryRequest, context: aio.ServicerContext[pb.QueryRequest, pb.QueryChunk]
     ) -> None:
         caller = await self._authenticate(context)
+        try:
+            check_statement_text(request.sql)  # a NUL: before the router keeps or parses it
+        except StatementTextError as error:
+            await _fail(context, error)
         log.info("query from key %s (%s)", caller.key_id, caller.role)
         run = self._router.run(
             request.sql,
@@ -127,7 +142,10 @@ async def _fail(
     """End the call with the status for ``error``; query and session errors carry their
     reason ("session" for a SessionError) so the client raises the same class."""
     if isinstance(error, WorkerUnavailableError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        # The reason tells the client this UNAVAILABLE is about the query, not the connection.
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, str(error), trailing_metadata=((REASON_KEY, error.reason),)
+        )
     if isinstance(error, SessionError):
         code, reason = session_code, SESSION_REASON
     else:

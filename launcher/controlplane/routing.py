@@ -40,10 +40,11 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from launcher.catalog import Catalog
-from launcher.errors import DuckcellError, QueryDeniedError, SessionError
+from launcher.errors import DuckcellError, QueryDeniedError, SessionError, SqlError
 from launcher.protocol import controlplane_pb2 as pb
+from launcher.sql import ParserPool, SqlParser, check_statement
 
-from .access import authorize
+from .access import authorize, tables_read
 from .audit import AuditSink, Clock, NoAudit, QueryTrail
 from .placement import Candidate, choose_worker, pin_for
 from .relay import (
@@ -71,7 +72,12 @@ MAX_MOVES = 3
 
 
 class QueryRouter:
-    """Routes queries to workers; ``audit`` receives one record per query (see ``audit``)."""
+    """Routes queries to workers; ``audit`` receives one record per query (see ``audit``).
+
+    ``parser`` finds the catalog tables a query reads, when its role or the pins need them
+    (``access.tables_read``); by default a ``ParserPool`` of its own, whose processes start
+    only when a catalog first needs a parse.
+    """
 
     def __init__(
         self,
@@ -79,7 +85,9 @@ class QueryRouter:
         audit: AuditSink | None = None,
         clock: Clock = time.time,
         catalog: Callable[[], Catalog] = lambda: Catalog.EMPTY,
+        parser: SqlParser | None = None,
     ) -> None:
+        self._parser: SqlParser = parser or ParserPool()
         self._outboxes: dict[str, Outbox] = {}
         self._names: dict[str, str] = {}
         self._catalog = catalog
@@ -184,25 +192,27 @@ class QueryRouter:
 
     # -- the client's side ------------------------------------------------------------------
 
-    def _place(self, sql: str, policy: str, role: str | None) -> tuple[str, str]:
+    async def _place(self, sql: str, policy: str, role: str | None) -> tuple[str, str]:
         """The worker and policy for a query, by the catalog's roles and pins."""
         catalog = self._catalog()
+        tables = await tables_read(catalog, role, sql, self._parser)
         if role is not None:
-            policy = authorize(catalog, role, sql, policy)
-        pin = pin_for(catalog, sql)
+            policy = authorize(catalog, role, tables, policy)
+        pin = pin_for(catalog, tables)
         online = [Candidate(w, self._names.get(w, "")) for w in self.online()]
         return choose_worker(online, pin, next(self._turn)), policy
 
-    def _in_session(
+    async def _in_session(
         self, sql: str, role: str | None, session_id: str, owner: str
     ) -> tuple[str, Outbox, str]:
         """The worker, stream and policy of a query of a session: its worker, never another."""
         session = self._sessions.get(session_id, owner)
         catalog = self._catalog()
         policy = session.policy
+        tables = await tables_read(catalog, role, sql, self._parser)
         if role is not None:
-            authorize(catalog, role, sql)  # the tables it may read; the session fixed the policy
-        pin = pin_for(catalog, sql)
+            authorize(catalog, role, tables)  # the tables it may read; the session fixed the policy
+        pin = pin_for(catalog, tables)
         name = self._names.get(session.worker_id, "")
         if pin is not None and pin.worker not in (session.worker_id, name):
             raise QueryDeniedError(
@@ -242,10 +252,16 @@ class QueryRouter:
         (``placement``). With ``session_id`` the query runs in that session, on its worker,
         under its policy (``policy`` is ignored); ``owner`` (default: ``caller``) must be the
         one that opened it, else ``SessionError`` as for an unknown or ended session.
-        Raises ``QueryDeniedError``, ``SqlError`` (unparsable SQL),
-        ``WorkerUnavailableError`` (no worker, or it left) or the query's ``QueryError``.
+        Raises ``QueryDeniedError``, ``SqlError`` (unparsable SQL; ``StatementLimitError``
+        for one too large, checked first), ``WorkerUnavailableError`` (no worker, or it left)
+        or the query's ``QueryError``.
         Close the generator (``contextlib.aclosing``) so an early exit cancels the query.
         """
+        try:
+            check_statement(sql)  # before anything keeps the text (the audit log does)
+        except SqlError as error:
+            log.info("refused a statement from %s: %s", caller or "a client", error)
+            raise
         query_id = uuid.uuid4().hex
         requested = policy
         trail = QueryTrail(
@@ -253,9 +269,10 @@ class QueryRouter:
         )
         try:
             if session_id:
-                worker_id, outbox, policy = self._in_session(sql, role, session_id, owner or caller)
+                in_session = self._in_session(sql, role, session_id, owner or caller)
+                worker_id, outbox, policy = await in_session
             else:
-                worker_id, policy = self._place(sql, policy, role)
+                worker_id, policy = await self._place(sql, policy, role)
                 outbox = self._outboxes[worker_id]
         except DuckcellError as error:
             trail.end("error", reason_of(error), str(error), policy=policy)
@@ -281,7 +298,7 @@ class QueryRouter:
                     yield item
                     continue
                 if refused_by_drain(item) and not session_id and moves < MAX_MOVES:
-                    moved = self._move(query_id, pending, sql, requested, role)
+                    moved = await self._move(query_id, pending, sql, requested, role)
                     if moved is not None:  # else the client gets the drain's refusal
                         moves += 1
                         pending, message.policy = moved
@@ -304,7 +321,7 @@ class QueryRouter:
                 cancel = pb.Cancel(query_id=query_id)
                 pending.outbox.put_nowait(pb.ControlMessage(cancel=cancel))
 
-    def _move(
+    async def _move(
         self, query_id: str, refused: Pending, sql: str, policy: str, role: str | None
     ) -> tuple[Pending, str] | None:
         """A new worker (and the policy there) for a query a draining worker refused before
@@ -314,7 +331,7 @@ class QueryRouter:
         down the same stream before its refusal.
         """
         try:
-            worker_id, policy = self._place(sql, policy, role)
+            worker_id, policy = await self._place(sql, policy, role)
         except DuckcellError as error:
             log.info("query %s refused by draining %s: %s", query_id, refused.worker_id, error)
             return None

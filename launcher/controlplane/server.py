@@ -40,6 +40,7 @@ from launcher import __version__
 from launcher.errors import CertificateError, ControlPlaneError, EnrollmentError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+from launcher.sql import ParserPool
 
 from .apikeys import ApiKeys
 from .audit import AuditLog, prune_forever
@@ -165,6 +166,8 @@ class ControlPlaneServer:
         self._policies_task: asyncio.Task[None] | None = None
         self.policies = PolicyWatcher(data.root, self._push_policies)
         self.router: QueryRouter | None = None
+        # Parses SQL for the router and Flight SQL, in child processes (``launcher.sql``).
+        self.parser: ParserPool | None = None
         # API keys over this server's database, for the surfaces clients call (Flight SQL).
         self.api_keys: ApiKeys | None = None
         self._conn: sqlite3.Connection | None = None
@@ -211,10 +214,12 @@ class ControlPlaneServer:
         self.tunnel_port = _bind(server, self._tunnel_listen, mutual)
         enrollment = EnrollmentService(ca, tokens, self._registry, self.tunnel_port)
         pb_grpc.add_EnrollmentServicer_to_server(enrollment, server)
+        self.parser = ParserPool()
         router = QueryRouter(
             audit=AuditLog(self._conn),
             clock=self._clock,
             catalog=lambda: self.catalog.current.catalog,
+            parser=self.parser,
         )
         self.router = router
         self._tunnel = TunnelService(
@@ -288,6 +293,9 @@ class ControlPlaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.parser is not None:
+            await self.parser.close()
+            self.parser = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -34,6 +34,7 @@ from launcher.controlplane.apikeys import ApiKey
 from launcher.errors import ApiKeyError
 
 from .bridge import LoopBridge
+from .status import handler
 
 MIDDLEWARE_KEY = "auth"
 AUTHORIZATION = "authorization"
@@ -90,6 +91,7 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
         self._verified: dict[str, tuple[ApiKey, float]] = {}
         self._lock = threading.Lock()  # handlers run on many threads
 
+    @handler  # an unexpected error (the loop gone) leaves as INTERNAL, its traceback logged
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallerMiddleware:
         values = headers.get(AUTHORIZATION) or [""]
         header = values[0]

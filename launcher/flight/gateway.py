@@ -4,7 +4,9 @@ Every statement, prepared statement and table-schema lookup passes ``Gateway.rou
 caller's role (``access.authorize`` over the catalog as it is now) must be allowed to read the
 tables the SQL names, and fixes the policy the query runs under; the router then records the
 caller (``<key id>/<role>``) in the audit log. A refusal is a ``QueryDeniedError``, which
-``status.translated`` turns into a PERMISSION_DENIED status with its message.
+``status.translated`` turns into a PERMISSION_DENIED status with its message. A statement over
+the size limit is refused first (``StatementLimitError``, INVALID_ARGUMENT). The SQL is parsed
+in the control plane's parser processes (``launcher.sql``), reached through the loop.
 
 The catalog is a callable, not a value: the control plane reloads its catalog while the server
 runs, and each call must see the current one.
@@ -15,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from launcher.catalog import Catalog
-from launcher.controlplane.access import authorize
+from launcher.controlplane.access import authorize, tables_read
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.query import caller_name
+from launcher.sql import ParsedSql, SqlParser, check_statement
 
-from .bridge import RoutedResult
+from .bridge import LoopBridge, RoutedResult
 from .sessions import FlightSessions
 from .types import Router
 
@@ -32,12 +35,27 @@ def empty_catalog() -> Catalog:
 
 
 class Gateway:
-    """Authorizes and routes queries for handler threads (``route`` never blocks)."""
+    """Authorizes and routes queries for handler threads (``route`` waits only for the
+    parse, when the role or the pins need one; never for the query)."""
 
-    def __init__(self, router: Router, catalog: CatalogSource, sessions: FlightSessions) -> None:
+    def __init__(
+        self,
+        router: Router,
+        catalog: CatalogSource,
+        sessions: FlightSessions,
+        *,
+        parser: SqlParser,
+        bridge: LoopBridge,
+    ) -> None:
         self._router = router
         self.catalog = catalog
         self.sessions = sessions
+        self._parser = parser
+        self._bridge = bridge
+
+    def parse(self, sql: str) -> ParsedSql:
+        """DuckDB's parse of ``sql``; raises what ``SqlParser.parse`` raises."""
+        return self._bridge.call(self._parser.parse(sql))
 
     def route(
         self, caller: ApiKey, sql: str, parameters: bytes = b"", session: str = ""
@@ -45,12 +63,15 @@ class Gateway:
         """The routed query, not started yet (the router starts when first read).
 
         Raises ``QueryDeniedError`` (role or table refused) or ``SqlError`` (the SQL does not
-        parse) before anything reaches a worker. ``parameters`` is an Arrow IPC stream with one
-        row of values for the SQL's ``?`` placeholders, bound by DuckDB in the sandbox.
+        parse, or is too large: ``StatementLimitError``) before anything reaches a worker.
+        ``parameters`` is an Arrow IPC stream with one row of values for the SQL's ``?``
+        placeholders, bound by DuckDB in the sandbox.
         ``session`` names the caller's session (``sessions.py``), opened here if needed.
         """
+        check_statement(sql)
         catalog = self.catalog()
-        authorize(catalog, caller.role, sql)  # refused here, before the Flight stream starts
+        tables = self._bridge.call(tables_read(catalog, caller.role, sql, self._parser))
+        authorize(catalog, caller.role, tables)  # refused here, before the Flight stream starts
         name = caller_name(caller)
         session_id = self.sessions.session_id(caller, session, catalog) if session else ""
         # The role goes along: the router checks it again against the catalog of the moment it

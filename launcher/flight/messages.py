@@ -7,18 +7,33 @@ protobuf's global pool, which means ``Any.Pack`` would write our type URL; clien
 specification's (``type.googleapis.com/arrow.flight.protocol.sql.<Message>``), so this module
 writes and reads type URLs itself. Nothing outside this module sees a protobuf type; a message
 this server does not handle raises ``UnsupportedRequest``.
+
+A message that does not parse raises ``InvalidRequest`` (INVALID_ARGUMENT), one line saying
+what is wrong; a statement (``query``) that is not UTF-8 or holds a NUL byte raises
+``StatementTextError`` (``launcher.inputs``, INVALID_ARGUMENT too) naming the byte and its
+offset. protobuf only says "String field had bad UTF-8", so the field and the byte are found
+again from the raw fields (``_undecodable``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, empty_pb2
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
+from launcher.inputs import check_statement_text, statement_text
 from launcher.protocol import flightsql_pb2 as pb
 
 TYPE_URL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
+# The field every statement-carrying message keeps its SQL in.
+STATEMENT_FIELD = "query"
+_LENGTH_DELIMITED = 2  # protobuf's wire type of strings and bytes
+
+M = TypeVar("M", bound=Message)
 
 # Action types (DoAction) the server answers.
 CREATE_PREPARED_STATEMENT = "CreatePreparedStatement"
@@ -122,16 +137,16 @@ def unpack(data: bytes) -> tuple[str, bytes]:
 
 def _metadata(name: str, body: bytes) -> MetadataRequest | None:
     if name == "CommandGetSqlInfo":
-        return SqlInfoRequest(tuple(pb.CommandGetSqlInfo.FromString(body).info))
+        return SqlInfoRequest(tuple(_parse(pb.CommandGetSqlInfo, body).info))
     if name == "CommandGetCatalogs":
         return CatalogsRequest()
     if name == "CommandGetDbSchemas":
-        schemas = pb.CommandGetDbSchemas.FromString(body)
+        schemas = _parse(pb.CommandGetDbSchemas, body)
         return DbSchemasRequest(
             _optional(schemas, "catalog"), _optional(schemas, "db_schema_filter_pattern")
         )
     if name == "CommandGetTables":
-        tables = pb.CommandGetTables.FromString(body)
+        tables = _parse(pb.CommandGetTables, body)
         return TablesRequest(
             tables.include_schema,
             _optional(tables, "catalog"),
@@ -144,6 +159,52 @@ def _metadata(name: str, body: bytes) -> MetadataRequest | None:
     return None
 
 
+def _parse(message_type: type[M], body: bytes) -> M:
+    """``body`` as a ``message_type``; ``InvalidRequest`` (or ``StatementTextError``) when it
+    is not one."""
+    try:
+        return message_type.FromString(body)
+    except DecodeError:
+        raise InvalidRequest(_undecodable(message_type, body)) from None
+
+
+def _statement(message_type: type[Message], body: bytes) -> str:
+    """The SQL of a statement-carrying message, refused unless UTF-8 text without NUL."""
+    sql: str = getattr(_parse(message_type, body), STATEMENT_FIELD)
+    check_statement_text(sql)
+    return sql
+
+
+def _undecodable(message_type: type[Message], body: bytes) -> str:
+    """Why ``body`` is no ``message_type``: the string field whose bytes are not UTF-8 (the
+    statement's raises ``StatementTextError`` with the byte and its offset), else in general."""
+    name = message_type.DESCRIPTOR.name
+    fields = message_type.DESCRIPTOR.fields_by_number
+    try:
+        raw = UnknownFieldSet(empty_pb2.Empty.FromString(body))  # every field, undecoded
+    except DecodeError:
+        return f"a malformed {name} message (not protobuf); send the Flight SQL message"
+    for item in raw:
+        field = fields.get(item.field_number)
+        if (
+            field is None
+            or field.type != FieldDescriptor.TYPE_STRING
+            or item.wire_type != _LENGTH_DELIMITED
+        ):
+            continue
+        if field.name == STATEMENT_FIELD:
+            statement_text(item.data)  # raises when it is the culprit
+            continue
+        try:
+            item.data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return (
+                f"{name}.{field.name} is not valid UTF-8 (byte 0x{item.data[error.start]:02x} "
+                f"at offset {error.start}): send it as UTF-8"
+            )
+    return f"a malformed {name} message; send the Flight SQL message the specification defines"
+
+
 def _optional(message: Message, field: str) -> str | None:
     """An ``optional string`` field: ``None`` when the client left it out (match all)."""
     return str(getattr(message, field)) if message.HasField(field) else None
@@ -153,9 +214,9 @@ def parse_command(data: bytes) -> Command:
     """A ``GetFlightInfo`` descriptor's command."""
     name, body = unpack(data)
     if name == "CommandStatementQuery":
-        return StatementQuery(pb.CommandStatementQuery.FromString(body).query)
+        return StatementQuery(_statement(pb.CommandStatementQuery, body))
     if name == "CommandPreparedStatementQuery":
-        message = pb.CommandPreparedStatementQuery.FromString(body)
+        message = _parse(pb.CommandPreparedStatementQuery, body)
         return PreparedStatementQuery(message.prepared_statement_handle)
     found = _metadata(name, body)
     if found is None:
@@ -167,7 +228,7 @@ def parse_ticket(data: bytes) -> Ticket:
     """A ``DoGet`` ticket: a statement's (``statement_ticket``) or a metadata command."""
     name, body = unpack(data)
     if name == "TicketStatementQuery":
-        return StatementTicket(pb.TicketStatementQuery.FromString(body).statement_handle)
+        return StatementTicket(_parse(pb.TicketStatementQuery, body).statement_handle)
     found = _metadata(name, body)
     if found is None:
         raise UnsupportedRequest(f"a {name} ticket is not one this server hands out")
@@ -178,13 +239,13 @@ def parse_put(data: bytes) -> PutCommand:
     """A ``DoPut`` descriptor's command: parameters for a prepared statement, or an update."""
     name, body = unpack(data)
     if name == "CommandPreparedStatementQuery":
-        message = pb.CommandPreparedStatementQuery.FromString(body)
+        message = _parse(pb.CommandPreparedStatementQuery, body)
         return PreparedStatementQuery(message.prepared_statement_handle)
     if name == "CommandPreparedStatementUpdate":
-        update = pb.CommandPreparedStatementUpdate.FromString(body)
+        update = _parse(pb.CommandPreparedStatementUpdate, body)
         return PreparedStatementUpdate(update.prepared_statement_handle)
     if name == "CommandStatementUpdate":
-        return StatementUpdate(pb.CommandStatementUpdate.FromString(body).query)
+        return StatementUpdate(_statement(pb.CommandStatementUpdate, body))
     raise UnsupportedRequest(f"DoPut with {name} is not supported by this server")
 
 
@@ -213,7 +274,7 @@ def parse_create_prepared(body: bytes) -> str:
     name, value = unpack(body)
     if name != "ActionCreatePreparedStatementRequest":
         raise UnsupportedRequest(f"CreatePreparedStatement with a {name} body")
-    return pb.ActionCreatePreparedStatementRequest.FromString(value).query
+    return _statement(pb.ActionCreatePreparedStatementRequest, value)
 
 
 def parse_close_prepared(body: bytes) -> bytes:
@@ -221,7 +282,7 @@ def parse_close_prepared(body: bytes) -> bytes:
     name, value = unpack(body)
     if name != "ActionClosePreparedStatementRequest":
         raise UnsupportedRequest(f"ClosePreparedStatement with a {name} body")
-    return pb.ActionClosePreparedStatementRequest.FromString(value).prepared_statement_handle
+    return _parse(pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
 
 
 def prepared_result(handle: bytes, *, is_update: bool = False) -> bytes:

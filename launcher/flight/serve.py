@@ -74,4 +74,5 @@ def _flight_server(control_plane: ControlPlaneServer, listen: FlightListen) -> F
         ca=control_plane.ca(),
         hosts=control_plane.hosts,
         catalog=lambda: control_plane.catalog.current.catalog,
+        parser=control_plane.parser,
     )

@@ -22,6 +22,7 @@ import pyarrow.flight as flight
 from launcher.controlplane.ca import CertificateAuthority
 from launcher.controlplane.wire import split_address
 from launcher.errors import ControlPlaneError
+from launcher.sql import ParserPool, SqlParser
 
 from .auth import MIDDLEWARE_KEY, ApiKeyMiddlewareFactory, HandshakeAuthHandler
 from .bridge import LoopBridge
@@ -85,7 +86,8 @@ class FlightSqlServer:
     ``catalog`` returns the control plane's catalog as it is at each call: its roles decide
     what a key may read and list, and under which policy its queries run. Each API key may hold
     ``max_parked_per_key`` unfetched results and ``max_prepared_per_key`` prepared statements
-    (``statements.py``).
+    (``statements.py``). ``parser`` parses SQL for the role rule and prepared statements
+    (the control plane's; without one the server starts and stops a ``ParserPool`` of its own).
     """
 
     def __init__(
@@ -100,7 +102,12 @@ class FlightSqlServer:
         catalog: CatalogSource = empty_catalog,
         max_parked_per_key: int = MAX_PARKED_PER_KEY,
         max_prepared_per_key: int = MAX_PREPARED_PER_KEY,
+        parser: SqlParser | None = None,
     ) -> None:
+        self._own_parser: ParserPool | None = None
+        if parser is None:
+            parser = self._own_parser = ParserPool()
+        self._parser = parser
         self._listen = listen
         self._catalog = catalog
         self._ticket_expiry_s = ticket_expiry_s
@@ -132,7 +139,13 @@ class FlightSqlServer:
         try:
             self._service = FlightSqlService(
                 self._listen.location(),
-                gateway=Gateway(self._router, self._catalog, FlightSessions(self._router, bridge)),
+                gateway=Gateway(
+                    self._router,
+                    self._catalog,
+                    FlightSessions(self._router, bridge),
+                    parser=self._parser,
+                    bridge=bridge,
+                ),
                 bridge=bridge,
                 tickets=QueryTickets(
                     loop, expiry_s=self._ticket_expiry_s, max_per_key=self._max_parked_per_key
@@ -159,3 +172,5 @@ class FlightSqlServer:
             await asyncio.wait_for(asyncio.to_thread(service.shutdown), STOP_GRACE_S)
         except TimeoutError:
             log.warning("Flight SQL calls still running after %.0f s; leaving them", STOP_GRACE_S)
+        if self._own_parser is not None:
+            await self._own_parser.close()

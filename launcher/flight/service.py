@@ -24,6 +24,7 @@ import pyarrow.flight as flight
 
 from launcher.controlplane.apikeys import ApiKey
 from launcher.errors import SessionError
+from launcher.sql import check_statement
 
 from . import metadata
 from .auth import caller_of, session_of
@@ -157,7 +158,8 @@ class FlightSqlService(flight.FlightServerBase):
         with translated():
             if action.type == CREATE_PREPARED_STATEMENT:
                 sql = parse_create_prepared(body)
-                is_update = changes_data(sql)
+                check_statement(sql)  # first: a prepared statement is kept until closed
+                is_update = changes_data(sql, self.gateway.parse)
                 handle = self.prepared.create(caller.key_id, sql, is_update=is_update)
                 return [prepared_result(handle, is_update=is_update)]
             if action.type == CLOSE_PREPARED_STATEMENT:  # idempotent: see PreparedStatements
@@ -174,6 +176,32 @@ class FlightSqlService(flight.FlightServerBase):
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return ACTIONS
+
+    # Flight calls Flight SQL does not use: pyarrow's defaults would answer with a bare
+    # NotImplementedError and its traceback; these say what to call instead.
+    @handler
+    def get_schema(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.SchemaResult:
+        raise UnsupportedRequest(
+            "GetSchema is not supported: call GetFlightInfo, whose answer carries the schema"
+        )
+
+    @handler
+    def list_flights(
+        self, context: flight.ServerCallContext, criteria: bytes
+    ) -> Iterator[flight.FlightInfo]:
+        raise UnsupportedRequest("ListFlights is not supported: send Flight SQL commands")
+
+    @handler
+    def do_exchange(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        raise UnsupportedRequest("DoExchange is not supported: send Flight SQL commands")
 
     def _prepared(self, handle: bytes, caller: ApiKey) -> Prepared:
         with translated():

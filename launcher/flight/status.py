@@ -17,14 +17,22 @@ pyarrow's client):
     pa.ArrowNotImplementedError  UNIMPLEMENTED       NotSupportedError, NOT_IMPLEMENTED
 
 A ``Flight*Error`` carries exactly its message. The last three are plain Python exceptions to
-pyarrow's server, which appends their traceback to the message ("<message>. Detail: Python
-exception: Traceback ...") with no way to turn it off. The message still comes first, and
-``handler`` and ``streamed`` raise them afresh at the handler's edge, so that traceback is one
-frame of pyarrow's and one of this module's, never the handler's internals. RESOURCE_EXHAUSTED
-and FAILED_PRECONDITION cannot be sent at all: a per-key limit (``LimitReached``) is
-UNAVAILABLE, the code clients already retry with backoff, and its message says what to close;
-a query over its memory or result limit fails the same way each time, so it is UNKNOWN with the
-executor's message (what to change).
+pyarrow's server, which appends a rendering of them to the message and to the
+``x-arrow-status-detail-bin`` trailer, by default their traceback with the server's file paths
+("<message>. Detail: Python exception: Traceback ... File ".../launcher/flight/...""), with no
+option to turn it off (apache/arrow#34251). So a client never sees one: ``handler`` and
+``streamed`` wrap every handler (and the auth middleware) and send each error as ``sendable``
+makes it, its status and message only. A plain status leaves as a fresh ``InvalidArgument``,
+``NotFound`` or ``Unimplemented`` carrying a note no UTF-8 encoder takes (a lone surrogate):
+pyarrow's renderer (``PythonErrorDetail::ToString``) then fails to encode the formatted lines
+and falls back to the class name, so the client reads "<message>. Detail: Python exception:
+InvalidArgument" (``tests/unit/test_flight_input.py`` checks it with the ADBC driver). Any
+other exception is ``status_of``'s: logged here with its traceback, sent as its status.
+
+RESOURCE_EXHAUSTED and FAILED_PRECONDITION cannot be sent at all: a per-key limit
+(``LimitReached``) is UNAVAILABLE, the code clients already retry with backoff, and its message
+says what to close; a query over its memory or result limit fails the same way each time, so it
+is UNKNOWN with the executor's message (what to change).
 
 pyarrow's own client raises ``KeyboardInterrupt`` (not ``FlightCancelledError``) when a stream it
 reads with ``read_all`` ends CANCELLED; ADBC reports CANCELLED. The server sends CANCELLED only
@@ -51,6 +59,7 @@ from launcher.errors import (
     QueryError,
     QueryTimeoutError,
     ResultLimitError,
+    RunnerInvalidError,
     SandboxLostError,
     SessionError,
     SqlError,
@@ -79,6 +88,8 @@ STATUSES: tuple[tuple[type[Exception], Status], ...] = (
     (QueryCancelledError, flight.FlightCancelledError),
     # Retrying can help: the worker or its sandbox went away, another one may take it.
     (WorkerShutdownError, flight.FlightUnavailableError),
+    # ...but not when the runner sent a malformed result: the query may be the exploit.
+    (RunnerInvalidError, flight.FlightInternalError),
     (SandboxLostError, flight.FlightUnavailableError),
     (WorkerUnavailableError, flight.FlightUnavailableError),
     # Retrying the same query fails the same way; the message says what to change.
@@ -116,11 +127,7 @@ def status_of(error: Exception) -> Exception:
 
 
 class translated:  # a class named like a function: used as ``with translated():``
-    """Raise every exception of the block as its status (``status_of``); Flight's pass.
-
-    A class, not a generator: raising from ``__exit__`` keeps contextlib's frames out of the
-    traceback pyarrow appends to INVALID_ARGUMENT, NOT_FOUND and UNIMPLEMENTED messages.
-    """
+    """Raise every exception of the block as its status (``status_of``); Flight's pass."""
 
     def __enter__(self) -> None:
         return None
@@ -136,22 +143,59 @@ class translated:  # a class named like a function: used as ``with translated():
         return False
 
 
+class InvalidArgument(pa.ArrowInvalid):
+    """INVALID_ARGUMENT as sent: its class name is what a client reads after the message."""
+
+
+class NotFound(pa.ArrowKeyError):
+    """NOT_FOUND as sent."""
+
+
+class Unimplemented(pa.ArrowNotImplementedError):
+    """UNIMPLEMENTED as sent."""
+
+
+# Each plain status and the class it is sent as.
+SENT_AS: tuple[tuple[type[Exception], type[Exception]], ...] = (
+    (pa.ArrowInvalid, InvalidArgument),
+    (pa.ArrowKeyError, NotFound),
+    (pa.ArrowNotImplementedError, Unimplemented),
+)
+# A lone surrogate: no formatted line holding it encodes to UTF-8 (module docstring).
+_UNRENDERABLE_NOTE = "\udc80"
+
+
+def sendable(error: Exception) -> Exception:
+    """``error`` as a handler raises it so that the client gets its status and message only
+    (module docstring): a Flight error as it is, a plain status bare, anything else through
+    ``status_of`` (which logs what it does not know)."""
+    if isinstance(error, flight.FlightError):
+        return error
+    status = error if isinstance(error, PLAIN_STATUSES) else status_of(error)
+    for plain, sent_as in SENT_AS:
+        if isinstance(status, plain):
+            bare = sent_as(str(status))
+            bare.add_note(_UNRENDERABLE_NOTE)
+            return bare
+    return status
+
+
 def handler(method: Callable[P, R]) -> Callable[P, R]:
-    """A Flight handler whose plain statuses leave with a one-frame traceback (module docstring)."""
+    """A Flight handler (or middleware hook) whose every error leaves ``sendable``."""
 
     @functools.wraps(method)
     def answer(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
-        except PLAIN_STATUSES as status:
-            raise status.with_traceback(None) from None
+        except Exception as error:
+            raise sendable(error) from None
 
     return answer
 
 
 def streamed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``batches`` for a ``GeneratorStream``, its plain statuses cut as ``handler`` cuts them."""
+    """``batches`` for a ``GeneratorStream``, whose errors leave ``sendable`` too."""
     try:
         yield from batches
-    except PLAIN_STATUSES as status:
-        raise status.with_traceback(None) from None
+    except Exception as error:
+        raise sendable(error) from None

@@ -14,20 +14,23 @@ is worse than an honest refusal; run the statement once per row, or load the row
 
 Statements that change data: the driver asks at prepare time (``is_update``), and DuckDB would
 execute a non-SELECT statement merely to compute a result schema, so the kind of statement is
-read from DuckDB's parser (``changes_data``) before anything runs. An update runs like a query
+read from DuckDB's parser (``changes_data``, through the control plane's parser processes)
+before anything runs. An update runs like a query
 and its affected-row count (DuckDB's ``Count`` column) is the answer. In a per-query sandbox
 DDL and DML change only that sandbox's temporary state, destroyed with it: nothing persists.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pyarrow.ipc as ipc
+
+from launcher.errors import SqlError, StatementLimitError
+from launcher.sql import ParsedSql
 
 from .messages import UnsupportedRequest
 
@@ -38,23 +41,20 @@ EXECUTEMANY = (
     "once per parameter set (executemany is not supported), or insert many rows with "
     "INSERT ... SELECT"
 )
-_parsers = threading.local()
 
 
-def changes_data(sql: str) -> bool:
+def changes_data(sql: str, parse: Callable[[str], ParsedSql]) -> bool:
     """Whether ``sql``'s last statement is not a query (INSERT, CREATE, ...), by DuckDB's
-    parser, without running it. SQL that does not parse counts as a query: running it then
-    reports DuckDB's own message."""
-    con: duckdb.DuckDBPyConnection | None = getattr(_parsers, "con", None)
-    if con is None:
-        con = _parsers.con = duckdb.connect(":memory:")
+    parser (``parse``), without running it. SQL that does not parse counts as a query:
+    running it then reports DuckDB's own message. A statement too large or too costly to
+    parse raises ``StatementLimitError``."""
     try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error:
+        statements = parse(sql).statements
+    except StatementLimitError:
+        raise
+    except SqlError:
         return False
-    if not statements:
-        return False
-    return str(statements[-1].type).rsplit(".", 1)[-1] not in QUERY_TYPES
+    return bool(statements) and statements[-1].kind not in QUERY_TYPES
 
 
 def read_parameters(reader: flight.MetadataRecordBatchReader) -> bytes:

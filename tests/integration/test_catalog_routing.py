@@ -39,6 +39,7 @@ from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
 from launcher.tunnel_queries import ExecutorQueryRunner
+from tests.support.parsers import InlineParser
 from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
@@ -136,7 +137,7 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
         cache = ObjectCache(tmp_path / f"cache-{name}", budget_bytes=64 * 2**20)
         config = make_config(image, policies_dir, cache_dir=cache.root)
         configs.append(config)
-        data = DataPath(Catalog.EMPTY, cache, grants=grants)
+        data = DataPath(Catalog.EMPTY, cache, parser=InlineParser(), grants=grants)
         launcher = LocalLauncher(config, warm_override=1)
         await launcher.start()
         runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)

@@ -25,6 +25,7 @@ from launcher.executor import collect_table
 from launcher.local import LocalLauncher
 from launcher.sandbox import Sandbox
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
+from tests.support.parsers import InlineParser
 
 from .conftest import run, with_launcher
 
@@ -60,7 +61,7 @@ def test_a_multi_file_table_is_read_through_the_cache(
     nothing (the cached entries are reused)."""
     assert cached_config.cache_dir is not None
     cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
-    data = DataPath(load_catalog(catalog_file), cache)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
 
     async def body(launcher: LocalLauncher) -> None:
         policy = launcher.policies.get("default")
@@ -86,7 +87,7 @@ def test_a_query_cannot_read_cached_files_of_tables_it_did_not_reference(
     only trips can neither read that file by its path nor list the cache to find it."""
     assert cached_config.cache_dir is not None
     cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
-    data = DataPath(load_catalog(catalog_file), cache)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
 
     async def body(launcher: LocalLauncher) -> None:
         policy = launcher.policies.get("default")
@@ -165,7 +166,7 @@ def test_a_query_prepared_early_answers_from_the_tables_files_as_they_are_now(
     count, and nothing stays leased."""
     assert cached_config.cache_dir is not None
     cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
-    data = DataPath(load_catalog(catalog_file), cache)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
     trips = catalog_file.parent / "trips"
     sql = "SELECT count(*) AS n FROM trips"
 

@@ -147,13 +147,13 @@ def _query_started(engine: docker.DockerClient, launcher_id: str) -> bool:
     return bool(sandboxes_that_started_a_query(engine, launcher_id))
 
 
-def test_sandboxes_reap_removes_session_directories_of_gone_launchers(cli_env: dict) -> None:
-    """A launcher killed with a session open leaves its session directory in the cache."""
+def test_sandboxes_reap_removes_sandbox_directories_of_gone_launchers(cli_env: dict) -> None:
+    """A launcher killed with sandboxes up leaves their files directories in the cache."""
     cache = Path(cli_env["DUCKCELL_STATE_DIR"]) / "cache"
-    stale = cache / ".sessions" / "deadbeefdeadbeef" / "slot1"
+    stale = cache / ".sandboxes" / "deadbeefdeadbeef" / "slot1"
     stale.mkdir(parents=True)
     (stale / "linked.parquet").write_bytes(b"PAR1")
     done = _duckcell("sandboxes", "reap", env=cli_env)
     assert done.returncode == 0, done.stderr
-    assert "removed the session directories of 1 gone launcher(s)" in done.stdout
+    assert "removed the sandbox directories of 1 gone launcher(s)" in done.stdout
     assert not stale.parent.exists()

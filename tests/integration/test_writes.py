@@ -30,6 +30,7 @@ from launcher.errors import ObjectStoreError, QueryDeniedError, SqlError
 from launcher.executor import collect_table
 from launcher.local import LocalLauncher
 from launcher.objectstore import S3Store
+from tests.support.parsers import InlineParser
 
 from .conftest import containers_of, make_config, run, with_launcher
 from .lake import admin_client, policies_with, writer_policy
@@ -87,7 +88,7 @@ def data(s3: S3Proxy, writer_config: LauncherConfig) -> Iterator[DataPath]:
     catalog = lake_catalog(s3, "trips", "trips")
     assert writer_config.cache_dir is not None
     cache = ObjectCache(writer_config.cache_dir, budget_bytes=256 * MiB)
-    yield DataPath(catalog, cache, environ=ENV)
+    yield DataPath(catalog, cache, parser=InlineParser(), environ=ENV)
     run(cache.close())
 
 
@@ -230,9 +231,8 @@ def test_a_write_prepared_early_uploads_once_from_fresh_files(
     prefix = f"grow-{uuid.uuid4().hex[:8]}"
     catalog = lake_catalog(s3, "grow", prefix)
     assert writer_config.cache_dir is not None
-    data = DataPath(
-        catalog, ObjectCache(writer_config.cache_dir, budget_bytes=64 * MiB), environ=ENV
-    )
+    cache = ObjectCache(writer_config.cache_dir, budget_bytes=64 * MiB)
+    data = DataPath(catalog, cache, parser=InlineParser(), environ=ENV)
 
     def put(part: int, rows: range) -> None:
         sink = io.BytesIO()

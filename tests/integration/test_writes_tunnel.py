@@ -38,6 +38,7 @@ from launcher.local import LocalLauncher
 from launcher.remote import ControlPlaneClient
 from launcher.tunnel import TunnelClient
 from launcher.tunnel_queries import ExecutorQueryRunner
+from tests.support.parsers import InlineParser
 from tests.unit import test_tunnel
 from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
@@ -113,7 +114,7 @@ async def catalog_stack(
     # real worker must be told to.
     endpoints = [c.endpoint for c in load_catalog(catalog).connections.values() if c.endpoint]
     grants = CatalogGrants.of(endpoints, [], [f"env:{KEY_ENV}", f"env:{SECRET_ENV}"])
-    data = DataPath(Catalog.EMPTY, cache, grants=grants)
+    data = DataPath(Catalog.EMPTY, cache, parser=InlineParser(), grants=grants)
     records: list[QueryRecord] = []
     try:
         async with LocalLauncher(config, warm_override=0) as launcher:

@@ -27,12 +27,13 @@ import pyarrow.parquet as pq
 from adbc_driver_flightsql import DatabaseOptions
 
 from launcher.catalog import Catalog, parse_catalog
-from launcher.controlplane.access import authorize
+from launcher.controlplane.access import authorize, tables_read
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone
 from launcher.errors import ApiKeyError, SessionError, SqlError
 from launcher.flight import FlightListen, FlightSqlServer
+from tests.support.parsers import InlineParser
 
 DEADLINE_S = 10.0
 # How an ADBC client names its session: a header on every call.
@@ -111,8 +112,9 @@ class DuckRouter:
         values = _values(parameters)
         found = self.sessions.get(session_id) if session_id else None
         if role is not None:  # as QueryRouter places a query: the role's rule, checked again
-            authorize(self.catalog, role, sql)
-            policy = found[1] if found else authorize(self.catalog, role, sql, policy)
+            tables = await tables_read(self.catalog, role, sql, InlineParser())
+            authorize(self.catalog, role, tables)
+            policy = found[1] if found else authorize(self.catalog, role, tables, policy)
         self.calls.append(Call(sql, policy, caller, values, session_id, role))
         if session_id:
             if found is None or found[0] != owner:

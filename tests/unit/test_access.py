@@ -1,14 +1,17 @@
-"""Role rule (pure): defined roles, readable tables, the policy a role fixes."""
+"""Role rule (pure): defined roles, readable tables, the policy a role fixes; and which SQL
+needs parsing for it (``tables_read``)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from launcher.catalog import Catalog, parse_catalog
-from launcher.controlplane.access import authorize, visible_tables
+from launcher.controlplane.access import authorize, tables_read, visible_tables
 from launcher.errors import QueryDeniedError, SqlError
+from tests.support.parsers import InlineParser
 
 CATALOG = """
 connections:
@@ -29,6 +32,12 @@ def catalog() -> Catalog:
     return parse_catalog(CATALOG, "cat.yaml", Path("/"))
 
 
+def check(catalog: Catalog, role: str, sql: str, requested: str = "") -> str:
+    """``authorize`` over the tables ``tables_read`` finds, as the router calls them."""
+    tables = asyncio.run(tables_read(catalog, role, sql, InlineParser()))
+    return authorize(catalog, role, tables, requested)
+
+
 @pytest.mark.parametrize(
     ("role", "sql", "requested", "policy"),
     [
@@ -43,7 +52,7 @@ def catalog() -> Catalog:
 def test_allowed_queries_get_their_roles_policy(
     catalog: Catalog, role: str, sql: str, requested: str, policy: str
 ) -> None:
-    assert authorize(catalog, role, sql, requested) == policy
+    assert check(catalog, role, sql, requested) == policy
 
 
 @pytest.mark.parametrize(
@@ -59,16 +68,26 @@ def test_denied_queries_say_why(
     catalog: Catalog, role: str, sql: str, requested: str, message: str
 ) -> None:
     with pytest.raises(QueryDeniedError, match=message):
-        authorize(catalog, role, sql, requested)
+        check(catalog, role, sql, requested)
 
 
 def test_unparsable_sql_is_duckdbs_error(catalog: Catalog) -> None:
     with pytest.raises(SqlError, match="syntax error"):
-        authorize(catalog, "analyst", "SELEC 1")
+        check(catalog, "analyst", "SELEC 1")
 
 
 def test_without_roles_any_key_reads_everything() -> None:
-    assert authorize(Catalog.EMPTY, "whatever", "SELECT * FROM anything", "strict") == "strict"
+    assert check(Catalog.EMPTY, "whatever", "SELECT * FROM anything", "strict") == "strict"
+
+
+@pytest.mark.parametrize(("role", "parsed"), [("analyst", True), ("admin", False), (None, False)])
+def test_sql_is_parsed_only_for_a_role_limited_to_some_tables(
+    catalog: Catalog, role: str | None, parsed: bool
+) -> None:
+    parser = InlineParser()
+    tables = asyncio.run(tables_read(catalog, role, "SELECT * FROM salaries", parser))
+    assert bool(parser.parsed) is parsed
+    assert [t.name for t in tables] == (["salaries"] if parsed else [])
 
 
 def test_visible_tables_follow_the_role(catalog: Catalog) -> None:

@@ -12,6 +12,7 @@ from bench.stats import MachineCpu, summarize
 from bench.tunnel import Transfer, transfer_summary
 from launcher.catalog import parse_catalog
 from launcher.policy import load_policies
+from launcher.sql.tables import table_names
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,8 +44,9 @@ def test_data_bench_script_starts() -> None:
 def test_data_bench_catalog_names_the_tables_each_query_reads(tmp_path: Path) -> None:
     catalog = parse_catalog(catalog_text("http://127.0.0.1:9"), str(tmp_path / "c.yaml"))
     assert sorted(catalog.tables) == sorted(TABLES)
-    assert {t.name for t in catalog.referenced(QUERIES["scan"])} == {"lineitem"}
-    assert {t.name for t in catalog.referenced(QUERIES["join"])} == set(TABLES)
+    scan, join = (table_names(QUERIES[name]) for name in ("scan", "join"))
+    assert {t.name for t in catalog.referenced(scan)} == {"lineitem"}
+    assert {t.name for t in catalog.referenced(join)} == set(TABLES)
 
 
 def test_data_bench_policy_leaves_room_beside_duckdbs_buffer_pool(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from launcher.catalog import (
     Table,
     load_catalog,
     parse_catalog,
-    table_names,
 )
 from launcher.errors import CatalogError, SecretError, SqlError
+from launcher.sql.tables import table_names
 
 SOURCE = "/srv/catalogs/cat.yaml"
 
@@ -412,12 +412,12 @@ def test_a_secret_ref_names_exactly_one_source() -> None:
     ],
 )
 def test_referenced_tables_come_from_the_parser(sql: str, expected: list[str]) -> None:
-    assert [table.name for table in load(BASE).referenced(sql)] == expected
+    assert [table.name for table in load(BASE).referenced(table_names(sql))] == expected
 
 
 def test_unparseable_sql_raises_duckdbs_message() -> None:
     with pytest.raises(SqlError, match='Parser Error: syntax error at or near "SELEC"'):
-        load(BASE).referenced("SELEC * FROM trips")
+        table_names("SELEC * FROM trips")
 
 
 def test_table_names_do_not_touch_the_host_filesystem() -> None:

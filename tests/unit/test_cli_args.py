@@ -3,6 +3,10 @@ traceback) are refused when given, with one line saying what is expected."""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,9 @@ from launcher.config import load_config
 from launcher.controlplane.server import _next_port
 from launcher.controlplane.wire import split_address
 from launcher.errors import ConfigError, ControlPlaneError
+from launcher.inputs import MAX_SMALL_FILE_BYTES, read_small_file
+
+NOT_UTF8 = b"SELECT '\xff'"  # the bad byte at offset 8
 
 
 def test_cli_values_that_would_fail_later_are_refused_at_once(
@@ -109,3 +116,74 @@ def test_every_host_port_flag_is_refused_before_anything_starts(
     assert usage.value.code == 2
     assert "expected HOST:PORT" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _stdin(monkeypatch: pytest.MonkeyPatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_a_statement_that_is_not_utf8_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the argument (Python keeps argv's undecodable bytes as surrogates) and on stdin; it
+    used to be a traceback (stdin) or exit 1 (argument). ``--format parquet`` without
+    ``--output`` would be refused next, so nothing starts either way."""
+    argument = NOT_UTF8.decode("utf-8", "surrogateescape")
+    for sql, stdin in ((argument, b""), ("-", NOT_UTF8)):
+        _stdin(monkeypatch, stdin)
+        assert main(["query", "--format", "parquet", sql]) == 2
+        assert capsys.readouterr().err == (
+            "duckcell: error: the statement is not valid UTF-8 (byte 0xff at offset 8): "
+            "re-encode it as UTF-8\n"
+        )
+
+
+def test_a_statement_with_a_nul_byte_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stdin(monkeypatch, b"SELECT 1\0")
+    assert main(["query", "--format", "parquet", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duckcell: error: the statement contains a NUL byte (offset 8)")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--token-file", "--ca-file"])
+def test_a_token_or_certificate_file_is_read_only_when_small_and_regular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """``/dev/zero`` used to be read until MemoryError."""
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (MAX_SMALL_FILE_BYTES + 1))
+    for path, refusal in (("/dev/zero", "is not a regular file"), (big, "more than 64 KiB")):
+        if flag == "--token-file":
+            argv = ["enroll", "--control-plane", "localhost:1", "--state", str(tmp_path / "w")]
+        else:
+            argv = ["query", "--control-plane", "localhost:1", "--api-key", "dck1.x.y", "SELECT 1"]
+        assert main([*argv, flag, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"duckcell: error: {flag}: {path} ") and refusal in err, err
+        assert err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_token_file_may_be_a_pipe(tmp_path: Path) -> None:
+    """``--token-file <(pass show token)``: a FIFO is read, bounded like a file."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"dct1.a.b.c\n",))
+    writer.start()
+    try:
+        assert read_small_file(fifo, "--token-file", "a token") == b"dct1.a.b.c\n"
+    finally:
+        writer.join(10)
+
+
+def test_a_secret_value_on_stdin_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open("/dev/zero", "rb") as zero:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(zero))
+        assert main(["secrets", "set", "--state", str(tmp_path), "A"]) == 2
+    err = capsys.readouterr().err
+    assert "stdin holds more than 64 KiB" in err and err.count("\n") == 1

@@ -18,6 +18,7 @@ from launcher.listing_cache import ListingCache
 from launcher.objectstore import ObjectRef, ObjectStore
 from launcher.policy import Policy, load_policy_text
 from launcher.writes import result_ipc
+from tests.support.parsers import InlineParser
 
 CATALOG = """\
 connections:
@@ -89,7 +90,8 @@ def data_path(tmp_path: Path, store: MemoryStore, made: list[str] | None = None)
         return store
 
     catalog = parse_catalog(CATALOG, str(tmp_path / "cat.yaml"))
-    return DataPath(catalog, ObjectCache(tmp_path / "cache", budget_bytes=2**20), stores=stores)
+    cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
+    return DataPath(catalog, cache, parser=InlineParser(), stores=stores)
 
 
 def test_bindings_name_the_cached_files_of_each_referenced_table(
@@ -165,7 +167,7 @@ def test_store_for_resolves_secrets_on_the_host_or_names_the_missing_one() -> No
     store = store_for(catalog.connections["lake"], {"K": "key", "S": "secret"})
     assert store.source == "s3:http://127.0.0.1:9"
     assert store_for(parse_catalog("connections: {d: {kind: local}}", "/x/c.yaml").connections["d"])
-    assert Catalog.EMPTY.referenced("SELECT * FROM trips") == []
+    assert Catalog.EMPTY.referenced(["trips"]) == []
 
 
 # --- listing_ttl: reusing a table's listing ---------------------------------------------------
@@ -200,7 +202,13 @@ def ttl_data_path(tmp_path: Path, store: MemoryStore, ttl: str, clock: Clock) ->
     text = CATALOG.replace(lake + "}", f"{lake}, listing_ttl: {ttl}}}")
     catalog = parse_catalog(text, str(tmp_path / "cat.yaml"))
     cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
-    return DataPath(catalog, cache, stores=lambda c, e: store, listings=ListingCache(clock))
+    return DataPath(
+        catalog,
+        cache,
+        parser=InlineParser(),
+        stores=lambda c, e: store,
+        listings=ListingCache(clock),
+    )
 
 
 def test_by_default_every_query_lists(tmp_path: Path, store: MemoryStore, policy: Policy) -> None:
@@ -450,7 +458,7 @@ def test_a_catalog_push_while_a_query_is_prepared_leaves_that_query_on_its_catal
 
         catalog = parse_catalog(CATALOG, str(tmp_path / "cat.yaml"))
         cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
-        data = DataPath(catalog, cache, stores=stores)
+        data = DataPath(catalog, cache, parser=InlineParser(), stores=stores)
         preparing = asyncio.create_task(data.prepare("FROM trips", policy))
         await gated.listing.wait()
         data.replace_catalog(Catalog.EMPTY)
@@ -482,7 +490,8 @@ def test_a_local_table_naming_a_link_to_one_file_binds_that_file(
     local = load_policy_text(POLICY.replace("[lake]", "[disk]"), "policies/t.yaml")
 
     async def body() -> None:
-        data = DataPath(catalog, ObjectCache(tmp_path / "cache", budget_bytes=2**20))
+        cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
+        data = DataPath(catalog, cache, parser=InlineParser())
         files = await data.prepare("FROM zones", local)
         (zones,) = files.bindings
         assert len(zones.paths) == 1

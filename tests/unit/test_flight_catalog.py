@@ -16,6 +16,7 @@ from launcher.flight import messages as msg
 from launcher.flight.listing import like
 from launcher.flight.updates import changes_data
 from launcher.protocol import flightsql_pb2 as pb
+from launcher.sql.tables import analyze
 
 from .flight_stack import TRIPS, FlightStack, flight_stack
 
@@ -150,7 +151,7 @@ def test_like_patterns(pattern: str | None, value: str, matches: bool) -> None:
     ],
 )
 def test_changes_data_reads_the_last_statements_type(sql: str, changes: bool) -> None:
-    assert changes_data(sql) is changes
+    assert changes_data(sql, analyze) is changes
 
 
 def test_schema_bytes_are_an_ipc_serialized_schema(stack: FlightStack) -> None:

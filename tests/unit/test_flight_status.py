@@ -147,7 +147,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def _assert_message(name: str, text: str) -> None:
-    """The worker's message comes first; a bug's stays in the server's log."""
+    """The worker's message comes first; a bug's stays in the server's log, and no status
+    carries the server's traceback or paths (``status.sendable``)."""
+    assert "Traceback" not in text and "/launcher/" not in text, text
     if name == "bug":
         assert "log has the details" in text and "secret internals" not in text
     else:

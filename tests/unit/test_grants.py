@@ -17,6 +17,7 @@ from launcher.errors import DuckcellError, QueryDeniedError
 from launcher.grants import AWS, CatalogGrants, SecretGrants, grants_from, normalize_endpoint
 from launcher.objectstore import ObjectStore
 from launcher.policy import load_policy_text
+from tests.support.parsers import InlineParser
 
 POLICY = """\
 name: w
@@ -155,7 +156,9 @@ def test_datapath_refuses_an_ungranted_table_or_write_before_building_a_store(
 
     async def body() -> None:
         cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
-        data = DataPath(catalog, cache, stores=stores, grants=CatalogGrants())
+        data = DataPath(
+            catalog, cache, parser=InlineParser(), stores=stores, grants=CatalogGrants()
+        )
         with pytest.raises(QueryDeniedError, match="connection evil points at"):
             await data.prepare("SELECT * FROM loot", policy)
         with pytest.raises(QueryDeniedError, match="connection aws points at AWS S3"):

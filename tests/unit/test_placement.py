@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from launcher.catalog import Catalog, parse_catalog
+from launcher.controlplane.access import tables_read
 from launcher.controlplane.catalogs import (
     CATALOG_FILE,
     CONFIG_LOCK,
@@ -17,6 +19,8 @@ from launcher.controlplane.catalogs import (
 )
 from launcher.controlplane.placement import Candidate, Pin, choose_worker, pin_for
 from launcher.errors import CatalogError, QueryDeniedError, SqlError, WorkerUnavailableError
+from launcher.sql.tables import table_names
+from tests.support.parsers import InlineParser
 
 CATALOG = """
 connections:
@@ -52,17 +56,17 @@ def catalog() -> Catalog:
     ],
 )
 def test_pin_follows_the_tables_the_parser_finds(catalog: Catalog, sql: str, pin: Pin) -> None:
-    assert pin_for(catalog, sql) == pin
+    assert pin_for(catalog, catalog.referenced(table_names(sql))) == pin
 
 
 def test_tables_pinned_to_two_workers_are_refused_naming_both(catalog: Catalog) -> None:
     with pytest.raises(QueryDeniedError, match=r"east -> wkr-east, west -> west-box"):
-        pin_for(catalog, "SELECT * FROM orders, users")
+        pin_for(catalog, catalog.referenced(["orders", "users"]))
 
 
-def test_unparsable_sql_is_duckdbs_error(catalog: Catalog) -> None:
+def test_unparsable_sql_is_duckdbs_error_when_pins_need_its_tables(catalog: Catalog) -> None:
     with pytest.raises(SqlError, match="syntax error"):
-        pin_for(catalog, "SELEC 1")
+        asyncio.run(tables_read(catalog, None, "SELEC 1", InlineParser()))
 
 
 def test_pinned_query_lands_on_its_worker_by_id_or_name_every_time() -> None:

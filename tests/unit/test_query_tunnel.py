@@ -413,6 +413,65 @@ def test_the_cli_leaves_the_policy_to_the_role_unless_given_one(
     run(scenario)
 
 
+def test_the_cli_exits_1_when_the_worker_is_lost_during_the_query(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's exit codes: a worker lost is the query's failure (1), like a lost
+    sandbox; it used to exit 2."""
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path) as s:
+            argv = ["-q", "query", *remote_flags(s, s.api_key, tmp_path), LONG_SQL]
+            cli = asyncio.create_task(asyncio.to_thread(main, argv))
+            await s.until_running()
+            assert s.worker is not None
+            s.worker.stop()
+            assert await asyncio.wait_for(cli, DEADLINE_S) == 1
+            # One line of the CLI's (the in-process worker's runners write to stderr too).
+            err = capsys.readouterr().err.splitlines()
+            (line,) = [line for line in err if line.startswith("duckcell:")]
+            assert line.startswith("duckcell: error: worker") and "disconnected during" in line
+
+    run(scenario)
+
+
+def test_the_cli_exits_1_without_a_worker_and_2_without_a_control_plane(
+    control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No worker online: the control plane took the query and could not run it (1). No control
+    plane answering: nothing says anything about the query (2)."""
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, worker=False) as s:
+            argv = ["-q", "query", *remote_flags(s, s.api_key, tmp_path), "SELECT 1"]
+            assert await asyncio.to_thread(main, argv) == 1
+            assert "no worker online" in capsys.readouterr().err
+            await control_plane.stop()
+            assert await asyncio.to_thread(main, argv) == 2
+            err = capsys.readouterr().err
+            assert "no answer from the control plane at" in err and err.count("\n") == 1
+
+    run(scenario)
+
+
+def test_a_statement_with_a_nul_byte_is_refused_before_the_router(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Without a worker: a statement that got past the check would fail "no worker online"."""
+
+    async def scenario() -> None:
+        async with stack(control_plane, tmp_path, worker=False) as s:
+            error = await raw_run(s, (("authorization", f"Bearer {s.api_key}"),), "SELECT 'a\0b'")
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (error.details() or "").startswith(
+                "the statement contains a NUL byte (offset 9)"
+            )
+            with pytest.raises(SqlError, match="NUL byte"):
+                await s.client.table("SELECT 1\0")
+
+    run(scenario)
+
+
 # Only one sandbox at a time (no warm pool) and no statement timeout in the way.
 ONE_SANDBOX = POLICY.replace("statement_timeout: 2s", "statement_timeout: 60s").replace(
     "warm: 2", "warm: 0"

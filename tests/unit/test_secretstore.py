@@ -23,6 +23,7 @@ from launcher.datapath import DataPath, store_for
 from launcher.errors import CatalogError, SecretError
 from launcher.policy import load_policy_text
 from launcher.secretstore import DATA_FILE, KEY_FILE, SecretStore
+from tests.support.parsers import InlineParser
 
 VALUE = "wJalrXUtnFEMI/K7MDENG-s3cr3t"
 
@@ -149,7 +150,7 @@ def test_data_path_hands_its_store_to_the_store_factory(tmp_path: Path, store: S
     and a missing secret fails the query naming it, before anything is listed."""
     catalog = parse_catalog(CATALOG, str(tmp_path / "cat.yaml"))
     cache = ObjectCache(tmp_path / "cache", budget_bytes=2**20)
-    data = DataPath(catalog, cache, environ={"K": "key"}, secrets=store)
+    data = DataPath(catalog, cache, parser=InlineParser(), environ={"K": "key"}, secrets=store)
     policy = load_policy_text(POLICY, "policies/t.yaml")
     with pytest.raises(SecretError, match="secret store:LAKE_SECRET is not in"):
         asyncio.run(data.prepare("SELECT * FROM trips", policy))

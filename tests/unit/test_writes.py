@@ -18,7 +18,9 @@ from launcher.datapath import DataPath
 from launcher.errors import ObjectStoreError, QueryDeniedError, QueryError, SqlError
 from launcher.objectstore import LocalStore, ObjectRef, ObjectStore
 from launcher.policy import Policy, load_policy_text
+from launcher.sql.tables import analyze
 from launcher.writes import SANDBOX_OUTPUT_DIR, PendingWrite, WritePlan, plan_write, result_ipc
+from tests.support.parsers import InlineParser
 
 CATALOG = parse_catalog(
     """\
@@ -82,18 +84,18 @@ ALLOWED = "COPY (SELECT 1 AS x) TO 's3://lake/out/x.parquet'"
 )
 def test_destination_check(sql: str, policy_text: str, denied: str | None) -> None:
     if denied is None:
-        plan = plan_write(sql, policy(policy_text), CATALOG)
+        plan = plan_write(analyze(sql), policy(policy_text), CATALOG)
         assert plan is not None and plan.connection == "lake"
         assert plan.destination.startswith("s3://lake/out/")
     else:
         with pytest.raises(QueryDeniedError, match=denied):
-            plan_write(sql, policy(policy_text), CATALOG)
+            plan_write(analyze(sql), policy(policy_text), CATALOG)
 
 
 def test_a_bucket_no_connection_holds_is_denied_with_what_to_add() -> None:
     sql = "COPY trips TO 's3://lake/out/x.parquet'"
     with pytest.raises(QueryDeniedError, match="add a table under s3://lake/"):
-        plan_write(sql, policy(), Catalog.EMPTY)
+        plan_write(analyze(sql), policy(), Catalog.EMPTY)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,7 @@ def test_a_bucket_no_connection_holds_is_denied_with_what_to_add() -> None:
     ],
 )
 def test_statements_that_write_no_object_are_left_alone(sql: str) -> None:
-    assert plan_write(sql, policy(BASE), CATALOG) is None
+    assert plan_write(analyze(sql), policy(BASE), CATALOG) is None
 
 
 def test_the_rewrite_replaces_only_the_destination() -> None:
@@ -118,7 +120,7 @@ def test_the_rewrite_replaces_only_the_destination() -> None:
         "COPY (SELECT 'a' SIMILAR TO 'a' AS \"to\", 'TO' AS s FROM src) /* c */ "
         "TO 's3://lake/out/it''s.parquet' (FORMAT parquet);"
     )
-    plan = plan_write(sql, policy(), CATALOG)
+    plan = plan_write(analyze(sql), policy(), CATALOG)
     assert plan is not None
     assert plan.destination == "s3://lake/out/it's.parquet"
     assert plan.output_path.startswith(SANDBOX_OUTPUT_DIR + "/")
@@ -127,13 +129,13 @@ def test_the_rewrite_replaces_only_the_destination() -> None:
     assert plan.sql.split() == expected.split()  # statements are joined by a newline
     statements = duckdb.connect().extract_statements(plan.sql)
     assert [str(s.type).rsplit(".", 1)[-1] for s in statements] == ["CREATE", "COPY"]
-    other = plan_write(sql, policy(), CATALOG)
+    other = plan_write(analyze(sql), policy(), CATALOG)
     assert other is not None and other.output_path != plan.output_path
 
 
 def test_unparseable_sql_is_a_sql_error() -> None:
     with pytest.raises(SqlError):
-        plan_write("COPY (SELEC 1) TO 's3://lake/out/x.parquet'", policy(), CATALOG)
+        plan_write(analyze("COPY (SELEC 1) TO 's3://lake/out/x.parquet'"), policy(), CATALOG)
 
 
 @dataclass
@@ -270,7 +272,8 @@ def test_datapath_refuses_a_write_before_listing_or_building_a_store(tmp_path: P
         made.append(connection.name)
         return store
 
-    data = DataPath(CATALOG, ObjectCache(tmp_path, budget_bytes=2**20), stores=stores)
+    cache = ObjectCache(tmp_path, budget_bytes=2**20)
+    data = DataPath(CATALOG, cache, parser=InlineParser(), stores=stores)
     with pytest.raises(QueryDeniedError):
         asyncio.run(data.prepare("COPY trips TO 's3://lake/nope/x.parquet'", policy()))
     assert made == [] and store.listed == []
@@ -279,7 +282,10 @@ def test_datapath_refuses_a_write_before_listing_or_building_a_store(tmp_path: P
 
 def test_datapath_hands_the_write_to_the_query(tmp_path: Path) -> None:
     data = DataPath(
-        CATALOG, ObjectCache(tmp_path, budget_bytes=2**20), stores=lambda c, e: MemoryStore()
+        CATALOG,
+        ObjectCache(tmp_path, budget_bytes=2**20),
+        parser=InlineParser(),
+        stores=lambda c, e: MemoryStore(),
     )
     files = asyncio.run(data.prepare("COPY (SELECT 1) TO 's3://lake/out/x.parquet'", policy()))
     assert files.write is not None and files.write.plan.connection == "lake"
