@@ -21,8 +21,8 @@ from .instance import InstanceLock, ReapReport, instance_alive, reap_orphans
 from .policy import Policy, PolicySet, check_no_downgrade, load_policies
 from .policy_pools import PolicyPools
 from .pool import SandboxPool
+from .sandbox_files import remove_stale
 from .session import Session, SessionManager
-from .session_files import remove_stale
 
 
 class LocalLauncher:
@@ -43,7 +43,7 @@ class LocalLauncher:
         self._lock: InstanceLock | None = None
         self.backend: DockerBackend | None = None
         self.capacity = Capacity(config.max_sandboxes)
-        self._pools = PolicyPools(self._new_pool, wake_pools=self.capacity.wake_all)
+        self._pools = PolicyPools(self._new_pool)
         self.sessions = SessionManager(self.pool_for)
         self._executor: Executor | None = None
         self.reaped: ReapReport | None = None
@@ -89,6 +89,17 @@ class LocalLauncher:
         self._executor = Executor(
             backend, self.pool_for, self.sessions, kill_grace_s=config.kill_grace_s
         )
+        self._warm_pools()
+
+    def _warm_pools(self) -> None:
+        """With the policies' own warm sizes (no ``warm_override``), every policy's pool starts
+        filling now, in the background: a worker's first query finds a sandbox ready instead
+        of paying a start. A caller that overrides the size warms what it needs (``warm``)."""
+        if self._warm_override is not None or self._executor is None:
+            return
+        started = self._pools.warm_all(self.policies)
+        if started:
+            self._progress(f"warming pools in the background: {', '.join(started)}")
 
     @property
     def executor(self) -> Executor:
@@ -120,6 +131,7 @@ class LocalLauncher:
         """
         replaced = self._pools.replace(new)
         self.policies.replace(new)
+        self._warm_pools()  # a policy new to this host fills now too
         return replaced
 
     def apply_pushed_policies(self, pushed: Iterable[Policy]) -> list[str]:

@@ -5,7 +5,8 @@ changes (a push from the control plane, see ``LocalLauncher.replace_policies``) 
 *retired* and a new one starts for the new version. Retiring never cuts work short:
 
 - the retired pool stops keeping sandboxes warm (``warm = 0``) and its idle ready sandboxes
-  are destroyed at once;
+  are destroyed at once (a query still waiting on it gets a sandbox started for it: a pool
+  starts one per waiting query whatever its warm size);
 - queries already running, or already waiting for a sandbox, finish under the version they
   started with, and sessions keep their sandbox (and so their version) until they end: each
   releases to the pool it acquired from;
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .policy import Isolation, Policy, PolicySet, same_settings
+from .policy import Policy, PolicySet, same_settings
 from .pool import SandboxPool
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,16 @@ class PolicyPools:
     """Pools by policy name for the versions in force, plus retired pools still draining.
 
     ``new_pool`` builds an unstarted pool for a policy (``LocalLauncher`` sizes it);
-    ``retire_poll_s`` is how often a retired pool is looked at until it can be closed;
-    ``wake_pools`` wakes every pool's filler (``Capacity.wake_all``).
+    ``retire_poll_s`` is how often a retired pool is looked at until it can be closed.
     """
 
     def __init__(
         self,
         new_pool: Callable[[Policy], SandboxPool],
         *,
-        wake_pools: Callable[[], None] = lambda: None,
         retire_poll_s: float = RETIRE_POLL_S,
     ) -> None:
         self._new_pool = new_pool
-        self._wake_pools = wake_pools
         self._retire_poll_s = retire_poll_s
         self._current: dict[str, SandboxPool] = {}
         self._retired: set[SandboxPool] = set()
@@ -86,6 +84,16 @@ class PolicyPools:
                 self._current[name] = self._start(new)
         return changed
 
+    def warm_all(self, policies: Iterable[Policy]) -> list[str]:
+        """Start a pool for each of ``policies`` that has none yet, so it fills its warm stock
+        in the background now rather than at its first query; returns their names."""
+        started = []
+        for policy in policies:
+            if policy.name not in self._current:
+                self._current[policy.name] = self._start(policy)
+                started.append(policy.name)
+        return started
+
     def current(self) -> dict[str, SandboxPool]:
         return dict(self._current)
 
@@ -108,7 +116,7 @@ class PolicyPools:
         return pool
 
     def _retire(self, pool: SandboxPool) -> None:
-        self._serve_waiters(pool)
+        pool.warm = 0
         while pool.reclaim_idle():
             pass
         self._retired.add(pool)
@@ -117,28 +125,15 @@ class PolicyPools:
         closer.add_done_callback(self._closers.discard)
         log.info("pool %s retired: %s", pool.policy.name, pool.stats())
 
-    def _serve_waiters(self, pool: SandboxPool) -> None:
-        """Keep nothing warm, but start sandboxes for queries waiting on the old version.
-
-        A per-query pool counts its busy sandboxes as covering demand (each is replaced on
-        release), so with ``warm`` 0 a waiter would wait for the running queries to end:
-        ``warm`` = busy makes the filler start one sandbox per waiter instead.
-        """
-        waiting = pool.has_waiters() and pool.policy.isolation is Isolation.QUERY
-        pool.warm = pool.stats()["busy"] if waiting else 0
-        if waiting:
-            self._wake_pools()
-
     async def _close_when_drained(self, pool: SandboxPool) -> None:
         """Poll until nothing of the retired pool is in use, then close it."""
         while True:
             await asyncio.sleep(self._retire_poll_s)
-            self._serve_waiters(pool)
             if not pool.has_waiters():
                 while pool.reclaim_idle():  # a start that was under way when it retired
                     pass
             stats = pool.stats()
-            if stats["busy"] or stats["waiting"] or stats["starting"] or stats["ready"]:
+            if any(stats[key] for key in ("busy", "waiting", "starting", "checking", "ready")):
                 continue
             self._retired.discard(pool)
             self._closing.add(pool)

@@ -2,16 +2,23 @@
 
 Checkout is O(1): a ready sandbox is popped from a deque, or the caller waits in a FIFO of
 futures that the filler serves as sandboxes come up. The filler is the only place that
-creates sandboxes; it runs in the background and keeps ``warm + waiting`` sandboxes ready,
-starting or (per-query mode) busy, never doing engine work under a lock (there is none: one
-event loop owns the state). Per-query sandboxes are never reused: release destroys off the
-critical path and wakes the filler for the replacement.
+creates sandboxes; it runs in the background, never doing engine work under a lock (there is
+none: one event loop owns the state). It starts one sandbox per waiting query at once (while
+the host cap allows, whatever else runs) and keeps the ``warm`` stock; a busy per-query
+sandbox stands in for its replacement in that stock, never for a waiting query. Per-query
+sandboxes are never reused: release destroys off the critical path and wakes the filler.
+
+A warm sandbox can die while it waits (``docker kill``; an engine restart stops them all): one
+idle longer than ``idle_check_s``, or ready before the engine last failed a call, is inspected
+before it is handed out and replaced unless it runs. A failed removal is retried with backoff
+until it succeeds, at ``close`` too (up to ``removal_deadline_s``); its slot stays taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -34,8 +41,20 @@ log = logging.getLogger(__name__)
 # Errors no retry will fix: waiting queries fail at once instead of at their queue timeout.
 _FATAL = (ImageMissingError, EngineUnavailableError)
 
+IDLE_CHECK_S = 1.0  # a ready sandbox idle longer than this is inspected before hand-out (~1 ms)
+CLOSING_RETRY_S = 1.0  # at close, a failed removal is retried at least this often
+REMOVAL_DEADLINE_S = 30.0  # how long close waits for removals that keep failing
+
 
 class SandboxPool:
+    """Ready sandboxes of one policy, checked out by ``acquire`` and given back by ``release``.
+
+    ``acquire`` raises OverCapacityError (closed, or no slot within the queue timeout),
+    SandboxStartError (nothing became ready in time) or the fatal start error (image missing,
+    no engine). A ready sandbox idle longer than ``idle_check_s`` is inspected before it is
+    handed out; ``removal_deadline_s`` bounds how long ``close`` retries failed removals.
+    """
+
     def __init__(
         self,
         policy: Policy,
@@ -45,6 +64,8 @@ class SandboxPool:
         warm: int | None = None,
         queue_timeout_s: float = 30.0,
         max_parallel_starts: int = 2,
+        idle_check_s: float = IDLE_CHECK_S,
+        removal_deadline_s: float = REMOVAL_DEADLINE_S,
     ) -> None:
         self.policy = policy
         self.warm = policy.warm_pool if warm is None else warm
@@ -56,7 +77,14 @@ class SandboxPool:
         self._waiters: deque[asyncio.Future[Sandbox]] = deque()
         self._live: set[Sandbox] = set()
         self._starting = 0
+        self._checking = 0  # popped from ``_ready``, being inspected before hand-out
         self._busy = 0
+        self._idle_check_s = idle_check_s
+        self._removal_deadline_s = removal_deadline_s
+        self._closing = asyncio.Event()  # cuts removal backoff short when close begins
+        # Sandboxes ready at or before this (monotonic) time are inspected before hand-out:
+        # the engine failed a call then, or a warm sandbox was found dead.
+        self._doubt_at = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # tells the filler to look again
         self._changed = asyncio.Event()  # a sandbox became ready or a start failed
@@ -91,8 +119,13 @@ class SandboxPool:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def close(self) -> None:
-        """Stop filling, fail waiters, destroy every sandbox this pool owns."""
+        """Stop filling, fail waiters, destroy every sandbox this pool owns.
+
+        Removals that fail are retried until they succeed or ``removal_deadline_s`` passes;
+        then the containers left are logged (``duckcell sandboxes reap`` removes them).
+        """
         self._closed = True
+        self._closing.set()
         if self._filler is not None:
             self._filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,7 +136,19 @@ class SandboxPool:
                 waiter.set_exception(OverCapacityError("launcher is shutting down"))
         for sandbox in list(self._live):
             self._destroy_later(sandbox)
-        while self._tasks:
+        deadline = time.monotonic() + self._removal_deadline_s
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self._tasks), timeout=deadline - time.monotonic())
+        if self._tasks:
+            log.error(
+                "pool %s: could not remove sandbox(es) %s within %.0f s; "
+                "`duckcell sandboxes reap` removes them once the engine answers",
+                self.policy.name,
+                ", ".join(sorted(s.name for s in self._live)) or "(a start under way)",
+                self._removal_deadline_s,
+            )
+            for task in list(self._tasks):
+                task.cancel()
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._capacity.unregister(self)
 
@@ -111,8 +156,12 @@ class SandboxPool:
     async def acquire(self) -> Sandbox:
         if self._closed:
             raise OverCapacityError(f"pool {self.policy.name} is closed")
-        if self._ready:
-            return self._hand_out(self._ready.popleft())
+        while self._ready:
+            sandbox = self._ready.popleft()
+            if await self._still_alive(sandbox):
+                return self._hand_out(sandbox)
+            if self._closed:
+                raise OverCapacityError(f"pool {self.policy.name} is closed")
         if self._retry_at == math.inf:
             # A fatal start error stopped the filler; this caller's wait is one new attempt.
             self._retry_at = 0.0
@@ -136,6 +185,38 @@ class SandboxPool:
                     self._offer(sandbox)
             elif not waiter.done():
                 waiter.cancel()
+
+    async def _still_alive(self, sandbox: Sandbox) -> bool:
+        """Whether a warm sandbox just popped from ``_ready`` may be handed out.
+
+        Fresh ones are trusted; one idle longer than ``idle_check_s`` or ready before the
+        engine last failed is inspected, and destroyed (and so replaced) unless it runs; an
+        inspect that fails counts as dead. A caller cancelled meanwhile puts it back.
+        """
+        idle_s = time.monotonic() - sandbox.created_at
+        if idle_s <= self._idle_check_s and sandbox.created_at > self._doubt_at:
+            return True
+        self._checking += 1
+        try:
+            status = (await self._factory.backend.inspect(sandbox.handle)).status
+        except DuckcellError as error:
+            status = f"not answering ({error})"
+        except BaseException:  # the caller was cancelled: the sandbox goes back
+            if sandbox.state is SandboxState.READY:
+                self._offer(sandbox)
+            raise
+        finally:
+            self._checking -= 1
+        if sandbox.state is not SandboxState.READY:
+            return False  # the pool closed (or retired it) meanwhile
+        if status == "running":
+            return True
+        log.warning(
+            "pool %s: warm sandbox %s is %s; replacing it", self.policy.name, sandbox.name, status
+        )
+        self._doubt_at = time.monotonic()  # its siblings are likely gone too: check them
+        self._destroy_later(sandbox)
+        return False
 
     def _hand_out(self, sandbox: Sandbox) -> Sandbox:
         sandbox.state = SandboxState.BUSY
@@ -177,15 +258,16 @@ class SandboxPool:
 
     # --- filling --------------------------------------------------------------------------
     def _deficit(self) -> int:
-        want = self.warm + len(self._waiters)
-        have = len(self._ready) + self._starting
+        stock = self.warm
         if self.policy.isolation is Isolation.QUERY:
             # A busy per-query sandbox is replaced when it is released, not when it is
             # checked out: on a small host a container start beside a running query slows
             # that query down (measured: a 10M-row aggregate 1.27x -> 1.04x of in-process).
-            # A query that finds nothing ready is a waiter and starts one at once.
-            have += self._busy
-        return want - have
+            # So busy sandboxes stand in for the warm stock, but never for a waiting query:
+            # a query that finds nothing ready starts one at once, whatever else is running.
+            stock = max(0, self.warm - self._busy)
+        have = len(self._ready) + self._checking + self._starting
+        return stock + len(self._waiters) - have
 
     async def _fill_loop(self) -> None:
         while not self._closed:
@@ -238,6 +320,7 @@ class SandboxPool:
 
     def _on_failure(self, error: DuckcellError) -> None:
         self.last_error = error
+        self._doubt_at = time.monotonic()  # the engine may have lost the warm ones too
         self._changed.set()
         self._failures += 1
         log.warning("pool %s: sandbox start failed: %s", self.policy.name, error)
@@ -278,13 +361,42 @@ class SandboxPool:
         self._spawn(self._destroy(sandbox))
 
     async def _destroy(self, sandbox: Sandbox) -> None:
+        """Remove a sandbox, retrying with backoff until the engine lets it go (its slot is
+        given back only then: the container exists until it is removed)."""
         try:
-            await self._factory.destroy(sandbox)
-        except DuckcellError as error:
-            log.warning("could not remove sandbox %s: %s", sandbox.name, error)
+            for attempt in itertools.count(1):
+                try:
+                    await self._factory.destroy(sandbox)
+                except DuckcellError as error:  # the engine's answer: it may answer later
+                    self._doubt_at = time.monotonic()
+                    delay = min(10.0, 0.5 * 2 ** min(attempt - 1, 5))  # 0.5, 1, 2 ... 10 s
+                    if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8...: the log stays short
+                        log.warning(
+                            "could not remove sandbox %s (attempt %d, next in %.1f s): %s",
+                            sandbox.name,
+                            attempt,
+                            delay,
+                            error,
+                        )
+                    await self._removal_pause(delay)
+                    continue
+                if attempt > 1:
+                    log.info("sandbox %s removed at attempt %d", sandbox.name, attempt)
+                return
+        except Exception:  # a bug, not the engine: retrying would not help
+            log.exception("could not remove sandbox %s", sandbox.name)
         finally:
             self._live.discard(sandbox)
             self._capacity.give_back()
+
+    async def _removal_pause(self, delay_s: float) -> None:
+        """Back off between removal attempts; once ``close`` began, retry at least every
+        ``CLOSING_RETRY_S`` (a pause under way ends when close begins)."""
+        if self._closed:
+            await asyncio.sleep(min(delay_s, CLOSING_RETRY_S))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay_s)
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -296,7 +408,9 @@ class SandboxPool:
         return {
             "ready": len(self._ready),
             "starting": self._starting,
+            "checking": self._checking,
             "waiting": len(self._waiters),
             "busy": self._busy,
             "live": len(self._live),
+            "removing": sum(1 for s in self._live if s.state is SandboxState.DESTROYING),
         }

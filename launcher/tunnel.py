@@ -121,6 +121,7 @@ class TunnelClient:
         self.connected = asyncio.Event()
         self.refusal: TunnelRefusedError | None = None
         self.connections = 0  # welcomed streams so far
+        self._down_since: float | None = None  # when the last welcomed stream ended
 
     def stop(self) -> None:
         """Ask ``run`` to hang up and return; safe to call from a signal handler."""
@@ -192,6 +193,9 @@ class TunnelClient:
                     welcome.worker_id,
                     welcome.control_plane_version,
                 )
+                if self._down_since is not None:  # at the drop's level: seen without -v
+                    down_s = time.monotonic() - self._down_since
+                    log.warning("tunnel to %s back up after %.1f s down", self._address, down_s)
                 send = _Sender(call)
                 sessions = WorkerSessions(self._session_host, send)
                 queries = QueryTasks(
@@ -199,6 +203,8 @@ class TunnelClient:
                 )
                 await self._serve(call, send, queries, sessions, welcome)
             finally:
+                if self.connected.is_set():
+                    self._down_since = time.monotonic()
                 self.connected.clear()
                 call.cancel()
 

@@ -62,9 +62,7 @@ class Harness:
             backend, FactorySettings("img", "unit", "inst", None, start_timeout_s=5)
         )
         self.capacity = Capacity(16)
-        self.pools = PolicyPools(
-            self._new_pool, wake_pools=self.capacity.wake_all, retire_poll_s=0.02
-        )
+        self.pools = PolicyPools(self._new_pool, retire_poll_s=0.02)
         self.sessions = SessionManager(self.pools.pool_for)
         self.executor = Executor(backend, self.pools.pool_for, self.sessions, kill_grace_s=1)
 
@@ -170,6 +168,24 @@ def test_a_removed_policy_retires_its_pool_and_close_leaves_nothing() -> None:
         assert h.pools.current() == {} and h.pools.retired() == [pool]
         assert busy.state is SandboxState.BUSY
         # close() at shutdown removes the busy sandbox of the retired pool too
+
+    scenario(body)
+
+
+def test_warm_all_starts_every_policys_pool_before_its_first_query() -> None:
+    """What a worker does at start: every pool fills in the background, no query needed."""
+
+    async def body(h: Harness) -> None:
+        v1, other = policy(QUERY_V1), policy(OTHER)
+        assert h.pools.warm_all([v1, other]) == ["q", "other"]
+        pools = h.pools.current()
+        await eventually(
+            lambda: all(pool.stats()["ready"] == 2 for pool in pools.values()),
+            "two warm sandboxes per policy",
+        )
+        pool = pools["q"]
+        assert h.pools.warm_all([v1, other, policy(NEW)]) == ["new"]  # only pools it lacks
+        assert h.pools.pool_for(v1) is pool
 
     scenario(body)
 

@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from launcher.backend.base import ContainerState, SandboxHandle
 from launcher.capacity import Capacity
 from launcher.catalog import Binding
 from launcher.datapath import TableFiles
 from launcher.errors import (
+    EngineUnavailableError,
     ImageMissingError,
     OverCapacityError,
     QueryCancelledError,
@@ -27,8 +31,10 @@ from launcher.errors import (
 from launcher.executor import Executor, QueryExecution, collect_table
 from launcher.factory import FactorySettings, SandboxFactory
 from launcher.policy import Policy, load_policy_text
-from launcher.pool import SandboxPool
+from launcher.pool import IDLE_CHECK_S, REMOVAL_DEADLINE_S, SandboxPool
+from launcher.sandbox import SandboxState
 from launcher.session import SessionManager
+from tests.support.waiting import eventually
 
 from .fakes import FakeBackend
 
@@ -51,6 +57,8 @@ class Harness:
         capacity: int = 8,
         queue_timeout_s: float = 5,
         cache_dir: str | None = None,
+        idle_check_s: float = IDLE_CHECK_S,
+        removal_deadline_s: float = REMOVAL_DEADLINE_S,
     ) -> None:
         self.backend = backend
         self.factory = SandboxFactory(
@@ -58,6 +66,8 @@ class Harness:
         )
         self.capacity = Capacity(capacity)
         self.queue_timeout_s = queue_timeout_s
+        self.idle_check_s = idle_check_s
+        self.removal_deadline_s = removal_deadline_s
         self.pools: dict[str, SandboxPool] = {}
         self.sessions = SessionManager(self.pool_for)
         self.executor = Executor(backend, self.pool_for, self.sessions, kill_grace_s=1)
@@ -65,7 +75,12 @@ class Harness:
     def pool_for(self, policy: Policy) -> SandboxPool:
         if policy.name not in self.pools:
             pool = SandboxPool(
-                policy, self.factory, self.capacity, queue_timeout_s=self.queue_timeout_s
+                policy,
+                self.factory,
+                self.capacity,
+                queue_timeout_s=self.queue_timeout_s,
+                idle_check_s=self.idle_check_s,
+                removal_deadline_s=self.removal_deadline_s,
             )
             pool.start()
             self.pools[policy.name] = pool
@@ -77,9 +92,11 @@ class Harness:
             await pool.close()
 
 
-def scenario(body: Callable[[Harness], Awaitable[T]], **kwargs: object) -> T:
+def scenario(
+    body: Callable[[Harness], Awaitable[T]], backend: FakeBackend | None = None, **kwargs: object
+) -> T:
     async def main() -> T:
-        harness = Harness(FakeBackend(), **kwargs)  # type: ignore[arg-type]
+        harness = Harness(backend or FakeBackend(), **kwargs)  # type: ignore[arg-type]
         try:
             return await body(harness)
         finally:
@@ -92,17 +109,25 @@ def scenario(body: Callable[[Harness], Awaitable[T]], **kwargs: object) -> T:
 QUERY = load_policy_text(QUERY_POLICY, "<test>")
 
 
-async def until_in_sandbox(execution: QueryExecution) -> None:
-    """Wait (bounded) until a query has been handed its sandbox."""
-    for _ in range(500):
-        if execution.record.sandbox:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("query never reached a sandbox")
-
-
 SESSION = load_policy_text(SESSION_POLICY, "<test>")
 DEADLINE_S = 10.0
+# Streams rows until stopped: its first chunk shows DuckDB is running it in the sandbox.
+ENDLESS = "SELECT range AS n FROM range(100000000000)"
+
+
+async def until_in_sandbox(execution: QueryExecution) -> None:
+    await eventually(lambda: bool(execution.record.sandbox), "the query reached a sandbox")
+
+
+def run_until_first_chunk(execution: QueryExecution) -> tuple[asyncio.Future[None], asyncio.Event]:
+    """Consume a query's result in a task; the event is set once its first chunk arrived."""
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in execution.chunks():
+            first.set()
+
+    return asyncio.ensure_future(consume()), first
 
 
 def test_pool_warms_to_its_size_and_never_reuses_a_sandbox() -> None:
@@ -206,12 +231,9 @@ def test_session_cancel_interrupts_but_keeps_the_session() -> None:
     async def body(h: Harness) -> None:
         session = await h.sessions.open(SESSION)
         sid = session.session_id
-        execution = h.executor.execute(
-            "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
-        )
-        task = asyncio.ensure_future(collect_table(execution))
-        await until_in_sandbox(execution)
-        await asyncio.sleep(0.2)
+        execution = h.executor.execute(ENDLESS, session_id=sid)
+        task, first = run_until_first_chunk(execution)
+        await asyncio.wait_for(first.wait(), DEADLINE_S)  # DuckDB is running it
         assert await h.executor.cancel(execution.query_id)
         with pytest.raises(QueryCancelledError):
             await task
@@ -250,11 +272,13 @@ def test_failing_starts_back_off_instead_of_spinning() -> None:
 
     async def body(h: Harness) -> None:
         h.backend.fail_start = True
+        began = time.monotonic()
         pool = h.pool_for(QUERY)
-        with pytest.raises(SandboxStartError):
-            await pool.wait_warm(1.0)
-        await asyncio.sleep(1.0)
-        assert h.backend.created <= 8, f"{h.backend.created} starts in ~2 s"
+        # Two parallel starts fail at once, then each retry waits 0.4 s, 0.8 s, ...
+        await eventually(lambda: h.backend.created >= 4, "two rounds of starts")
+        assert time.monotonic() - began >= 0.4, "the second round did not back off"
+        with pytest.raises(SandboxStartError, match="exited with code 1"):
+            await pool.wait_warm(0.1)
 
     scenario(body)
 
@@ -265,9 +289,11 @@ def test_missing_image_stops_the_filler_until_asked_again() -> None:
         pool = h.pool_for(QUERY)
         with pytest.raises(ImageMissingError):
             await pool.acquire()
-        await asyncio.sleep(0.5)
+        await eventually(lambda: pool.stats()["starting"] == 0, "the failed starts ended")
         before = h.backend.created
-        await asyncio.sleep(0.5)
+        h.capacity.wake_all()  # the filler looks again ...
+        for _ in range(10):
+            await asyncio.sleep(0)  # ... and gets to run
         assert h.backend.created == before  # nothing retried on its own
         h.backend.images.add("img")  # the image gets built; the next query works
         await collect_table(h.executor.execute("SELECT 1", policy=QUERY))
@@ -283,7 +309,7 @@ def test_cancel_while_queued_stops_waiting() -> None:
         held = await pool.acquire()
         queued = h.executor.execute("CREATE TEMP TABLE ran AS SELECT 1", policy=QUERY)
         task = asyncio.ensure_future(collect_table(queued))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: pool.stats()["waiting"] == 1, "the query is queued")
         assert await h.executor.cancel(queued.query_id)
         with pytest.raises(QueryCancelledError, match="waited"):
             await task
@@ -310,12 +336,9 @@ def test_closing_a_session_under_a_running_query_is_a_clear_error() -> None:
     async def body(h: Harness) -> None:
         session = await h.sessions.open(SESSION)
         sid = session.session_id
-        execution = h.executor.execute(
-            "SELECT sum(hash(range)) FROM range(100000000000)", session_id=sid
-        )
-        task = asyncio.ensure_future(collect_table(execution))
-        await until_in_sandbox(execution)
-        await asyncio.sleep(0.1)
+        execution = h.executor.execute(ENDLESS, session_id=sid)
+        task, first = run_until_first_chunk(execution)
+        await asyncio.wait_for(first.wait(), DEADLINE_S)  # DuckDB is running it
         h.sessions.close(sid, "reached its max lifetime of 1 s")
         with pytest.raises(SandboxLostError, match="ended during the query"):
             await task
@@ -394,7 +417,7 @@ def test_a_session_cancel_while_its_files_are_linked_stops_the_query() -> None:
                 linked.wait(DEADLINE_S)
                 return bindings
 
-        session.sandbox.session_dir = SlowLink()  # type: ignore[assignment]
+        session.sandbox.files = SlowLink()  # type: ignore[assignment]
         tables = TableFiles(bindings=(Binding("t", "parquet", ("/cache/t.parquet",)),))
         execution = h.executor.execute(
             "CREATE TEMP TABLE ran AS SELECT 1", session_id=session.session_id, tables=tables
@@ -405,7 +428,7 @@ def test_a_session_cancel_while_its_files_are_linked_stops_the_query() -> None:
         linked.set()
         with pytest.raises(QueryCancelledError):
             await task
-        session.sandbox.session_dir = None
+        session.sandbox.files = None
         check = h.executor.execute(
             "SELECT count(*) AS n FROM duckdb_tables()", session_id=session.session_id
         )
@@ -414,26 +437,180 @@ def test_a_session_cancel_while_its_files_are_linked_stops_the_query() -> None:
     scenario(body)
 
 
-def test_a_session_sandbox_gets_a_session_directory_that_goes_with_it(tmp_path: Path) -> None:
-    """Created before the container (the runner is told its sandbox path), removed after it;
-    per-query sandboxes get none."""
-    policy = SESSION
+def test_every_sandbox_gets_a_files_directory_that_goes_with_it(tmp_path: Path) -> None:
+    """Created before the container (its only /cache, launcher.sandbox_files), removed after
+    it; a session's runner is locked to it, a per-query runner to its first query's files."""
 
     async def body(h: Harness) -> None:
-        session = await h.sessions.open(policy)
-        session_dir = session.sandbox.session_dir
-        assert session_dir is not None and session_dir.host.is_dir()
-        assert session_dir.host.parent == tmp_path / ".sessions" / "inst"
+        session = await h.sessions.open(SESSION)
+        files = session.sandbox.files
+        assert files is not None and files.host.is_dir()
+        assert files.host == tmp_path / ".sandboxes" / "inst" / session.sandbox.slot
         spec = h.backend.containers[session.sandbox.handle.container_id].spec
+        assert spec.files_dir == str(files.host)
         runner = json.loads(spec.environment["DUCKCELL_RUNNER_CONFIG"])
-        assert runner["session_dir"] == f"/cache/.sessions/inst/{session.sandbox.slot}"
+        assert runner["session_dir"] == "/cache/files"
         h.sessions.close(session.session_id)
-        for _ in range(100):
-            if not session_dir.host.exists():
-                break
-            await asyncio.sleep(0.02)
-        assert not session_dir.host.exists()
+        await eventually(lambda: not files.host.exists())
         per_query = await h.pool_for(QUERY).acquire()
-        assert per_query.session_dir is None
+        assert per_query.files is not None and per_query.files.host.is_dir()
+        spec = h.backend.containers[per_query.handle.container_id].spec
+        assert "session_dir" not in json.loads(spec.environment["DUCKCELL_RUNNER_CONFIG"])
+        h.pool_for(QUERY).release(per_query)
+        await eventually(lambda: not per_query.files.host.exists())
 
     scenario(body, cache_dir=str(tmp_path))
+
+
+# --- faults: the deficit rule, dead warm sandboxes, removals the engine refuses ----------------
+WARM_ONE = load_policy_text(
+    QUERY_POLICY.replace("name: q", "name: one").replace("warm: 2", "warm: 1"), "<test>"
+)
+
+
+@dataclass
+class FlakyBackend(FakeBackend):
+    """FakeBackend whose next ``failing_removes`` removals fail as if the engine were down,
+    and that counts inspections."""
+
+    failing_removes: int = 0
+    inspections: int = 0
+
+    async def remove(self, handle: SandboxHandle) -> None:
+        if self.failing_removes > 0:
+            self.failing_removes -= 1
+            raise EngineUnavailableError("lost the Docker engine during remove (test)")
+        await super().remove(handle)
+
+    async def inspect(self, handle: SandboxHandle) -> ContainerState:
+        self.inspections += 1
+        return await super().inspect(handle)
+
+
+def kill_behind_the_pools_back(backend: FakeBackend) -> set[str]:
+    """Stop every running fake container, as ``docker kill`` or an engine restart would."""
+    killed = set()
+    for container_id, container in backend.containers.items():
+        if container.status == "running" and container.server is not None:
+            container.server.stop(0)
+            container.status = "exited"
+            killed.add(container_id)
+    return killed
+
+
+def test_a_queued_query_starts_a_sandbox_whatever_is_busy() -> None:
+    """3 busy + 1 queued on a pool of warm 1: the queued query gets a start at once; it does
+    not wait for a busy one (busy sandboxes stand in for the warm stock only)."""
+
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(WARM_ONE)
+        await pool.wait_warm(DEADLINE_S)
+        busy = [await asyncio.wait_for(pool.acquire(), DEADLINE_S) for _ in range(3)]
+        for _ in range(10):
+            await asyncio.sleep(0)  # the filler looks: 3 busy cover the warm stock of 1
+        stats = pool.stats()
+        assert (stats["busy"], stats["ready"], stats["starting"]) == (3, 0, 0)
+        queued = asyncio.ensure_future(pool.acquire())
+        await eventually(lambda: pool.stats()["starting"] == 1, "a start for the queued query")
+        fourth = await asyncio.wait_for(queued, DEADLINE_S)
+        assert all(sandbox.state is SandboxState.BUSY for sandbox in busy)  # still running
+        for sandbox in [*busy, fourth]:
+            pool.release(sandbox)
+        await pool.wait_warm(DEADLINE_S)
+
+    scenario(body)
+
+
+def test_a_dead_warm_sandbox_is_replaced_before_it_is_handed_out() -> None:
+    async def body(h: Harness) -> None:
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(DEADLINE_S)
+        dead = kill_behind_the_pools_back(h.backend)
+        assert len(dead) == 2
+        table = await collect_table(h.executor.execute("SELECT 42 AS x", policy=QUERY))
+        assert table.to_pylist() == [{"x": 42}]
+        await eventually(lambda: not dead & set(h.backend.containers), "the dead ones removed")
+        await pool.wait_warm(DEADLINE_S)
+
+    scenario(body, idle_check_s=0)  # every warm sandbox counts as idle: always inspected
+
+
+def test_a_fresh_warm_sandbox_is_handed_out_without_an_engine_call() -> None:
+    async def body(h: Harness) -> None:
+        backend = h.backend
+        assert isinstance(backend, FlakyBackend)
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(DEADLINE_S)
+        before = backend.inspections
+        pool.release(await pool.acquire())
+        assert backend.inspections == before
+
+    scenario(body, backend=FlakyBackend(), idle_check_s=3600)
+
+
+def test_after_a_failed_engine_call_warm_sandboxes_are_checked_before_use() -> None:
+    """However fresh, a warm sandbox ready before the engine failed a call is inspected."""
+
+    async def body(h: Harness) -> None:
+        backend = h.backend
+        assert isinstance(backend, FlakyBackend)
+        pool = h.pool_for(QUERY)
+        await pool.wait_warm(DEADLINE_S)
+        held = await pool.acquire()
+        dead = kill_behind_the_pools_back(backend) - {held.handle.container_id}
+        backend.failing_removes = 1
+        pool.release(held)  # its removal fails once: the engine is in doubt
+        await eventually(lambda: backend.failing_removes == 0, "the failed removal")
+        table = await collect_table(h.executor.execute("SELECT 7 AS x", policy=QUERY))
+        assert table.to_pylist() == [{"x": 7}]
+        await eventually(lambda: not dead & set(backend.containers), "the dead one removed")
+
+    scenario(body, backend=FlakyBackend(), idle_check_s=3600)
+
+
+def test_a_failed_removal_is_retried_until_it_succeeds() -> None:
+    async def body(h: Harness) -> None:
+        backend = h.backend
+        assert isinstance(backend, FlakyBackend)
+        pool = h.pool_for(WARM_ONE)
+        sandbox = await pool.acquire()
+        backend.failing_removes = 2
+        pool.release(sandbox)
+        await eventually(lambda: backend.failing_removes == 0, "two failed removals")
+        assert sandbox.handle.container_id in backend.containers
+        assert pool.stats()["removing"] == 1  # its slot stays taken: the container exists
+        await eventually(
+            lambda: sandbox.handle.container_id not in backend.containers, "the third attempt"
+        )
+        await eventually(lambda: pool.stats()["removing"] == 0, "its slot given back")
+
+    scenario(body, backend=FlakyBackend())
+
+
+def test_close_retries_failed_removals_and_leaves_nothing() -> None:
+    async def body(h: Harness) -> None:
+        backend = h.backend
+        assert isinstance(backend, FlakyBackend)
+        await h.pool_for(QUERY).wait_warm(DEADLINE_S)
+        backend.failing_removes = 3  # the engine refuses three removals during close
+
+    scenario(body, backend=FlakyBackend())  # scenario's close asserts nothing is left
+
+
+def test_close_gives_up_on_removals_after_its_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        backend = FlakyBackend()
+        h = Harness(backend, removal_deadline_s=0.3)
+        await h.pool_for(WARM_ONE).wait_warm(DEADLINE_S)
+        backend.failing_removes = 10**6  # the engine never comes back
+        began = time.monotonic()
+        await h.close()
+        assert time.monotonic() - began < DEADLINE_S
+        assert backend.live() == 1 and h.capacity.used == 0
+        backend.failing_removes = 0
+        for container_id in list(backend.containers):
+            await backend.remove_by_id(container_id)
+
+    asyncio.run(main())
+    assert "could not remove sandbox(es) duckcell-" in caplog.text
+    assert "duckcell sandboxes reap" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -359,7 +360,7 @@ def test_a_worker_is_overdue_three_intervals_after_its_last_heartbeat(
 
 
 def test_worker_reconnects_by_itself_after_a_control_plane_restart(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
         await control_plane.start()
@@ -381,6 +382,8 @@ def test_worker_reconnects_by_itself_after_a_control_plane_restart(
         await eventually(lambda: client.connections == 2, "it reconnected by itself")
         assert control_plane.worker(identity.worker_id).online
         assert all(0 <= delay <= FAST.cap_s for delay in delays)
+        # The operator sees the link come back and how long it was down.
+        assert re.search(r"tunnel to \S+ back up after \d+\.\d s down", caplog.text)
 
         client.stop()
         await asyncio.wait_for(running, DEADLINE_S)
