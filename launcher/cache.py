@@ -18,13 +18,23 @@ How the guarantees are kept (layout and index: ``cache_index``):
 - **Pins work across processes.** A lease keeps each entry open with a shared ``flock``;
   eviction removes an entry only under an exclusive ``LOCK_NB`` lock, so it skips anything a
   running query (in any launcher process on the host) uses. Everything pinned means the cache
-  may stay over budget for a while; ``stats().over_budget`` says so.
+  may stay over budget for a while (``stats().over_budget`` says so): a lease that downloaded
+  evicts at once, and every lease's release asks the cache's upkeep thread for another pass,
+  so the cache is back under budget right after the query that overflowed it lets go.
 - **Integrity.** Every lease compares the file's size with the index (cheap, catches truncation,
-  which triggers a new fetch); ``verify`` re-hashes every entry and reports those whose file is
-  gone, including rows dropped when this object opened the root. A new ETag is a new entry name.
+  which triggers a new fetch). The first time a process leases an entry it also compares the
+  file's sha256 with the index (``check_first_use``), and again whenever the file's inode, size
+  or mtime changed since: a damaged or same-size-changed file is dropped and fetched again
+  before any query sees it. That costs one read of the file (sha256 of 100 MB: ~0.1 s from the
+  page cache, ~0.27 s from disk, on one core of the test host) once per entry per process; a
+  download is hashed as it is published and never again by its process. ``suspect`` re-hashes
+  entries DuckDB failed to read and drops the damaged ones, for damage after that first check.
+  ``verify`` re-hashes every entry and reports those whose file is gone, including rows dropped
+  when this object opened the root. A new ETag is a new entry name.
 
-Blocking file and SQLite work (hashing, fsync, pinning, the index) runs in worker threads; only
-non-blocking ``flock`` attempts and single-file metadata calls (mkdir, unlink) run on the loop.
+Blocking file and SQLite work (hashing, fsync, pinning, eviction, the index) runs in worker
+threads; only non-blocking ``flock`` attempts and single-file metadata calls (mkdir, unlink)
+run on the loop, and a release only closes descriptors and hands eviction to the upkeep thread.
 """
 
 from __future__ import annotations
@@ -33,12 +43,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 
 from .cache_index import (
@@ -48,14 +60,19 @@ from .cache_index import (
     CacheStats,
     EntryLock,
     EvictReport,
+    FileKey,
+    FirstUseChecks,
     IndexRow,
     VerifyProblem,
     VerifyReport,
+    check_entry,
     check_file,
     entry_name,
+    file_key,
     fsync_dir,
     is_pinned,
     make_dir,
+    own_entry,
     partial_entry,
     raise_open_file_limit,
     relative_path,
@@ -80,23 +97,37 @@ _PIN_ATTEMPTS = 3  # fetch-then-pin rounds before an entry counts as broken
 _LOCK_POLL_S = (0.01, 0.2)  # first and longest wait between attempts on a busy entry lock
 _MISSING_AT_OPEN = "missing (its index entry was dropped when the cache was opened)"
 
+log = logging.getLogger(__name__)
+
 
 class CacheLease:
     """Pins entries for one query; ``paths`` are relative to the cache root, in refs order.
 
     Each pinned entry is an open file descriptor holding a shared ``flock``. Release (or leave
-    the ``async with``) as soon as the query ends; releasing twice is harmless.
+    the ``async with``) as soon as the query ends; releasing twice is harmless. Release never
+    blocks: it only queues an eviction pass on the cache's upkeep thread.
     """
 
-    def __init__(self, paths: list[str], fds: list[int]) -> None:
+    def __init__(self, paths: list[str], fds: list[int], cache: ObjectCache | None = None) -> None:
         self.paths = paths
         self._fds = fds
+        self._cache = cache
 
     def release(self) -> None:
+        if self._close() and self._cache is not None:
+            self._cache._released()
+
+    async def suspect(self, error: str) -> list[str]:
+        """``ObjectCache.suspect`` for this lease's entries (before or after its release)."""
+        return [] if self._cache is None else await self._cache.suspect(self.paths, error)
+
+    def _close(self) -> bool:
+        """Let go of the pins; True if there were any."""
         fds, self._fds = self._fds, []
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        return bool(fds)
 
     async def __aenter__(self) -> CacheLease:
         return self
@@ -110,26 +141,38 @@ class CacheLease:
         self.release()
 
     def __del__(self) -> None:
-        # A lost lease must not pin its entries for the life of the process.
-        self.release()
+        # A lost lease must not pin its entries for the life of the process. No eviction pass
+        # from here: the garbage collector may run this anywhere, even inside our own locks.
+        self._close()
 
 
 class ObjectCache:
-    """The cache directory at ``root``: lease, stats, evict, verify.
+    """The cache directory at ``root``: lease, suspect, stats, evict, verify.
 
     Raises ``CacheError`` when the directory or an entry is unusable and passes the store's
     ``ObjectStoreError`` through. Several ``ObjectCache`` objects (in one or many processes) may
-    share a root.
+    share a root. ``check_first_use=False`` skips the sha256 of an entry's first lease in this
+    process (see the module docstring for its cost); sizes are checked on every lease anyway.
     """
 
-    def __init__(self, root: Path, *, budget_bytes: int, max_parallel_downloads: int = 4) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        budget_bytes: int,
+        max_parallel_downloads: int = 4,
+        check_first_use: bool = True,
+    ) -> None:
         self.root = root
         self.budget_bytes = budget_bytes
+        self.check_first_use = check_first_use
         self._objects = root / "objects"
         self._locks = root / "locks"
         try:
-            make_dir(root, 0o755)
-            make_dir(self._objects, 0o755)
+            # Private: no sandbox mounts the cache (each reads links in a directory of its own,
+            # launcher.sandbox_files), and no other host user needs it.
+            make_dir(root, 0o700)
+            make_dir(self._objects, 0o700)
             make_dir(self._locks, 0o700)
         except OSError as error:
             raise CacheError(
@@ -141,6 +184,12 @@ class ObjectCache:
         self._max_parallel = max_parallel_downloads
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._evicting = threading.Lock()
+        self._checked = FirstUseChecks()
+        # Eviction after a release runs here, one pass at a time; a release while a pass is
+        # queued or running only asks for one more (``_evict_wanted``).
+        self._upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-upkeep")
+        self._upkeep_state = threading.Lock()
+        self._evict_wanted = self._evict_queued = False
         # Index rows whose file was gone when this object opened the root: ``_reconcile``
         # drops them (so leases and stats stay right), ``verify`` reports them once.
         self._missing_at_open: list[str] = []
@@ -176,7 +225,9 @@ class ObjectCache:
         except BaseException as error:
             _close_all(fds)
             raise first_domain_error(error) from None
-        lease = CacheLease([relative_path(n) for n in names], [fd for fd in fds if fd is not None])
+        lease = CacheLease(
+            [relative_path(n) for n in names], [fd for fd in fds if fd is not None], self
+        )
         if any(task.result() for task in tasks):
             try:
                 await asyncio.to_thread(self.evict)  # over budget after downloading?
@@ -236,7 +287,10 @@ class ObjectCache:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             # Replaced or removed between open and lock: not the file the index describes.
-            good = same_file(fd, path) and os.fstat(fd).st_size == row.size
+            info = os.fstat(fd)
+            good = same_file(fd, path) and info.st_size == row.size
+            if good and self.check_first_use:
+                good = self._intact(name, ref, row, fd, file_key(info))
             if good:
                 self._index.touch(name)
         except BaseException:
@@ -246,6 +300,30 @@ class ObjectCache:
             os.close(fd)
             return None
         return fd
+
+    def _intact(self, name: str, ref: ObjectRef, row: IndexRow, fd: int, key: FileKey) -> bool:
+        """The first-use check: sha256 of the pinned file against the index, unless this process
+        already hashed this very file (same inode, size and mtime). A damaged entry is dropped
+        here, so the caller's fetch downloads it again."""
+        with self._checked.turn(name):
+            if self._checked.knows(name, key):
+                return True
+            try:
+                problem = "sha256 mismatch" if sha256_of(fd) != row.sha256 else None
+            except OSError as error:  # EIO: the disk under it is failing
+                problem = f"unreadable ({error.strerror})"
+            if problem is None:
+                self._checked.remember(name, key)
+                self._index.count(verified=1)
+                return True
+        log.warning(
+            "cache entry %s for %r failed its first-use check (%s); fetching it again",
+            relative_path(name),
+            ref.key,
+            problem,
+        )
+        self._drop_damaged(name, key)
+        return False
 
     async def _fetch(self, store: ObjectStore, ref: ObjectRef, name: str) -> bool:
         """Make entry ``name`` good; True if this call's task downloaded it.
@@ -317,13 +395,15 @@ class ObjectCache:
                     "run the query again"
                 )
             digest = sha256_of(fd)
-            os.fchmod(fd, 0o644)  # the sandbox user reads it through the read-only mount
+            own_entry(fd)  # the sandbox user reads it through a link in its own directory
             os.fsync(fd)
+            key = file_key(os.fstat(fd))
         finally:
             os.close(fd)
         os.replace(partial, self._entry_path(name))
         fsync_dir(partial.parent)
         self._index.put(name, ref, size, digest)
+        self._checked.remember(name, key)  # just hashed: its first use needs no second read
         self._index.count(downloads=1)
 
     def _entry_good(self, name: str, ref: ObjectRef) -> bool:
@@ -336,11 +416,77 @@ class ObjectCache:
         regular = stat.S_ISREG(info.st_mode)
         return row is not None and regular and row.size == ref.size == info.st_size
 
+    # ---- damage found in use ----------------------------------------------------------------
+
+    async def suspect(self, paths: Sequence[str], error: str | None = None) -> list[str]:
+        """DuckDB could not read some of a query's entries: check them now, drop damaged ones.
+
+        ``paths`` are the query's ``CacheLease.paths`` (or entry names, or the sandbox's paths
+        to its links: only the file name counts). With ``error`` (DuckDB's message), only the
+        entries it names are checked; an error naming none (a syntax error, say) checks
+        nothing and costs nothing. Each checked entry is re-hashed even if this process checked
+        it before; a damaged one is removed (even while leased: running queries read their own
+        links to it) so the next lease fetches it again. Returns the paths of the checked
+        entries the next lease will fetch again (damaged, or gone already); empty means the
+        cached files are intact and the error is not the cache's.
+        """
+        names = list(dict.fromkeys(PurePosixPath(path).name for path in paths))
+        if error is not None:
+            names = [name for name in names if name in error]
+        if not names:
+            return []
+        return await asyncio.to_thread(self._suspect_all, names)
+
+    def _suspect_all(self, names: list[str]) -> list[str]:
+        refetch: list[str] = []
+        for name in names:
+            self._checked.forget(name)  # whatever it was, the next lease hashes it again
+            row = self._index.get(name)
+            if row is None:
+                refetch.append(relative_path(name))  # evicted or dropped meanwhile
+                continue
+            reason, key = check_entry(self._entry_path(name), row.size, row.sha256)
+            if reason is None:
+                continue
+            log.warning(
+                "cache entry %s could not be read by DuckDB and is damaged (%s); it is "
+                "fetched again by the next query that needs it",
+                relative_path(name),
+                reason,
+            )
+            if key is not None:
+                self._drop_damaged(name, key)
+            refetch.append(relative_path(name))
+        return refetch
+
+    def _drop_damaged(self, name: str, key: FileKey) -> bool:
+        """Remove a damaged entry, pinned or not, if its path still names the file we hashed
+        (``key``); True when it went. Under the entry's lock, so no download races the unlink;
+        a busy lock means another process is fetching or removing it already."""
+        lock = EntryLock(self._lock_path(name))
+        if not lock.try_acquire():
+            return False
+        path = self._entry_path(name)
+        try:
+            try:
+                if file_key(os.stat(path, follow_symlinks=False)) != key:
+                    return False  # replaced since: the new file gets its own first-use check
+            except FileNotFoundError:
+                return False
+            path.unlink()
+            self._index.delete(name)
+            self._checked.forget(name)
+            self._index.count(refetched_damaged=1)
+            lock.remove()
+            return True
+        finally:
+            lock.release()
+
     # ---- paths -----------------------------------------------------------------------------
 
     def _entry_path(self, name: str) -> Path:
-        """The entry's path; its shard directory is created 0755 and must not be a symlink."""
-        return shard_dir(self._objects, name[:2], 0o755) / name
+        """The entry's path; its shard directory is created 0700 and must not be a symlink."""
+        return shard_dir(self._objects, name[:2], 0o700) / name
 
     def _lock_path(self, name: str) -> Path:
         return shard_dir(self._locks, name[:2], 0o700) / f"{name.partition('.')[0]}.lock"
@@ -365,7 +511,9 @@ class ObjectCache:
         removed = freed = skipped = 0
         with self._evicting:
             _, total = self._index.total()
-            for row in self._index.rows():
+            # Within budget (the usual pass after a release): one aggregate, no row list.
+            rows = self._index.rows() if total > target else []
+            for row in rows:
                 if total <= target:
                     break
                 if self._remove(row.name):
@@ -430,6 +578,7 @@ class ObjectCache:
             if not unlink_unpinned(self._entry_path(name)):
                 return False
             self._index.delete(name)
+            self._checked.forget(name)
             lock.remove()
             return True
         finally:
@@ -456,12 +605,51 @@ class ObjectCache:
             if self._drop_if_idle(name, None):
                 self._missing_at_open.append(name)
 
+    # ---- eviction after a release ----------------------------------------------------------
+
+    def _released(self) -> None:
+        """A lease let go of its entries: have the upkeep thread evict down to the budget.
+
+        Called from ``CacheLease.release``, often on the event loop: it takes a lock no one
+        holds for long and queues at most one pass, never doing the eviction itself.
+        """
+        with self._upkeep_state:
+            self._evict_wanted = True
+            if self._evict_queued:
+                return
+            self._evict_queued = True
+        try:
+            self._upkeep.submit(self._evict_while_wanted)
+        except RuntimeError:  # closed: nothing is kept any more
+            with self._upkeep_state:
+                self._evict_queued = False
+
+    def _evict_while_wanted(self) -> None:
+        """The upkeep thread's pass: evict, again while releases keep asking for it."""
+        while True:
+            with self._upkeep_state:
+                if not self._evict_wanted:
+                    self._evict_queued = False
+                    return
+                self._evict_wanted = False
+            try:
+                self.evict()
+            except Exception as error:  # a report only: the next release or download tries again
+                log.warning("cache eviction after a query failed: %s", error)
+
+    async def settle(self) -> None:
+        """Wait until the eviction passes asked for so far have run."""
+        with contextlib.suppress(RuntimeError):  # closed: none will run
+            await asyncio.wrap_future(self._upkeep.submit(lambda: None))
+
     async def close(self) -> None:
-        """Cancel downloads in flight (their partial files are removed) and close the index."""
+        """Cancel downloads in flight (their partial files are removed), let an eviction pass
+        in progress finish, and close the index."""
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self._upkeep.shutdown)
         self._index.close()
 
     def _drop_if_idle(self, name: str, path: Path | None) -> bool:

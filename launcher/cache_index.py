@@ -2,12 +2,13 @@
 
 Layout under the cache root::
 
-    objects/ab/<sha256>.parquet   entries, 0644 in 0755 dirs (the sandbox reads them read-only)
+    objects/ab/<sha256>.parquet   entries, 0640 root:nogroup (0644 for a launcher that is not
+                                  root) in 0700 dirs: no sandbox mounts them, it reads links
     objects/ab/.partial-<uuid>-<sha256>.parquet   a download in progress (hidden from globs)
     locks/ab/<sha256>.lock        held (LOCK_EX) by whoever downloads or removes that entry
     index.db                      SQLite in WAL mode: one row per entry, plus counters
-    .sessions/<instance>/<slot>/  hard links to entries, one directory per session sandbox
-                                  (``launcher.session_files``); never indexed, counted or evicted
+    .sandboxes/<instance>/<slot>/ hard links to entries, one directory per sandbox, its only
+                                  /cache (``launcher.sandbox_files``); never indexed or evicted
 
 Why SQLite rather than a sidecar file per entry: eviction needs the least recently used entries
 and the total size, which one indexed query answers while sidecars would need a directory walk;
@@ -17,8 +18,8 @@ locking instead of ours. The index and the lock directory are private (0600/0700
 only needs the entries.
 
 The index is advisory about what is on disk, never trusted alone: a lease checks the file's size
-against it, and ``verify`` checks sha256. Rows and files that disagree are repaired by fetching
-again.
+against it on every use and its sha256 on the first use in a process (``FirstUseChecks``), and
+``verify`` checks sha256. Rows and files that disagree are repaired by fetching again.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ PARTIAL_PREFIX = ".partial-"
 _EXTENSION_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 _COMPRESSIONS = {".gz", ".zst", ".bz2", ".xz", ".lz4", ".snappy"}
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-COUNTERS = ("hits", "misses", "downloads", "evictions")
+COUNTERS = ("hits", "misses", "downloads", "evictions", "verified", "refetched_damaged")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     name TEXT PRIMARY KEY,
@@ -96,6 +97,8 @@ class CacheStats:
     evictions: int
     in_use: int  # entries pinned by a lease right now (any process)
     over_budget: bool  # true while pinned entries keep the cache above its budget
+    verified: int  # entries whose sha256 a lease checked on their first use in a process
+    refetched_damaged: int  # entries found damaged at use (or by ``suspect``), dropped, fetched
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,74 @@ class IndexRow:
     last_used: float
 
 
+FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
+def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: SQLite can answer "database is locked" at once,
+    without its busy timeout, while another process opens a new index at the same moment
+    (seen with three launchers starting on one fresh cache)."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (1 + attempt % 5))
+
+
+def file_key(info: os.stat_result) -> FileKey:
+    """What identifies the bytes of a file we hashed: another file, or a write, changes it.
+
+    Not ``st_ctime``: linking an entry into a sandbox's directory changes that, not the bytes.
+    Damage that leaves size and mtime alone (the disk itself) is found at the next process's
+    first use, by ``ObjectCache.suspect`` or by ``verify``.
+    """
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class FirstUseChecks:
+    """The entries this process has hashed, each with the ``file_key`` it had then; thread-safe.
+
+    ``turn(name)`` lets one thread at a time check an entry, so twenty leases starting together
+    after a restart hash a file once, not twenty times; different entries hash in parallel.
+    """
+
+    def __init__(self) -> None:
+        self._checked: dict[str, FileKey] = {}
+        self._turns: dict[str, tuple[threading.Lock, int]] = {}
+        self._lock = threading.Lock()
+
+    def knows(self, name: str, key: FileKey) -> bool:
+        with self._lock:
+            return self._checked.get(name) == key
+
+    def remember(self, name: str, key: FileKey) -> None:
+        with self._lock:
+            self._checked[name] = key
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._checked.pop(name, None)
+
+    @contextlib.contextmanager
+    def turn(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lock, waiting = self._turns.get(name, (threading.Lock(), 0))
+            self._turns[name] = (lock, waiting + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, waiting = self._turns[name]
+                if waiting == 1:
+                    del self._turns[name]
+                else:
+                    self._turns[name] = (lock, waiting - 1)
+
+
 class CacheIndex:
     """The entries table and persisted counters; safe to call from any thread.
 
@@ -146,7 +217,7 @@ class CacheIndex:
                 path, timeout=30, check_same_thread=False, isolation_level=None
             )
             os.chmod(path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as error:
@@ -291,6 +362,22 @@ def unlink_unpinned(path: Path) -> bool:
         os.close(fd)
 
 
+SANDBOX_GID = 65534  # nogroup, the sandbox's group (launcher.sandbox.SANDBOX_USER)
+
+
+def own_entry(fd: int) -> None:
+    """Give a finished entry its mode: readable by the sandbox's group, by nobody else.
+
+    A launcher that is not root cannot give a file to another group, so its entries stay
+    world-readable (0644); the cache root's 0700 still keeps other host users out.
+    """
+    if os.geteuid() == 0:
+        os.fchown(fd, 0, SANDBOX_GID)
+        os.fchmod(fd, 0o640)
+    else:
+        os.fchmod(fd, 0o644)
+
+
 def make_dir(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if path.is_symlink() or not path.is_dir():
@@ -344,17 +431,26 @@ def sha256_of(fd: int) -> str:
 
 def check_file(path: Path, size: int, sha256: str) -> str | None:
     """What is wrong with an entry file (full check: size, then sha256), or None."""
+    return check_entry(path, size, sha256)[0]
+
+
+def check_entry(path: Path, size: int, sha256: str) -> tuple[str | None, FileKey | None]:
+    """``check_file``'s answer, and the ``file_key`` of the file it read (None if none)."""
     try:
         fd = os.open(path, OPEN_FLAGS)
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except OSError as error:
-        return f"unreadable ({error.strerror})"
+        return f"unreadable ({error.strerror})", None
     try:
-        found = os.fstat(fd).st_size
-        if found != size:
-            return f"size {found}, expected {size}"
-        return None if sha256_of(fd) == sha256 else "sha256 mismatch"
+        info = os.fstat(fd)
+        if info.st_size != size:
+            return f"size {info.st_size}, expected {size}", file_key(info)
+        try:
+            digest = sha256_of(fd)
+        except OSError as error:  # EIO: the disk under it is failing
+            return f"unreadable ({error.strerror})", file_key(info)
+        return (None if digest == sha256 else "sha256 mismatch"), file_key(info)
     finally:
         os.close(fd)
 

@@ -1,10 +1,11 @@
 """``duckcell cache stats|evict|verify``: look after the host's object cache by hand.
 
-The cache maintains itself (a lease evicts down to the budget after downloading, a lease
-re-fetches a truncated entry), so these commands are for operators: to see what the cache
-holds, to free disk now, and to re-hash every entry after a disk scare. They open the cache
-root directly, like a running launcher does, and are safe beside running queries: eviction and
-repair skip entries a query has pinned, in any process on the host.
+The cache maintains itself (it evicts down to the budget after a download and after each
+query releases its files; a lease fetches again an entry that is truncated, or damaged when its
+process first uses it), so these commands are for operators: to see what the cache holds and
+how often it found damage, to free disk now, and to re-hash every entry after a disk scare.
+They open the cache root directly, like a running launcher does, and are safe beside running
+queries: eviction and repair skip entries a query has pinned, in any process on the host.
 
 Exit codes follow ``duckcell``: 0 done, 1 ``verify`` found problems (repaired or not), 2 the
 cache cannot be used (missing directory, bad size).
@@ -41,7 +42,9 @@ def add_cache_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     cache = commands.add_parser("cache", help="the host's object cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_commands.add_parser(
-        "stats", parents=[common], help="entries, size against the budget, hits and misses"
+        "stats",
+        parents=[common],
+        help="entries, size against the budget, hits and misses, integrity checks",
     )
     evict = cache_commands.add_parser(
         "evict",
@@ -110,6 +113,8 @@ def format_stats(cache: ObjectCache, stats: CacheStats) -> list[str]:
         ("hits/misses", f"{stats.hits} / {stats.misses}{hit_rate}"),
         ("downloads", str(stats.downloads)),
         ("evictions", str(stats.evictions)),
+        ("verified", f"{stats.verified} (sha256 checked on first use in a process)"),
+        ("damaged", f"{stats.refetched_damaged} (found damaged in use, fetched again)"),
     ]
     return [f"{name:<13}{value}" for name, value in rows]
 

@@ -25,6 +25,7 @@ from launcher.cache import CacheLease, ObjectCache
 from launcher.cache_index import EntryLock, entry_name, is_pinned, relative_path
 from launcher.errors import CacheError, ObjectStoreError
 from launcher.objectstore import LocalStore, ObjectRef
+from tests.support.waiting import eventually
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -105,9 +106,13 @@ def test_lease_returns_relative_paths_in_order_with_extensions_and_readable_mode
     assert paths == [relative_path(entry_name(ref)) for ref in refs]
     assert all(p.startswith("objects/") and p.endswith(".parquet") for p in paths)
     entry = tmp_path / paths[0]
-    assert stat.S_IMODE(entry.stat().st_mode) == 0o644
-    assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "objects").stat().st_mode) == 0o755
+    # Not world-readable: the sandbox's group reads it through a link (launcher.sandbox_files).
+    as_root = os.geteuid() == 0
+    assert stat.S_IMODE(entry.stat().st_mode) == (0o640 if as_root else 0o644)
+    assert entry.stat().st_gid == (65534 if as_root else os.getegid())
+    assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "objects").stat().st_mode) == 0o700
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "index.db").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "locks").stat().st_mode) == 0o700
 
@@ -226,6 +231,10 @@ def test_eviction_skips_entries_pinned_by_another_process(tmp_path: Path) -> Non
     assert not any((root / path).exists() for path in paths)
 
 
+def kept(root: Path, refs: list[ObjectRef]) -> set[int]:
+    return {i for i, ref in enumerate(refs) if entry_file(root, ref).exists()}
+
+
 def test_eviction_under_small_budget_keeps_leased_files_and_evicts_lru(tmp_path: Path) -> None:
     store = make_store(6, size=100)
     cache = ObjectCache(tmp_path, budget_bytes=250)
@@ -237,18 +246,62 @@ def test_eviction_under_small_budget_keeps_leased_files_and_evicts_lru(tmp_path:
             # 400 bytes, budget 250: nothing is evictable while both leases run.
             assert all((tmp_path / p).exists() for p in held.paths + second.paths)
             assert cache.stats().over_budget
+        await cache.settle()  # the release evicted the least recently used unpinned: 2 and 3
+        assert kept(tmp_path, refs) == {0, 1} and not cache.stats().over_budget
         async with await cache.lease(store, refs[4:5]):
-            pass  # a download past the budget evicts the least recently used unpinned
-        assert all((tmp_path / p).exists() for p in held.paths)
+            await cache.settle()
+            assert kept(tmp_path, refs) == {0, 1, 4}  # over budget, but all of it pinned
+        await cache.settle()  # 4 is the only entry not pinned: least recently used or not
+        assert kept(tmp_path, refs) == {0, 1}
         held.release()
 
     run(scenario())
-    kept = {i for i, ref in enumerate(refs) if entry_file(tmp_path, ref).exists()}
-    assert kept == {0, 1, 4}  # 2 and 3 were the least recently used unpinned entries
-    assert cache.stats().evictions == 2
-    report = cache.evict()  # now that nothing is pinned, the oldest of 0 and 1 goes too
-    assert (report.removed, report.bytes_after) == (1, 200)
-    assert entry_file(tmp_path, refs[4]).exists() and not cache.stats().over_budget
+    run(cache.settle())
+    stats = cache.stats()
+    assert kept(tmp_path, refs) == {0, 1}
+    assert (stats.evictions, stats.bytes, stats.over_budget) == (3, 200, False)
+    run(cache.close())
+
+
+def test_the_cache_is_back_under_budget_right_after_the_overflowing_query_ends(
+    tmp_path: Path,
+) -> None:
+    """A query whose files alone exceed the budget keeps them while it runs; when it releases
+    them the cache evicts at once, without waiting for the next download."""
+    store = make_store(4, size=100)
+    cache = ObjectCache(tmp_path, budget_bytes=250)
+    refs = run(store.list("t/"))
+
+    async def scenario() -> None:
+        lease = await cache.lease(store, refs)
+        assert cache.stats().over_budget and kept(tmp_path, refs) == {0, 1, 2, 3}
+        lease.release()
+        await eventually(lambda: not cache.stats().over_budget, "eviction after the release")
+
+    run(scenario())
+    assert len(kept(tmp_path, refs)) == 2
+    assert (cache.stats().evictions, cache.stats().bytes) == (2, 200)
+    run(cache.close())
+
+
+def test_a_release_hands_eviction_to_another_thread_and_never_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The release runs on the event loop: with the eviction lock taken elsewhere, it still
+    returns at once, and the eviction it asked for happens when the lock is free."""
+    store = make_store(4, size=100)
+    cache = ObjectCache(tmp_path, budget_bytes=250)
+    refs = run(store.list("t/"))
+
+    async def scenario() -> None:
+        lease = await cache.lease(store, refs)
+        with cache._evicting:  # an eviction in progress (a `duckcell cache evict`, say)
+            lease.release()  # would deadlock here if it evicted on the caller's thread
+            assert cache.stats().over_budget
+        await eventually(lambda: not cache.stats().over_budget, "eviction after the release")
+
+    run(scenario())
+    run(cache.close())
 
 
 def test_truncated_entry_is_detected_at_lease_and_fetched_again(tmp_path: Path) -> None:
@@ -384,10 +437,10 @@ def test_verify_finds_corruption_and_repair_removes_it_unless_pinned(tmp_path: P
     refs = run(store.list("t/"))
     run(cache.lease(store, refs)).release()
     assert cache.verify().ok
+    pinned = run(cache.lease(store, refs[1:2]))  # a query running while the disk goes bad
     for ref in refs[:2]:  # same size, different bytes: only the full check sees it
         with open(entry_file(tmp_path, ref), "r+b") as entry:
             entry.write(b"\xff")
-    pinned = run(cache.lease(store, refs[1:2]))
     report = cache.verify(repair=True)
     assert report.checked == 3
     assert {(p.path, p.reason, p.removed) for p in report.problems} == (
@@ -402,6 +455,124 @@ def test_verify_finds_corruption_and_repair_removes_it_unless_pinned(tmp_path: P
     assert (tmp_path / lease.paths[0]).read_bytes() == store.objects[refs[0].key]
     assert store.downloads[refs[0].key] == 2
     lease.release()
+
+
+def damage(path: Path, offset: int, data: bytes, *, keep_mtime: bool = False) -> None:
+    """Overwrite bytes in place (same size); ``keep_mtime``: as the disk itself would, unseen
+    by the file's metadata."""
+    before = path.stat()
+    with open(path, "r+b") as entry:
+        entry.seek(offset)
+        entry.write(data)
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_an_entry_changed_at_the_same_size_is_fetched_again_on_first_use_after_a_restart(
+    tmp_path: Path, where: str
+) -> None:
+    """Damage (the footer, or one byte) that leaves size and mtime alone, found by the first
+    lease of the entry in the next process: dropped, fetched again, never handed out."""
+    store = make_store(2)
+    refs = run(store.list("t/"))
+    first = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    run(first.lease(store, refs)).release()
+    assert first.stats().verified == 0  # its own downloads were hashed as they were published
+    run(first.close())
+    victim = entry_file(tmp_path, refs[0])
+    damage(
+        victim, 0 if where == "start" else victim.stat().st_size - 8, b"\xff" * 8, keep_mtime=True
+    )
+
+    restarted = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    lease = run(restarted.lease(store, refs))
+    assert (tmp_path / lease.paths[0]).read_bytes() == store.objects[refs[0].key]
+    assert store.downloads == Counter({refs[0].key: 2, refs[1].key: 1})
+    stats = restarted.stats()
+    assert (stats.verified, stats.refetched_damaged, stats.entries) == (1, 1, 2)
+    lease.release()
+    run(restarted.lease(store, refs)).release()  # checked once per process, not per lease
+    assert restarted.stats().verified == 1 and sum(store.downloads.values()) == 3
+    assert restarted.verify().ok
+    run(restarted.close())
+
+
+def test_a_write_into_an_entry_is_seen_by_the_next_lease_of_the_same_process(
+    tmp_path: Path,
+) -> None:
+    store = make_store(1)
+    refs = run(store.list("t/"))
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    run(cache.lease(store, refs)).release()
+    damage(entry_file(tmp_path, refs[0]), 100, b"\xfe")  # its mtime moves: checked again
+    lease = run(cache.lease(store, refs))
+    assert (tmp_path / lease.paths[0]).read_bytes() == store.objects[refs[0].key]
+    assert store.downloads[refs[0].key] == 2 and cache.stats().refetched_damaged == 1
+    lease.release()
+    run(cache.close())
+
+
+def test_twenty_leases_after_a_restart_hash_each_entry_once(tmp_path: Path) -> None:
+    store = make_store(5)
+    refs = run(store.list("t/"))
+    run(ObjectCache(tmp_path, budget_bytes=10 * MiB).lease(store, refs)).release()
+    restarted = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+
+    async def twenty() -> list[CacheLease]:
+        return await asyncio.gather(*(restarted.lease(store, refs) for _ in range(20)))
+
+    for lease in run(twenty()):
+        lease.release()
+    stats = restarted.stats()
+    assert (stats.verified, stats.refetched_damaged, stats.downloads) == (5, 0, 5)
+    run(restarted.close())
+
+
+def test_the_first_use_check_can_be_turned_off(tmp_path: Path) -> None:
+    """The trade: no read of each entry after a restart, and same-size damage is served (a
+    truncation is still caught, by size)."""
+    store = make_store(1)
+    refs = run(store.list("t/"))
+    run(ObjectCache(tmp_path, budget_bytes=10 * MiB).lease(store, refs)).release()
+    damage(entry_file(tmp_path, refs[0]), 0, b"\xff", keep_mtime=True)
+    unchecked = ObjectCache(tmp_path, budget_bytes=10 * MiB, check_first_use=False)
+    lease = run(unchecked.lease(store, refs))
+    assert (tmp_path / lease.paths[0]).read_bytes()[:1] == b"\xff"
+    assert (unchecked.stats().verified, store.downloads[refs[0].key]) == (0, 1)
+    lease.release()
+    run(unchecked.close())
+
+
+def test_suspect_drops_an_entry_damaged_after_its_check_so_the_retry_fetches_it_once(
+    tmp_path: Path,
+) -> None:
+    """As the executor uses it: DuckDB failed on a file the lease checked earlier in this
+    process (the disk went bad since, leaving the metadata alone). Only entries named in the
+    error are checked; a damaged one goes (even while leased), an intact one stays."""
+    store = make_store(3)
+    refs = run(store.list("t/"))
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    lease = run(cache.lease(store, refs))
+    victim = entry_file(tmp_path, refs[0])
+    damage(victim, victim.stat().st_size - 8, b"\xfe" * 4, keep_mtime=True)
+    in_sandbox = f"/cache/files/{victim.name}"
+
+    assert run(cache.suspect(lease.paths, "Parser Error: syntax error at or near FORM")) == []
+    intact = f"Invalid Input Error: bad column in file '/cache/files/{Path(lease.paths[1]).name}'"
+    assert run(cache.suspect(lease.paths, intact)) == []
+    error = f"Invalid Input Error: Footer length error in file '{in_sandbox}'"
+    assert run(lease.suspect(error)) == [lease.paths[0]]  # the lease's own entries
+    assert not victim.exists() and cache.stats().refetched_damaged == 1
+    lease.release()
+
+    retry = run(cache.lease(store, refs))
+    assert (tmp_path / retry.paths[0]).read_bytes() == store.objects[refs[0].key]
+    assert store.downloads == Counter({ref.key: 2 if ref == refs[0] else 1 for ref in refs})
+    assert run(cache.suspect(retry.paths, error)) == []  # the fresh copy is intact: no loop
+    assert store.downloads[refs[0].key] == 2
+    retry.release()
+    run(cache.close())
 
 
 def test_verify_reports_index_entries_whose_file_is_missing(tmp_path: Path) -> None:

@@ -78,6 +78,25 @@ def test_stats_json_and_table(
     held.release()
 
 
+def test_stats_count_first_use_checks_and_damaged_entries_fetched_again(
+    tmp_path: Path, root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path, root, [KiB, 2 * KiB])
+    damaged = sorted((root / "objects").glob("*/*.parquet"), key=lambda p: p.stat().st_size)[0]
+    damaged.write_bytes(b"x" * KiB)  # same size
+    store = LocalStore()
+    restarted = ObjectCache(root, budget_bytes=2**30)  # a new process's first use of both
+    refs = asyncio.run(store.list(str(tmp_path / "source")))
+    asyncio.run(restarted.lease(store, refs)).release()
+    asyncio.run(restarted.close())
+    code, out, _ = cli(capsys, "cache", "stats", "--cache-dir", str(root), "--json")
+    stats = json.loads(out)
+    assert (code, stats["verified"], stats["refetched_damaged"], stats["downloads"]) == (0, 1, 1, 3)
+    code, out, _ = cli(capsys, "cache", "stats", "--cache-dir", str(root))
+    assert "verified     1 (sha256 checked on first use in a process)" in out
+    assert "damaged      1 (found damaged in use, fetched again)" in out
+
+
 def test_stats_on_a_missing_cache_says_where_it_looked(
     root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
