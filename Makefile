@@ -34,7 +34,7 @@ test-integration: image
 	$(PYTHON) -m pytest tests/integration -q
 
 test: lint image
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q --durations=20
 
 # The sample table is committed; make_sample.py rebuilds only the files that are missing.
 SAMPLE := $(foreach m,01 02 03,sample_data/trips/trips-2024-$(m).parquet)
@@ -53,6 +53,7 @@ bench: image
 	$(PYTHON) bench/bench_data.py
 	$(PYTHON) bench/bench_flight.py
 	$(PYTHON) bench/bench_result_check.py
+	$(PYTHON) bench/bench_load.py
 
 bench-data: image
 	$(PYTHON) bench/bench_data.py
