@@ -15,7 +15,7 @@ sandbox per query, as a worker does:
   fresh LISTs run beside the sandbox, which holds its result until they agree.
 - warm, listing reused: the same over a catalog whose connection sets ``listing_ttl``
   (``--listing-ttl``, default 60s): a query lists a table only when its last listing is older,
-  so it may miss objects others wrote meanwhile (``launcher.listing_cache``). Reported beside
+  so it may miss objects others wrote meanwhile (``launcher.data.listings``). Reported beside
   the default, never instead of it.
 - in-process: DuckDB here with the policy's threads and memory limit, over the very cache
   files the sandbox reads, views made as the runner makes them, one connection reused; two
@@ -60,14 +60,14 @@ from bench.cases import settle
 from bench.entry import run_benchmark
 from bench.report import render_data, target
 from bench.stats import Json, Progress, summarize
-from launcher.cache import ObjectCache
-from launcher.catalog import parse_catalog
 from launcher.config import LauncherConfig, load_config
-from launcher.datapath import SANDBOX_CACHE, DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import SANDBOX_CACHE, DataPath
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
-from launcher.policy import Policy, PolicySet, load_policies
-from launcher.sql import ParserPool
+from launcher.host import LocalLauncher
+from launcher.model.catalog import parse_catalog
+from launcher.model.policy import Policy, PolicySet, load_policies
+from launcher.model.sql import ParserPool
 
 TABLES = ("lineitem", "orders", "customer", "nation")
 BUCKET = "tpch"

@@ -56,12 +56,12 @@ from bench.stats import Json, Progress
 from bench.tunnel import CONNECT_TIMEOUT_S
 from launcher.config import load_config
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.enroll import enroll
 from launcher.executor import QueryRecord, collect_table
-from launcher.local import LocalLauncher
-from launcher.pool import SandboxPool
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.sandbox.pool import SandboxPool
+from launcher.worker.enroll import enroll
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 
 WIDE = "SELECT i AS a, i * 2 AS b FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000

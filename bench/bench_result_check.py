@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the worker's check of a runner's result costs (``launcher.result_check``, issue 16).
+"""What the worker's check of a runner's result costs (``launcher.sandbox.result_check``, issue 16).
 
 The result is the one the sandbox benchmark streams (``bench.tunnel.WIDE``: 10M rows of two
 int64 columns), sliced as the runner slices it: DuckDB's Arrow reader in 65,536-row batches,
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_results
 from bench.stats import Json, summarize
 from bench.tunnel import WIDE, WIDE_ROWS
-from launcher.result_check import ResultGuard
-from launcher.runner_client import QuerySummary
+from launcher.sandbox.result_check import ResultGuard
+from launcher.sandbox.runner_client import QuerySummary
 
 BATCH_ROWS = 65_536  # the runner's default (``RunnerConfig.batch_rows``)
 RESULTS = {

@@ -62,10 +62,10 @@ from bench.entry import run_benchmark
 from bench.report import render, targets
 from bench.stats import Json, Progress, summarize
 from bench.tunnel import tunnel_cases
-from launcher.backend.base import LABEL_LAUNCHER
 from launcher.config import LauncherConfig, load_config
-from launcher.local import LocalLauncher
-from launcher.policy import PolicySet, load_policies
+from launcher.host import LocalLauncher
+from launcher.model.policy import PolicySet, load_policies
+from launcher.sandbox.backend.base import LABEL_LAUNCHER
 
 
 @dataclass(frozen=True, slots=True)

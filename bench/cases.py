@@ -23,9 +23,9 @@ import pyarrow.ipc
 from bench.stats import Json, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
-from launcher.policy import PolicySet
-from launcher.pool import SandboxPool
+from launcher.host import LocalLauncher
+from launcher.model.policy import PolicySet
+from launcher.sandbox.pool import SandboxPool
 
 POLICY = "default"
 SELECT_42 = "SELECT 42"

@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.controlplane_process import wait_or_kill
-from launcher.allocator import tune_allocator
-from launcher.remote import ControlPlaneClient
+from launcher.cli.allocator import tune_allocator
+from launcher.client import ControlPlaneClient
 
 STOP_TIMEOUT_S = 10.0
 API_KEY_ENV = "BENCH_API_KEY"

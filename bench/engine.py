@@ -24,12 +24,12 @@ import grpc
 import pyarrow as pa
 
 from bench.stats import Json, Progress, summarize
-from launcher.backend.base import LABEL_LAUNCHER, SandboxSpec
-from launcher.backend.docker_engine import DockerBackend, container_config
 from launcher.config import LauncherConfig
-from launcher.policy import Policy
-from launcher.runner_client import RunnerClient
-from launcher.sandbox import build_spec, new_sandbox_name
+from launcher.model.policy import Policy
+from launcher.sandbox.backend.base import LABEL_LAUNCHER, SandboxSpec
+from launcher.sandbox.backend.docker_engine import DockerBackend, container_config
+from launcher.sandbox.runner_client import RunnerClient
+from launcher.sandbox.spec import build_spec, new_sandbox_name
 
 
 async def sandbox_starts(

@@ -15,7 +15,7 @@ from typing import Any
 from bench.engine import remove_leftovers
 from bench.report import write_results
 from bench.stats import Json, Progress
-from launcher.allocator import tune_allocator
+from launcher.cli.allocator import tune_allocator
 from launcher.errors import DuckcellError
 
 Run = Callable[[str, Progress], Coroutine[Any, Any, Json]]

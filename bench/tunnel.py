@@ -32,12 +32,12 @@ from bench.controlplane_process import ControlPlaneProcess
 from bench.stats import Json, MachineCpu, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.enroll import enroll
-from launcher.local import LocalLauncher
-from launcher.policy import PolicySet
-from launcher.pool import SandboxPool
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.model.policy import PolicySet
+from launcher.sandbox.pool import SandboxPool
+from launcher.worker.enroll import enroll
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 
 WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000

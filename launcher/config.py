@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .policy_yaml import parse_size as size_or_none
 from .resources import policies_dir
+from .yamlfile import parse_size as size_or_none
 
 GiB = 2**30
 DEFAULT_CACHE_BUDGET_BYTES = 10 * GiB

@@ -152,7 +152,7 @@ class SqlError(QueryError):
 
 class StatementLimitError(SqlError):
     """A statement over the size limit, or whose parse passed its time or memory bound
-    (``launcher.sql.pool``): refused before it reached a sandbox."""
+    (``launcher.model.sql.pool``): refused before it reached a sandbox."""
 
 
 class StatementTextError(SqlError):
@@ -214,8 +214,9 @@ class SandboxLostError(QueryError):
 
 class RunnerInvalidError(SandboxLostError):
     """The runner sent what no honest runner sends: a malformed Arrow IPC result, or a summary
-    that disagrees with what it sent (``launcher.result_check``). Its sandbox is destroyed and
-    the event logged as a possible compromise. Not worth retrying: the query may be the exploit."""
+    that disagrees with what it sent (``launcher.sandbox.result_check``). Its sandbox is destroyed
+    and the event logged as a possible compromise. Not worth retrying: the query may be the
+    exploit."""
 
     reason = "runner_invalid"
 

@@ -5,10 +5,10 @@ timeout, the launcher's hard wall-clock kill (timeout plus a grace, for calls Du
 interrupt), the container's memory limit (OOM kill, read back from the engine), and a cancel.
 Per-query sandboxes are released (destroyed) whatever happened; a session's sandbox is kept
 unless it was killed or lost. A sandbox reads its tables through a directory of its own:
-before each query the query's leased files are linked there (``launcher.sandbox_files``), so
+before each query the query's leased files are linked there (``launcher.sandbox.files``), so
 no sandbox can open another query's files, and a session may read a new table at any query.
 
-A writing query (``TableFiles.write``, see ``launcher.writes``) runs its rewritten SQL; the
+A writing query (``TableFiles.write``, see ``launcher.data.writes``) runs its rewritten SQL; the
 runner's output chunks are spooled on the host and uploaded only after the query succeeded and
 its sandbox was released, and the write's one-row result replaces DuckDB's COPY count.
 
@@ -33,9 +33,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.ipc
 
-from .backend.base import SandboxBackend
-from .catalog import Binding
-from .datapath import TableFiles
+from .data.datapath import TableFiles
 from .errors import (
     DuckcellError,
     MemoryLimitError,
@@ -47,12 +45,14 @@ from .errors import (
     SandboxLostError,
     SqlError,
 )
-from .policy import Isolation, Policy
-from .pool import SandboxPool
-from .result_check import ResultGuard
-from .runner_client import OutputChunk, QuerySummary, StreamBroken
-from .sandbox import Sandbox
-from .session import Session, SessionManager
+from .model.catalog import Binding
+from .model.policy import Isolation, Policy
+from .sandbox.backend.base import SandboxBackend
+from .sandbox.pool import SandboxPool
+from .sandbox.result_check import ResultGuard
+from .sandbox.runner_client import OutputChunk, QuerySummary, StreamBroken
+from .sandbox.sessions import Session, SessionManager
+from .sandbox.spec import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,9 @@ class QueryExecution:
     ) -> bytes:
         """One item from the runner; the result bytes it completes, once checked, to pass on.
 
-        Nothing of a result is trusted before ``guard`` checked it (``launcher.result_check``),
-        and the record's summary is the worker's own count, not the runner's.
+        Nothing of a result is trusted before ``guard`` checked it
+        (``launcher.sandbox.result_check``), and the record's summary is the worker's own count, not
+        the runner's.
         """
         write = self._tables.write
         if isinstance(item, OutputChunk):
@@ -469,7 +470,7 @@ class Executor:
 
 async def _linked(sandbox: Sandbox, bindings: tuple[Binding, ...]) -> tuple[Binding, ...]:
     """The bindings, re-pointed at links in the sandbox's own directory: the only cached files
-    its container can open (``launcher.sandbox_files``)."""
+    its container can open (``launcher.sandbox.files``)."""
     if sandbox.files is None or not bindings:
         return bindings
     return await asyncio.to_thread(sandbox.files.link, bindings)

@@ -7,7 +7,7 @@ reads one inconsistently (a syntax error here, part of a literal there), and the
 audit log that keep the text are read by tools that stop at one, so the text recorded would not
 be the text run. A refusal is ``StatementTextError``, one line naming the byte and its offset
 in bytes: INVALID_ARGUMENT on the wire, exit code 2 at the CLI (the input is bad, no query
-failed). The size limit is ``launcher.sql.check_statement``'s, checked right after.
+failed). The size limit is ``launcher.model.sql.check_statement``'s, checked right after.
 
 **Small files.** Flags that name a file holding a token, a key or a certificate read it with
 ``read_small_file``: at most ``MAX_SMALL_FILE_BYTES``, from a regular file or a pipe (``<(...)``,

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # the ``launcher`` package
 
 
 def _find(name: str) -> Path:
-    repo_copy = _PACKAGE.parent / name
+    repo_copy = PACKAGE_DIR.parent / name
     if repo_copy.is_dir():
         return repo_copy
-    return _PACKAGE / "_resources" / name
+    return PACKAGE_DIR / "_resources" / name
 
 
 def policies_dir() -> Path:

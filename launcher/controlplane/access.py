@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from launcher.catalog import Catalog, Role, Table
 from launcher.errors import QueryDeniedError
-from launcher.sql import SqlParser
+from launcher.model.catalog import Catalog, Role, Table
+from launcher.model.sql import SqlParser
 
 
 def role_of(catalog: Catalog, role_name: str) -> Role:

@@ -10,8 +10,8 @@ worker was online; every query surface that goes through the router is audited t
 Outcomes: "ok"; "error" with ``reason`` = the ``QueryError.reason`` ("sql", "timeout",
 "worker_shutdown", ...) or "no_worker" / "worker_lost"; "cancelled" with reason "client_gone".
 A failed write is logged as an error and never fails the query: the worker keeps its own audit
-(``launcher.audit``) as a second record. Writes happen on the control plane's event-loop thread
-like every other database write (see ``server``).
+(``launcher.worker.audit``) as a second record. Writes happen on the control plane's event-loop
+thread like every other database write (see ``server``).
 """
 
 from __future__ import annotations

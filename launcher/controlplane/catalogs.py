@@ -23,8 +23,8 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.catalog import Catalog, load_catalog, parse_catalog
 from launcher.errors import CatalogError
+from launcher.model.catalog import Catalog, load_catalog, parse_catalog
 
 from .watch import POLL_INTERVAL_S, FileWatcher
 

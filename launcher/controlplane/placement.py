@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.catalog import Catalog, Table
 from launcher.errors import QueryDeniedError, WorkerUnavailableError
+from launcher.model.catalog import Catalog, Table
 
 
 @dataclass(frozen=True, slots=True)

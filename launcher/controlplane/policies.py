@@ -1,7 +1,7 @@
 """The control plane's policies: validated YAML documents in its data directory, watched.
 
 ``duckcell controlplane policy apply --data DIR FILE...`` (or ``serve --policies DIR``) checks
-each policy file with the worker's own parser (``launcher.policy``: errors name file and line)
+each policy file with the worker's own parser (``launcher.model.policy``: errors name file and line)
 and, only when every file is valid, writes the whole set into ``DATA/policies.json`` at once
 (temporary name, then rename): a running server never reads half a set, and a bad file changes
 nothing. ``policy remove NAME`` takes one out the same way. The running server's
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from launcher.catalog import Catalog
 from launcher.errors import PolicyError
-from launcher.policy import Policy, load_policy_text, read_policy_file
+from launcher.model.catalog import Catalog
+from launcher.model.policy import Policy, load_policy_text, read_policy_file
 
 from .catalogs import config_lock, read_catalog, unknown_role_policies
 from .watch import POLL_INTERVAL_S, FileWatcher
@@ -133,7 +133,7 @@ def read_policies(data_root: Path) -> PolicyDocuments:
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files in a directory, as ``launcher.policy.load_policies`` picks them."""
+    """The policy files in a directory, as ``launcher.model.policy.load_policies`` picks them."""
     if not directory.is_dir():
         raise PolicyError(f"{directory}: expected a directory of policy files, found none")
     return [

@@ -39,10 +39,10 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
-from launcher.catalog import Catalog
 from launcher.errors import DuckcellError, QueryDeniedError, SessionError, SqlError
+from launcher.model.catalog import Catalog
+from launcher.model.sql import ParserPool, SqlParser, check_statement
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.sql import ParserPool, SqlParser, check_statement
 
 from .access import authorize, tables_read
 from .audit import AuditSink, Clock, NoAudit, QueryTrail
@@ -151,7 +151,7 @@ class QueryRouter:
                 pending.fail(disconnected(worker_id))
 
     def deliver(self, worker_id: str, result: pb.QueryResult) -> None:
-        """A whole result the worker sent inline on its stream (``launcher.tunnel_results``).
+        """A whole result the worker sent inline on its stream (``launcher.worker.results``).
 
         The relay of a waiting query is empty and has room for both items, so this never
         blocks the stream's reader. A result nobody waits for any more is dropped.

@@ -9,7 +9,8 @@ not even asked for, so the peer's identity would be unknown). Both services are 
 both ports; a tunnel call on the enrollment port has no certificate and gets UNAUTHENTICATED.
 The enrollment reply tells the worker the tunnel port. The certificate chain the server presents
 is its leaf followed by the CA certificate, because the worker pins the CA by reading it from
-the handshake and comparing its hash with the one its token carries (see ``launcher.enroll``).
+the handshake and comparing its hash with the one its token carries (see
+``launcher.worker.enroll``).
 
 All database work happens on the event loop's thread: the SQLite connection is opened in
 ``start`` and used by one thread only, and each enrollment is a couple of short writes, each
@@ -18,7 +19,7 @@ query one audit row.
 Keepalive (``KEEPALIVE_OPTIONS``): the server pings each connection every 10 s and drops it when
 a ping is not answered within 10 s, so a worker whose host vanished without closing its TCP
 connection is noticed within about 20 s even before its missed heartbeats (3 x 5 s) end the
-tunnel. Workers ping every 10 s too (``launcher.tunnel.Keepalive``); the server lets a client
+tunnel. Workers ping every 10 s too (``launcher.worker.tunnel.Keepalive``); the server lets a client
 ping as often as every 5 s without data, so their pings never earn strikes and a GOAWAY
 ("too_many_pings"). ``grpc.http2.ping_timeout_ms`` is set with the keepalive timeout because
 grpcio 1.85 waits that long (60 s by default) for a ping's answer, whatever the keepalive says.
@@ -38,10 +39,11 @@ from grpc import aio
 
 from launcher import __version__
 from launcher.errors import CertificateError, ControlPlaneError, EnrollmentError
+from launcher.model.sql import ParserPool
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.sql import ParserPool
 
+from ..link.wire import MESSAGE_OPTIONS, REASON_KEY, is_ipv6, split_address
 from .apikeys import ApiKeys
 from .audit import AuditLog, prune_forever
 from .ca import CertificateAuthority
@@ -53,7 +55,6 @@ from .registry import Worker, WorkerRegistry, new_worker_id
 from .routing import QueryRouter
 from .tokens import Clock, EnrollmentTokens
 from .tunnel import DEFAULT_HEARTBEAT_INTERVAL_S, TunnelService, revoked_refusal
-from .wire import MESSAGE_OPTIONS, REASON_KEY, is_ipv6, split_address
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class ControlPlaneServer:
         self._policies_task: asyncio.Task[None] | None = None
         self.policies = PolicyWatcher(data.root, self._push_policies)
         self.router: QueryRouter | None = None
-        # Parses SQL for the router and Flight SQL, in child processes (``launcher.sql``).
+        # Parses SQL for the router and Flight SQL, in child processes (``launcher.model.sql``).
         self.parser: ParserPool | None = None
         # API keys over this server's database, for the surfaces clients call (Flight SQL).
         self.api_keys: ApiKeys | None = None

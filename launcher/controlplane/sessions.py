@@ -19,8 +19,8 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from launcher.catalog import Catalog
 from launcher.errors import DuckcellError, QueryDeniedError, SessionError, WorkerUnavailableError
+from launcher.model.catalog import Catalog
 from launcher.protocol import controlplane_pb2 as pb
 
 from .access import role_of

@@ -36,10 +36,10 @@ from launcher.errors import CertificateError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
+from ..link.wire import REASON_KEY
 from .ca import subject_and_serial
 from .registry import Worker, WorkerRegistry
 from .routing import Outbox, QueryRouter, UnknownQueryError
-from .wire import REASON_KEY
 
 log = logging.getLogger(__name__)
 

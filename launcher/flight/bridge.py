@@ -146,7 +146,7 @@ class IpcSource(io.RawIOBase):
 
     def holds_whole_result(self) -> bool:
         """Whether the bytes at hand are the query's whole result (``WholeResult``: it came
-        inline, see ``launcher.tunnel_results``), so the rest of the stream can be read
+        inline, see ``launcher.worker.results``), so the rest of the stream can be read
         without waiting for the worker. Never guessed from the bytes: a batch can end with
         the same eight bytes as the stream's end marker."""
         return self._whole

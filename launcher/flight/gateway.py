@@ -6,7 +6,7 @@ tables the SQL names, and fixes the policy the query runs under; the router then
 caller (``<key id>/<role>``) in the audit log. A refusal is a ``QueryDeniedError``, which
 ``status.translated`` turns into a PERMISSION_DENIED status with its message. A statement over
 the size limit is refused first (``StatementLimitError``, INVALID_ARGUMENT). The SQL is parsed
-in the control plane's parser processes (``launcher.sql``), reached through the loop.
+in the control plane's parser processes (``launcher.model.sql``), reached through the loop.
 
 The catalog is a callable, not a value: the control plane reloads its catalog while the server
 runs, and each call must see the current one.
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from launcher.catalog import Catalog
 from launcher.controlplane.access import authorize, tables_read
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.query import caller_name
-from launcher.sql import ParsedSql, SqlParser, check_statement
+from launcher.model.catalog import Catalog
+from launcher.model.sql import ParsedSql, SqlParser, check_statement
 
 from .bridge import LoopBridge, RoutedResult
 from .sessions import FlightSessions

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from launcher.catalog import Catalog
 from launcher.controlplane.access import visible_tables
 from launcher.controlplane.apikeys import ApiKey
+from launcher.model.catalog import Catalog
 
 from .bridge import LoopBridge
 from .gateway import Gateway

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from launcher.controlplane.ca import CertificateAuthority
-from launcher.controlplane.wire import split_address
 from launcher.errors import ControlPlaneError
-from launcher.sql import ParserPool, SqlParser
+from launcher.link.wire import split_address
+from launcher.model.sql import ParserPool, SqlParser
 
 from .auth import MIDDLEWARE_KEY, ApiKeyMiddlewareFactory, HandshakeAuthHandler
 from .bridge import LoopBridge

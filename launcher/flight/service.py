@@ -24,7 +24,7 @@ import pyarrow.flight as flight
 
 from launcher.controlplane.apikeys import ApiKey
 from launcher.errors import SessionError
-from launcher.sql import check_statement
+from launcher.model.sql import check_statement
 
 from . import metadata
 from .auth import caller_of, session_of

@@ -24,11 +24,11 @@ import contextlib
 import re
 import threading
 
-from launcher.catalog import Catalog
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.query import caller_name
 from launcher.controlplane.sessions import session_policy
 from launcher.errors import SessionError
+from launcher.model.catalog import Catalog
 
 from .bridge import LoopBridge, never_cancelled
 from .messages import InvalidRequest

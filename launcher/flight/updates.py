@@ -30,7 +30,7 @@ import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 
 from launcher.errors import SqlError, StatementLimitError
-from launcher.sql import ParsedSql
+from launcher.model.sql import ParsedSql
 
 from .messages import UnsupportedRequest
 

@@ -22,8 +22,8 @@ import pytest
 
 from launcher.config import LauncherConfig, load_config
 from launcher.executor import QueryExecution
-from launcher.image import ImageBuilder
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
+from launcher.sandbox.image.build import ImageBuilder
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
 T = TypeVar("T")

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 

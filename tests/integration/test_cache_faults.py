@@ -30,12 +30,12 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from launcher.cache import ObjectCache
-from launcher.catalog import parse_catalog
 from launcher.config import LauncherConfig
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
+from launcher.model.catalog import parse_catalog
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 from tests.support.parsers import InlineParser
 

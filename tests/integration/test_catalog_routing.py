@@ -5,7 +5,7 @@ both. A connection pinned to one worker by name always lands there; an unpinned 
 over both. The pinned connection's secret lives only in the worker's environment: the test
 proves it never reaches the control plane (not its data directory, not its logs, not any
 message a worker sent it), while the query that needed it did read S3 with it. The workers
-let the catalog reach only what their operator allowed (``launcher.grants``): a table the
+let the catalog reach only what their operator allowed (``launcher.data.grants``): a table the
 catalog declares over a worker's TLS key is refused on whichever worker it lands.
 """
 
@@ -25,20 +25,20 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.datapath import DataPath
-from launcher.enroll import enroll
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
+from launcher.data.grants import CatalogGrants
 from launcher.errors import QueryDeniedError
-from launcher.grants import CatalogGrants
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.model.catalog import Catalog
+from launcher.worker.enroll import enroll
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.support.parsers import InlineParser
 from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane

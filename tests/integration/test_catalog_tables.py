@@ -16,14 +16,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from launcher.cache import ObjectCache
-from launcher.catalog import load_catalog
 from launcher.config import LauncherConfig
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
 from launcher.errors import SqlError
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
-from launcher.sandbox import Sandbox
+from launcher.host import LocalLauncher
+from launcher.model.catalog import load_catalog
+from launcher.sandbox.spec import Sandbox
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 from tests.support.parsers import InlineParser
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher.catalog import Binding
-from launcher.local import LocalLauncher
-from launcher.sandbox import Sandbox
+from launcher.host import LocalLauncher
+from launcher.model.catalog import Binding
+from launcher.sandbox.spec import Sandbox
 
 from .conftest import make_config, run, with_launcher
 

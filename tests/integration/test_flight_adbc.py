@@ -25,9 +25,9 @@ from flightsql import FlightSQLClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.executor import QueryRecord
-from launcher.local import LocalLauncher
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.unit.test_flight_adbc import FlightControlPlane, adbc_connect
 from tests.unit.test_tunnel import DEADLINE_S, FAST
 

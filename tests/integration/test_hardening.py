@@ -14,11 +14,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher import allocator
+from launcher.cli import allocator
 from launcher.config import LauncherConfig
 from launcher.errors import SqlError
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
 
 from .conftest import make_config, run, with_launcher
 
@@ -129,7 +129,7 @@ def test_strict_policy_runs_under_gvisor(
     assert attrs["HostConfig"]["Runtime"] == "runsc"
     assert attrs["HostConfig"]["ReadonlyRootfs"] is True
     # The policy's 128 pids are the query's, counted by gVisor (RLIMIT_NPROC); the cgroup
-    # keeps a backstop that leaves room for gVisor's own threads (launcher.sandbox).
+    # keeps a backstop that leaves room for gVisor's own threads (launcher.sandbox.spec).
     assert {u["Name"]: u["Hard"] for u in attrs["HostConfig"]["Ulimits"]}["nproc"] == 128
     assert attrs["HostConfig"]["PidsLimit"] == 128 * 8 + 64
     assert probe["max_processes"] == "128"

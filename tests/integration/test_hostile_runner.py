@@ -19,7 +19,7 @@ import pytest
 
 from launcher.errors import ResultLimitError, RunnerInvalidError
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
 from .conftest import containers_of, make_config, run, with_launcher

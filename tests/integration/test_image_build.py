@@ -11,7 +11,13 @@ import importlib.metadata
 import docker
 import pytest
 
-from launcher.image import BASE_LABEL, DEFAULT_TAG, HASH_LABEL, BuiltImage, ImageBuilder
+from launcher.sandbox.image.build import (
+    BASE_LABEL,
+    DEFAULT_TAG,
+    HASH_LABEL,
+    BuiltImage,
+    ImageBuilder,
+)
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
 pytestmark = pytest.mark.docker

@@ -22,11 +22,11 @@ import docker
 import duckdb
 import pytest
 
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SqlError
-from launcher.remote import ControlPlaneClient
 from tests.unit.test_tunnel import ControlPlane
 
 from .conftest import containers_of
@@ -178,11 +178,11 @@ def _rss(pid: int) -> int:
 
 
 def _parser_children(pid: int) -> list[int]:
-    """The worker's child processes that run ``launcher.sql.tables`` (its parsers)."""
+    """The worker's child processes that run ``launcher.model.sql.tables`` (its parsers)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"launcher.sql.tables" in cmdline:
+            if b"launcher.model.sql.tables" in cmdline:
                 found.append(int(child))
     return found

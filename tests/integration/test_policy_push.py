@@ -19,14 +19,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher.backend.base import LABEL_LAUNCHER, LABEL_POLICY
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.policies import apply_policies
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config

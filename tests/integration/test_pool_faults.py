@@ -17,9 +17,9 @@ import docker
 import pytest
 
 from launcher.executor import QueryExecution, collect_table
-from launcher.local import LocalLauncher
-from launcher.policy import Policy, PolicySet, load_policy_text
-from launcher.pool import IDLE_CHECK_S
+from launcher.host import LocalLauncher
+from launcher.model.policy import Policy, PolicySet, load_policy_text
+from launcher.sandbox.pool import IDLE_CHECK_S
 from tests.support.waiting import eventually
 
 from .conftest import containers_of, make_config, run

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from launcher.cache import CacheLease, ObjectCache
+from launcher.data.cache import CacheLease, ObjectCache
+from launcher.data.objectstore import ObjectRef, S3Store
 from launcher.errors import ObjectStoreError
-from launcher.objectstore import ObjectRef, S3Store
 
 from .s3proxy import S3Proxy
 

@@ -21,7 +21,7 @@ from launcher.errors import (
     SqlError,
 )
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
 
 from .conftest import containers_of, make_config, run, until_in_sandbox, with_launcher
 

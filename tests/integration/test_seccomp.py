@@ -25,10 +25,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher.backend.seccomp import profile_json
 from launcher.config import LauncherConfig
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
+from launcher.host import LocalLauncher
+from launcher.sandbox.backend.seccomp import profile_json
 
 from .conftest import make_config, run, with_launcher
 

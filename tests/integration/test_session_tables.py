@@ -1,7 +1,7 @@
 """A session reads new catalog tables at any query, and still nothing else (real Docker).
 
 A session's sandbox is locked to its own directory, its only view of the cache
-(``launcher.sandbox_files``); the launcher links each query's cached files there. These tests
+(``launcher.sandbox.files``); the launcher links each query's cached files there. These tests
 are the hostile probes the design rests on: if DuckDB in the image ever let ``..`` out of an
 allowed directory, ``test_a_session_reads_what_it_binds_and_nothing_else`` fails.
 """
@@ -14,14 +14,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from launcher.cache import ObjectCache
-from launcher.catalog import load_catalog
 from launcher.config import LauncherConfig
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
 from launcher.errors import QueryError
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
-from launcher.session import Session
+from launcher.host import LocalLauncher
+from launcher.model.catalog import load_catalog
+from launcher.sandbox.sessions import Session
 from tests.support.parsers import InlineParser
 
 from .conftest import make_config, run, with_launcher

@@ -18,7 +18,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher.audit import AUDIT_FILE, read_audit
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.datadir import ControlPlaneData
@@ -29,10 +29,10 @@ from launcher.errors import (
     WorkerShutdownError,
     WorkerUnavailableError,
 )
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.worker.audit import AUDIT_FILE, read_audit
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, sandboxes_that_started_a_query

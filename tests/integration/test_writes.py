@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog, parse_catalog
 from launcher.config import LauncherConfig
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
+from launcher.data.objectstore import S3Store
 from launcher.errors import ObjectStoreError, QueryDeniedError, SqlError
 from launcher.executor import collect_table
-from launcher.local import LocalLauncher
-from launcher.objectstore import S3Store
+from launcher.host import LocalLauncher
+from launcher.model.catalog import Catalog, parse_catalog
 from tests.support.parsers import InlineParser
 
 from .conftest import containers_of, make_config, run, with_launcher

@@ -25,19 +25,19 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog, load_catalog
+from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
+from launcher.data.grants import CatalogGrants
 from launcher.errors import QueryDeniedError, SqlError
 from launcher.executor import QueryRecord
-from launcher.grants import CatalogGrants
-from launcher.local import LocalLauncher
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
+from launcher.model.catalog import Catalog, load_catalog
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 from tests.support.parsers import InlineParser
 from tests.unit import test_tunnel
 from tests.unit.test_query_tunnel import eventually

@@ -20,9 +20,9 @@ import grpc
 
 from duckcell_runner.lockdown import RunnerConfig, open_locked
 from duckcell_runner.service import RunnerService
-from launcher.backend.base import ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
 from launcher.errors import ImageMissingError
 from launcher.protocol import runner_pb2_grpc as pb_grpc
+from launcher.sandbox.backend.base import ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
 
 
 @dataclass

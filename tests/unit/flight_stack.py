@@ -26,13 +26,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from adbc_driver_flightsql import DatabaseOptions
 
-from launcher.catalog import Catalog, parse_catalog
 from launcher.controlplane.access import authorize, tables_read
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone
 from launcher.errors import ApiKeyError, SessionError, SqlError
 from launcher.flight import FlightListen, FlightSqlServer
+from launcher.model.catalog import Catalog, parse_catalog
 from tests.support.parsers import InlineParser
 
 DEADLINE_S = 10.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.catalog import Catalog, parse_catalog
 from launcher.controlplane.access import authorize, tables_read, visible_tables
 from launcher.errors import QueryDeniedError, SqlError
+from launcher.model.catalog import Catalog, parse_catalog
 from tests.support.parsers import InlineParser
 
 CATALOG = """

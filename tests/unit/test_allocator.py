@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from launcher import allocator
+from launcher.cli import allocator
 
 _PROBE = """
 import json, resource, sys
 tuned = None
 if sys.argv[1] == "tuned":
-    from launcher.allocator import tune_allocator
+    from launcher.cli.allocator import tune_allocator
     tuned = tune_allocator()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.audit import AUDIT_FILE, WorkerAuditLog, WorkerAuditRecord, read_audit
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.audit import (
     AuditLog,
     AuditRecord,
@@ -29,6 +28,7 @@ from launcher.controlplane.relay import end_trail, outcome_end
 from launcher.controlplane.store import MIGRATIONS, open_database
 from launcher.errors import SqlError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
+from launcher.worker.audit import AUDIT_FILE, WorkerAuditLog, WorkerAuditRecord, read_audit
 
 from .test_query_tunnel import LONG_SQL, ControlPlane, eventually, run, stack
 from .test_tunnel import DEADLINE_S

@@ -10,9 +10,9 @@ from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text
 from bench.report import flight_summary, render_data, render_flight, render_tunnel, target
 from bench.stats import MachineCpu, summarize
 from bench.tunnel import Transfer, transfer_summary
-from launcher.catalog import parse_catalog
-from launcher.policy import load_policies
-from launcher.sql.tables import table_names
+from launcher.model.catalog import parse_catalog
+from launcher.model.policy import load_policies
+from launcher.model.sql.tables import table_names
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,11 +20,11 @@ from typing import TypeVar
 
 import pytest
 
-import launcher.cache
-from launcher.cache import CacheLease, ObjectCache
-from launcher.cache_index import EntryLock, entry_name, is_pinned, relative_path
+import launcher.data.cache
+from launcher.data.cache import CacheLease, ObjectCache
+from launcher.data.cache_index import EntryLock, entry_name, is_pinned, relative_path
+from launcher.data.objectstore import LocalStore, ObjectRef
 from launcher.errors import CacheError, ObjectStoreError
-from launcher.objectstore import LocalStore, ObjectRef
 from tests.support.waiting import eventually
 
 T = TypeVar("T")
@@ -106,7 +106,7 @@ def test_lease_returns_relative_paths_in_order_with_extensions_and_readable_mode
     assert paths == [relative_path(entry_name(ref)) for ref in refs]
     assert all(p.startswith("objects/") and p.endswith(".parquet") for p in paths)
     entry = tmp_path / paths[0]
-    # Not world-readable: the sandbox's group reads it through a link (launcher.sandbox_files).
+    # Not world-readable: the sandbox's group reads it through a link (launcher.sandbox.files).
     as_root = os.geteuid() == 0
     assert stat.S_IMODE(entry.stat().st_mode) == (0o640 if as_root else 0o644)
     assert entry.stat().st_gid == (65534 if as_root else os.getegid())
@@ -148,8 +148,8 @@ def test_twenty_concurrent_leases_download_each_object_once(tmp_path: Path) -> N
 _CHILD = """
 import asyncio, sys
 from pathlib import Path
-from launcher.cache import ObjectCache
-from launcher.objectstore import LocalStore
+from launcher.data.cache import ObjectCache
+from launcher.data.objectstore import LocalStore
 
 class SlowCountingStore(LocalStore):
     async def download(self, ref, dest):
@@ -614,7 +614,7 @@ def test_verify_beside_another_process_evicting_reports_no_problem(
     cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
     run(cache.lease(store, run(store.list("t/")))).release()
     worker = ObjectCache(tmp_path, budget_bytes=10 * MiB)
-    check, checked = launcher.cache.check_file, []
+    check, checked = launcher.data.cache.check_file, []
 
     def check_after_an_eviction(path: Path, size: int, sha256: str) -> str | None:
         if not checked:
@@ -622,7 +622,7 @@ def test_verify_beside_another_process_evicting_reports_no_problem(
         checked.append(path)
         return check(path, size, sha256)
 
-    monkeypatch.setattr(launcher.cache, "check_file", check_after_an_eviction)
+    monkeypatch.setattr(launcher.data.cache, "check_file", check_after_an_eviction)
     report = cache.verify(repair=True)
     assert report.checked == 3 and report.problems == [] and len(checked) == 3
     run(worker.close())

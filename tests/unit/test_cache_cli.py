@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cache import CacheLease, ObjectCache
-from launcher.cachecli import format_size
-from launcher.cli import main
-from launcher.objectstore import LocalStore
+from launcher.cli.cache import format_size
+from launcher.cli.main import main
+from launcher.data.cache import CacheLease, ObjectCache
+from launcher.data.objectstore import LocalStore
 
 KiB = 1024
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.catalog import (
+from launcher.errors import CatalogError, SecretError, SqlError
+from launcher.model.catalog import (
     Catalog,
     Connection,
     SecretRef,
@@ -14,8 +15,7 @@ from launcher.catalog import (
     load_catalog,
     parse_catalog,
 )
-from launcher.errors import CatalogError, SecretError, SqlError
-from launcher.sql.tables import table_names
+from launcher.model.sql.tables import table_names
 
 SOURCE = "/srv/catalogs/cat.yaml"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.config import load_config
 from launcher.controlplane.server import _next_port
-from launcher.controlplane.wire import split_address
 from launcher.errors import ConfigError, ControlPlaneError
 from launcher.inputs import MAX_SMALL_FILE_BYTES, read_small_file
+from launcher.link.wire import split_address
 
 NOT_UTF8 = b"SELECT '\xff'"  # the bad byte at offset 8
 

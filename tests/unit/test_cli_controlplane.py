@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.ca import fingerprint_of
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.tokens import parse_token

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.apikeys import ApiKeys
 from launcher.controlplane.store import MIGRATIONS, open_database
 from launcher.errors import ApiKeyError, ControlPlaneError

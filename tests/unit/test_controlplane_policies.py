@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.catalog import load_catalog
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.catalogs import CONFIG_LOCK, CatalogVersion, apply_catalog, read_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.policies import (
@@ -23,9 +22,10 @@ from launcher.controlplane.policies import (
 )
 from launcher.controlplane.server import config_push
 from launcher.errors import CatalogError, PolicyError
-from launcher.policy import Policy, load_pushed_policies, same_settings
+from launcher.model.catalog import load_catalog
+from launcher.model.policy import Policy, load_pushed_policies, same_settings
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.tunnel import TunnelClient
+from launcher.worker.tunnel import TunnelClient
 
 from .test_tunnel import DEADLINE_S, FAST, ControlPlane, eventually, run
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog, Connection, parse_catalog
-from launcher.datapath import DataPath, store_for
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath, store_for
+from launcher.data.listings import ListingCache
+from launcher.data.objectstore import ObjectRef, ObjectStore
+from launcher.data.writes import result_ipc
 from launcher.errors import CatalogError, ObjectStoreError, QueryDeniedError, SecretError, SqlError
-from launcher.listing_cache import ListingCache
-from launcher.objectstore import ObjectRef, ObjectStore
-from launcher.policy import Policy, load_policy_text
-from launcher.writes import result_ipc
+from launcher.model.catalog import Catalog, Connection, parse_catalog
+from launcher.model.policy import Policy, load_policy_text
 from tests.support.parsers import InlineParser
 
 CATALOG = """\

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from launcher.audit import AUDIT_FILE, WorkerAuditRecord, read_audit
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import WorkerRegistry
 from launcher.controlplane.routing import QueryDone, QueryRouter
 from launcher.errors import WorkerShutdownError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.tunnel_queries import QueryTasks, RunStats
+from launcher.worker.audit import AUDIT_FILE, WorkerAuditRecord, read_audit
+from launcher.worker.queries import QueryTasks, RunStats
 
 from .test_query_tunnel import LONG_SQL, POLICY, ControlPlane, Stack, eventually, run, stack
 from .test_tunnel import DEADLINE_S

@@ -18,13 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.ca import verify_chain
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
 from launcher.controlplane.tokens import parse_token
-from launcher.enroll import Identity, enroll
 from launcher.errors import (
     CaMismatchError,
     CertificateError,
@@ -36,6 +35,7 @@ from launcher.errors import (
 )
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
+from launcher.worker.enroll import Identity, enroll
 
 
 @dataclass

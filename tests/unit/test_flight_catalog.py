@@ -15,8 +15,8 @@ import pytest
 from launcher.flight import messages as msg
 from launcher.flight.listing import like
 from launcher.flight.updates import changes_data
+from launcher.model.sql.tables import analyze
 from launcher.protocol import flightsql_pb2 as pb
-from launcher.sql.tables import analyze
 
 from .flight_stack import TRIPS, FlightStack, flight_stack
 

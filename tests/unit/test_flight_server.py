@@ -25,7 +25,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from bench.controlplane_process import ControlPlaneProcess
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone, WholeResult

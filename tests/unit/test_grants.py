@@ -1,4 +1,4 @@
-"""What a pushed catalog may make a worker do (``launcher.grants``), and DataPath enforcing it
+"""What a pushed catalog may make a worker do (``launcher.data.grants``), and DataPath enforcing it
 before any store client is built or anything is listed."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Connection, SecretRef, Table, parse_catalog
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
+from launcher.data.grants import AWS, CatalogGrants, SecretGrants, grants_from, normalize_endpoint
+from launcher.data.objectstore import ObjectStore
 from launcher.errors import DuckcellError, QueryDeniedError
-from launcher.grants import AWS, CatalogGrants, SecretGrants, grants_from, normalize_endpoint
-from launcher.objectstore import ObjectStore
-from launcher.policy import load_policy_text
+from launcher.model.catalog import Connection, SecretRef, Table, parse_catalog
+from launcher.model.policy import load_policy_text
 from tests.support.parsers import InlineParser
 
 POLICY = """\

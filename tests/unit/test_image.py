@@ -18,7 +18,7 @@ import docker.errors
 import pytest
 
 from launcher.errors import ImageBuildError
-from launcher.image import (
+from launcher.sandbox.image.build import (
     BASE_LABEL,
     HASH_LABEL,
     OFFLINE_BASE,

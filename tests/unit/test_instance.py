@@ -6,8 +6,8 @@ import asyncio
 import multiprocessing
 from pathlib import Path
 
-from launcher.backend.base import SandboxSpec
-from launcher.instance import InstanceLock, instance_alive, reap_orphans
+from launcher.sandbox.backend.base import SandboxSpec
+from launcher.sandbox.instance import InstanceLock, instance_alive, reap_orphans
 
 from .fakes import FakeBackend
 

@@ -20,16 +20,16 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from launcher.backend.base import SandboxHandle
-from launcher.capacity import Capacity
 from launcher.errors import QueryError, ResultLimitError, RunnerInvalidError, SessionError
 from launcher.executor import Executor, QueryExecution
-from launcher.factory import FactorySettings, SandboxFactory
-from launcher.policy import Policy, load_policy_text
-from launcher.pool import SandboxPool
+from launcher.model.policy import Policy, load_policy_text
 from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
-from launcher.session import SessionManager
+from launcher.sandbox.backend.base import SandboxHandle
+from launcher.sandbox.capacity import Capacity
+from launcher.sandbox.factory import FactorySettings, SandboxFactory
+from launcher.sandbox.pool import SandboxPool
+from launcher.sandbox.sessions import SessionManager
 
 from .fakes import FakeBackend
 

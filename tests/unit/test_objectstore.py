@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import ObjectStoreError
-from launcher.objectstore import (
+from launcher.data.objectstore import (
     LocalStore,
     ObjectRef,
     S3Store,
@@ -22,6 +21,7 @@ from launcher.objectstore import (
     run_stoppable,
     write_chunks,
 )
+from launcher.errors import ObjectStoreError
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launcher.cli import main
-from launcher.output import check_output, render_table, write_result
+from launcher.cli.main import main
+from launcher.cli.output import check_output, render_table, write_result
 
 TABLE = pa.table({"n": [1, None], "s": ["dück", "x" * 60]})
 

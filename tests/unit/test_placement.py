@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.catalog import Catalog, parse_catalog
 from launcher.controlplane.access import tables_read
 from launcher.controlplane.catalogs import (
     CATALOG_FILE,
@@ -19,7 +18,8 @@ from launcher.controlplane.catalogs import (
 )
 from launcher.controlplane.placement import Candidate, Pin, choose_worker, pin_for
 from launcher.errors import CatalogError, QueryDeniedError, SqlError, WorkerUnavailableError
-from launcher.sql.tables import table_names
+from launcher.model.catalog import Catalog, parse_catalog
+from launcher.model.sql.tables import table_names
 from tests.support.parsers import InlineParser
 
 CATALOG = """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import PolicyError, UnknownPolicyError
-from launcher.policy import (
+from launcher.model.policy import (
     Access,
     GiB,
     Isolation,

@@ -14,13 +14,11 @@ from typing import TypeVar
 
 import pytest
 
-from launcher.capacity import Capacity
 from launcher.config import load_config
 from launcher.errors import PolicyError
 from launcher.executor import Executor, collect_table
-from launcher.factory import FactorySettings, SandboxFactory
-from launcher.local import LocalLauncher
-from launcher.policy import (
+from launcher.host import LocalLauncher
+from launcher.model.policy import (
     Policy,
     PolicySet,
     check_no_downgrade,
@@ -28,10 +26,12 @@ from launcher.policy import (
     load_pushed_policies,
     same_settings,
 )
-from launcher.policy_pools import PolicyPools
-from launcher.pool import SandboxPool
-from launcher.sandbox import SandboxState
-from launcher.session import SessionManager
+from launcher.sandbox.capacity import Capacity
+from launcher.sandbox.factory import FactorySettings, SandboxFactory
+from launcher.sandbox.pool import SandboxPool
+from launcher.sandbox.pools import PolicyPools
+from launcher.sandbox.sessions import SessionManager
+from launcher.sandbox.spec import SandboxState
 
 from .fakes import FakeBackend
 

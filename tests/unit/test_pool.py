@@ -14,10 +14,7 @@ from typing import TypeVar
 
 import pytest
 
-from launcher.backend.base import ContainerState, SandboxHandle
-from launcher.capacity import Capacity
-from launcher.catalog import Binding
-from launcher.datapath import TableFiles
+from launcher.data.datapath import TableFiles
 from launcher.errors import (
     EngineUnavailableError,
     ImageMissingError,
@@ -29,11 +26,14 @@ from launcher.errors import (
     SqlError,
 )
 from launcher.executor import Executor, QueryExecution, collect_table
-from launcher.factory import FactorySettings, SandboxFactory
-from launcher.policy import Policy, load_policy_text
-from launcher.pool import IDLE_CHECK_S, REMOVAL_DEADLINE_S, SandboxPool
-from launcher.sandbox import SandboxState
-from launcher.session import SessionManager
+from launcher.model.catalog import Binding
+from launcher.model.policy import Policy, load_policy_text
+from launcher.sandbox.backend.base import ContainerState, SandboxHandle
+from launcher.sandbox.capacity import Capacity
+from launcher.sandbox.factory import FactorySettings, SandboxFactory
+from launcher.sandbox.pool import IDLE_CHECK_S, REMOVAL_DEADLINE_S, SandboxPool
+from launcher.sandbox.sessions import SessionManager
+from launcher.sandbox.spec import SandboxState
 from tests.support.waiting import eventually
 
 from .fakes import FakeBackend
@@ -438,7 +438,7 @@ def test_a_session_cancel_while_its_files_are_linked_stops_the_query() -> None:
 
 
 def test_every_sandbox_gets_a_files_directory_that_goes_with_it(tmp_path: Path) -> None:
-    """Created before the container (its only /cache, launcher.sandbox_files), removed after
+    """Created before the container (its only /cache, launcher.sandbox.files), removed after
     it; a session's runner is locked to it, a per-query runner to its first query's files."""
 
     async def body(h: Harness) -> None:

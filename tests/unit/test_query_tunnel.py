@@ -20,9 +20,8 @@ import pyarrow.compute as pc
 import pytest
 from grpc import aio
 
-from launcher.audit import AUDIT_FILE, WorkerAuditLog
-from launcher.backend.base import SandboxHandle
-from launcher.cli import main
+from launcher.cli.main import main
+from launcher.client import ControlPlaneClient
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import (
@@ -34,12 +33,13 @@ from launcher.errors import (
     WorkerUnavailableError,
 )
 from launcher.executor import QueryRecord
-from launcher.policy import PolicySet, load_policy_text
+from launcher.model.policy import PolicySet, load_policy_text
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.sandbox.backend.base import SandboxHandle
+from launcher.worker.audit import AUDIT_FILE, WorkerAuditLog
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 
 from .fakes import FakeBackend
 from .test_pool import Harness

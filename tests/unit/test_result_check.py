@@ -19,8 +19,8 @@ import pyarrow.ipc
 import pytest
 
 from launcher.errors import ResultLimitError, RunnerInvalidError
-from launcher.result_check import END_OF_STREAM, MAX_METADATA_BYTES, ResultGuard
-from launcher.runner_client import QuerySummary
+from launcher.sandbox.result_check import END_OF_STREAM, MAX_METADATA_BYTES, ResultGuard
+from launcher.sandbox.runner_client import QuerySummary
 
 SEED = 16
 

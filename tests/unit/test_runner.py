@@ -29,10 +29,10 @@ from duckcell_runner.lockdown import (
 )
 from duckcell_runner.service import RunnerService
 from duckcell_runner.warmup import warm_parquet
-from launcher.catalog import Binding
+from launcher.model.catalog import Binding
 from launcher.protocol import runner_pb2 as pb
 from launcher.protocol import runner_pb2_grpc as pb_grpc
-from launcher.runner_client import OutputChunk, QuerySummary, RunnerClient
+from launcher.sandbox.runner_client import OutputChunk, QuerySummary, RunnerClient
 
 
 @pytest.fixture
@@ -628,7 +628,7 @@ def test_the_launcher_and_the_runner_agree_on_the_result_streams_flow_control() 
     """A fixed window with bandwidth-delay probing off, on both ends (the fastest of the
     combinations tried); the window also bounds what a runner sends ahead."""
     from duckcell_runner.__main__ import FLOW_CONTROL as RUNNER_SIDE
-    from launcher.runner_client import FLOW_CONTROL as LAUNCHER_SIDE
+    from launcher.sandbox.runner_client import FLOW_CONTROL as LAUNCHER_SIDE
 
     assert dict(RUNNER_SIDE) == dict(LAUNCHER_SIDE)
     assert dict(LAUNCHER_SIDE) == {

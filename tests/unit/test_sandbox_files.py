@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.catalog import Binding
 from launcher.errors import CacheError
-from launcher.sandbox_files import SandboxFiles, remove_stale
+from launcher.model.catalog import Binding
+from launcher.sandbox.files import SandboxFiles, remove_stale
 
 
 @pytest.fixture

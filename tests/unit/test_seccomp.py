@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from launcher.backend import seccomp
-from launcher.backend.seccomp import (
+from launcher.sandbox.backend import seccomp
+from launcher.sandbox.backend.seccomp import (
     ALLOWED,
     CLONE_NAMESPACE_FLAGS,
     GVISOR_ALIASES,

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog, SecretRef, parse_catalog
-from launcher.cli import main
-from launcher.datapath import DataPath, store_for
+from launcher.cli.main import main
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath, store_for
+from launcher.data.secrets import DATA_FILE, KEY_FILE, SecretStore
 from launcher.errors import CatalogError, SecretError
-from launcher.policy import load_policy_text
-from launcher.secretstore import DATA_FILE, KEY_FILE, SecretStore
+from launcher.model.catalog import Catalog, SecretRef, parse_catalog
+from launcher.model.policy import load_policy_text
 from tests.support.parsers import InlineParser
 
 VALUE = "wJalrXUtnFEMI/K7MDENG-s3cr3t"

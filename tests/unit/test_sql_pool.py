@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from launcher.errors import ParserUnavailableError, SqlError, StatementLimitError
-from launcher.sql import MAX_STATEMENT_BYTES, ParserPool, check_statement
+from launcher.model.sql import MAX_STATEMENT_BYTES, ParserPool, check_statement
 
 DEADLINE_S = 30.0
 # A parser process that answers like the real one without DuckDB: "SLOW <s> <name>" sleeps

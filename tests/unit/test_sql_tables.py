@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.errors import SqlError
-from launcher.sql.tables import CONDENSE_ABOVE, _condensed, analyze
+from launcher.model.sql.tables import CONDENSE_ABOVE, _condensed, analyze
 
 IDS = ", ".join(str(i) for i in range(4000))  # long enough to be condensed
 NAMES = ", ".join(f"'n{i}'" for i in range(3000))

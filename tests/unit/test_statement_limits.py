@@ -14,12 +14,12 @@ import adbc_driver_manager
 import grpc
 import pytest
 
-from launcher.audit import WorkerAuditRecord
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.datadir import ControlPlaneData
+from launcher.model.sql import MAX_STATEMENT_BYTES
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.sql import MAX_STATEMENT_BYTES
-from launcher.tunnel_queries import QueryTasks, RunStats
+from launcher.worker.audit import WorkerAuditRecord
+from launcher.worker.queries import QueryTasks, RunStats
 
 from .flight_stack import FlightStack, write_catalog
 from .test_query_tunnel import raw_run, stack

@@ -20,18 +20,18 @@ import pytest
 from google.protobuf.message import Message
 from grpc import aio
 
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.controlplane.ca import CertificateAuthority, generate_worker_key_and_csr
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import Worker, WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
 from launcher.controlplane.tunnel import HeartbeatWatch
-from launcher.dialing import Backoff, Keepalive, ProxyConfig
-from launcher.enroll import Identity, enroll
 from launcher.errors import TunnelRefusedError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.tunnel import TunnelClient
+from launcher.worker.dialing import Backoff, Keepalive, ProxyConfig
+from launcher.worker.enroll import Identity, enroll
+from launcher.worker.tunnel import TunnelClient
 
 # Heartbeats every 0.3 s: a stream is ended after 3 missed ones (0.9 s). 0.1 s was fast but
 # a loaded two-core machine stalled a loop for 0.3 s now and then, ending tunnels mid-test.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.tunnel_results import ResultSink
+from launcher.worker.results import ResultSink
 
 
 class _NoCalls:

@@ -19,15 +19,15 @@ import grpc
 import pytest
 from grpc import aio
 
+from launcher.client import ControlPlaneClient
 from launcher.controlplane.routing import QueryRouter
 from launcher.errors import SessionError, SqlError
 from launcher.executor import QueryRecord
-from launcher.policy import PolicySet, load_policy_text
+from launcher.model.policy import PolicySet, load_policy_text
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.remote import ControlPlaneClient
-from launcher.tunnel import TunnelClient
-from launcher.tunnel_queries import ExecutorQueryRunner
+from launcher.worker.queries import ExecutorQueryRunner
+from launcher.worker.tunnel import TunnelClient
 
 from .fakes import FakeBackend
 from .test_pool import Harness

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from launcher.cache import ObjectCache
-from launcher.catalog import Catalog, Connection, parse_catalog
-from launcher.datapath import DataPath
+from launcher.data.cache import ObjectCache
+from launcher.data.datapath import DataPath
+from launcher.data.objectstore import LocalStore, ObjectRef, ObjectStore
+from launcher.data.writes import SANDBOX_OUTPUT_DIR, PendingWrite, WritePlan, plan_write, result_ipc
 from launcher.errors import ObjectStoreError, QueryDeniedError, QueryError, SqlError
-from launcher.objectstore import LocalStore, ObjectRef, ObjectStore
-from launcher.policy import Policy, load_policy_text
-from launcher.sql.tables import analyze
-from launcher.writes import SANDBOX_OUTPUT_DIR, PendingWrite, WritePlan, plan_write, result_ipc
+from launcher.model.catalog import Catalog, Connection, parse_catalog
+from launcher.model.policy import Policy, load_policy_text
+from launcher.model.sql.tables import analyze
 from tests.support.parsers import InlineParser
 
 CATALOG = parse_catalog(

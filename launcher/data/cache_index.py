@@ -1,0 +1,470 @@
+"""The cache's on-disk side: entry names, the SQLite index, and the per-entry file locks.
+
+Layout under the cache root::
+
+    objects/ab/<sha256>.parquet   entries, 0640 root:nogroup (0644 for a launcher that is not
+                                  root) in 0700 dirs: no sandbox mounts them, it reads links
+    objects/ab/.partial-<uuid>-<sha256>.parquet   a download in progress (hidden from globs)
+    locks/ab/<sha256>.lock        held (LOCK_EX) by whoever downloads or removes that entry
+    index.db                      SQLite in WAL mode: one row per entry, plus counters
+    .sandboxes/<instance>/<slot>/ hard links to entries, one directory per sandbox, its only
+                                  /cache (``launcher.sandbox.files``); never indexed or evicted
+
+Why SQLite rather than a sidecar file per entry: eviction needs the least recently used entries
+and the total size, which one indexed query answers while sidecars would need a directory walk;
+``last_used`` is updated on every hit, which is one small transaction rather than a file rewrite;
+and WAL mode lets several launcher processes on the host read while one writes, with SQLite's own
+locking instead of ours. The index and the lock directory are private (0600/0700): the sandbox
+only needs the entries.
+
+The index is advisory about what is on disk, never trusted alone: a lease checks the file's size
+against it on every use and its sha256 on the first use in a process (``FirstUseChecks``), and
+``verify`` checks sha256. Rows and files that disagree are repaired by fetching again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import resource
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import CacheError
+from .objectstore import CHUNK, ObjectRef
+
+PARTIAL_PREFIX = ".partial-"
+_EXTENSION_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+_COMPRESSIONS = {".gz", ".zst", ".bz2", ".xz", ".lz4", ".snappy"}
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+COUNTERS = ("hits", "misses", "downloads", "evictions", "verified", "refetched_damaged")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL, etag TEXT NOT NULL,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def entry_name(ref: ObjectRef) -> str:
+    """``<sha256 of source, bucket, key, etag>.<ext>``: a new ETag is a new entry.
+
+    The extension (with a compression suffix, ``.csv.gz``) is kept so DuckDB infers the format.
+    """
+    identity = "\0".join((ref.source, ref.bucket, ref.key, ref.etag))
+    digest = hashlib.sha256(identity.encode()).hexdigest()
+    suffixes = [s.lower() for s in PurePosixPath(ref.key).suffixes[-2:]]
+    if suffixes and suffixes[-1] not in _COMPRESSIONS:
+        suffixes = suffixes[-1:]
+    if not all(_EXTENSION_RE.match(s) for s in suffixes):
+        suffixes = suffixes[-1:] if suffixes and _EXTENSION_RE.match(suffixes[-1]) else []
+    return digest + "".join(suffixes)
+
+
+def relative_path(name: str) -> str:
+    """Where entry ``name`` lives, relative to the cache root (the sandbox's /cache)."""
+    return f"objects/{name[:2]}/{name}"
+
+
+def partial_entry(filename: str) -> str | None:
+    """The entry a ``.partial-<uuid>-<name>`` file was downloading, or None for other files."""
+    if not filename.startswith(PARTIAL_PREFIX):
+        return None
+    _, _, name = filename[len(PARTIAL_PREFIX) :].partition("-")
+    return name or None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int
+    bytes: int
+    budget_bytes: int
+    hits: int  # persisted across restarts, summed over every process using the root
+    misses: int
+    downloads: int
+    evictions: int
+    in_use: int  # entries pinned by a lease right now (any process)
+    over_budget: bool  # true while pinned entries keep the cache above its budget
+    verified: int  # entries whose sha256 a lease checked on their first use in a process
+    refetched_damaged: int  # entries found damaged at use (or by ``suspect``), dropped, fetched
+
+
+@dataclass(frozen=True, slots=True)
+class EvictReport:
+    removed: int
+    freed_bytes: int
+    skipped_in_use: int
+    bytes_after: int
+    target_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyProblem:
+    path: str  # relative to the cache root
+    reason: str
+    removed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    checked: int
+    problems: list[VerifyProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    name: str
+    size: int
+    sha256: str
+    created: float
+    last_used: float
+
+
+FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
+def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: SQLite can answer "database is locked" at once,
+    without its busy timeout, while another process opens a new index at the same moment
+    (seen with three launchers starting on one fresh cache)."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (1 + attempt % 5))
+
+
+def file_key(info: os.stat_result) -> FileKey:
+    """What identifies the bytes of a file we hashed: another file, or a write, changes it.
+
+    Not ``st_ctime``: linking an entry into a sandbox's directory changes that, not the bytes.
+    Damage that leaves size and mtime alone (the disk itself) is found at the next process's
+    first use, by ``ObjectCache.suspect`` or by ``verify``.
+    """
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class FirstUseChecks:
+    """The entries this process has hashed, each with the ``file_key`` it had then; thread-safe.
+
+    ``turn(name)`` lets one thread at a time check an entry, so twenty leases starting together
+    after a restart hash a file once, not twenty times; different entries hash in parallel.
+    """
+
+    def __init__(self) -> None:
+        self._checked: dict[str, FileKey] = {}
+        self._turns: dict[str, tuple[threading.Lock, int]] = {}
+        self._lock = threading.Lock()
+
+    def knows(self, name: str, key: FileKey) -> bool:
+        with self._lock:
+            return self._checked.get(name) == key
+
+    def remember(self, name: str, key: FileKey) -> None:
+        with self._lock:
+            self._checked[name] = key
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._checked.pop(name, None)
+
+    @contextlib.contextmanager
+    def turn(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lock, waiting = self._turns.get(name, (threading.Lock(), 0))
+            self._turns[name] = (lock, waiting + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, waiting = self._turns[name]
+                if waiting == 1:
+                    del self._turns[name]
+                else:
+                    self._turns[name] = (lock, waiting - 1)
+
+
+class CacheIndex:
+    """The entries table and persisted counters; safe to call from any thread.
+
+    One connection guarded by a lock: calls are short, and SQLite's busy timeout covers the
+    other launcher processes on the host.
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(
+                path, timeout=30, check_same_thread=False, isolation_level=None
+            )
+            os.chmod(path, 0o600)
+            _switch_to_wal(self._db)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            raise CacheError(
+                f"cache index {path} is unusable ({error}); remove it (entries are fetched "
+                "again) or choose another cache directory"
+            ) from None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as error:
+                raise CacheError(
+                    f"cache index failed ({error}); check the disk under the cache directory"
+                ) from None
+
+    def get(self, name: str) -> IndexRow | None:
+        with self._cursor() as db:
+            row = db.execute(
+                "SELECT name, size, sha256, created, last_used FROM entries WHERE name = ?",
+                (name,),
+            ).fetchone()
+        return IndexRow(*row) if row else None
+
+    def put(self, name: str, ref: ObjectRef, size: int, sha256: str) -> None:
+        now = time.time()
+        with self._cursor() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, ref.source, ref.bucket, ref.key, ref.etag, size, sha256, now, now),
+            )
+
+    def touch(self, name: str) -> None:
+        with self._cursor() as db:
+            db.execute("UPDATE entries SET last_used = ? WHERE name = ?", (time.time(), name))
+
+    def delete(self, name: str) -> None:
+        with self._cursor() as db:
+            db.execute("DELETE FROM entries WHERE name = ?", (name,))
+
+    def rows(self) -> list[IndexRow]:
+        """Every entry, least recently used first (the eviction order)."""
+        with self._cursor() as db:
+            found = db.execute(
+                "SELECT name, size, sha256, created, last_used FROM entries "
+                "ORDER BY last_used, name"
+            ).fetchall()
+        return [IndexRow(*row) for row in found]
+
+    def total(self) -> tuple[int, int]:
+        """(entries, bytes)."""
+        with self._cursor() as db:
+            count, size = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            ).fetchone()
+        return int(count), int(size)
+
+    def count(self, **increments: int) -> None:
+        with self._cursor() as db:
+            for name, value in increments.items():
+                db.execute(
+                    "INSERT INTO counters VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (name, value),
+                )
+
+    def counters(self) -> dict[str, int]:
+        with self._cursor() as db:
+            found = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        return {name: int(found.get(name, 0)) for name in COUNTERS}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class EntryLock:
+    """An exclusive ``flock`` on ``locks/ab/<name>.lock``: one downloader or remover per entry.
+
+    Whoever removes an entry also unlinks its lock file while holding it, so a waiter that then
+    gets the lock on the unlinked inode sees that the path now names another file and retries.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock without waiting; False if another holder (any process) has it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if same_file(fd, self.path):
+                self._fd = fd
+                return True
+            os.close(fd)  # removed while we waited: lock the new file instead
+
+    def remove(self) -> None:
+        """Unlink the lock file (we hold it); the next taker creates a new one."""
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file ``fd`` has open (not replaced, not removed)."""
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def unlink_unpinned(path: Path) -> bool:
+    """Unlink ``path`` unless a lease holds it (LOCK_SH); True when nothing is left there."""
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ELOOP):
+            raise CacheError(f"cannot remove cache entry {path} ({error.strerror})") from None
+        path.unlink(missing_ok=True)  # a symlink is never ours: drop it, unfollowed
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+SANDBOX_GID = 65534  # nogroup, the sandbox's group (launcher.sandbox.spec.SANDBOX_USER)
+
+
+def own_entry(fd: int) -> None:
+    """Give a finished entry its mode: readable by the sandbox's group, by nobody else.
+
+    A launcher that is not root cannot give a file to another group, so its entries stay
+    world-readable (0644); the cache root's 0700 still keeps other host users out.
+    """
+    if os.geteuid() == 0:
+        os.fchown(fd, 0, SANDBOX_GID)
+        os.fchmod(fd, 0o640)
+    else:
+        os.fchmod(fd, 0o644)
+
+
+def make_dir(path: Path, mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise CacheError(f"{path} is not a directory; remove it or choose another cache directory")
+    os.chmod(path, mode)  # explicit: the umask may be stricter than the sandbox needs
+
+
+def shard_dir(parent: Path, prefix: str, mode: int) -> Path:
+    """``parent/prefix``, created with ``mode``; a symlink there is refused, never followed."""
+    path = parent / prefix
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
+            os.chmod(path, mode)
+        info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise CacheError(
+            f"{path} is not a directory (a symlink?); remove it: the cache never follows links"
+        )
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the directory that holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raise_open_file_limit() -> None:
+    """A lease holds one descriptor per object, and a table can have thousands of files: lift
+    the soft limit (often 1024) towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def sha256_of(fd: int) -> str:
+    """Hex sha256 of an open file, read from its current offset to the end."""
+    digest = hashlib.sha256()
+    while chunk := os.read(fd, CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_file(path: Path, size: int, sha256: str) -> str | None:
+    """What is wrong with an entry file (full check: size, then sha256), or None."""
+    return check_entry(path, size, sha256)[0]
+
+
+def check_entry(path: Path, size: int, sha256: str) -> tuple[str | None, FileKey | None]:
+    """``check_file``'s answer, and the ``file_key`` of the file it read (None if none)."""
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as error:
+        return f"unreadable ({error.strerror})", None
+    try:
+        info = os.fstat(fd)
+        if info.st_size != size:
+            return f"size {info.st_size}, expected {size}", file_key(info)
+        try:
+            digest = sha256_of(fd)
+        except OSError as error:  # EIO: the disk under it is failing
+            return f"unreadable ({error.strerror})", file_key(info)
+        return (None if digest == sha256 else "sha256 mismatch"), file_key(info)
+    finally:
+        os.close(fd)
+
+
+def is_pinned(path: Path) -> bool:
+    """Whether a lease (any process) holds the entry: our LOCK_EX|LOCK_NB attempt fails."""
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
