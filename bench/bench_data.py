@@ -62,10 +62,11 @@ from bench.report import render_data, target
 from bench.stats import Json, Progress, summarize
 from launcher.config import LauncherConfig, load_config
 from launcher.data.cache import ObjectCache
-from launcher.data.datapath import SANDBOX_CACHE, DataPath
+from launcher.data.datapath import DataPath
 from launcher.executor import collect_table
 from launcher.host import LocalLauncher
 from launcher.model.catalog import parse_catalog
+from launcher.model.mounts import SANDBOX_CACHE
 from launcher.model.policy import Policy, PolicySet, load_policies
 from launcher.model.sql import ParserPool
 

@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.ipc
 from grpc import aio
 
-from .controlplane.sessions import SESSION_REASON
 from .errors import (
     ApiKeyError,
     ControlPlaneUnreachableError,
@@ -32,7 +31,7 @@ from .errors import (
     WorkerUnavailableError,
     query_error,
 )
-from .link.wire import MESSAGE_OPTIONS, REASON_KEY
+from .link.wire import MESSAGE_OPTIONS, REASON_KEY, SESSION_REASON
 from .protocol import controlplane_pb2 as pb
 from .protocol import controlplane_pb2_grpc as pb_grpc
 

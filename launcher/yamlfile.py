@@ -1,10 +1,13 @@
-"""Reading policy YAML: composed nodes (which keep their line numbers) to checked, typed values.
+"""Reading YAML: composed nodes (which keep their line numbers) to checked, typed values.
 
-``launcher.model.policy`` owns the policy model and decides which keys mean what; this module owns
-the mechanics under it: composing a document without building Python objects, walking its mappings
-against a schema of known keys, reading strings, numbers, booleans, sizes and durations out of
-nodes, and turning every mistake into a one-line ``PolicyError`` naming the source, line and
-field. It is the only module that imports ``yaml``, and it imports nothing from the policy model.
+A shared leaf: the policy reader (``launcher.model.policy``), the catalog reader
+(``launcher.model.catalog_yaml``, which turns its errors into ``CatalogError``) and the config
+file (``launcher.config``, its sizes) build on it. The models decide which keys mean what; this
+module owns the mechanics under them: composing a document without building Python objects,
+walking its mappings against a schema of known keys, reading strings, numbers, booleans, sizes
+and durations out of nodes, and turning every mistake into a one-line error naming the source,
+line and field (``PolicyError`` unless a reader says otherwise). It imports nothing from the
+models.
 
 Sizes are whole bytes or a number with a unit: B, kB/KB, MB, GB, TB (powers of 1000) or KiB,
 MiB, GiB, TiB (powers of 1024). Durations are seconds or a number with ms, s, m or h.

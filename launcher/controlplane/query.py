@@ -28,10 +28,9 @@ from launcher.inputs import check_statement_text
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
-from ..link.wire import REASON_KEY
+from ..link.wire import REASON_KEY, SESSION_REASON
 from .apikeys import ApiKey, ApiKeys
 from .routing import QueryDone, QueryRouter, WholeResult
-from .sessions import SESSION_REASON
 
 log = logging.getLogger(__name__)
 

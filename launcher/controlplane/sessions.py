@@ -25,9 +25,6 @@ from launcher.protocol import controlplane_pb2 as pb
 
 from .access import role_of
 
-# The ``duckcell-reason`` of a call that failed on its session (unknown, ended, refused) and
-# the Outcome reason of a worker's query whose session is not open there: SessionError.
-SESSION_REASON = "session"
 # How many ended sessions are remembered for their error message.
 ENDED_MEMORY = 4096
 

@@ -1,19 +1,9 @@
 """One-time, expiring enrollment tokens: how a new worker proves an admin let it in.
 
-Token format (one line, safe in shells, env vars and files)::
-
-    dct1.<token id>.<secret>.<CA fingerprint hex>
-
-- ``dct1``: duckcell token, format version 1; a later format gets a new prefix.
-- token id: 16 lowercase hex characters, random; the database key. Not secret.
-- secret: 43 characters of ``secrets.token_urlsafe(32)`` (256 bits; base64url has no ``.``).
-- CA fingerprint: the 64 hex digits of ``sha256`` over the control plane CA's DER certificate
-  (``CertificateAuthority.fingerprint()`` without its ``sha256:`` prefix). ``duckcell enroll``
-  pins the CA with it before sending anything, like kubeadm's discovery-token-ca-cert-hash.
-
-Only ``sha256(secret)`` is stored. A fast hash is enough here because the secret is 256 random
-bits, not a password: there is nothing to brute-force. Redeeming is a single guarded ``UPDATE``,
-so of two concurrent redeems exactly one wins, even across processes.
+The token format is in ``launcher.link.tokens`` (both ends read it). Only ``sha256(secret)`` is
+stored. A fast hash is enough here because the secret is 256 random bits, not a password: there
+is nothing to brute-force. Redeeming is a single guarded ``UPDATE``, so of two concurrent redeems
+exactly one wins, even across processes.
 """
 
 from __future__ import annotations
@@ -25,62 +15,19 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from launcher.controlplane.ca import FINGERPRINT_PREFIX
 from launcher.errors import (
     CaMismatchError,
     ControlPlaneError,
     ExpiredTokenError,
-    MalformedTokenError,
     UnknownTokenError,
     UsedTokenError,
 )
+from launcher.link.pki import FINGERPRINT_PREFIX
+from launcher.link.tokens import NEW_TOKEN_HINT, format_token, parse_token
 
-TOKEN_PREFIX = "dct1"
 DEFAULT_TTL_S = 3600.0
-_TOKEN_RE = re.compile(
-    r"(?P<id>[0-9a-f]{16})\.(?P<secret>[A-Za-z0-9_-]{43})\.(?P<ca>[0-9a-f]{64})", re.ASCII
-)
-TOKEN_LENGTH = len(TOKEN_PREFIX) + 1 + 16 + 1 + 43 + 1 + 64
-_NEW_TOKEN_HINT = "create a new token with `duckcell controlplane token create`"
-
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class ParsedToken:
-    """A token split into its parts. ``repr`` hides the secret so it never reaches a log."""
-
-    token_id: str
-    secret: str
-    ca_fingerprint: str  # "sha256:<hex>", comparable with CertificateAuthority.fingerprint()
-
-    def __repr__(self) -> str:
-        return f"ParsedToken(token_id={self.token_id!r}, ca_fingerprint={self.ca_fingerprint!r})"
-
-
-def parse_token(text: str) -> ParsedToken:
-    """Split a token; raises ``MalformedTokenError`` without quoting the input (it may be real)."""
-    text = text.strip()
-    prefix, dot, rest = text.partition(".")
-    if prefix != TOKEN_PREFIX or not dot:
-        raise MalformedTokenError(
-            f"this is not a duckcell enrollment token (those start with '{TOKEN_PREFIX}.'): "
-            f"check what was copied, or {_NEW_TOKEN_HINT}"
-        )
-    match = _TOKEN_RE.fullmatch(rest)
-    if match is None:
-        raise MalformedTokenError(
-            f"the enrollment token is malformed (expected {TOKEN_PREFIX}.<id>.<secret>.<ca hash>,"
-            f" {len(text)} characters given, {TOKEN_LENGTH} expected): it may have been cut "
-            f"or altered when copied; copy it again, or {_NEW_TOKEN_HINT}"
-        )
-    return ParsedToken(
-        token_id=match["id"],
-        secret=match["secret"],
-        ca_fingerprint=FINGERPRINT_PREFIX + match["ca"],
-    )
 
 
 def _hash_secret(secret: str) -> str:
@@ -119,8 +66,7 @@ class EnrollmentTokens:
             " VALUES (?, ?, ?, ?)",
             (token_id, _hash_secret(secret), at, at + ttl_s),
         )
-        fingerprint_hex = self._ca_fingerprint.removeprefix(FINGERPRINT_PREFIX)
-        return f"{TOKEN_PREFIX}.{token_id}.{secret}.{fingerprint_hex}"
+        return format_token(token_id, secret, self._ca_fingerprint)
 
     def redeem(
         self,
@@ -141,13 +87,13 @@ class EnrollmentTokens:
             raise CaMismatchError(
                 f"enrollment token {parsed.token_id} was made for another control plane (CA "
                 f"{parsed.ca_fingerprint}, this one is {self._ca_fingerprint}): check the "
-                f"--control-plane address, or {_NEW_TOKEN_HINT} on this control plane"
+                f"--control-plane address, or {NEW_TOKEN_HINT} on this control plane"
             )
         row = self._read_token(parsed.token_id)
         if row is None or not hmac.compare_digest(row[0], _hash_secret(parsed.secret)):
             raise UnknownTokenError(
                 f"enrollment token {parsed.token_id} is not known to this control plane: "
-                f"{_NEW_TOKEN_HINT}"
+                f"{NEW_TOKEN_HINT}"
             )
         at = self._clock() if now is None else now
         if row[2] is not None or row[1] <= at:
@@ -168,10 +114,9 @@ class EnrollmentTokens:
         row = self._read_token(token_id)
         if row is not None and row[2] is not None:
             return UsedTokenError(
-                f"enrollment token {token_id} was already used (tokens work once): "
-                f"{_NEW_TOKEN_HINT}"
+                f"enrollment token {token_id} was already used (tokens work once): {NEW_TOKEN_HINT}"
             )
-        return ExpiredTokenError(f"enrollment token {token_id} has expired: {_NEW_TOKEN_HINT}")
+        return ExpiredTokenError(f"enrollment token {token_id} has expired: {NEW_TOKEN_HINT}")
 
     def _read_token(self, token_id: str) -> tuple[str, float, float | None] | None:
         try:

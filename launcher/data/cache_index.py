@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import CacheError
+from ..model.mounts import SANDBOX_GID
 from .objectstore import CHUNK, ObjectRef
 
 PARTIAL_PREFIX = ".partial-"
@@ -360,9 +361,6 @@ def unlink_unpinned(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-SANDBOX_GID = 65534  # nogroup, the sandbox's group (launcher.sandbox.spec.SANDBOX_USER)
 
 
 def own_entry(fd: int) -> None:

@@ -44,14 +44,14 @@ from ..errors import (
     first_domain_error,
 )
 from ..model.catalog import Binding, Catalog, Connection, Kind, Table
+from ..model.mounts import SANDBOX_CACHE
 from ..model.policy import Policy, visible
 from ..model.sql import ParsedSql, SqlParser
-from ..sandbox.files import SANDBOX_CACHE
 from .cache import CacheLease, ObjectCache
 from .grants import CatalogGrants
 from .listings import ListingCache
 from .objectstore import LocalStore, ObjectRef, ObjectStore, S3Store
-from .secrets import SecretStore
+from .secrets import SecretStore, resolve_secret
 from .writes import PendingWrite, plan_write
 
 # Files a table made of a prefix or directory reads; a table naming one object reads it as is.
@@ -129,7 +129,7 @@ def store_for(
     if connection.kind == "local":
         return LocalStore()
     refs = (connection.access_key_id, connection.secret_access_key, connection.session_token)
-    key_id, secret, token = (ref.resolve(environ, secrets) if ref else None for ref in refs)
+    key_id, secret, token = (resolve_secret(ref, environ, secrets) if ref else None for ref in refs)
     return S3Store(
         endpoint_url=connection.endpoint,
         region=connection.region,

@@ -1,7 +1,8 @@
 """The worker's local secret store: named secrets encrypted at rest with a key only it holds.
 
-A catalog names a secret ``{store: NAME}``; the worker resolves it here, on its own host, when a
-query first needs the connection (see ``launcher.data.datapath``). The store is a directory, by
+A catalog names a secret (``SecretRef``: ``{env: NAME}``, ``{file: PATH}`` or ``{store: NAME}``);
+``resolve_secret`` reads its value here, on the worker's own host, when a query first needs the
+connection (see ``launcher.data.datapath``). The store is a directory, by
 default ``STATE/secrets/``, mode 0700, holding two files:
 
     secrets.key        Fernet keys (mode 0600), one per line, the newest first; made the
@@ -28,18 +29,17 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from ..errors import SecretError
+from ..model.catalog import SECRET_NAME, SecretRef
 
-__all__ = ["SECRET_NAME", "SecretStore"]
+__all__ = ["SecretStore", "resolve_secret"]
 
-SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 KEY_FILE = "secrets.key"
 DATA_FILE = "secrets.json.enc"
 _LOCK_FILE = ".lock"
@@ -212,6 +212,45 @@ class SecretStore:
             yield
         finally:
             os.close(fd)
+
+
+def resolve_secret(
+    ref: SecretRef, environ: Mapping[str, str] | None = None, store: SecretStore | None = None
+) -> str:
+    """The value of the secret ``ref`` names; raises SecretError naming the reference (never
+    a value).
+
+    ``store`` is the worker's secret store; only ``{store: NAME}`` references need one.
+    """
+    if ref.store is not None:
+        if store is None:
+            raise SecretError(
+                f"secret {ref.describe()} needs the worker's secret store, which this "
+                "command does not open; use env or file references here"
+            )
+        return store.get(ref.store)
+    if ref.env is not None:
+        value = (os.environ if environ is None else environ).get(ref.env, "")
+        if not value:
+            raise SecretError(
+                f"secret {ref.describe()} is not set in the worker's environment; "
+                f"set {ref.env} where the worker runs"
+            )
+        return value
+    assert ref.file is not None
+    try:
+        text = Path(ref.file).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise SecretError(
+            f"secret {ref.describe()} cannot be read on this worker ({why}); "
+            "check the file exists and the worker's user may read it"
+        ) from None
+    # One trailing newline is how editors and `echo` end files; it is not part of the secret.
+    value = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not value:
+        raise SecretError(f"secret {ref.describe()} is empty; write the secret into it")
+    return value
 
 
 def _encode(secrets: dict[str, str]) -> bytes:

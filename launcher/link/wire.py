@@ -1,4 +1,4 @@
-"""What both ends of the control-plane link agree on: addresses, refusal metadata, limits.
+"""What both ends of the control-plane link agree on: addresses, reason words, limits.
 
 The worker side (``launcher/worker/enroll.py``) imports this, never the server module.
 """
@@ -12,6 +12,9 @@ from launcher.errors import ControlPlaneError
 # Trailing metadata naming why enrollment was refused (EnrollmentError.reason), so the worker can
 # raise the same error class; the message itself travels as the status details.
 REASON_KEY = "duckcell-reason"
+# The ``duckcell-reason`` of a call that failed on its session (unknown, ended, refused) and
+# the Outcome reason of a worker's query whose session is not open there: SessionError.
+SESSION_REASON = "session"
 
 # Arrow IPC chunks can pass gRPC's default 4 MiB message limit; every channel and server on the
 # query path takes this one instead.

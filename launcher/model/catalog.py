@@ -54,8 +54,7 @@ from typing import Any, ClassVar, TypeVar
 
 from yaml.nodes import Node, ScalarNode
 
-from ..data.secrets import SECRET_NAME, SecretStore
-from ..errors import CatalogError, SecretError
+from ..errors import CatalogError
 from ..yamlfile import Section, found, parse_duration, quote
 from .catalog_yaml import CatalogReader
 
@@ -64,6 +63,8 @@ __all__ = ["Binding", "Catalog", "Connection", "Role", "SecretRef", "Table"]
 _CONNECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,62}")
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The name of a secret in the worker's store, ``{store: NAME}`` (launcher.data.secrets).
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 _S3_PATH = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^*?\[\]]*")
 _WORD = re.compile(r"\S+")
 _ENDPOINT = re.compile(r"https?://[^\s/]+/?")
@@ -86,7 +87,8 @@ class Format(StrEnum):
 @dataclass(frozen=True, slots=True)
 class SecretRef:
     """The name of a secret on the worker (an environment variable, a file, or an entry of
-    its encrypted secret store), never a value."""
+    its encrypted secret store), never a value: ``launcher.data.secrets.resolve_secret`` reads
+    the value, on the worker, when a query needs it."""
 
     env: str | None = None
     file: str | None = None
@@ -100,43 +102,6 @@ class SecretRef:
         if self.store is not None:
             return f"store:{self.store}"
         return f"env:{self.env}" if self.env is not None else f"file:{self.file}"
-
-    def resolve(
-        self, environ: Mapping[str, str] | None = None, store: SecretStore | None = None
-    ) -> str:
-        """The secret's value. Raises SecretError naming the reference (never a value).
-
-        ``store`` is the worker's secret store; only ``{store: NAME}`` references need one.
-        """
-        if self.store is not None:
-            if store is None:
-                raise SecretError(
-                    f"secret {self.describe()} needs the worker's secret store, which this "
-                    "command does not open; use env or file references here"
-                )
-            return store.get(self.store)
-        if self.env is not None:
-            value = (os.environ if environ is None else environ).get(self.env, "")
-            if not value:
-                raise SecretError(
-                    f"secret {self.describe()} is not set in the worker's environment; "
-                    f"set {self.env} where the worker runs"
-                )
-            return value
-        assert self.file is not None
-        try:
-            text = Path(self.file).read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            why = getattr(error, "strerror", None) or "not UTF-8 text"
-            raise SecretError(
-                f"secret {self.describe()} cannot be read on this worker ({why}); "
-                "check the file exists and the worker's user may read it"
-            ) from None
-        # One trailing newline is how editors and `echo` end files; it is not part of the secret.
-        value = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
-        if not value:
-            raise SecretError(f"secret {self.describe()} is empty; write the secret into it")
-        return value
 
 
 @dataclass(frozen=True, slots=True)

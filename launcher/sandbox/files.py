@@ -36,16 +36,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.cache_index import SANDBOX_GID
 from ..errors import CacheError
 from ..model.catalog import Binding
+from ..model.mounts import SANDBOX_CACHE, SANDBOX_GID
 from .backend.base import SANDBOX_FILES
 
 log = logging.getLogger(__name__)
 
 SANDBOXES = ".sandboxes"
 _LEGACY = ".sessions"  # where sessions' directories lived before every sandbox had one
-SANDBOX_CACHE = "/cache"  # the prefix of a leased entry's path: /cache/<path in the cache root>
 _PARENT_MODE = 0o700  # only the launcher passes through; the engine mounts as root
 _DIR_MODE_ROOT = 0o750  # root:nogroup: the sandbox user lists and reads, others nothing
 _DIR_MODE_USER = 0o755  # a launcher that is not root cannot give the directory to nogroup

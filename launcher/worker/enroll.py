@@ -33,20 +33,20 @@ from cryptography.hazmat.primitives import serialization
 from grpc import aio
 
 from launcher import __version__
-from launcher.controlplane.ca import (
-    fingerprint_of,
-    generate_worker_key_and_csr,
-    refuse_loose_key,
-    verify_chain,
-    write_private_key,
-)
-from launcher.controlplane.tokens import parse_token
 from launcher.errors import (
     CaMismatchError,
     CertificateError,
     ControlPlaneError,
     enrollment_error,
 )
+from launcher.link.pki import (
+    fingerprint_of,
+    generate_worker_key_and_csr,
+    refuse_loose_key,
+    verify_chain,
+    write_private_key,
+)
+from launcher.link.tokens import parse_token
 from launcher.link.wire import REASON_KEY, split_address
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc

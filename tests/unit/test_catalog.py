@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.data.secrets import resolve_secret
 from launcher.errors import CatalogError, SecretError, SqlError
 from launcher.model.catalog import (
     Catalog,
@@ -360,26 +361,26 @@ def test_json_round_trip_keeps_names_and_references_only() -> None:
 
 def test_env_secret_resolves_or_names_the_reference() -> None:
     ref = SecretRef(env="LAKE_SECRET")
-    assert ref.resolve({"LAKE_SECRET": "v4lue"}) == "v4lue"
+    assert resolve_secret(ref, {"LAKE_SECRET": "v4lue"}) == "v4lue"
     with pytest.raises(SecretError, match="secret env:LAKE_SECRET is not set") as caught:
-        ref.resolve({"OTHER": "v4lue"})
+        resolve_secret(ref, {"OTHER": "v4lue"})
     assert "v4lue" not in str(caught.value)
 
 
 def test_file_secret_strips_one_trailing_newline(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("abc\n\n")
-    assert SecretRef(file=str(path)).resolve() == "abc\n"
+    assert resolve_secret(SecretRef(file=str(path))) == "abc\n"
     path.write_text("abc\r\n")
-    assert SecretRef(file=str(path)).resolve() == "abc"
+    assert resolve_secret(SecretRef(file=str(path))) == "abc"
     path.write_text("abc")
-    assert SecretRef(file=str(path)).resolve() == "abc"
+    assert resolve_secret(SecretRef(file=str(path))) == "abc"
     missing = SecretRef(file=str(tmp_path / "nope"))
     with pytest.raises(SecretError, match=r"secret file:.*/nope cannot be read on this worker"):
-        missing.resolve()
+        resolve_secret(missing)
     path.write_text("\n")
     with pytest.raises(SecretError, match="is empty"):
-        SecretRef(file=str(path)).resolve()
+        resolve_secret(SecretRef(file=str(path)))
 
 
 def test_a_secret_ref_names_exactly_one_source() -> None:

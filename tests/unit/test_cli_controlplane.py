@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from launcher.cli.main import main
-from launcher.controlplane.ca import fingerprint_of
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.tokens import parse_token
 from launcher.errors import UsedTokenError
+from launcher.link.pki import fingerprint_of
+from launcher.link.tokens import parse_token
 
 
 def test_ca_prints_one_stable_pem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

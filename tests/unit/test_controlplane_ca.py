@@ -21,11 +21,9 @@ from launcher.controlplane.ca import (
     CA_CERT_FILE,
     CA_KEY_FILE,
     CertificateAuthority,
-    generate_worker_key_and_csr,
-    verify_chain,
-    write_private_key,
 )
 from launcher.errors import CertificateError
+from launcher.link.pki import generate_worker_key_and_csr, verify_chain, write_private_key
 
 
 @pytest.fixture(scope="module")

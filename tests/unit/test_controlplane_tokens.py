@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.controlplane.store import open_database
-from launcher.controlplane.tokens import TOKEN_LENGTH, EnrollmentTokens, parse_token
+from launcher.controlplane.tokens import EnrollmentTokens
 from launcher.errors import (
     CaMismatchError,
     ControlPlaneError,
@@ -20,6 +20,7 @@ from launcher.errors import (
     UnknownTokenError,
     UsedTokenError,
 )
+from launcher.link.tokens import TOKEN_LENGTH, parse_token
 
 CA_FP = "sha256:" + "ab" * 32
 OTHER_CA_FP = "sha256:" + "cd" * 32

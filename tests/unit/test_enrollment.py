@@ -19,11 +19,9 @@ import grpc
 import pytest
 
 from launcher.cli.main import main
-from launcher.controlplane.ca import verify_chain
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
-from launcher.controlplane.tokens import parse_token
 from launcher.errors import (
     CaMismatchError,
     CertificateError,
@@ -33,6 +31,8 @@ from launcher.errors import (
     UsedTokenError,
     WorkerNameTakenError,
 )
+from launcher.link.pki import verify_chain
+from launcher.link.tokens import parse_token
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 from launcher.worker.enroll import Identity, enroll

@@ -19,7 +19,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from launcher.cli.main import main
 from launcher.data.cache import ObjectCache
 from launcher.data.datapath import DataPath, store_for
-from launcher.data.secrets import DATA_FILE, KEY_FILE, SecretStore
+from launcher.data.secrets import DATA_FILE, KEY_FILE, SecretStore, resolve_secret
 from launcher.errors import CatalogError, SecretError
 from launcher.model.catalog import Catalog, SecretRef, parse_catalog
 from launcher.model.policy import load_policy_text
@@ -124,7 +124,7 @@ def test_catalog_parses_a_store_reference_and_round_trips_it() -> None:
     assert ref.describe() == "store:LAKE_SECRET"
     assert Catalog.from_json(catalog.to_json()) == catalog
     with pytest.raises(SecretError, match="needs the worker's secret store"):
-        ref.resolve({})
+        resolve_secret(ref, {})
 
 
 def test_catalog_refuses_store_with_another_source() -> None:

@@ -21,12 +21,13 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from launcher.cli.main import main
-from launcher.controlplane.ca import CertificateAuthority, generate_worker_key_and_csr
+from launcher.controlplane.ca import CertificateAuthority
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import Worker, WorkerRegistry
 from launcher.controlplane.server import ControlPlaneServer
 from launcher.controlplane.tunnel import HeartbeatWatch
 from launcher.errors import TunnelRefusedError
+from launcher.link.pki import generate_worker_key_and_csr
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 from launcher.worker.dialing import Backoff, Keepalive, ProxyConfig
