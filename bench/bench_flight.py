@@ -59,9 +59,8 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.executor import QueryRecord, collect_table
 from launcher.host import LocalLauncher
 from launcher.sandbox.pool import SandboxPool
+from launcher.worker.daemon import Worker
 from launcher.worker.enroll import enroll
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
 
 WIDE = "SELECT i AS a, i * 2 AS b FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
@@ -106,25 +105,25 @@ async def serve(plan: Plan, launcher_id: str, state_dir: Path, progress: Progres
     data = ControlPlaneData(state_dir / "cp")
     async with ControlPlaneProcess(data, flight=True) as control_plane:
         identity = await enroll(control_plane.address, data.tokens().create(), state_dir / "w", "b")
-        async with LocalLauncher(config, warm_override=plan.warm, progress=progress) as lau:
-            finished: list[QueryRecord] = []  # sandbox queries the tunnel ran
-            runner = ExecutorQueryRunner(lau.executor, lau.policies, on_finished=finished.append)
-            tunnel = TunnelClient(identity, runner=runner)
-            running = asyncio.create_task(tunnel.run())
+        finished: list[QueryRecord] = []  # sandbox queries the tunnel ran
+        async with Worker(
+            identity,
+            config,
+            warm_override=plan.warm,
+            progress=progress,
+            on_finished=finished.append,
+        ) as worker:
+            worker.start()
+            await worker.connected(CONNECT_TIMEOUT_S)
+            key = data.api_keys().create("analyst")
+            chain = await asyncio.to_thread(
+                ChainClient, control_plane.flight_location, data.ca().cert_pem(), key
+            )
             try:
-                await asyncio.wait_for(tunnel.connected.wait(), CONNECT_TIMEOUT_S)
-                key = data.api_keys().create("analyst")
-                chain = await asyncio.to_thread(
-                    ChainClient, control_plane.flight_location, data.ca().cert_pem(), key
-                )
-                try:
-                    tls = data.ca().issue_server_cert(["127.0.0.1"]), data.ca().cert_pem()
-                    return await measure(plan, lau, chain.fetch, finished, progress, tls)
-                finally:
-                    chain.close()
+                tls = data.ca().issue_server_cert(["127.0.0.1"]), data.ca().cert_pem()
+                return await measure(plan, worker.host, chain.fetch, finished, progress, tls)
             finally:
-                tunnel.stop()
-                await asyncio.wait_for(running, CONNECT_TIMEOUT_S)
+                chain.close()
 
 
 def summary(samples: Samples) -> Json:

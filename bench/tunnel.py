@@ -15,7 +15,6 @@ Two cases, local and tunnel reps interleaved so both see the same background loa
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import time
@@ -35,9 +34,8 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.host import LocalLauncher
 from launcher.model.policy import PolicySet
 from launcher.sandbox.pool import SandboxPool
+from launcher.worker.daemon import Worker
 from launcher.worker.enroll import enroll
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
 
 WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
@@ -81,24 +79,18 @@ async def tunnel_cases(
     async with ControlPlaneProcess(ControlPlaneData(work_dir / "cp")) as control_plane:
         address, data = control_plane.address, control_plane.data
         identity = await enroll(address, data.tokens().create(), work_dir / "worker", "bench")
-        async with LocalLauncher(
-            config, policies=policies, warm_override=2, progress=progress
-        ) as launcher:
-            pool = await launcher.warm(POLICY)
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            try:
-                await asyncio.wait_for(tunnel.connected.wait(), CONNECT_TIMEOUT_S)
-                api_key = data.api_keys().create("analyst")
-                ca_pem = data.ca().cert_pem()
-                async with ClientProcess(address, ca_pem, api_key, work_dir / "client") as client:
-                    paths = Paths(launcher, client)
-                    latency = await latency_case(paths, pool, reps, progress)
-                    throughput = await throughput_case(paths, pool, wide_reps, progress)
-            finally:
-                tunnel.stop()
-                await asyncio.wait_for(running, CONNECT_TIMEOUT_S)
+        async with Worker(
+            identity, config, policies=policies, warm_override=2, progress=progress
+        ) as worker:
+            pool = await worker.host.warm(POLICY)
+            worker.start()
+            await worker.connected(CONNECT_TIMEOUT_S)
+            api_key = data.api_keys().create("analyst")
+            ca_pem = data.ca().cert_pem()
+            async with ClientProcess(address, ca_pem, api_key, work_dir / "client") as client:
+                paths = Paths(worker.host, client)
+                latency = await latency_case(paths, pool, reps, progress)
+                throughput = await throughput_case(paths, pool, wide_reps, progress)
     return {"queries": {"select42": SELECT_42, "wide": WIDE}} | latency | throughput
 
 

@@ -34,7 +34,7 @@ from ..errors import DuckcellError
 from ..executor import collect_table
 from ..host import LocalLauncher
 from ..inputs import check_statement_text, read_small_file, statement_text, stream_bytes
-from ..model.catalog import Catalog, load_catalog
+from ..model.catalog import load_catalog
 from ..model.policy import load_policies, load_policy_file
 from ..model.sql import ParserPool, check_statement
 from ..sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
@@ -43,10 +43,10 @@ from ..sandbox.files import remove_stale
 from ..sandbox.image.build import ImageBuilder
 from ..sandbox.instance import instance_alive, reap_orphans
 from ..worker.audit import AUDIT_FILE, WorkerAuditLog
+from ..worker.daemon import Worker, host_data_path
 from ..worker.dialing import ProxyConfig
 from ..worker.enroll import Identity, enroll
-from ..worker.queries import ExecutorQueryRunner
-from ..worker.tunnel import DEFAULT_DRAIN_GRACE_S, TunnelClient
+from ..worker.tunnel import DEFAULT_DRAIN_GRACE_S
 from .allocator import tune_allocator
 from .cache import add_cache_parser, run_cache_command
 from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
@@ -382,38 +382,24 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
     identity = Identity.load(args.state)
     config = _config(args)
     grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
-    # The catalog arrives from the control plane; the cache is mounted from the first sandbox.
-    cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    # Every query's SQL is parsed in these child processes, never in the worker itself.
-    parser = ParserPool()
-    await parser.start()
-    secrets = secret_store(args.state)
-    data = DataPath(Catalog.EMPTY, cache, parser=parser, secrets=secrets, grants=grants)
-
-    def take_catalog(catalog: Catalog) -> None:
-        data.replace_catalog(catalog)
-        try:
-            for refusal in grants.refusals(catalog):
-                log.warning("the control plane's catalog: %s", refusal)
-        except Exception:  # a report only: it must never end the tunnel
-            log.exception("could not check the control plane's catalog against the grants")
-
-    config = dataclasses.replace(config, cache_dir=cache.root)
-    async with LocalLauncher(config, progress=progress) as launcher:
-        runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
-        client = TunnelClient(
+    async with (
+        host_data_path(config, grants, secret_store(args.state)) as data,
+        Worker(
             identity,
-            address=args.control_plane,
-            runner=runner,
+            config,
+            data=data,
+            grants=grants,
             audit=WorkerAuditLog(args.state / AUDIT_FILE),
-            drain_grace_s=args.drain_grace,
+            address=args.control_plane,
             proxy=ProxyConfig.from_env(os.environ),
-            on_catalog=take_catalog,
-            on_policies=None if args.local_policies_only else launcher.apply_pushed_policies,
-        )
+            drain_grace_s=args.drain_grace,
+            accept_policies=not args.local_policies_only,
+            progress=progress,
+        ) as worker,
+    ):
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, client.drain)
+            loop.add_signal_handler(signum, worker.drain)
         address = args.control_plane or identity.tunnel_address
         print(
             f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
@@ -427,11 +413,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        try:
-            await client.run()
-        finally:
-            await cache.close()
-            await parser.close()
+        await worker.run()
     return 0
 
 

@@ -12,6 +12,7 @@ catalog declares over a worker's TLS key is refused on whichever worker it lands
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -34,11 +35,9 @@ from launcher.data.cache import ObjectCache
 from launcher.data.datapath import DataPath
 from launcher.data.grants import CatalogGrants
 from launcher.errors import QueryDeniedError
-from launcher.host import LocalLauncher
 from launcher.model.catalog import Catalog
+from launcher.worker.daemon import Worker
 from launcher.worker.enroll import enroll
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
 from tests.support.parsers import InlineParser
 from tests.unit.test_query_tunnel import eventually
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
@@ -126,10 +125,9 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
     )
     configs: list[LauncherConfig] = []
     identities: list[str] = []
+    stack = contextlib.AsyncExitStack()  # the workers, stopped in reverse order
 
-    async def start_worker(
-        name: str, grants: CatalogGrants
-    ) -> tuple[TunnelClient, LocalLauncher, asyncio.Task[None]]:
+    async def start_worker(name: str, grants: CatalogGrants) -> Worker:
         assert control_plane.server is not None
         token = control_plane.data.tokens().create()
         identity = await enroll(control_plane.server.address, token, tmp_path / name, name)
@@ -138,15 +136,12 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
         config = make_config(image, policies_dir, cache_dir=cache.root)
         configs.append(config)
         data = DataPath(Catalog.EMPTY, cache, parser=InlineParser(), grants=grants)
-        launcher = LocalLauncher(config, warm_override=1)
-        await launcher.start()
-        runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
-        tunnel = TunnelClient(
-            identity, backoff=FAST, runner=runner, on_catalog=data.replace_catalog
+        worker = await stack.enter_async_context(
+            Worker(identity, config, data=data, grants=grants, backoff=FAST, warm_override=1)
         )
-        running = asyncio.create_task(tunnel.run())
-        await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-        return tunnel, launcher, running
+        worker.start()
+        await worker.connected(DEADLINE_S)
+        return worker
 
     async def scenario() -> None:
         await control_plane.start()
@@ -161,9 +156,10 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
         try:
             # Applied while both run: the watcher pushes it, no restart.
             version = apply_catalog(control_plane.data.root, catalog_file)
-            for tunnel, _, _ in workers:
+            for worker in workers:
                 await eventually(
-                    lambda t=tunnel: t.catalog_revision == version.revision, "the catalog push"
+                    lambda t=worker.tunnel: t.catalog_revision == version.revision,
+                    "the catalog push",
                 )
             east_id = identities[0]
             async with ControlPlaneClient(
@@ -189,10 +185,7 @@ def test_pinned_connection_lands_on_its_worker_and_its_secret_never_crosses_the_
                 with pytest.raises(QueryDeniedError, match="may not read table trips"):
                     await guest.table("SELECT * FROM trips")
         finally:
-            for tunnel, launcher, running in workers:
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
-                await launcher.close()
+            await stack.aclose()
             await control_plane.stop()
         records = AuditLog(control_plane.data.database()).recent(50)
         trips = [r for r in records if "trips" in r.sql and r.outcome == "ok"]

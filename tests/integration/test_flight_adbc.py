@@ -26,8 +26,7 @@ from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.executor import QueryRecord
 from launcher.host import LocalLauncher
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
+from launcher.worker.daemon import Worker
 from tests.unit.test_flight_adbc import FlightControlPlane, adbc_connect
 from tests.unit.test_tunnel import DEADLINE_S, FAST
 
@@ -58,20 +57,14 @@ async def chain(config: LauncherConfig, tmp_path: Path, *, warm: int = 1) -> Asy
     try:
         await control_plane.start()
         identity = await control_plane.enroll(tmp_path / "worker")
-        async with LocalLauncher(config, warm_override=warm) as launcher:
-            records: list[QueryRecord] = []
-            runner = ExecutorQueryRunner(
-                launcher.executor, launcher.policies, on_finished=records.append
-            )
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            try:
-                await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-                api_key = control_plane.data.api_keys().create("analyst")
-                yield Chain(control_plane, launcher, api_key, records)
-            finally:
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
+        records: list[QueryRecord] = []
+        async with Worker(
+            identity, config, backoff=FAST, warm_override=warm, on_finished=records.append
+        ) as worker:
+            worker.start()
+            await worker.connected(DEADLINE_S)
+            api_key = control_plane.data.api_keys().create("analyst")
+            yield Chain(control_plane, worker.host, api_key, records)
     finally:
         control_plane.close()
 

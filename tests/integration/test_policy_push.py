@@ -23,10 +23,8 @@ from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.policies import apply_policies
-from launcher.host import LocalLauncher
 from launcher.sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
+from launcher.worker.daemon import Worker
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config
@@ -77,16 +75,12 @@ def test_a_policy_edit_on_the_control_plane_reaches_a_running_worker(
     async def scenario() -> None:
         await control_plane.start()
         identity = await control_plane.enroll(tmp_path / "worker")
-        async with LocalLauncher(config, warm_override=2) as launcher:
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(
-                identity,
-                backoff=FAST,
-                runner=runner,
-                on_policies=launcher.apply_pushed_policies,
-            )
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+        async with Worker(
+            identity, config, backoff=FAST, warm_override=2, accept_policies=True
+        ) as worker:
+            launcher, tunnel = worker.host, worker.tunnel
+            worker.start()
+            await worker.connected(DEADLINE_S)
             assert control_plane.server is not None
             client = ControlPlaneClient(
                 control_plane.server.address,
@@ -135,8 +129,6 @@ def test_a_policy_edit_on_the_control_plane_reaches_a_running_worker(
                 await client.close_session(session)
             finally:
                 await client.close()
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
         assert containers_of(engine, config.launcher_id) == []
 
     try:

@@ -29,10 +29,8 @@ from launcher.errors import (
     WorkerShutdownError,
     WorkerUnavailableError,
 )
-from launcher.host import LocalLauncher
 from launcher.worker.audit import AUDIT_FILE, read_audit
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
+from launcher.worker.daemon import Worker
 from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, sandboxes_that_started_a_query
@@ -74,14 +72,15 @@ def test_killing_the_worker_mid_query_fails_the_client_and_leaves_no_sandbox(
     async def scenario() -> None:
         await control_plane.start()
         identity = await control_plane.enroll(tmp_path / "worker")
-        launcher = LocalLauncher(config, warm_override=1)
+        worker = Worker(identity, config, backoff=FAST, warm_override=1)
+        launcher = worker.host
         closed = False
         try:
-            await launcher.start()
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+            # Entered by hand, not with `async with`: this worker ends abruptly (its tunnel task
+            # cancelled, its host closed), not through the orderly exit.
+            await worker.__aenter__()
+            running = worker.start()
+            await worker.connected(DEADLINE_S)
             assert control_plane.server is not None
             async with ControlPlaneClient(
                 control_plane.server.address,
@@ -128,22 +127,17 @@ def test_the_worker_reconnects_after_a_control_plane_restart_and_serves_the_next
     async def scenario() -> None:
         await control_plane.start()
         identity = await control_plane.enroll(tmp_path / "worker")
-        async with LocalLauncher(config, warm_override=1) as launcher:
-            runner = ExecutorQueryRunner(launcher.executor, launcher.policies)
-            tunnel = TunnelClient(identity, backoff=FAST, runner=runner)
-            running = asyncio.create_task(tunnel.run())
-            try:
-                await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-                assert await one_query("SELECT 1 AS before") == [{"before": 1}]
-                await control_plane.stop()
-                await _until(lambda: not tunnel.connected.is_set(), "the tunnel dropped")
-                await control_plane.start()
-                await _until(lambda: tunnel.connections == 2, "the worker reconnected")
-                assert control_plane.worker(identity.worker_id).online
-                assert await one_query("SELECT 2 AS after") == [{"after": 2}]
-            finally:
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
+        async with Worker(identity, config, backoff=FAST, warm_override=1) as worker:
+            tunnel = worker.tunnel
+            worker.start()
+            await worker.connected(DEADLINE_S)
+            assert await one_query("SELECT 1 AS before") == [{"before": 1}]
+            await control_plane.stop()
+            await _until(lambda: not tunnel.connected.is_set(), "the tunnel dropped")
+            await control_plane.start()
+            await _until(lambda: tunnel.connections == 2, "the worker reconnected")
+            assert control_plane.worker(identity.worker_id).online
+            assert await one_query("SELECT 2 AS after") == [{"after": 2}]
         assert containers_of(engine, config.launcher_id) == []
 
     try:

@@ -34,10 +34,8 @@ from launcher.data.datapath import DataPath
 from launcher.data.grants import CatalogGrants
 from launcher.errors import QueryDeniedError, SqlError
 from launcher.executor import QueryRecord
-from launcher.host import LocalLauncher
 from launcher.model.catalog import Catalog, load_catalog
-from launcher.worker.queries import ExecutorQueryRunner
-from launcher.worker.tunnel import TunnelClient
+from launcher.worker.daemon import Worker
 from tests.support.parsers import InlineParser
 from tests.unit import test_tunnel
 from tests.unit.test_query_tunnel import eventually
@@ -117,15 +115,12 @@ async def catalog_stack(
     data = DataPath(Catalog.EMPTY, cache, parser=InlineParser(), grants=grants)
     records: list[QueryRecord] = []
     try:
-        async with LocalLauncher(config, warm_override=0) as launcher:
-            runner = ExecutorQueryRunner(
-                launcher.executor, launcher.policies, data=data, on_finished=records.append
-            )
-            tunnel = TunnelClient(
-                identity, backoff=FAST, runner=runner, on_catalog=data.replace_catalog
-            )
-            running = asyncio.create_task(tunnel.run())
-            await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
+        async with Worker(
+            identity, config, data=data, backoff=FAST, warm_override=0, on_finished=records.append
+        ) as worker:
+            tunnel = worker.tunnel
+            worker.start()
+            await worker.connected(DEADLINE_S)
             version = apply_catalog(control_plane.data.root, catalog)
             await eventually(lambda: tunnel.catalog_revision == version.revision, "catalog push")
             client = ControlPlaneClient(
@@ -137,8 +132,6 @@ async def catalog_stack(
                 yield client, records
             finally:
                 await client.close()
-                tunnel.stop()
-                await asyncio.wait_for(running, DEADLINE_S)
     finally:
         await cache.close()
         await control_plane.stop()
