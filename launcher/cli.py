@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
         "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
         "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
-        "at once. Each query is appended to STATE/audit.jsonl; catalog secrets named "
+        "at once. Each query is recorded in STATE/audit.jsonl before it runs and when it ends "
+        "(one a crash cut short, as lost at the next start); catalog secrets named "
         "{store: NAME} come from STATE/secrets (`duckcell secrets`). HTTPS_PROXY/NO_PROXY are "
         "honoured.",
     )
@@ -400,12 +401,13 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
 
     config = dataclasses.replace(config, cache_dir=cache.root)
     async with LocalLauncher(config, progress=progress) as launcher:
+        audit = await _worker_audit(args.state, identity.worker_id, launcher)
         runner = ExecutorQueryRunner(launcher.executor, launcher.policies, data=data)
         client = TunnelClient(
             identity,
             address=args.control_plane,
             runner=runner,
-            audit=WorkerAuditLog(args.state / AUDIT_FILE),
+            audit=audit,
             drain_grace_s=args.drain_grace,
             proxy=ProxyConfig.from_env(os.environ),
             on_catalog=take_catalog,
@@ -432,7 +434,17 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
         finally:
             await cache.close()
             await parser.close()
+            audit.close()
     return 0
+
+
+async def _worker_audit(state: Path, worker_id: str, launcher: LocalLauncher) -> WorkerAuditLog:
+    """The worker's audit log, its run named by the launcher's instance id. Before the first
+    query, the queries a dead run left open are closed as lost (``launcher.audit``)."""
+    audit = WorkerAuditLog(state / AUDIT_FILE, run=launcher.instance_id, worker=worker_id)
+    instances = launcher.config.instances_dir
+    await asyncio.to_thread(audit.reconcile, lambda run: instance_alive(instances, run))
+    return audit
 
 
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from launcher.audit import AUDIT_FILE, WorkerAuditRecord, read_audit
+from launcher.audit import AUDIT_FILE, QueryOpening, WorkerAuditRecord, read_audit
 from launcher.cli import main
 from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.datadir import ControlPlaneData
@@ -188,6 +188,9 @@ class _AuditList:
     def __init__(self) -> None:
         self.records: list[WorkerAuditRecord] = []
         self.written = asyncio.Event()
+
+    async def open(self, opening: QueryOpening) -> None:
+        return None
 
     def write(self, record: WorkerAuditRecord) -> None:
         self.records.append(record)

@@ -14,7 +14,7 @@ import adbc_driver_manager
 import grpc
 import pytest
 
-from launcher.audit import WorkerAuditRecord
+from launcher.audit import QueryOpening, WorkerAuditRecord
 from launcher.cli import main
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.protocol import controlplane_pb2 as pb
@@ -121,6 +121,9 @@ class _Audit:
     def __init__(self) -> None:
         self.written = asyncio.Event()
         self.records: list[WorkerAuditRecord] = []
+
+    async def open(self, opening: QueryOpening) -> None:
+        return None
 
     def write(self, record: WorkerAuditRecord) -> None:
         self.records.append(record)
