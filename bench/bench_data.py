@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cases import settle
 from bench.entry import run_benchmark
 from bench.report import render_data, target
-from bench.stats import Json, Progress, summarize
+from bench.stats import Json, Progress, process_cpu_seconds, summarize
 from launcher.config import LauncherConfig, load_config
 from launcher.data.cache import ObjectCache
 from launcher.data.datapath import DataPath
@@ -156,12 +156,6 @@ class S3Server:
     def cpu_seconds(self) -> float:
         """CPU the server process has used so far (user + system, from /proc)."""
         return process_cpu_seconds(self.pid)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

@@ -45,6 +45,11 @@ class ControlPlaneProcess:
         self._log: list[str] = []
 
     @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
     def flight_location(self) -> str:
         if not self.flight_address:
             raise RuntimeError("this control plane was started without Flight SQL")

@@ -26,7 +26,7 @@ import pyarrow as pa
 from bench.stats import Json, Progress, summarize
 from launcher.config import LauncherConfig
 from launcher.model.policy import Policy
-from launcher.sandbox.backend.base import LABEL_LAUNCHER, SandboxSpec
+from launcher.sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY, SandboxSpec
 from launcher.sandbox.backend.docker_engine import DockerBackend, container_config
 from launcher.sandbox.runner_client import RunnerClient
 from launcher.sandbox.spec import build_spec, new_sandbox_name
@@ -179,6 +179,50 @@ def remove_leftovers(launcher_id: str) -> list[str]:
     finally:
         api.close()
     return [str(item.get("Names", ["?"])[0]).lstrip("/") for item in found]
+
+
+def containers_by_policy(api: docker.APIClient, launcher_id: str) -> dict[str, int]:
+    """How many containers with the launcher's label exist now (any state), per policy label."""
+    found = api.containers(all=True, filters={"label": f"{LABEL_LAUNCHER}={launcher_id}"})
+    counts: dict[str, int] = {}
+    for item in found:
+        policy = (item.get("Labels") or {}).get(LABEL_POLICY, "")
+        counts[policy] = counts.get(policy, 0) + 1
+    return counts
+
+
+class ContainerPeak:
+    """The most containers of one launcher that existed at once, sampled on a thread every
+    ``interval_s`` while the block runs (a container that lives between two samples is missed:
+    a lower bound)."""
+
+    def __init__(self, launcher_id: str, interval_s: float = 0.5) -> None:
+        self._launcher_id = launcher_id
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="container-peak", daemon=True)
+        self.peak = 0
+        self.samples = 0
+
+    def __enter__(self) -> ContainerPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        api = docker.from_env().api
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(docker.errors.APIError):
+                    counts = containers_by_policy(api, self._launcher_id)
+                    self.peak = max(self.peak, sum(counts.values()))
+                    self.samples += 1
+                self._stop.wait(self._interval_s)
+        finally:
+            api.close()
 
 
 def machine_info(api: docker.APIClient, image: str, policy: Policy) -> Json:

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.ipc
 
 from bench.cases import POLICY, SELECT_42, settle
 from bench.client_process import ClientProcess
 from bench.controlplane_process import ControlPlaneProcess
 from bench.stats import Json, MachineCpu, Progress, summarize
+from bench.transfer import Transfer, consume
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.host import LocalLauncher
@@ -40,31 +36,6 @@ from launcher.worker.enroll import enroll
 WIDE = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"
 WIDE_ROWS = 10_000_000
 CONNECT_TIMEOUT_S = 30.0
-NO_CPU = MachineCpu(0.0, 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    seconds: float
-    first_chunk: float
-    bytes: int
-    rows: int
-    chunks: int
-    cpu: MachineCpu = NO_CPU  # what the whole machine spent meanwhile
-
-
-async def consume(chunks: AsyncIterator[bytes]) -> Transfer:
-    """Collect a result's IPC chunks, decode them with pyarrow, and count bytes and rows."""
-    started = time.perf_counter()
-    parts: list[bytes] = []
-    first = started
-    async for chunk in chunks:
-        if not parts:
-            first = time.perf_counter()
-        parts.append(chunk)
-    rows = pa.ipc.open_stream(b"".join(parts)).read_all().num_rows
-    size = sum(len(part) for part in parts)
-    return Transfer(time.perf_counter() - started, first - started, size, rows, len(parts))
 
 
 async def tunnel_cases(

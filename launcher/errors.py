@@ -221,6 +221,15 @@ class RunnerInvalidError(SandboxLostError):
     reason = "runner_invalid"
 
 
+def runner_invalid(detail: str) -> RunnerInvalidError:
+    """The error for anything no honest runner sends (its sandbox is then destroyed). Here, not
+    in ``sandbox.runner_client``: the data path's write check (``data.writes``) raises it too."""
+    return RunnerInvalidError(
+        f"runner sent an invalid result: {detail}; the sandbox was destroyed as possibly "
+        "compromised and the worker logged it (tell the worker's operator)"
+    )
+
+
 class ControlPlaneError(DuckcellError):
     """The control plane's CA, store or enrollment failed."""
 

@@ -44,13 +44,14 @@ from .errors import (
     RunnerInvalidError,
     SandboxLostError,
     SqlError,
+    runner_invalid,
 )
 from .model.catalog import Binding
 from .model.policy import Isolation, Policy
 from .sandbox.backend.base import SandboxBackend
 from .sandbox.pool import SandboxPool
 from .sandbox.result_check import ResultGuard
-from .sandbox.runner_client import OutputChunk, QuerySummary, StreamBroken
+from .sandbox.runner_client import BATCH_ROWS, OutputChunk, QuerySummary, StreamBroken
 from .sandbox.sessions import Session, SessionManager
 from .sandbox.spec import Sandbox
 
@@ -279,8 +280,9 @@ class QueryExecution:
             tables=bindings,
             output_path=write.plan.output_path if (write := self._tables.write) else "",
             parameters=self._parameters,
+            batch_rows=BATCH_ROWS,
         )
-        guard = ResultGuard(limits.max_result_rows, limits.max_result_bytes)
+        guard = ResultGuard(limits.max_result_rows, limits.max_result_bytes, batch_rows=BATCH_ROWS)
         try:
             while True:
                 # The deadline covers only the wait for the next item, never the consumer's
@@ -292,11 +294,11 @@ class QueryExecution:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    self._stop_reason = "hard_kill"
-                    await self._executor.backend.kill(sandbox.handle)
-                    self._lose_session()
-                    raise self._hard_kill_error() from None
-                checked = await self._take(item, sandbox, guard)
+                    raise await self._hard_kill(sandbox) from None
+                except RunnerInvalidError as error:  # the runner client's own checks
+                    await self._contain(sandbox, guard, error)
+                    raise
+                checked = await self._take(item, sandbox, guard, hard_deadline)
                 if checked:
                     yield checked
         except StreamBroken as broken:
@@ -308,33 +310,71 @@ class QueryExecution:
             await stream.aclose()
 
     async def _take(
-        self, item: bytes | OutputChunk | QuerySummary, sandbox: Sandbox, guard: ResultGuard
+        self,
+        item: bytes | OutputChunk | QuerySummary,
+        sandbox: Sandbox,
+        guard: ResultGuard,
+        hard_deadline: float,
     ) -> bytes:
         """One item from the runner; the result bytes it completes, once checked, to pass on.
 
         Nothing of a result is trusted before ``guard`` checked it
-        (``launcher.sandbox.result_check``), and the record's summary is the worker's own count, not
-        the runner's.
+        (``launcher.sandbox.result_check``), and the record's summary is the worker's own count,
+        not the runner's. A write's output file is held to the sandbox's /scratch size and checked
+        with its COPY result before the sandbox is released (``PendingWrite.check``).
         """
         write = self._tables.write
-        if isinstance(item, OutputChunk):
-            if write is None:  # only a runner that ignores the protocol does this
-                raise QueryError("the sandbox sent an output file no query asked for")
-            await write.accept_output(item.data)
-            return b""
         try:
+            if isinstance(item, OutputChunk):
+                if write is None:
+                    raise runner_invalid("an output file no query asked for")
+                if not guard.ended:
+                    raise runner_invalid("an output file before the end of its result")
+                limit = self._policy.limits.scratch_bytes
+                await write.accept_output(item.data, max_bytes=limit)
+                return b""
             if isinstance(item, QuerySummary):
                 self.record.summary = guard.finish(item)
+                if write is not None:
+                    write.check()
                 return b""
-            checked = guard.feed(item)
+            checked = await self._check(item, sandbox, guard, hard_deadline)
+            if write is not None and checked:
+                write.accept_result(checked)  # DuckDB's COPY count; publish() answers instead
+                return b""
+            return checked
         except (RunnerInvalidError, ResultLimitError) as error:
             # Past a limit too: an honest runner stops before the guard sees the excess.
             await self._contain(sandbox, guard, error)
             raise
-        if write is not None and checked:
-            write.accept_result(checked)  # DuckDB's COPY count; publish() answers instead
-            return b""
-        return checked
+
+    async def _check(
+        self, data: bytes, sandbox: Sandbox, guard: ResultGuard, hard_deadline: float
+    ) -> bytes:
+        """``guard``'s check of one slice, in steps of bounded work (``ResultGuard.step``): other
+        queries run between steps, and a slice whose check lasts past the hard deadline is
+        stopped like a runner that does. A message whose check may take long (a wide schema, a
+        large batch: ``heavy_next``) is checked in a worker thread, in a step of its own."""
+        loop = asyncio.get_running_loop()
+        guard.start(data)
+        while True:
+            if guard.heavy_next:
+                checked = await asyncio.to_thread(guard.step, heavy=True)
+            else:
+                checked = guard.step()
+            if checked is not None:
+                return checked
+            if loop.time() >= hard_deadline:
+                raise await self._hard_kill(sandbox)
+            if not guard.heavy_next:
+                await asyncio.sleep(0)
+
+    async def _hard_kill(self, sandbox: Sandbox) -> QueryTimeoutError:
+        """Kill the sandbox at the hard deadline; the error to raise."""
+        self._stop_reason = "hard_kill"
+        await self._executor.backend.kill(sandbox.handle)
+        self._lose_session()
+        return self._hard_kill_error()
 
     async def _contain(self, sandbox: Sandbox, guard: ResultGuard, error: QueryError) -> None:
         """A runner that sent what no honest one sends may run an attacker's code: kill its

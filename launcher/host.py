@@ -16,6 +16,7 @@ from .errors import ImageMissingError
 from .executor import Executor, QueryExecution
 from .model.policy import Policy, PolicySet, check_no_downgrade, load_policies
 from .sandbox.backend.docker_engine import DockerBackend
+from .sandbox.backend.runtimes import RUNSC, RuntimeGate, docker_runtimes
 from .sandbox.capacity import Capacity
 from .sandbox.factory import FactorySettings, SandboxFactory
 from .sandbox.files import remove_stale
@@ -58,6 +59,10 @@ class LocalLauncher:
                 f"sandbox image {config.image} is not built; run `duckcell image build` "
                 "(or `make image`)"
             )
+        # gVisor sandboxes only on an engine that applies the seccomp profile inside gVisor:
+        # one warning line now if it does not, and each runsc query fails with it.
+        gate = RuntimeGate(backend, docker_runtimes(backend))
+        await gate.check_at_start([p.name for p in self.policies if p.runtime == RUNSC])
         self._lock = InstanceLock(config.instances_dir)
         self.reaped = await reap_orphans(
             backend,
@@ -76,7 +81,7 @@ class LocalLauncher:
                 lambda owner: owner == own or instance_alive(config.instances_dir, owner),
             )
         factory = SandboxFactory(
-            backend,
+            gate,
             FactorySettings(
                 image=config.image,
                 launcher_id=config.launcher_id,
@@ -100,6 +105,13 @@ class LocalLauncher:
         started = self._pools.warm_all(self.policies)
         if started:
             self._progress(f"warming pools in the background: {', '.join(started)}")
+
+    @property
+    def instance_id(self) -> str:
+        """This process's id on the host: its lock, its sandboxes' label, its audit run."""
+        if self._lock is None:
+            raise RuntimeError("LocalLauncher.start() was not called")
+        return self._lock.instance_id
 
     @property
     def executor(self) -> Executor:

@@ -10,10 +10,13 @@ set -euo pipefail
 readonly RUNSC=/usr/bin/runsc
 # --network=none: sandboxes never get a network. --host-uds=create: the runner creates its gRPC
 # socket in a bind-mounted host directory; without this flag gVisor keeps the socket inside
-# the sandbox and the launcher on the host cannot connect to it. --oci-seccomp: gVisor ignores
-# the container's seccomp profile unless told to apply it inside the sandbox; without it the
-# project's profile (launcher/backend/seccomp.py) would not hold under runsc, and user
-# namespaces (`unshare -r`), ptrace and mount would be open to code in the sandbox.
+# the sandbox and the launcher on the host cannot connect to it. Exactly `create`: `all` (and
+# `open`) would also let the sandbox connect to host sockets in its mounts, so a registration
+# with them is repaired. --oci-seccomp: gVisor ignores the container's seccomp profile unless
+# told to apply it inside the sandbox; without it the project's profile
+# (launcher/sandbox/backend/seccomp.py) would not hold under runsc, and user namespaces (`unshare -r`),
+# ptrace and mount would be open to code in the sandbox. The launcher reads the registration
+# too and refuses gVisor policies when it lacks these (launcher/sandbox/backend/runtimes.py).
 readonly RUNSC_FLAGS=(--network=none --host-uds=create --oci-seccomp)
 readonly DOCKERD_LOG=/var/log/duckcell-dockerd.log
 readonly APT_LOG=/var/log/duckcell-apt.log
@@ -61,24 +64,59 @@ daemon_config_of() {
 	echo /etc/docker/daemon.json
 }
 
-# The flags a runsc registration ($1, from runsc_json) lacks, one a line.
-# --host-uds=all is a superset of --host-uds=create, so it counts as present.
+# runsc's flags as its Go flag package reads them (-name or --name, =value or, but for booleans,
+# the next argument; the last one wins; the first non-flag ends them), the same reading as
+# launcher/sandbox/backend/runtimes.py. Defines read(args) -> {name: value} and unmet(args, wanted):
+# the wanted flags that args lack or override (--host-uds=all, a later --oci-seccomp=false).
+# python3 is there: duckcell itself is a Python program.
+readonly RUNSC_ARGS_PY='
+BOOLEAN = {"oci-seccomp"}
+TRUTH = {"1": "true", "t": "true", "true": "true", "0": "false", "f": "false", "false": "false"}
+def read(args, all_of_them=False):
+    flags, spans, i = {}, [], 0
+    while i < len(args):
+        arg, start = str(args[i]), i
+        if arg in ("-", "--") or not arg.startswith("-"):
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if not eq:
+            if name in BOOLEAN:
+                value = "true"
+            elif i + 1 < len(args):
+                i += 1
+                value = str(args[i])
+        if name in BOOLEAN:
+            value = TRUTH.get(value.lower(), value)
+        flags[name] = value
+        spans.append((name, start, i + 1))
+        i += 1
+    return spans if all_of_them else flags
+def unmet(args, wanted):
+    flags = read(args)
+    return [w for w in wanted if all(flags.get(n) != v for n, v in read([w]).items())]
+'
+
+# The flags of RUNSC_FLAGS a runsc registration ($1, from runsc_json) lacks or overrides, one
+# a line.
 runsc_flags_missing() {
-	local runsc=$1 flag
-	for flag in "${RUNSC_FLAGS[@]}"; do
-		[[ $runsc == *"\"$flag\""* ]] && continue
-		[[ $flag == --host-uds=create && $runsc == *'"--host-uds=all"'* ]] && continue
-		echo "$flag"
-	done
+	python3 -c "$RUNSC_ARGS_PY"'
+import json, sys
+try:
+    entry = json.loads(sys.argv[1] or "{}")
+except ValueError:
+    entry = {}
+print("\n".join(unmet(entry.get("runtimeArgs") or [], sys.argv[2:])))
+' "$1" "${RUNSC_FLAGS[@]}" | sed '/^$/d'
 }
 
-# Adds runsc and the flags given after $1 to daemon.json, keeping everything else. Prints
-# "changed" when it wrote the file. python3 is there: duckcell itself is a Python program.
+# Adds runsc and the flags given after $1 to daemon.json, keeping everything else; a flag
+# already there with another value (--host-uds=all) is replaced. Prints "changed" when it
+# wrote the file.
 register_runsc() {
 	local config=$1
 	shift
 	mkdir -p "$(dirname "$config")"
-	python3 - "$config" "$RUNSC" "$@" <<'PY'
+	python3 -c "$RUNSC_ARGS_PY"'
 import json, os, sys
 
 path, binary, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -91,10 +129,12 @@ except ValueError as error:
     sys.exit(f"duckcell: {path} is not valid JSON ({error}); fix it, then run this again")
 runtime = config.setdefault("runtimes", {}).setdefault("runsc", {"path": binary})
 args = runtime.setdefault("runtimeArgs", [])
-missing = [a for a in wanted if a not in args]
+missing = unmet(args, wanted)
 if not missing:
     sys.exit(0)
-args.extend(missing)
+names = {name for flag in missing for name in read([flag])}
+drop = {i for name, start, end in read(args, True) if name in names for i in range(start, end)}
+args[:] = [arg for i, arg in enumerate(args) if i not in drop] + missing
 if os.path.exists(path) and not os.path.exists(path + ".duckcell-backup"):
     os.link(path, path + ".duckcell-backup")
 tmp = path + ".duckcell-tmp"
@@ -103,7 +143,7 @@ with open(tmp, "w") as f:
     f.write("\n")
 os.replace(tmp, path)
 print("changed")
-PY
+' "$config" "$RUNSC" "$@"
 }
 
 # $1: the dockerd we started, if any; when it exits there is no point in waiting on.
@@ -147,17 +187,15 @@ ensure_runsc_on_running_engine() {
 	pid=$(local_dockerd_pid)
 	if [[ $EUID -ne 0 || -z $pid || ! -x $RUNSC ]]; then
 		if runsc_registered "$runsc"; then
-			say "note: runsc is registered without ${missing//$'\n'/ }, so gVisor sandboxes are not" \
-				"hardened as duckcell expects; add them to runsc's runtimeArgs (or run sudo $0)"
+			say "note: runsc is registered without ${missing//$'\n'/ } (or with another value)," \
+				"so duckcell refuses gVisor policies; set them in runsc's runtimeArgs (or run sudo $0)"
 		else
 			say "note: the Docker engine has no runsc runtime, so gVisor policies cannot run" \
 				"(to add it: sudo apt-get install runsc && sudo $0)"
 		fi
 		return 0
 	fi
-	# Word splitting on purpose: one flag a line, none with spaces.
-	# shellcheck disable=SC2086
-	if [[ $(register_runsc "$(daemon_config_of "$pid")" $missing) == changed ]]; then
+	if [[ $(register_runsc "$(daemon_config_of "$pid")" "${RUNSC_FLAGS[@]}") == changed ]]; then
 		say "registered runsc with ${missing//$'\n'/ }; reloading dockerd"
 	fi
 	kill -HUP "$pid"

@@ -42,7 +42,7 @@ from ..sandbox.backend.docker_engine import DockerBackend
 from ..sandbox.files import remove_stale
 from ..sandbox.image.build import ImageBuilder
 from ..sandbox.instance import instance_alive, reap_orphans
-from ..worker.audit import AUDIT_FILE, WorkerAuditLog
+from ..worker.audit import AUDIT_FILE
 from ..worker.daemon import Worker, host_data_path
 from ..worker.dialing import ProxyConfig
 from ..worker.enroll import Identity, enroll
@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
         "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
         "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
-        "at once. Each query is appended to STATE/audit.jsonl; catalog secrets named "
+        "at once. Each query is recorded in STATE/audit.jsonl before it runs and when it ends "
+        "(one a crash cut short, as lost at the next start); catalog secrets named "
         "{store: NAME} come from STATE/secrets (`duckcell secrets`). HTTPS_PROXY/NO_PROXY are "
         "honoured.",
     )
@@ -389,7 +390,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
             config,
             data=data,
             grants=grants,
-            audit=WorkerAuditLog(args.state / AUDIT_FILE),
+            audit_file=args.state / AUDIT_FILE,
             address=args.control_plane,
             proxy=ProxyConfig.from_env(os.environ),
             drain_grace_s=args.drain_grace,

@@ -25,9 +25,11 @@ one sandbox on one worker, so its queries go down that worker's stream and nowhe
 with ``SessionOpened`` (``session_opened``) and reports a session it ended by itself with
 ``SessionEnded`` (``session_ended``); a worker's hang-up ends all of its sessions.
 
-Every query gets one audit record (``audit.QueryTrail``), written before the client sees the
-end of its stream: when the outcome arrives, when no worker is online, and in ``run``'s cleanup
-when the client left or the worker was lost.
+Every query gets one audit record (``audit.QueryTrail``): opened (outcome "running") before its
+RunQuery goes to a worker, so a crash of the control plane leaves it to be reconciled as lost
+at the next start, and ended before the client sees the end of its stream: when the outcome
+arrives, when no worker is online, and in ``run``'s cleanup when the client left or the worker
+was lost.
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ class QueryRouter:
         except DuckcellError as error:
             trail.end("error", reason_of(error), str(error), policy=policy)
             raise
-        trail.worker_id = worker_id
+        trail.open(worker_id, policy)  # committed before the RunQuery goes out
         pending = Pending(worker_id, outbox, session_id)
         self._pending[query_id] = pending
         done = False
@@ -302,7 +304,8 @@ class QueryRouter:
                     if moved is not None:  # else the client gets the drain's refusal
                         moves += 1
                         pending, message.policy = moved
-                        worker_id = trail.worker_id = pending.worker_id
+                        worker_id = pending.worker_id
+                        trail.open(worker_id, message.policy)
                         pending.outbox.put_nowait(pb.ControlMessage(run_query=message))
                         continue
                 done = True

@@ -14,7 +14,8 @@ the handshake and comparing its hash with the one its token carries (see
 
 All database work happens on the event loop's thread: the SQLite connection is opened in
 ``start`` and used by one thread only, and each enrollment is a couple of short writes, each
-query one audit row.
+query one audit row (opened before it is sent, closed when it ends). ``start`` reconciles the
+audit first: rows a dead process left running are recorded lost.
 
 Keepalive (``KEEPALIVE_OPTIONS``): the server pings each connection every 10 s and drops it when
 a ping is not answered within 10 s, so a worker whose host vanished without closing its TCP
@@ -207,6 +208,8 @@ class ControlPlaneServer:
         tokens = EnrollmentTokens(self._conn, ca_fingerprint=ca.fingerprint(), clock=self._clock)
         self._registry = WorkerRegistry(self._conn, clock=self._clock)
         self._registry.mark_offline()  # nobody is connected yet, whatever a crash left behind
+        audit = AuditLog(self._conn)
+        audit.reconcile(self._clock())  # rows a dead process left "running" become "lost"
         server = aio.server(options=(*MESSAGE_OPTIONS, *KEEPALIVE_OPTIONS))
         self.port = _bind(server, self._listen, grpc.ssl_server_credentials(pairs))
         mutual = grpc.ssl_server_credentials(
@@ -217,7 +220,7 @@ class ControlPlaneServer:
         pb_grpc.add_EnrollmentServicer_to_server(enrollment, server)
         self.parser = ParserPool()
         router = QueryRouter(
-            audit=AuditLog(self._conn),
+            audit=audit,
             clock=self._clock,
             catalog=lambda: self.catalog.current.catalog,
             parser=self.parser,
@@ -239,7 +242,6 @@ class ControlPlaneServer:
         self._catalog_task = asyncio.create_task(self.catalog.run())
         self._policies_task = asyncio.create_task(self.policies.run())
         if self._audit_retention_s is not None:
-            audit = AuditLog(self._conn)
             pruning = prune_forever(audit, self._audit_retention_s, clock=self._clock)
             self._prune_task = asyncio.create_task(pruning)
 

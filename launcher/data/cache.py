@@ -2,7 +2,7 @@
 
 ``ObjectCache.lease`` makes sure every object a query needs is present and checked, and pins it
 until the lease is released. The launcher is the only writer; sandboxes see the root mounted
-read-only at ``/cache`` and read ``/cache/<lease.paths[i]>``.
+read-only links to the entries in a directory of their own (``launcher.sandbox.files``).
 
 How the guarantees are kept (layout and index: ``cache_index``):
 
@@ -15,9 +15,11 @@ How the guarantees are kept (layout and index: ``cache_index``):
 - **One download per object**, even with many concurrent leases: within a process the first
   caller's fetch is an asyncio task the others await; across processes the fetch holds an
   exclusive ``flock`` on the entry's lock file, so a second process waits, then finds the file.
-- **Pins work across processes.** A lease keeps each entry open with a shared ``flock``;
-  eviction removes an entry only under an exclusive ``LOCK_NB`` lock, so it skips anything a
-  running query (in any launcher process on the host) uses. Everything pinned means the cache
+- **Pins work across processes.** A lease holds a shared ``flock`` on each entry's pin file
+  (``locks/ab/<name>.pin``, never the entry itself: a sandbox could lock that inode through its
+  link and stall every lease of it); eviction removes an entry only under an exclusive
+  ``LOCK_NB`` lock on the pin file, so it skips anything a running query (in any launcher
+  process on the host) uses. Everything pinned means the cache
   may stay over budget for a while (``stats().over_budget`` says so): a lease that downloaded
   evicts at once, and every lease's release asks the cache's upkeep thread for another pass,
   so the cache is back under budget right after the query that overflowed it lets go.
@@ -42,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -75,9 +76,9 @@ from .cache_index import (
     make_dir,
     own_entry,
     partial_entry,
+    pin,
     raise_open_file_limit,
     relative_path,
-    same_file,
     sha256_of,
     shard_dir,
     unlink_unpinned,
@@ -103,9 +104,9 @@ log = logging.getLogger(__name__)
 class CacheLease:
     """Pins entries for one query; ``paths`` are relative to the cache root, in refs order.
 
-    Each pinned entry is an open file descriptor holding a shared ``flock``. Release (or leave
-    the ``async with``) as soon as the query ends; releasing twice is harmless. Release never
-    blocks: it only queues an eviction pass on the cache's upkeep thread.
+    Each pinned entry is an open descriptor of its pin file holding a shared ``flock``. Release
+    (or leave the ``async with``) as soon as the query ends; releasing twice is harmless.
+    Release never blocks: it only queues an eviction pass on the cache's upkeep thread.
     """
 
     def __init__(self, paths: list[str], fds: list[int], cache: ObjectCache | None = None) -> None:
@@ -273,33 +274,42 @@ class ObjectCache:
         )
 
     def _try_pin(self, name: str, ref: ObjectRef) -> int | None:
-        """An fd holding LOCK_SH on a good entry, or None when it must be fetched (again)."""
+        """An fd pinning a good entry (``pin``: a shared lock on its pin file, never on the
+        entry, which sandboxes can open through their links), or None when it must be fetched
+        (again)."""
         row = self._index.get(name)
         if row is None or row.size != ref.size:
             return None
         path = self._entry_path(name)
+        pinned = pin(self._pin_path(name))
+        try:
+            good = self._good_entry(name, ref, row, path)
+        except BaseException:
+            os.close(pinned)
+            raise
+        if not good:
+            os.close(pinned)
+            return None
+        return pinned
+
+    def _good_entry(self, name: str, ref: ObjectRef, row: IndexRow, path: Path) -> bool:
+        """Whether the (pinned) entry file is the one the index describes, checked."""
         try:
             fd = os.open(path, OPEN_FLAGS)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ELOOP):
-                return None
+                return False
             raise CacheError(f"cannot open cache entry {path} ({error.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            # Replaced or removed between open and lock: not the file the index describes.
             info = os.fstat(fd)
-            good = same_file(fd, path) and info.st_size == row.size
+            good = info.st_size == row.size
             if good and self.check_first_use:
                 good = self._intact(name, ref, row, fd, file_key(info))
-            if good:
-                self._index.touch(name)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        if not good:
-            os.close(fd)
-            return None
-        return fd
+        if good:
+            self._index.touch(name)
+        return good
 
     def _intact(self, name: str, ref: ObjectRef, row: IndexRow, fd: int, key: FileKey) -> bool:
         """The first-use check: sha256 of the pinned file against the index, unless this process
@@ -491,11 +501,14 @@ class ObjectCache:
     def _lock_path(self, name: str) -> Path:
         return shard_dir(self._locks, name[:2], 0o700) / f"{name.partition('.')[0]}.lock"
 
+    def _pin_path(self, name: str) -> Path:
+        return shard_dir(self._locks, name[:2], 0o700) / f"{name.partition('.')[0]}.pin"
+
     # ---- maintenance -----------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
         entries, size = self._index.total()
-        in_use = sum(1 for row in self._index.rows() if is_pinned(self._entry_path(row.name)))
+        in_use = sum(1 for row in self._index.rows() if is_pinned(self._pin_path(row.name)))
         return CacheStats(
             entries=entries,
             bytes=size,
@@ -575,7 +588,7 @@ class ObjectCache:
         if not lock.try_acquire():
             return False
         try:
-            if not unlink_unpinned(self._entry_path(name)):
+            if not unlink_unpinned(self._entry_path(name), self._pin_path(name)):
                 return False
             self._index.delete(name)
             self._checked.forget(name)

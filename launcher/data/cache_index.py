@@ -6,6 +6,7 @@ Layout under the cache root::
                                   root) in 0700 dirs: no sandbox mounts them, it reads links
     objects/ab/.partial-<uuid>-<sha256>.parquet   a download in progress (hidden from globs)
     locks/ab/<sha256>.lock        held (LOCK_EX) by whoever downloads or removes that entry
+    locks/ab/<sha256>.pin         held (LOCK_SH) by every lease of that entry (``pin``)
     index.db                      SQLite in WAL mode: one row per entry, plus counters
     .sandboxes/<instance>/<slot>/ hard links to entries, one directory per sandbox, its only
                                   /cache (``launcher.sandbox.files``); never indexed or evicted
@@ -25,7 +26,6 @@ against it on every use and its sha256 on the first use in a process (``FirstUse
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -343,21 +343,40 @@ def same_file(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
-def unlink_unpinned(path: Path) -> bool:
-    """Unlink ``path`` unless a lease holds it (LOCK_SH); True when nothing is left there."""
-    try:
-        fd = os.open(path, OPEN_FLAGS)
-    except OSError as error:
-        if error.errno not in (errno.ENOENT, errno.ELOOP):
-            raise CacheError(f"cannot remove cache entry {path} ({error.strerror})") from None
-        path.unlink(missing_ok=True)  # a symlink is never ours: drop it, unfollowed
-        return True
+def pin(path: Path) -> int:
+    """An fd holding a shared ``flock`` on an entry's pin file (``locks/ab/<name>.pin``).
+
+    Pins are never taken on the entry itself: a sandbox opens its entries through hard links
+    (the same inode), and a compromised one could ``flock`` it exclusively and so block every
+    lease of that file on the host. Only launchers can open the pin file (the locks directory is
+    0700), and they hold its exclusive lock only for a non-blocking remove, so this wait is
+    short. A remover unlinks the pin file while holding it; a taker that then gets the lock on
+    the unlinked inode sees the path names another file and takes the new one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def unlink_unpinned(path: Path, pin_path: Path) -> bool:
+    """Unlink entry ``path`` unless a lease pins it; True when nothing is left there."""
+    fd = os.open(pin_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        path.unlink()
+        if not same_file(fd, pin_path):
+            return False  # another remover replaced it meanwhile: leave it to them
+        path.unlink(missing_ok=True)  # a symlink is never ours: dropped, unfollowed
+        pin_path.unlink(missing_ok=True)
         return True
     finally:
         os.close(fd)
@@ -453,12 +472,19 @@ def check_entry(path: Path, size: int, sha256: str) -> tuple[str | None, FileKey
         os.close(fd)
 
 
-def is_pinned(path: Path) -> bool:
-    """Whether a lease (any process) holds the entry: our LOCK_EX|LOCK_NB attempt fails."""
+def is_pinned(pin_path: Path) -> bool:
+    """Whether a lease (any process) pins the entry: our LOCK_EX|LOCK_NB attempt fails."""
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -44,7 +44,7 @@ from typing import BinaryIO, NamedTuple
 import pyarrow as pa
 import pyarrow.ipc
 
-from ..errors import ObjectStoreError, QueryDeniedError, QueryError
+from ..errors import ObjectStoreError, QueryDeniedError, QueryError, runner_invalid
 from ..model.catalog import Catalog, Connection
 from ..model.policy import Policy, visible, writes_allowed
 from ..model.sql import ParsedSql, Token
@@ -60,6 +60,8 @@ _OPTIONS = (
     "parquet_version",
 )
 _GLOB = set("*?[]{}")
+_PARQUET = b"PAR1"  # a Parquet file's first and last 4 bytes
+_MAX_COPY_RESULT = 64 * 1024  # DuckDB's COPY result (one int64 row) is a few hundred bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +222,13 @@ def _options(tokens: tuple[Token, ...]) -> dict[str, str]:
 class PendingWrite:
     """One write query's output on its way from the sandbox to object storage.
 
-    The executor feeds it the runner's result and output chunks; ``publish`` uploads once the
-    query has succeeded and returns the result to send instead; ``discard`` (always called when
-    the query ends) removes the spooled file, so a failed query uploads nothing.
+    The executor feeds it the runner's result and output chunks, and ``check``s them when the
+    runner's summary comes (while the sandbox still runs, so a lie is contained like a bad
+    result): the file no larger than the sandbox's /scratch (``accept_output``'s
+    ``max_bytes``), a Parquet file's magic at both ends, DuckDB's COPY result one int64 count.
+    What fails is RunnerInvalidError. ``publish`` uploads once the query has succeeded and
+    returns the result to send instead; ``discard`` (always called when the query ends) removes
+    the spooled file, so a failed query uploads nothing.
     ``uploaded`` is called with the destination once an upload was tried, whatever its end:
     a cancelled or failed one may still have written the object, and the data path drops the
     cached listings it would make stale (dropping them needlessly costs one LIST).
@@ -243,31 +249,94 @@ class PendingWrite:
         self._spool: Path | None = None
         self._file: BinaryIO | None = None
         self._result: list[bytes] = []
+        self._result_size = 0
+        self._head = b""  # the file's first 4 bytes
+        self._tail = b""  # and its last 8
+        self._rows: int | None = None  # the COPY count, once checked
         self.size = 0
 
     def accept_result(self, ipc: bytes) -> None:
-        self._result.append(ipc)  # DuckDB's COPY result: one row, the row count
+        """Take (checked) bytes of DuckDB's COPY result: one row, the row count."""
+        self._result_size += len(ipc)
+        if self._result_size > _MAX_COPY_RESULT:
+            raise runner_invalid(
+                f"a COPY result of more than {_MAX_COPY_RESULT} bytes (DuckDB's is one row)"
+            )
+        self._result.append(ipc)
 
-    async def accept_output(self, data: bytes) -> None:
+    async def accept_output(self, data: bytes, *, max_bytes: int | None = None) -> None:
+        """Spool the next slice of the output file; past ``max_bytes`` (the sandbox's /scratch,
+        where the file was written) RunnerInvalidError, nothing written."""
+        if max_bytes is not None and self.size + len(data) > max_bytes:
+            raise runner_invalid(
+                f"an output file of more than {max_bytes} bytes, larger than the sandbox's "
+                "/scratch it was written to"
+            )
         if self._file is None:
             fd, name = tempfile.mkstemp(prefix="duckcell-write-", dir=self._spool_dir)
             self._spool = Path(name)
             self._file = os.fdopen(fd, "wb")
         await asyncio.to_thread(self._file.write, data)
         self.size += len(data)
+        if len(self._head) < len(_PARQUET):
+            self._head += data[: len(_PARQUET) - len(self._head)]
+        self._tail = (self._tail + data[-8:])[-8:]
+
+    def check(self) -> None:
+        """Check the output file's framing and the COPY result before anything is uploaded;
+        RunnerInvalidError when either is not what DuckDB writes. No file at all is left to
+        ``publish`` (an image older than the launcher sends none)."""
+        if self._file is None:
+            return
+        footer = int.from_bytes(self._tail[:4], "little")  # the footer's length, then PAR1
+        if (
+            self.size < 12
+            or self._head != _PARQUET
+            or self._tail[4:] != _PARQUET
+            or footer > self.size - 12
+        ):
+            raise runner_invalid(
+                f"an output file of {self.size} bytes that is not a Parquet file (no PAR1 "
+                "magic at both ends, or a footer longer than the file)"
+            )
+        table = self._copy_result()
+        if table.num_columns != 1:
+            raise runner_invalid(f"a COPY result of {table.num_columns} columns, not the count")
+        self._rows = self._count(table)
+
+    def _copy_result(self) -> pa.Table:
+        try:
+            return pa.ipc.open_stream(b"".join(self._result)).read_all()
+        except (pa.ArrowException, OSError, ValueError) as error:
+            raise runner_invalid(f"a COPY result that does not decode ({error})") from None
+
+    @staticmethod
+    def _count(table: pa.Table) -> int:
+        """The row count: the first column, one non-negative int64."""
+        if table.num_columns and table.num_rows == 1 and table.schema.types[0] == pa.int64():
+            count = table.column(0)[0].as_py()
+            if count is not None and count >= 0:
+                return int(count)
+        first = table.schema.types[0] if table.num_columns else "no column"
+        raise runner_invalid(
+            f"a COPY result that is not one row count ({table.num_rows} rows, first {first})"
+        )
 
     async def publish(self) -> bytes:
         """Upload the spooled file; the one-row result table as Arrow IPC stream bytes.
 
-        Raises QueryError when the sandbox sent no file, ObjectStoreError when the upload
-        failed (a failed upload leaves nothing at the destination; a cancelled one may have
-        landed it, see ``S3Store._upload``).
+        Raises QueryError when the sandbox sent no file, RunnerInvalidError (before any upload)
+        when its COPY result holds no row count (``check``, which the executor runs earlier,
+        also checks the file), ObjectStoreError when the upload failed (a failed upload leaves
+        nothing at the destination; a cancelled one may have landed it, see
+        ``S3Store._upload``).
         """
         if self._file is None or self._spool is None:
             raise QueryError(
                 "the sandbox sent no output file for the write; the sandbox image may be older "
                 "than the launcher: run `duckcell image build`"
             )
+        rows = self._rows if self._rows is not None else self._count(self._copy_result())
         self._file.close()
         try:
             await self._store.upload(self._spool, self.plan.destination)
@@ -279,8 +348,6 @@ class PendingWrite:
         finally:
             if self._uploaded is not None:
                 self._uploaded(self.plan.destination)
-        table = pa.ipc.open_stream(b"".join(self._result)).read_all()
-        rows = int(table.column(0)[0].as_py()) if table.num_rows else 0
         return result_ipc(rows, self.size, self.plan.destination)
 
     def discard(self) -> None:

@@ -10,11 +10,29 @@ ran past its data printed 64 KB of the launcher's heap, a 1 GiB overrun crashed 
 framing itself, checking every length against the bytes it has and against fixed caps, and hands
 each whole message to pyarrow, which verifies the message's flatbuffer and decodes it; every
 record batch is then validated in full (offsets, lengths, buffer sizes, UTF-8, dictionary
-indices: what Arrow's own fuzzing of its IPC reader checks). Only bytes so checked are passed
-on, exactly as the runner sent them. The guard also counts rows and bytes itself and enforces
-the policy's result limits, so a runner that ignores them, or lies in its summary, is caught.
-It raises ``RunnerInvalidError`` for anything no honest runner sends, ``ResultLimitError`` past
-a limit.
+indices: what Arrow's own fuzzing of its IPC reader checks). A dictionary is validated in full
+once, when it arrives; a record batch is validated against stand-ins of the dictionaries in
+force (null arrays of the same lengths, whose validation costs nothing), so its indices are
+checked against the right lengths without validating every dictionary again for every batch.
+Only bytes so checked are passed on, exactly as the runner sent them. The guard also counts
+rows and bytes itself and enforces the policy's result limits, so a runner that ignores them,
+or lies in its summary, is caught.
+
+It also refuses what no honest runner sends and would only cost or endanger the worker and
+its clients: a batch of more rows than the runner's batch size, more than one batch without
+rows (DuckDB sends none), dictionaries of more than ``MAX_DICTIONARY_BYTES`` at once, an
+extension type DuckDB does not emit (pyarrow before 14.0.1 unpickles
+``arrow.py_extension_type``: CVE-2023-47248), metadata DuckDB does not write, control
+characters in metadata. It raises ``RunnerInvalidError`` for all of these, ``ResultLimitError``
+past a limit, and ``SqlError`` for a column name holding a control character (DuckDB lets a
+query name a column so; nothing downstream should print it) or a result of more than
+``MAX_FIELDS`` fields.
+
+The work is done in bounded steps: ``start`` a slice, then ``step`` until it returns the
+checked bytes; a step checks at most ``STEP_MESSAGES`` messages or ``STEP_BYTES`` of their
+cost, so the executor can serve other queries and watch its deadline between steps. A message
+costing more than a step (``heavy_next``) gets a step of its own, which the executor runs in a
+worker thread. ``feed`` checks a whole slice at once.
 
 The format (Arrow's "IPC Streaming Format"): messages, each a 0xFFFFFFFF continuation marker
 (absent in the legacy format), an int32 metadata length (0: end of stream), a ``Message``
@@ -24,7 +42,9 @@ schema, then dictionary batches and record batches, then the end-of-stream marke
 
 from __future__ import annotations
 
+import re
 import struct
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,86 +52,181 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.ipc
 
-from ..errors import ResultLimitError, RunnerInvalidError
-from .runner_client import QuerySummary
+from ..errors import ResultLimitError, SqlError, runner_invalid
+from .runner_client import BATCH_ROWS, QuerySummary
 
 _MIB = 1024 * 1024
 # A message's flatbuffer header: a batch's holds 16 bytes per column and per buffer, a schema's
 # a few hundred per field, so 10,000 columns need about 1 MiB. The cap bounds what a bare length
 # prefix can make the worker wait for and hold before pyarrow has seen a byte of it.
 MAX_METADATA_BYTES = 16 * _MIB
-# Bytes held unchecked: the message being received plus the dictionaries a batch waits for. The
-# runner writes each batch with its dictionaries into one gRPC message, and the runner client
-# accepts none over 64 MiB (``runner_client``), so an honest result never comes near this; a
-# hostile one cannot make the worker buffer more.
+# One message, held until it is whole. The runner writes each batch (with the dictionaries it
+# changed) into one gRPC message, and the runner client accepts none over 64 MiB
+# (``runner_client``), so an honest message never comes near this.
 MAX_UNCHECKED_BYTES = 64 * _MIB
+# The dictionaries in force at once (the last one of each id), which every reader of the result
+# holds: DuckDB's are its ENUM types' values.
+MAX_DICTIONARY_BYTES = 64 * _MIB
+# DuckDB's Arrow reader yields no empty batch (measured with duckdb 2.0.1: an empty result is a
+# stream with no batch at all); one is tolerated.
+MAX_EMPTY_BATCHES = 1
+# The runner reads a result that is not a SELECT or EXPLAIN (EXECUTE of a prepared statement,
+# CALL, INSERT ... RETURNING) with DuckDB's default batch size, not ExecuteRequest.batch_rows
+# (``duckcell_runner.service``): batches of up to 131,072 rows with duckdb 2.0.1.
+UNREQUESTED_BATCH_ROWS = 131_072
+# Fields in a schema, nested ones included. pyarrow holds the GIL while it builds a schema or
+# decodes a batch, even in a worker thread: 20,000 fields stall the event loop ~6 ms, 50,000
+# ~70 ms, 250,000 ~250 ms. A result this wide is the query's error (DuckDB can produce one).
+MAX_FIELDS = 20_000
+# One step of work: this many messages, or messages costing this many bytes (128 one-row
+# batches take about 1 ms). A message costs its size plus METADATA_WEIGHT - 1 times its
+# flatbuffer header's: a schema takes 5-7 us a field, a batch about 1.4 us a column (tens
+# of ns a header byte), its data a few ns a byte at most (UTF-8, offsets, views). A message
+# that costs more than a step (a 256 KiB header, a 4 MiB body) is heavy: checked in a step of
+# its own, which the executor runs in a worker thread (``heavy_next``). The weight is low on
+# purpose: a header is read by Python and by pyarrow holding the GIL, so a thread helps little
+# there (its GIL hand-overs stalled the loop 40 ms for a 3,000-field schema checked in 13 ms);
+# a body is validated by Arrow without the GIL.
+STEP_MESSAGES = 128
+STEP_BYTES = 4 * _MIB
+METADATA_WEIGHT = 16
+# The extension types DuckDB emits (duckdb 2.0.1, every arrow_* setting): BIGNUM, HUGEINT,
+# TIMETZ, BIT as arrow.opaque; GEOMETRY and VARIANT; UUID, JSON and BOOLEAN with
+# arrow_lossless_conversion.
+EXTENSIONS = frozenset(
+    {
+        "arrow.opaque",
+        "geoarrow.wkb",
+        "arrow.parquet.variant",
+        "arrow.uuid",
+        "arrow.json",
+        "arrow.bool8",
+    }
+)
+_EXTENSION_NAME = b"ARROW:extension:name"
+_FIELD_METADATA = frozenset({_EXTENSION_NAME, b"ARROW:extension:metadata"})
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f]")  # C0, DEL, C1
+_VALUE_CONTROL = re.compile("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f]")  # but \t \n \r
 END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_CONTINUATION = b"\xff\xff\xff\xff"
 
 _U8, _I16, _U16 = struct.Struct("<B"), struct.Struct("<h"), struct.Struct("<H")
 _I32, _U32, _I64 = struct.Struct("<i"), struct.Struct("<I"), struct.Struct("<q")
 # Field numbers in Arrow's Message.fbs and Schema.fbs (a union takes two: its type, its value).
 _MESSAGE_HEADER_TYPE, _MESSAGE_HEADER, _MESSAGE_BODY_LENGTH = 1, 2, 3
-_SCHEMA_ENDIANNESS = 0
-_BATCH_COMPRESSION = 3
+_SCHEMA_ENDIANNESS, _SCHEMA_FIELDS = 0, 1
+_FIELD_TYPE_TYPE, _FIELD_DICTIONARY, _FIELD_CHILDREN = 2, 4, 5
+_ENCODING_ID = 0
+_BATCH_LENGTH, _BATCH_COMPRESSION = 0, 3
 _DICTIONARY_ID, _DICTIONARY_DATA, _DICTIONARY_IS_DELTA = 0, 1, 2
 _END, _SCHEMA, _DICTIONARY, _BATCH = 0, 1, 2, 3  # MessageHeader's union types; 0: end of stream
+_NULL_TYPE = 1  # Type's union type for Null
 _KINDS = {_SCHEMA: "schema", _DICTIONARY: "dictionary", _BATCH: "record batch"}
 # What pyarrow raises for bytes it cannot decode or validate (ArrowInvalid is a ValueError, the
 # reader's "expected N bytes" an OSError).
 _DECODE_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
-
-def _invalid(detail: str) -> RunnerInvalidError:
-    return RunnerInvalidError(
-        f"runner sent an invalid result: {detail}; the sandbox was destroyed as possibly "
-        "compromised and the worker logged it (tell the worker's operator)"
-    )
+_invalid = runner_invalid
 
 
 class ResultGuard:
     """One query's result stream, checked as it arrives. ``feed`` every IPC slice the runner
-    sends, in order, then ``finish`` with the runner's summary; a guard is used once."""
+    sends, in order (or ``start`` it and ``step`` until done), then ``finish`` with the runner's
+    summary; a guard is used once.
 
-    def __init__(self, max_rows: int | None, max_bytes: int | None) -> None:
+    ``batch_rows`` is what the launcher asked the runner for (ExecuteRequest.batch_rows): no
+    honest batch has more rows (or more than ``UNREQUESTED_BATCH_ROWS``, see there).
+    """
+
+    def __init__(
+        self, max_rows: int | None, max_bytes: int | None, *, batch_rows: int = BATCH_ROWS
+    ) -> None:
         self.rows = 0  # in record batches that passed
         self.ipc_bytes = 0  # every byte received, checked or not yet
         self._max_rows = max_rows
         self._max_bytes = max_bytes
-        self._pending = bytearray()  # received, not yet passed on: held dictionaries, a partial
-        self._parsed = 0  # where in _pending the next message starts (before it: held ones)
+        self._max_batch_rows = max(batch_rows, UNREQUESTED_BATCH_ROWS)
+        self._pending = bytearray()  # the start of a message not yet whole
         self._wanted = 0  # _pending is not looked at again until it is this long
+        self._slice: bytes | None = None  # being checked by step()
+        self._at = 0  # where in _slice the next message starts
         self._schema: pa.Schema | None = None
-        self._schema_message = b""
-        self._dictionaries: dict[int, bytes] = {}  # the last dictionary batch of each id
-        self._held: set[int] = set()  # ids whose dictionary waits for the next record batch
+        self._dictionaries: _Dictionaries | None = None  # when the schema has any
+        self._empty_batches = 0
         self._ended = False
         self._claimed: QuerySummary | None = None
+        # The last step stopped before a message that costs more than a step: run the next
+        # off the event loop (``step(heavy=True)``).
+        self.heavy_next = False
+
+    @property
+    def ended(self) -> bool:
+        """Whether the end-of-stream marker came (and everything before it passed)."""
+        return self._ended
 
     def feed(self, data: bytes) -> bytes:
         """The checked part of the stream so far: every whole message ``data`` completes, as
-        sent (``data`` itself when it holds whole messages, as the runner sends them).
+        sent (``data`` itself when it holds whole messages, as the runner sends them). A
+        message not yet whole waits for the next call."""
+        self.start(data)
+        while (checked := self.step(heavy=True)) is None:
+            pass
+        return checked
 
-        The rest waits for the next call: a message not yet whole, and a dictionary batch,
-        which only the validation of the record batch that uses it checks.
-        """
+    def start(self, data: bytes) -> None:
+        """Take the next slice; ``step`` checks it."""
+        if self._slice is not None:
+            raise RuntimeError("the previous slice is not checked yet")
+        self._slice, self._at = b"", 0
         if not data:
-            return b""
+            return
         if self._ended:
             raise _invalid("bytes after the end-of-stream marker")
         self._count_bytes(len(data))
-        if self._pending:
+        if not self._pending:
+            self._slice = data
+            return
+        if len(self._pending) + len(data) < self._wanted:
             self._pending += data
-            if len(self._pending) < self._wanted:
-                return b""
-            released = self._scan(self._pending)
-            checked = bytes(self._pending[:released])
-            del self._pending[:released]
-            return checked
-        released = self._scan(data)
-        if released < len(data):
-            self._pending = bytearray(data[released:])
-            return data[:released]
-        return data
+            return
+        # The message completed: one copy of it, which is checked and then passed on as is.
+        self._slice, self._pending = b"".join((self._pending, data)), bytearray()
+
+    def step(self, *, heavy: bool = False) -> bytes | None:
+        """Check some of the slice: None while there is more to check, then the checked bytes
+        (raises RunnerInvalidError, ResultLimitError or SqlError). Without ``heavy``, the step
+        stops before a message that costs more than a step, and sets ``heavy_next``."""
+        buffer = self._slice
+        if buffer is None:
+            raise RuntimeError("no slice was started")
+        self.heavy_next = False
+        if not buffer:  # nothing new, or a message still not whole
+            self._slice = None
+            return b""
+        messages = work = 0
+        while not self._ended:
+            if (messages >= STEP_MESSAGES or work >= STEP_BYTES) and self._at < len(buffer):
+                return None
+            frame = _frame(buffer, self._at)
+            if isinstance(frame, int):  # bytes still missing from the message's header
+                self._wanted = len(buffer) - self._at + frame
+                break
+            if frame.end - self._at > MAX_UNCHECKED_BYTES:
+                raise _invalid(
+                    f"a message of {frame.end - self._at} bytes (at most {MAX_UNCHECKED_BYTES})"
+                )
+            if frame.end > len(buffer):
+                self._wanted = frame.end - self._at
+                break
+            cost = frame.end - self._at + (METADATA_WEIGHT - 1) * frame.metadata
+            if cost > STEP_BYTES and not heavy:
+                self.heavy_next = True
+                return None
+            self._accept(frame, memoryview(buffer)[self._at : frame.end])
+            messages += 1
+            work += cost
+            self._at = frame.end
+        return self._checked(buffer)
 
     def finish(self, summary: QuerySummary) -> QuerySummary:
         """The summary as the worker counted it; the runner's ``summary`` must agree."""
@@ -144,111 +259,322 @@ class ResultGuard:
                 f"result is larger than {self._max_bytes} bytes (policy max_result_bytes)"
             )
 
-    def _scan(self, buffer: bytes | bytearray) -> int:
-        """Check the whole messages in ``buffer`` from ``_parsed``; how many bytes of it may be
-        passed on (up to the last message not held)."""
-        at, released = self._parsed, 0
-        while not self._ended:
-            frame = _frame(buffer, at)
-            if isinstance(frame, int):  # bytes still missing from the message's header
-                self._wanted = len(buffer) + frame
-                break
-            if frame.end - released > MAX_UNCHECKED_BYTES:
-                raise _invalid(
-                    f"{frame.end - released} bytes would wait unchecked (at most "
-                    f"{MAX_UNCHECKED_BYTES}): a message or its dictionaries are too large"
-                )
-            if frame.end > len(buffer):
-                self._wanted = frame.end
-                break
-            # Out of _pending, a copy: pyarrow may keep the message, and _pending must stay
-            # resizable. Bytes are immutable: a view of them is enough.
-            if isinstance(buffer, bytearray):
-                message = memoryview(bytes(buffer[at : frame.end]))
-            else:
-                message = memoryview(buffer)[at : frame.end]
-            if self._accept(frame, message):
-                released = frame.end
-            at = frame.end
-        if self._ended and at < len(buffer):
-            raise _invalid("bytes after the end-of-stream marker")
-        self._parsed = at - released
-        self._wanted -= released
-        return released
+    def _checked(self, buffer: bytes) -> bytes:
+        """The slice's whole messages, as sent; a message not yet whole waits in _pending."""
+        at, self._slice = self._at, None
+        if at < len(buffer):
+            if self._ended:
+                raise _invalid("bytes after the end-of-stream marker")
+            self._pending = bytearray(memoryview(buffer)[at:])
+        if at == len(buffer):
+            return buffer  # whole messages (as the runner sends them): passed on without a copy
+        return bytes(memoryview(buffer)[:at])
 
-    def _accept(self, frame: _Frame, message: memoryview) -> bool:
-        """Check one whole message; whether it may be passed on now (a dictionary waits)."""
+    def _accept(self, frame: _Frame, message: memoryview) -> None:
+        """Check one whole message."""
         if frame.kind == _END:
             if self._schema is None:
                 raise _invalid("the stream ended before its schema")
-            if self._held:
+            if self._dictionaries is not None and self._dictionaries.held:
                 raise _invalid("a dictionary batch was not followed by a record batch")
             self._ended = True
-            return True
+            return
         if self._schema is None:
             if frame.kind != _SCHEMA:
                 raise _invalid(f"its first message is a {_KINDS[frame.kind]}, not the schema")
             self._accept_schema(frame, message)
-            return True
+            return
         if frame.kind == _SCHEMA:
             raise _invalid("a second schema")
         if frame.kind == _DICTIONARY:
-            self._hold_dictionary(frame, message)
-            return False
+            if self._dictionaries is None:
+                raise _invalid("a dictionary batch for a schema without dictionaries")
+            self._dictionaries.accept(frame, message)
+            return
         self._accept_batch(frame, message)
-        return True
 
     def _accept_schema(self, frame: _Frame, message: memoryview) -> None:
         # Arrow byte-swaps a big-endian stream's buffers before they are validated; the runner
         # writes the host's order (little-endian), so nothing honest needs that path.
         if frame.header.scalar(_SCHEMA_ENDIANNESS, _I16) != 0:
             raise _invalid("a big-endian schema")
+        # Counted before pyarrow builds the schema: a flatbuffer may list one table many times.
+        encoded = _encoded_fields(frame.header)
         with _decoding("schema"):
-            self._schema = pa.ipc.read_schema(_message(message, _SCHEMA))
-        self._schema_message = bytes(message)
-
-    def _hold_dictionary(self, frame: _Frame, message: memoryview) -> None:
-        header = frame.header
-        # A delta is concatenated to the dictionary before anything validates either; the
-        # runner's writer never sends one (pyarrow emits deltas only when asked to).
-        if header.scalar(_DICTIONARY_IS_DELTA, _U8):
-            raise _invalid("a delta dictionary batch")
-        _uncompressed(header.table(_DICTIONARY_DATA))
-        key = header.scalar(_DICTIONARY_ID, _I64)
-        if key in self._held:
-            raise _invalid(f"two dictionaries for id {key} before a record batch used one")
-        with _decoding("dictionary batch"):
-            _message(message, _DICTIONARY)
-        self._dictionaries[key] = bytes(message)
-        self._held.add(key)
+            schema = pa.ipc.read_schema(_message(message, _SCHEMA))
+            fields = _arrow_fields(schema)
+            _check_schema(schema, fields)
+        if len(encoded) != len(fields) or any(
+            (key is not None) != isinstance(kind, pa.DictionaryType)
+            for (_, key), (_, kind) in zip(encoded, fields, strict=True)
+        ):
+            raise _invalid("a schema whose fields pyarrow reads differently")
+        if any(key is not None for _, key in encoded):
+            self._dictionaries = _Dictionaries(frame, encoded, fields)
+        self._schema = schema
 
     def _accept_batch(self, frame: _Frame, message: memoryview) -> None:
         _uncompressed(frame.header)
+        assert self._schema is not None
+        length = frame.header.scalar(_BATCH_LENGTH, _I64)
+        if not 0 <= length <= self._max_batch_rows:
+            raise _invalid(
+                f"a record batch of {length} rows (the runner sends at most "
+                f"{self._max_batch_rows} per batch)"
+            )
+        if length == 0:
+            self._empty_batches += 1
+            if self._empty_batches > MAX_EMPTY_BATCHES:
+                raise _invalid(f"more than {MAX_EMPTY_BATCHES} record batch without rows")
         with _decoding("record batch"):
-            if self._dictionaries:
-                batch = self._read_with_dictionaries(message)
+            if self._dictionaries is not None:
+                batch = self._dictionaries.read_batch(frame, message)
             else:
-                assert self._schema is not None
                 batch = pa.ipc.read_record_batch(_message(message, _BATCH), self._schema)
             batch.validate(full=True)
-        self._held.clear()
         self.rows += batch.num_rows
         if self._max_rows and self.rows > self._max_rows:
             raise ResultLimitError(
                 f"result has more than {self._max_rows} rows (policy max_result_rows)"
             )
 
-    def _read_with_dictionaries(self, message: memoryview) -> pa.RecordBatch:
-        """Decode a batch with the dictionaries it refers to, as a stream of its own: pyarrow
-        takes dictionaries only from a stream. Its validation checks them too."""
-        parts = [self._schema_message, *self._dictionaries.values(), message, END_OF_STREAM]
-        reader = pa.ipc.open_stream(pa.py_buffer(b"".join(parts)))
-        batch = reader.read_next_batch()
-        try:
-            reader.read_next_batch()
-        except StopIteration:
-            return batch
-        raise _invalid("a record batch that decodes as more than one")
+
+class _Dictionaries:
+    """The dictionaries of one stream: each validated once as it arrives; record batches are
+    read against null stand-ins of the same lengths (``read_batch``).
+
+    The stand-ins come from a pyarrow stream reader of its own, fed without copies: the schema
+    with every dictionary's value type made Null, null dictionary batches the guard writes
+    whenever a dictionary changed, then the runner's record batch. A record batch's body does
+    not depend on its dictionaries' value types, so pyarrow decodes and validates it exactly as
+    every reader of the real stream will, but for the dictionaries' values, checked already.
+    """
+
+    def __init__(
+        self,
+        schema: _Frame,
+        encoded: list[tuple[_Table, int | None]],
+        fields: list[tuple[pa.Field, pa.DataType]],
+    ) -> None:
+        self._types: dict[int, pa.Schema] = {}  # id: a one-field schema of the value type
+        self._lengths: dict[int, int] = {}  # id: the length of the dictionary in force
+        self._sizes: dict[int, int] = {}  # id: its message's size
+        self._size = 0  # of them all
+        self._changed: set[int] = set()  # ids the stand-in reader has an old length of
+        self.held: set[int] = set()  # ids whose dictionary came after the last record batch
+        stand_in = bytearray(schema.header.data)
+        for (table, key), (field, kind) in zip(encoded, fields, strict=True):
+            if key is None:
+                continue
+            value = kind.value_type
+            if value.num_fields or isinstance(value, pa.BaseExtensionType | pa.DictionaryType):
+                raise _invalid(f"a dictionary of {value} (column {field.name!r})")
+            if key in self._types:
+                raise _invalid(f"two fields with dictionary id {key}")
+            self._types[key] = pa.schema([pa.field("dictionary", value)])
+            at = table.position(_FIELD_TYPE_TYPE, 1)
+            if at is None:
+                raise _invalid("a dictionary field without a type")
+            stand_in[at] = _NULL_TYPE
+        self._parts = _Parts()
+        self._parts.append(_CONTINUATION + _I32.pack(len(stand_in)) + bytes(stand_in))
+        with _decoding("schema"):
+            self._reader = pa.ipc.open_stream(pa.PythonFile(self._parts, mode="r"))
+
+    def accept(self, frame: _Frame, message: memoryview) -> None:
+        """Check one dictionary batch in full, once."""
+        header = frame.header
+        # A delta is concatenated to the dictionary before anything validates either; the
+        # runner's writer never sends one (pyarrow emits deltas only when asked to).
+        if header.scalar(_DICTIONARY_IS_DELTA, _U8):
+            raise _invalid("a delta dictionary batch")
+        data = header.table(_DICTIONARY_DATA)
+        _uncompressed(data)
+        assert data is not None
+        key = header.scalar(_DICTIONARY_ID, _I64)
+        schema = self._types.get(key)
+        if schema is None:
+            raise _invalid(f"a dictionary for id {key}, which no field of the schema has")
+        if key in self.held:
+            raise _invalid(f"two dictionaries for id {key} before a record batch used one")
+        self._size += len(message) - self._sizes.get(key, 0)
+        self._sizes[key] = len(message)
+        if self._size > MAX_DICTIONARY_BYTES:
+            raise _invalid(
+                f"dictionaries of {self._size} bytes in force at once (at most "
+                f"{MAX_DICTIONARY_BYTES})"
+            )
+        with _decoding("dictionary batch"):
+            _message(message, _DICTIONARY)  # pyarrow verifies the whole flatbuffer
+            # Arrow reads a dictionary as a record batch of one column of its value type: so
+            # does the guard, from the same bytes with the message's header pointed at it.
+            parts = _Parts()
+            parts.append(_as_record_batch(frame, data))
+            parts.append(message[frame.body_at :])
+            read = pa.ipc.read_message(pa.PythonFile(parts, mode="r"))
+            batch = pa.ipc.read_record_batch(read, schema)
+            batch.validate(full=True)
+        self._lengths[key] = batch.num_rows
+        self._changed.add(key)
+        self.held.add(key)
+
+    def read_batch(self, frame: _Frame, message: memoryview) -> pa.RecordBatch:
+        """The record batch, decoded against null stand-ins of the dictionaries in force."""
+        missing = self._types.keys() - self._lengths.keys()
+        if missing:
+            raise _invalid(f"a record batch before the dictionary with id {min(missing)}")
+        for key in sorted(self._changed):
+            self._parts.append(_null_dictionary(key, self._lengths[key]))
+        self._changed.clear()
+        self.held.clear()
+        _message(message, _BATCH)  # pyarrow verifies the whole flatbuffer
+        self._parts.append(_CONTINUATION + _I32.pack(len(frame.header.data)) + frame.header.data)
+        self._parts.append(message[frame.body_at :])
+        batch = self._reader.read_next_batch()
+        if self._parts:
+            raise _invalid("a record batch that pyarrow reads in fewer bytes than it has")
+        return batch
+
+
+class _Parts:
+    """A file pyarrow reads IPC messages from: the parts queued, handed out without copies
+    (pyarrow asks for a message's prefix, metadata and body, which the parts line up with)."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self._parts: deque[memoryview] = deque()
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def append(self, part: bytes | memoryview) -> None:
+        if len(part):
+            self._parts.append(memoryview(part))
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        taken: list[memoryview] = []
+        while self._parts and (size < 0 or size > 0):
+            head = self._parts[0]
+            if 0 <= size < len(head):
+                taken.append(head[:size])
+                self._parts[0] = head[size:]
+                size = 0
+            else:
+                taken.append(self._parts.popleft())
+                size -= len(head)
+        self._position += sum(map(len, taken))
+        return taken[0] if len(taken) == 1 else b"".join(taken)
+
+
+def _as_record_batch(frame: _Frame, data: _Table) -> bytes:
+    """A dictionary batch's prefix and metadata, its header made the record batch it holds."""
+    root = frame.message
+    kind_at = root.position(_MESSAGE_HEADER_TYPE, 1)
+    header_at = root.position(_MESSAGE_HEADER, 4)
+    assert kind_at is not None and header_at is not None  # the frame found both
+    metadata = bytearray(root.data)
+    metadata[kind_at] = _BATCH
+    if data.at <= header_at:  # a flatbuffer's offsets point forward
+        raise _invalid("a dictionary batch whose header points backwards")
+    _U32.pack_into(metadata, header_at, data.at - header_at)
+    return _CONTINUATION + _I32.pack(len(metadata)) + bytes(metadata)
+
+
+def _null_dictionary(key: int, length: int) -> bytes:
+    """The IPC message of a dictionary batch for ``key``: ``length`` nulls (no body).
+
+    Written by hand (pyarrow's writer numbers dictionaries itself): a Message table (version V5,
+    header DictionaryBatch, body length 0), its DictionaryBatch (id, data) and RecordBatch
+    (length, one FieldNode of ``length`` nulls, no buffers), each field aligned to its size.
+    """
+    fb = bytearray(136)
+    _U32.pack_into(fb, 0, 16)  # the root: the Message table at 16
+    struct.pack_into("<6H", fb, 4, 12, 24, 4, 6, 8, 16)  # its vtable: 4 fields, table of 24
+    _I32.pack_into(fb, 16, 16 - 4)
+    _I16.pack_into(fb, 20, 4)  # version: V5
+    fb[22] = _DICTIONARY
+    _U32.pack_into(fb, 24, 48 - 24)  # header: the DictionaryBatch at 48
+    _I64.pack_into(fb, 32, 0)  # bodyLength
+    struct.pack_into("<4H", fb, 40, 8, 16, 8, 4)  # vtable: id at 8, data at 4
+    _I32.pack_into(fb, 48, 48 - 40)
+    _U32.pack_into(fb, 52, 80 - 52)  # data: the RecordBatch at 80
+    _I64.pack_into(fb, 56, key)
+    struct.pack_into("<5H", fb, 64, 10, 24, 8, 4, 16)  # vtable: length, nodes, buffers
+    _I32.pack_into(fb, 80, 80 - 64)
+    _U32.pack_into(fb, 84, 108 - 84)  # nodes: the vector at 108
+    _I64.pack_into(fb, 88, length)
+    _U32.pack_into(fb, 96, 128 - 96)  # buffers: the (empty) vector at 128
+    struct.pack_into("<Iqq", fb, 108, 1, length, length)  # one FieldNode: length, null count
+    return _CONTINUATION + _I32.pack(len(fb)) + bytes(fb)
+
+
+def _arrow_fields(schema: pa.Schema) -> list[tuple[pa.Field, pa.DataType]]:
+    """Every field, nested ones too, in the order of the schema's flatbuffer (depth first, a
+    field before its children; an extension type's children are its storage's)."""
+    found: list[tuple[pa.Field, pa.DataType]] = []
+    waiting = [schema.field(i) for i in reversed(range(len(schema)))]
+    while waiting:
+        field = waiting.pop()
+        kind = field.type
+        found.append((field, kind))
+        if isinstance(kind, pa.DictionaryType):
+            kind = kind.value_type
+        if isinstance(kind, pa.BaseExtensionType):
+            kind = kind.storage_type
+        waiting.extend(kind.field(i) for i in reversed(range(kind.num_fields)))
+    return found
+
+
+def _encoded_fields(schema: _Table) -> list[tuple[_Table, int | None]]:
+    """The schema flatbuffer's Field tables, in the same order, each with its dictionary id."""
+    found: list[tuple[_Table, int | None]] = []
+    waiting = list(reversed(schema.tables(_SCHEMA_FIELDS)))
+    while waiting:
+        if len(found) + len(waiting) > MAX_FIELDS:
+            raise SqlError(
+                f"the result has more than {MAX_FIELDS} columns (nested fields counted); "
+                "select fewer"
+            )
+        field = waiting.pop()
+        encoding = field.table(_FIELD_DICTIONARY)
+        found.append((field, None if encoding is None else encoding.scalar(_ENCODING_ID, _I64)))
+        waiting.extend(reversed(field.tables(_FIELD_CHILDREN)))
+    return found
+
+
+def _check_schema(schema: pa.Schema, fields: list[tuple[pa.Field, pa.DataType]]) -> None:
+    if schema.metadata:
+        raise _invalid("schema metadata (DuckDB writes none)")
+    for field, kind in fields:
+        name = field.name
+        if _CONTROL.search(name):
+            raise SqlError(
+                f"the result has a column named {name!r}, with a control character; "
+                "name it without one (AS ...)"
+            )
+        metadata = field.metadata or {}
+        extension = metadata.get(_EXTENSION_NAME)
+        if isinstance(kind, pa.BaseExtensionType):
+            extension = kind.extension_name.encode()
+        if extension is not None and extension.decode(errors="replace") not in EXTENSIONS:
+            raise _invalid(f"an extension type {extension[:100]!r} (DuckDB emits none such)")
+        for key, value in metadata.items():
+            if key not in _FIELD_METADATA:
+                raise _invalid(f"field metadata {key[:100]!r} (DuckDB writes none such)")
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                raise _invalid(f"field metadata {key!r} that is not UTF-8") from None
+            if _VALUE_CONTROL.search(text):
+                raise _invalid(f"field metadata {key!r} with a control character")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +584,9 @@ class _Frame:
     end: int  # may lie past the bytes received so far
     kind: int  # _SCHEMA, _DICTIONARY, _BATCH; _END for the end-of-stream marker
     header: _Table  # the Schema, DictionaryBatch or RecordBatch table (_NO_FIELDS at the end)
+    message: _Table  # the Message table (its data: the whole flatbuffer)
+    body_at: int  # where the body starts, from the message's start
+    metadata: int  # the flatbuffer's size
 
 
 def _frame(buffer: bytes | bytearray, at: int) -> _Frame | int:
@@ -271,7 +600,7 @@ def _frame(buffer: bytes | bytearray, at: int) -> _Frame | int:
             return 8 - available
         prefix, length = 8, _I32.unpack_from(buffer, at + 4)[0]
     if length == 0:
-        return _Frame(at + prefix, _END, _NO_FIELDS)
+        return _Frame(at + prefix, _END, _NO_FIELDS, _NO_FIELDS, prefix, 0)
     if not 0 < length <= MAX_METADATA_BYTES:
         raise _invalid(f"a message header of {length} bytes (at most {MAX_METADATA_BYTES})")
     if available < prefix + length:
@@ -284,7 +613,7 @@ def _frame(buffer: bytes | bytearray, at: int) -> _Frame | int:
         raise _invalid(f"a message of type {kind} (not a schema, dictionary or record batch)")
     if body < 0 or (kind == _SCHEMA and body != 0):
         raise _invalid(f"a {_KINDS[kind]} with a body of {body} bytes")
-    return _Frame(at + prefix + length + body, kind, header)
+    return _Frame(at + prefix + length + body, kind, header, message, prefix + length, length)
 
 
 def _message(data: memoryview, kind: int) -> pa.ipc.Message:
@@ -321,10 +650,10 @@ class _Table:
     reads the message: a bad offset here is an invalid result, never a read out of range.
     """
 
-    __slots__ = ("_at", "_data", "_vtable", "_vtable_size")
+    __slots__ = ("_vtable", "_vtable_size", "at", "data")
 
     def __init__(self, data: bytes, at: int, *, empty: bool = False) -> None:
-        self._data, self._at, self._vtable, self._vtable_size = data, at, 0, 0
+        self.data, self.at, self._vtable, self._vtable_size = data, at, 0, 0
         if empty:
             return
         _within(data, at, 4)
@@ -339,22 +668,35 @@ class _Table:
         return cls(data, _U32.unpack_from(data, 0)[0])
 
     def scalar(self, field: int, kind: struct.Struct) -> int:
-        at = self._field(field, kind.size)
-        return 0 if at is None else kind.unpack_from(self._data, at)[0]
+        at = self.position(field, kind.size)
+        return 0 if at is None else kind.unpack_from(self.data, at)[0]
 
     def table(self, field: int) -> _Table | None:
-        at = self._field(field, 4)
-        return None if at is None else _Table(self._data, at + _U32.unpack_from(self._data, at)[0])
+        at = self.position(field, 4)
+        return None if at is None else _Table(self.data, at + _U32.unpack_from(self.data, at)[0])
 
-    def _field(self, field: int, size: int) -> int | None:
+    def tables(self, field: int) -> list[_Table]:
+        """A vector of tables (empty when left out)."""
+        at = self.position(field, 4)
+        if at is None:
+            return []
+        start = at + _U32.unpack_from(self.data, at)[0]
+        _within(self.data, start, 4)
+        count = _U32.unpack_from(self.data, start)[0]
+        _within(self.data, start + 4, 4 * count)
+        items = range(start + 4, start + 4 + 4 * count, 4)
+        return [_Table(self.data, item + _U32.unpack_from(self.data, item)[0]) for item in items]
+
+    def position(self, field: int, size: int) -> int | None:
+        """Where a field's value lies in the flatbuffer; None if the writer left it out."""
         slot = 4 + 2 * field
         if slot + 2 > self._vtable_size:
             return None  # a field the writer left out: its default
-        offset = _U16.unpack_from(self._data, self._vtable + slot)[0]
+        offset = _U16.unpack_from(self.data, self._vtable + slot)[0]
         if offset == 0:
             return None
-        _within(self._data, self._at + offset, size)
-        return self._at + offset
+        _within(self.data, self.at + offset, size)
+        return self.at + offset
 
 
 def _within(data: bytes, at: int, size: int) -> None:

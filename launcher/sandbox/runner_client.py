@@ -2,11 +2,17 @@
 
 Protobuf types stop here: callers get bytes of Arrow IPC, an OutputChunk (a slice of the file a
 writing query wrote), a QuerySummary, or a QueryError.
+
+Strings a runner sends are untrusted too: a failure's message is cut to ``MAX_MESSAGE_CHARS``
+and loses its control characters (it becomes the query's error, crosses the control plane's
+tunnel and lands in both audits), and a summary's statement type must look like one of
+DuckDB's (``StatementType`` names).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -25,12 +31,24 @@ from ..errors import (
     SandboxLostError,
     SandboxStartError,
     SqlError,
+    runner_invalid,
 )
 from ..model.catalog import Binding
 from ..protocol import runner_pb2 as pb
 from ..protocol import runner_pb2_grpc as pb_grpc
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+# Rows per record batch the launcher asks for (ExecuteRequest.batch_rows; the runner's own
+# default, ``RunnerConfig.batch_rows``, is the same): the result check holds the runner to it.
+BATCH_ROWS = 65_536
+# A failure message longer than this is cut. DuckDB's own can be long (a parser error quotes the
+# statement's line), so a long one is truncated, never taken for a lie.
+MAX_MESSAGE_CHARS = 4096
+TRUNCATED = "… (truncated)"
+# Control characters (C0, DEL, C1) but newline and tab: a terminal or log reader acts on them.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# DuckDB's StatementType names (the runner sends ``str(statement.type)``'s last part).
+_STATEMENT_TYPE = re.compile("[A-Z][A-Z_]{0,31}")
 
 _FAILURES: dict[int, type[QueryError]] = {
     pb.FAILURE_REASON_SQL: SqlError,
@@ -62,6 +80,15 @@ class RunnerInfo:
     runner_version: str
     duckdb_version: str
     startup_seconds: float
+
+
+def runner_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A string from the runner made safe to show and log: at most ``limit`` characters (then
+    marked truncated), without control characters but newline and tab. Cut first: the work
+    stays bounded whatever the runner sent."""
+    cut = len(text) > limit
+    text = _CONTROL.sub("", text[:limit])
+    return text + TRUNCATED if cut else text
 
 
 class StreamBroken(Exception):
@@ -123,6 +150,7 @@ class RunnerClient:
         tables: Sequence[Binding] = (),
         output_path: str = "",
         parameters: bytes = b"",
+        batch_rows: int = BATCH_ROWS,
     ) -> AsyncIterator[bytes | OutputChunk | QuerySummary]:
         """Yield IPC slices, then (with ``output_path``) OutputChunks, then one QuerySummary.
         Raises QueryError or StreamBroken.
@@ -132,6 +160,9 @@ class RunnerClient:
         locked to its directory instead, see ``launcher.sandbox.files``). ``output_path`` is
         the /scratch file the SQL writes; the runner sends it back once the query succeeded.
         ``parameters`` (an Arrow IPC stream of one row) are bound to the SQL's placeholders.
+        ``batch_rows`` is sent explicitly, so the result check knows the runner's batch size.
+        A failure's message is bounded (``runner_text``); a summary whose statement type is not
+        a DuckDB statement type name raises RunnerInvalidError.
         """
         request = pb.ExecuteRequest(
             query_id=query_id,
@@ -144,6 +175,7 @@ class RunnerClient:
             ],
             output_path=output_path,
             parameters=parameters,
+            batch_rows=batch_rows,
         )
         call = self._stub.Execute(request)
         try:
@@ -155,11 +187,14 @@ class RunnerClient:
                     yield OutputChunk(chunk.output)
                 elif kind == "summary":
                     s = chunk.summary
-                    yield QuerySummary(s.rows, s.ipc_bytes, s.execute_seconds, s.statement_type)
+                    statement = s.statement_type
+                    if statement and not _STATEMENT_TYPE.fullmatch(statement):
+                        raise runner_invalid(f"a statement type of {runner_text(statement, 40)!r}")
+                    yield QuerySummary(s.rows, s.ipc_bytes, s.execute_seconds, statement)
                     return
                 elif kind == "failure":
                     error_type = _FAILURES.get(chunk.failure.reason, SandboxLostError)
-                    raise error_type(chunk.failure.message)
+                    raise error_type(runner_text(chunk.failure.message))
         except grpc.aio.AioRpcError as error:
             raise StreamBroken(f"{error.code().name}: {error.details()}") from None
         except grpc.aio.UsageError as error:

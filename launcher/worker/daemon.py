@@ -2,7 +2,10 @@
 
 ``duckcell worker``, the benchmarks and the tests all start a worker through ``Worker``, so the
 pieces are put together in one place and shut down in one order: stop (or drain) the tunnel,
-wait for it, then close the host (which cancels what still runs and destroys every sandbox).
+wait for it, then close the host (which cancels what still runs and destroys every sandbox),
+then the worker's audit log. A worker given ``audit_file`` opens that log itself once its host
+runs (the run is named by the host's instance id) and, before the tunnel exists and so before
+the first query, closes as lost the queries a dead run left open (``audit.reconcile``).
 ``host_data_path`` opens the data path a worker of its own host reads catalog tables through
 (cache, parser processes, secret store) and closes it after the worker.
 """
@@ -14,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import TracebackType
 
 from ..config import LauncherConfig
@@ -26,6 +30,8 @@ from ..host import LocalLauncher
 from ..model.catalog import Catalog
 from ..model.policy import PolicySet
 from ..model.sql import ParserPool
+from ..sandbox.instance import instance_alive
+from .audit import WorkerAuditLog
 from .dialing import Backoff, ProxyConfig
 from .enroll import Identity
 from .queries import AuditSink, ExecutorQueryRunner
@@ -55,7 +61,8 @@ async def host_data_path(
 class Worker:
     """One enrolled worker: a ``LocalLauncher`` (the host's sandboxes) running the queries a
     ``TunnelClient`` receives, through ``data`` when given (catalog tables; without it only
-    queries that read no catalog table run), recorded in ``audit``.
+    queries that read no catalog table run), recorded in ``audit`` (a sink of the caller's), or
+    in the ``WorkerAuditLog`` the worker opens, reconciles and closes at ``audit_file``.
 
     Use it as an async context manager: entering starts the host (raises what
     ``LocalLauncher.start`` raises: no engine, no image), leaving stops the tunnel and closes
@@ -73,6 +80,7 @@ class Worker:
         data: DataPath | None = None,
         grants: CatalogGrants | None = None,
         audit: AuditSink | None = None,
+        audit_file: Path | None = None,
         address: str | None = None,
         proxy: ProxyConfig | None = None,
         backoff: Backoff | None = None,
@@ -83,6 +91,8 @@ class Worker:
         progress: Callable[[str], None] | None = None,
         on_finished: Callable[[QueryRecord], None] | None = None,
     ) -> None:
+        if audit is not None and audit_file is not None:
+            raise ValueError("give a Worker audit or audit_file, not both")
         self.identity = identity
         self.data = data
         self._grants = grants
@@ -94,6 +104,8 @@ class Worker:
         self._on_finished = on_finished
         self._accept_policies = accept_policies
         self._address, self._audit, self._proxy = address, audit, proxy
+        self._audit_file = audit_file
+        self._own_audit: WorkerAuditLog | None = None
         self._backoff, self._drain_grace_s = backoff, drain_grace_s
         self._tunnel: TunnelClient | None = None
         self._running: asyncio.Task[None] | None = None
@@ -108,11 +120,34 @@ class Worker:
     async def __aenter__(self) -> Worker:
         await self.host.__aenter__()
         try:
+            if self._audit_file is not None:
+                self._own_audit = await self._open_audit(self._audit_file)
+                self._audit = self._own_audit
             self._tunnel = self._new_tunnel()
         except BaseException:
-            await self.host.close()
+            try:
+                await self.host.close()
+            finally:
+                self._close_audit()
             raise
         return self
+
+    async def _open_audit(self, path: Path) -> WorkerAuditLog:
+        """The worker's audit log, its run named by the host's instance id. Before the first
+        query, the queries a dead run left open are closed as lost (``launcher.worker.audit``)."""
+        audit = WorkerAuditLog(path, run=self.host.instance_id, worker=self.identity.worker_id)
+        instances = self.host.config.instances_dir
+        try:
+            await asyncio.to_thread(audit.reconcile, lambda run: instance_alive(instances, run))
+        except BaseException:
+            audit.close()
+            raise
+        return audit
+
+    def _close_audit(self) -> None:
+        audit, self._own_audit = self._own_audit, None
+        if audit is not None:
+            audit.close()
 
     def _new_tunnel(self) -> TunnelClient:
         # The executor exists once the host runs; the runner takes the host's policies then.
@@ -142,7 +177,10 @@ class Worker:
                 self.tunnel.stop()
                 await self._running
         finally:
-            await self.host.close()
+            try:
+                await self.host.close()
+            finally:
+                self._close_audit()
 
     async def run(self) -> None:
         """Serve the control plane until ``stop`` or ``drain`` (then: the drain's grace)."""

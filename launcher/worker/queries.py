@@ -14,9 +14,10 @@ plane then runs it on another worker), running ones get a grace period, then the
 cancels the rest and they end with "worker_shutdown", so their clients know the query can
 simply be retried.
 
-Every query the control plane sends gets one line in the worker's audit log
-(``launcher.worker.audit``) when its task ends, whether it succeeded, failed, was cancelled or was
-stopped by a drain.
+Every query the control plane sends is opened in the worker's audit log
+(``launcher.worker.audit``) before anything of it runs, on disk, and closed when its task ends,
+whether it succeeded, failed, was cancelled or was stopped by a drain; one the worker's death cut
+short is closed as lost when the worker starts again.
 
 The runner is a small Protocol so tests and other launchers can bring their own;
 ``ExecutorQueryRunner`` is the adapter over the sandbox core's ``Executor``.
@@ -49,7 +50,7 @@ from ..model.policy import PolicySet
 from ..model.sql import check_statement
 from ..protocol import controlplane_pb2 as pb
 from ..protocol import controlplane_pb2_grpc as pb_grpc
-from .audit import NoAuditLog, WorkerAuditRecord
+from .audit import NoAuditLog, QueryOpening, WorkerAuditRecord
 from .results import ResultSink, Send
 from .sessions import WorkerSessions
 
@@ -88,6 +89,11 @@ class QueryRunner(Protocol):
 
 
 class AuditSink(Protocol):
+    """``launcher.worker.audit.WorkerAuditLog``: ``open`` returns once the opening is recorded;
+    ``write`` records how the query ended."""
+
+    async def open(self, opening: QueryOpening) -> None: ...
+
     def write(self, record: WorkerAuditRecord) -> None: ...
 
 
@@ -298,6 +304,7 @@ class QueryTasks:
             query_id, self._stub, self._send, inline_now=lambda: self._refusal is None
         )
         try:
+            await self._audit.open(_opening(request, started))  # before anything of it runs
             outcome = await self._forward(sink, request, progress)
             if not await sink.finish(outcome):
                 log.info("results of query %s not delivered: the tunnel stream ended", query_id)
@@ -376,6 +383,11 @@ def _add_stats(outcome: pb.Outcome, stats: RunStats) -> None:
     outcome.run_s = stats.run_s
     outcome.policy = stats.policy
     outcome.reruns = stats.reruns
+
+
+def _opening(request: pb.RunQuery, started: float) -> QueryOpening:
+    policy = request.policy or DEFAULT_POLICY
+    return QueryOpening(request.query_id, request.sql, policy, started, request.session_id)
 
 
 def _audit_record(

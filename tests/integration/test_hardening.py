@@ -46,6 +46,11 @@ st = os.statvfs("/scratch")
 out["scratch_bytes"] = st.f_blocks * st.f_frsize
 out["env_keys"] = sorted(os.environ)
 out["max_processes"] = str(resource.getrlimit(resource.RLIMIT_NPROC)[1])
+out["core_limit"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+try:  # gVisor has no such file: it has no ICMP sockets for unprivileged users to configure
+    out["ping_group_range"] = open("/proc/sys/net/ipv4/ping_group_range").read().split()
+except FileNotFoundError:
+    out["ping_group_range"] = None
 out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 try:
     socket.create_connection(("1.1.1.1", 53), timeout=1)
@@ -94,7 +99,11 @@ def test_container_spec_has_every_hardening_flag(
     assert host["NanoCpus"] == 1_000_000_000
     for mount in ("/scratch", "/tmp"):
         assert "size=" in host["Tmpfs"][mount] and "noexec" in host["Tmpfs"][mount]
-    assert {u["Name"]: u["Hard"] for u in host["Ulimits"]} == {"nofile": 1024}
+    assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
+        "nofile": (1024, 1024),
+        "core": (0, 0),  # no core files, not even raised by the runner
+    }
+    assert host["Sysctls"] == {"net.ipv4.ping_group_range": "1 0"}  # no ICMP sockets
     assert host["Runtime"] == "runc"
     binds = {b.split(":")[1]: b for b in host["Binds"]}
     assert binds["/cache/files"].endswith(":ro")  # the sandbox's own files, never the cache
@@ -107,6 +116,8 @@ def test_container_spec_has_every_hardening_flag(
     # What the process inside really gets.
     assert probe["cap_eff"] == "0000000000000000"
     assert probe["no_new_privs"] == "1"
+    assert probe["core_limit"] == [0, 0]
+    assert probe["ping_group_range"] == ["1", "0"]  # Docker's own default is "0 2147483647"
     assert probe["uid"] == 65534
     assert probe["interfaces"] == ["lo"]
     assert probe["network"] != "reachable"
@@ -133,6 +144,8 @@ def test_strict_policy_runs_under_gvisor(
     assert {u["Name"]: u["Hard"] for u in attrs["HostConfig"]["Ulimits"]}["nproc"] == 128
     assert attrs["HostConfig"]["PidsLimit"] == 128 * 8 + 64
     assert probe["max_processes"] == "128"
+    assert {u["Name"]: u["Hard"] for u in attrs["HostConfig"]["Ulimits"]}["core"] == 0
+    assert probe["core_limit"] == [0, 0]
     assert probe["cap_eff"] == "0000000000000000"
     assert probe["uid"] == 65534
     assert probe["network"] != "reachable"

@@ -17,9 +17,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from launcher.errors import ResultLimitError, RunnerInvalidError
+from launcher.errors import ResultLimitError, RunnerInvalidError, SqlError
 from launcher.executor import collect_table
 from launcher.host import LocalLauncher
+from launcher.sandbox.runner_client import MAX_MESSAGE_CHARS, TRUNCATED
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
 from .conftest import containers_of, make_config, run, with_launcher
@@ -63,6 +64,12 @@ def small_policies(tmp_path: Path) -> Path:
         ("trailing", RunnerInvalidError, "runner sent an invalid result"),
         ("truncated", RunnerInvalidError, "runner sent an invalid result"),
         ("limits", ResultLimitError, "1000"),
+        ("dictionaries", RunnerInvalidError, "more than 1 record batch without rows"),
+        ("null-rows", RunnerInvalidError, "of 2147483647 rows"),
+        ("extension", RunnerInvalidError, "arrow.py_extension_type"),
+        ("statement-type", RunnerInvalidError, "a statement type of"),
+        ("output", RunnerInvalidError, "an output file no query asked for"),
+        ("long-failure", SqlError, "^Parser Error: \\[2J\\]0;pwned x+… \\(truncated\\)$"),
     ],
 )
 def test_a_lying_runner_is_stopped_by_the_worker(
@@ -80,8 +87,12 @@ def test_a_lying_runner_is_stopped_by_the_worker(
         honest = launcher.executor.execute("honest", policy=policy)
         assert (await collect_table(honest)).to_pylist() == [{"x": 0}]
         execution = launcher.executor.execute(attack, policy=policy)
-        with pytest.raises(error, match=words):
+        with pytest.raises(error, match=words) as caught:
             await collect_table(execution)
+        # Whatever the runner sent, the error is a bounded line a terminal can print.
+        message = str(caught.value)
+        assert len(message) <= MAX_MESSAGE_CHARS + len(TRUNCATED)
+        assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in message), repr(message)
 
     run(with_launcher(config, body))
     assert containers_of(engine, config.launcher_id) == []

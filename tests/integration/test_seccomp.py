@@ -11,23 +11,31 @@ So the live sandbox is checked through ``docker exec`` only for what holds there
 pid 1, runs under a filter.
 
 Every refused call must fail with EPERM, the profile's answer: without the profile several of
-them succeed (io_uring_setup, userfaultfd, keyctl, unshare under runc; io_uring_setup and
-unshare under gVisor) and the rest fail with other errors (ENOSYS, EACCES, ENODEV, EFAULT).
-Then a real query runs with two DuckDB threads and writes Parquet to /scratch, to show the
-allowlist is enough for the runner.
+them succeed (io_uring_setup, userfaultfd, keyctl, unshare, ping sockets, inotify, syncfs
+under runc; io_uring_setup, unshare, ping sockets, inotify and syncfs under gVisor) and the
+rest fail with other errors (ENOSYS, EACCES, ENODEV, ENOTSUP, EAFNOSUPPORT, ...). The probe also
+reads its core-file limit, which must be 0 and stay 0. Then a real query runs with two DuckDB
+threads and writes Parquet to /scratch, to show the allowlist is enough for the runner.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
+from launcher import host
 from launcher.config import LauncherConfig
+from launcher.errors import EngineUnavailableError
 from launcher.executor import collect_table
 from launcher.host import LocalLauncher
+from launcher.sandbox.backend.docker_engine import DockerBackend
+from launcher.sandbox.backend.runtimes import runsc_problem
 from launcher.sandbox.backend.seccomp import profile_json
 
 from .conftest import make_config, run, with_launcher
@@ -46,12 +54,13 @@ POLICIES = [
 # name: (x86_64 syscall number, arguments). Arguments are harmless: a zeroed buffer, or
 # values the kernel would accept, so that a refusal can only come from the filter.
 _PROBE = r"""
-import ctypes, errno, json, os, platform, subprocess, threading
+import ctypes, errno, json, os, platform, resource, subprocess, threading
 assert platform.machine() == "x86_64", "the probe's syscall numbers are x86_64's"
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 buf = ctypes.create_string_buffer(4096)
 BUF = ctypes.addressof(buf)
+FILE = os.open("/tmp/probe", os.O_RDWR | os.O_CREAT, 0o600)  # on the sandbox's tmpfs
 CALLS = {
     "io_uring_setup": (425, 4, BUF),
     "io_uring_enter": (426, 0, 0, 0, 0, 0),
@@ -84,10 +93,23 @@ CALLS = {
     "socket(AF_ALG)": (41, 38, 5, 0),
     "socket(AF_VSOCK)": (41, 40, 1, 0),
     "socket(NETLINK_NETFILTER)": (41, 16, 3, 12),
+    "socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)": (41, 2, 2, 1),  # a ping socket
+    "socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)": (41, 10, 2, 58),
+    "socket(AF_INET, SOCK_DGRAM, IPPROTO_UDPLITE)": (41, 2, 2, 136),
+    "socketpair(AF_VSOCK)": (53, 40, 1, 0, BUF),
+    "socketpair(AF_NETLINK)": (53, 16, 3, 16, BUF),  # NETLINK_GENERIC
+    "inotify_init1": (294, 0),
+    "inotify_init": (253,),
+    "syncfs": (306, FILE),
     "clone3": (435, BUF, 88),
     # Controls: what the runner needs keeps working.
     "socket(AF_UNIX)": (41, 1, 1, 0),
     "socket(NETLINK_ROUTE)": (41, 16, 3, 0),
+    "socket(AF_INET, SOCK_STREAM, IPPROTO_TCP)": (41, 2, 1, 6),
+    "socket(AF_INET, SOCK_DGRAM, 0)": (41, 2, 2, 0),
+    "socketpair(AF_UNIX)": (53, 1, 1, 0, BUF),
+    "fsync": (74, FILE),
+    "fdatasync": (75, FILE),
     "getrandom": (318, BUF, 16, 0),
     "memfd_create": (319, BUF, 0),
 }
@@ -106,6 +128,12 @@ if child == 0:
 out["fork"] = "ok" if os.waitpid(child, 0)[1] == 0 else "failed"
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 out["seccomp_mode"] = status.get("Seccomp", "absent").strip()
+out["RLIMIT_CORE"] = resource.getrlimit(resource.RLIMIT_CORE)
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.RLIM_INFINITY))
+    out["raise RLIMIT_CORE"] = "ok"
+except ValueError:  # the kernel's EPERM for raising a hard limit
+    out["raise RLIMIT_CORE"] = "refused"
 # The shell's way in: a user namespace, where the sandbox user would be root.
 unshare = subprocess.run(["unshare", "-r", "id"], capture_output=True, text=True)
 out["unshare -r"] = "ok" if unshare.returncode == 0 else unshare.stderr.strip().split(": ")[-1]
@@ -144,16 +172,35 @@ REFUSED = [
     "socket(AF_ALG)",
     "socket(AF_VSOCK)",
     "socket(NETLINK_NETFILTER)",
+    "socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)",
+    "socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)",
+    "socket(AF_INET, SOCK_DGRAM, IPPROTO_UDPLITE)",
+    "socketpair(AF_VSOCK)",
+    "socketpair(AF_NETLINK)",
+    "inotify_init1",
+    "inotify_init",
+    "syncfs",
+]
+CONTROLS = [
+    "socket(AF_UNIX)",
+    "socket(NETLINK_ROUTE)",
+    "socket(AF_INET, SOCK_STREAM, IPPROTO_TCP)",
+    "socket(AF_INET, SOCK_DGRAM, 0)",
+    "socketpair(AF_UNIX)",
+    "fsync",
+    "fdatasync",
+    "getrandom",
+    "memfd_create",
 ]
 EXPECTED = {
     **dict.fromkeys(REFUSED, "EPERM"),
     "clone3": "ENOSYS",  # so that glibc falls back to clone, whose flags the filter sees
-    **dict.fromkeys(
-        ["socket(AF_UNIX)", "socket(NETLINK_ROUTE)", "getrandom", "memfd_create"], "ok"
-    ),
+    **dict.fromkeys(CONTROLS, "ok"),
     "thread": "ok",
     "fork": "ok",
     "seccomp_mode": "2",  # SECCOMP_MODE_FILTER
+    "RLIMIT_CORE": [0, 0],  # no core files, and no raising the limit (runc gives [0, -1])
+    "raise RLIMIT_CORE": "refused",
     "unshare -r": "Operation not permitted",
 }
 
@@ -250,3 +297,46 @@ def test_a_real_query_runs_under_the_profile(
     assert run(with_launcher(config, body)) == [
         {"threads": 2, "groups": 7, "rows": 3_000_000, "total": sum(range(3_000_000))}
     ]
+
+
+@pytest.mark.runsc
+def test_the_engine_registers_runsc_as_the_profile_needs(engine: docker.DockerClient) -> None:
+    # What scripts/ensure-docker.sh registers: --oci-seccomp, and --host-uds=create (not all).
+    assert runsc_problem(engine.info()["Runtimes"]) is None
+
+
+def test_runsc_policies_are_refused_on_an_engine_without_oci_seccomp(
+    config: LauncherConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's answer is doctored (its own registration is shared with other tests): runsc
+    as it was registered before ``--oci-seccomp`` was required. The launcher starts with one
+    warning line, a strict query fails with it, and a default (runc) query runs."""
+    real = host.docker_runtimes
+
+    def without_oci_seccomp(backend: DockerBackend) -> Callable[[], Awaitable[Any]]:
+        read = real(backend)
+
+        async def doctored() -> Any:
+            runtimes = dict(await read())
+            runtimes["runsc"] = {"path": "/usr/bin/runsc", "runtimeArgs": ["--host-uds=all"]}
+            return runtimes
+
+        return doctored
+
+    monkeypatch.setattr(host, "docker_runtimes", without_oci_seccomp)
+
+    async def body(launcher: LocalLauncher) -> list[dict]:
+        with pytest.raises(EngineUnavailableError) as refused:
+            await collect_table(launcher.execute("SELECT 1 AS one", policy="strict"))
+        assert "runsc policies refused" in str(refused.value)
+        assert "--oci-seccomp" in str(refused.value) and "has --host-uds=all" in str(refused.value)
+        table = await collect_table(launcher.execute("SELECT 42 AS answer", policy="default"))
+        return table.to_pylist()
+
+    with caplog.at_level(logging.WARNING, logger="launcher.sandbox.backend.runtimes"):
+        assert run(with_launcher(config, body)) == [{"answer": 42}]
+    [line] = [
+        r.getMessage() for r in caplog.records if r.name == "launcher.sandbox.backend.runtimes"
+    ]
+    assert line.startswith("runsc policies (") and "strict" in line
+    assert line.endswith("fix: sudo scripts/ensure-docker.sh")

@@ -6,10 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+from grpc import aio
+
 from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text, ratio
+from bench.bench_load import parse_args as parse_load_args
+from bench.bench_load import phases as load_phases
+from bench.client_process import error_fields
+from bench.load_report import cpu_summary, error_key, phase_summary, render_load
 from bench.report import flight_summary, render_data, render_flight, render_tunnel, target
-from bench.stats import MachineCpu, summarize
-from bench.tunnel import Transfer, transfer_summary
+from bench.stats import Json, MachineCpu, summarize
+from bench.transfer import Transfer
+from bench.tunnel import transfer_summary
+from launcher.errors import DuckcellError, query_error
 from launcher.model.catalog import parse_catalog
 from launcher.model.policy import load_policies
 from launcher.model.sql.tables import table_names
@@ -170,3 +179,87 @@ def test_tunnel_table_shows_machine_cpu_and_the_ceiling_it_sets() -> None:
     before = MachineCpu.now()
     sum(range(2_000_000))
     assert MachineCpu.now().since(before).busy >= 0.0
+
+
+def test_load_bench_script_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_load.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(flag in done.stdout for flag in ("--clients", "--queries", "--quick"))
+
+
+def test_load_bench_plans_both_phases() -> None:
+    assert (parse_load_args([]).clients, parse_load_args([]).queries) == (20, 50)
+    quick = parse_load_args(["--quick", "--clients", "7"])
+    assert (quick.clients, quick.queries) == (2, 5)
+    per_query, session = load_phases(quick)
+    assert per_query.statements == ("SELECT 42",) * 5 and per_query.session == ""
+    assert session.session == "agent-session"
+    assert session.statements[0].startswith("CREATE TEMP TABLE")
+    # Every read after the first statement proves the temp table survived in the session.
+    assert session.expected_rows == (None, 42, 42, 42, 42)
+
+
+def test_load_client_reports_the_status_code_under_duckcells_error() -> None:
+    trailing = aio.Metadata(("duckcell-reason", "capacity"))
+    rpc = aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, aio.Metadata(), trailing, "full")
+    try:
+        try:
+            raise rpc
+        except aio.AioRpcError:  # as ControlPlaneClient translates it
+            raise query_error("capacity", "no parser was free") from None
+    except DuckcellError as error:
+        fields = error_fields(error)
+    name = type(query_error("capacity", "")).__name__
+    assert error_key(fields) == f"RESOURCE_EXHAUSTED {name} (capacity)"
+    assert fields["message"] == "no parser was free"
+
+
+def test_load_summary_counts_errors_audit_rows_and_renders() -> None:
+    def query(seconds: float, rows: int = 1, error: dict[str, str] | None = None) -> Json:
+        return {"started": 0.0, "seconds": seconds, "rows": rows, "error": error}
+
+    full = {"class": "OverCapacityError", "reason": "capacity", "code": "RESOURCE_EXHAUSTED"}
+    answers = [
+        {"queries": [query(0.1), query(0.2), query(0.3, rows=0)], "session": None},
+        {"queries": [query(0.4), query(5.0, 0, full | {"message": "busy"}), query(0.5)]},
+    ]
+
+    def row(qid: str, queued: float) -> Json:
+        return {"query_id": qid, "outcome": "ok", "reason": "", "queued_s": queued, "run_s": 0.01}
+
+    audits = {
+        "controlplane": [row(f"q{i}", 0.5) for i in range(6)],
+        "worker": [row(f"q{i}", 0.5) for i in range(5)],  # one row short
+    }
+    cpu = cpu_summary(3.0, 0.0, 2.0, 2, worker_s=1.0, controlplane_s=0.5, clients_s=0.25)
+    summary = phase_summary([1, 1, 1], answers, 2.0, audits, cpu, containers_peak=7)
+    assert (summary["sent"], summary["ok"], summary["queries_per_s"]) == (6, 4, 2.0)
+    assert summary["errors"] == {
+        "RESOURCE_EXHAUSTED OverCapacityError (capacity)": {"count": 1, "example": "busy"},
+        "OK WrongResult": {"count": 1, "example": "0 rows, expected 1"},
+    }
+    assert summary["latency"]["median_ms"] == 300.0  # the ok queries only
+    assert summary["audit"]["worker"]["rows"] == 5
+    assert cpu["busy_share"] == 0.75 and cpu["other_s"] == 1.25
+    result = {
+        "date_utc": "2026-01-01T00:00:00Z",
+        "nproc": 2,
+        "loadavg": [0.5, 1.25],
+        "plan": {"clients": 2, "max_sandboxes": 8, "warm": {"default": 2}},
+        "label": "duckcell.launcher=load-1",
+        "phases": {"per_query": summary | {"title": "per-query SELECT 42 (default)"}},
+        "containers_left": 0,
+        "worker_exit": 0,
+    }
+    text = render_load(result)
+    line = next(ln for ln in text.splitlines() if ln.startswith("per-query SELECT 42"))
+    assert line.split()[-7:] == ["6", "4", "2.0", "2.00", "300.0", "500.0", "500.0"]
+    assert "per_query                     worker             5/6" in text
+    assert "per_query: 1 x RESOURCE_EXHAUSTED OverCapacityError (capacity): busy" in text
+    assert "(exit 0): 0" in text

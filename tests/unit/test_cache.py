@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import stat
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 
 import launcher.data.cache
 from launcher.data.cache import CacheLease, ObjectCache
-from launcher.data.cache_index import EntryLock, entry_name, is_pinned, relative_path
+from launcher.data.cache_index import EntryLock, entry_name, relative_path
 from launcher.data.objectstore import LocalStore, ObjectRef
 from launcher.errors import CacheError, ObjectStoreError
 from tests.support.waiting import eventually
@@ -231,6 +232,34 @@ def test_eviction_skips_entries_pinned_by_another_process(tmp_path: Path) -> Non
     assert not any((root / path).exists() for path in paths)
 
 
+def test_a_sandbox_locking_its_link_stalls_no_lease_and_no_eviction(tmp_path: Path) -> None:
+    """A compromised runner can flock the inode of its linked file (it opens it through its
+    hard link): leases pin pin files, never entries, so another tenant's lease of the same file
+    does not wait for that lock, and the lock does not make the entry look in use."""
+    store = make_store(1)
+    cache = ObjectCache(tmp_path, budget_bytes=10 * MiB)
+    refs = run(store.list("t/"))
+    run(cache.lease(store, refs)).release()
+    link = tmp_path / "sandbox-link.parquet"
+    os.link(entry_file(tmp_path, refs[0]), link)  # as launcher.sandbox.files links it
+    hostile = os.open(link, os.O_RDONLY)
+    try:
+        fcntl.flock(hostile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        async def lease_of_another_tenant() -> list[str]:
+            async with asyncio.timeout(5):  # a blocked pin would wait here forever
+                async with await cache.lease(store, refs) as lease:
+                    assert cache.stats().in_use == 1
+                    return lease.paths
+
+        assert run(lease_of_another_tenant()) == [relative_path(entry_name(refs[0]))]
+        run(cache.settle())
+        assert cache.stats().in_use == 0  # the sandbox's lock is not a pin
+        assert cache.evict(all=True).removed == 1
+    finally:
+        os.close(hostile)
+
+
 def kept(root: Path, refs: list[ObjectRef]) -> set[int]:
     return {i for i, ref in enumerate(refs) if entry_file(root, ref).exists()}
 
@@ -427,7 +456,7 @@ def test_a_lease_failing_in_its_first_pass_lets_go_of_what_it_pinned(tmp_path: P
         run(cache.lease(store, refs))
     index.touch = touch  # type: ignore[method-assign]
     assert open_fds() == before
-    assert not any(is_pinned(entry_file(tmp_path, ref)) for ref in refs)
+    assert cache.stats().in_use == 0
     assert cache.evict(all=True).skipped_in_use == 0
 
 

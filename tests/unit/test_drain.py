@@ -22,7 +22,7 @@ from launcher.controlplane.registry import WorkerRegistry
 from launcher.controlplane.routing import QueryDone, QueryRouter
 from launcher.errors import WorkerShutdownError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.worker.audit import AUDIT_FILE, WorkerAuditRecord, read_audit
+from launcher.worker.audit import AUDIT_FILE, QueryOpening, WorkerAuditRecord, read_audit
 from launcher.worker.queries import QueryTasks, RunStats
 
 from .test_query_tunnel import LONG_SQL, POLICY, ControlPlane, Stack, eventually, run, stack
@@ -188,6 +188,9 @@ class _AuditList:
     def __init__(self) -> None:
         self.records: list[WorkerAuditRecord] = []
         self.written = asyncio.Event()
+
+    async def open(self, opening: QueryOpening) -> None:
+        return None
 
     def write(self, record: WorkerAuditRecord) -> None:
         self.records.append(record)

@@ -23,7 +23,11 @@ REFUSAL = "worker wkr-a is shutting down and took no new query: run it again"
 
 class _Audit:
     def __init__(self) -> None:
+        self.opened: list[AuditRecord] = []  # opening rows, as the router wrote them
         self.records: list[AuditRecord] = []
+
+    def open(self, record: AuditRecord) -> None:
+        self.opened.append(record)
 
     def write(self, record: AuditRecord) -> None:
         self.records.append(record)
@@ -69,6 +73,11 @@ def test_a_query_refused_by_a_draining_worker_runs_on_another() -> None:
         assert items[-1] == QueryDone(rows=1)
         (record,) = audit.records  # one query, one record, where it really ran
         assert (record.outcome, record.worker_id) == ("ok", "wkr-b")
+        # Its opening row was written before each send: on wkr-a, then moved to wkr-b.
+        assert [(r.outcome, r.worker_id) for r in audit.opened] == [
+            ("running", "wkr-a"),
+            ("running", "wkr-b"),
+        ]
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S * 2))
 

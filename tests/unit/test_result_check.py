@@ -5,12 +5,19 @@ slice per batch, from DuckDB's Arrow reader where the types come from DuckDB). T
 cases are seeded: each corrupts a valid stream in a way no decoder may accept (offsets out of
 order or past the data, lengths past the body, cut messages, bad UTF-8, ...), and every one
 must end in ``RunnerInvalidError``, never in a crash or in bytes passed on unchecked.
+
+The last part holds results that validate but that no honest runner sends and that would cost
+the worker or endanger a client: dictionaries re-validated for every batch, empty batches by the
+hundred thousand, billions of rows in a few bytes, extension types DuckDB never emits, control
+characters in names and metadata; and the check's steps, which bound its work per call.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 import struct
+import time
 from collections.abc import Iterable
 
 import duckdb
@@ -18,8 +25,18 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from launcher.errors import ResultLimitError, RunnerInvalidError
-from launcher.sandbox.result_check import END_OF_STREAM, MAX_METADATA_BYTES, ResultGuard
+from launcher.errors import ResultLimitError, RunnerInvalidError, SqlError
+from launcher.sandbox import result_check
+from launcher.sandbox.result_check import (
+    END_OF_STREAM,
+    MAX_FIELDS,
+    MAX_METADATA_BYTES,
+    METADATA_WEIGHT,
+    STEP_BYTES,
+    STEP_MESSAGES,
+    UNREQUESTED_BATCH_ROWS,
+    ResultGuard,
+)
 from launcher.sandbox.runner_client import QuerySummary
 
 SEED = 16
@@ -62,8 +79,10 @@ def ipc_chunks(
     return chunks
 
 
-def duckdb_chunks(sql: str, batch_rows: int = 1000) -> list[bytes]:
+def duckdb_chunks(sql: str, batch_rows: int = 1000, setting: str | None = None) -> list[bytes]:
     con = duckdb.connect()
+    if setting:
+        con.execute(f"SET {setting}")
     con.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
     reader = con.sql(sql).to_arrow_reader(batch_rows)
     return ipc_chunks(reader, reader.schema)
@@ -101,6 +120,9 @@ VALID_SQL = {
     "map_blob_decimal_time": "SELECT MAP {range: 'v'} m, '\\xAA'::BLOB b, 1.25::DECIMAL(18,3) d, "
     "TIMESTAMP '2024-01-01' + INTERVAL (range) SECOND t, range % 2 = 0 f FROM range(2000)",
     "enum": "SELECT (['sad', 'ok', 'happy'])[range % 3 + 1]::mood m, range i FROM range(3000)",
+    "nested_enum": "SELECT [{'m': (['sad', 'ok', 'happy'])[range % 3 + 1]::mood}, NULL] l, "
+    "MAP {(['sad', 'ok'])[range % 2 + 1]::mood: range} p, "
+    "{'a': (['ok', 'happy'])[range % 2 + 1]::mood, 'b': 'ok'::mood} s FROM range(3000)",
     "empty": "SELECT 1 AS x, 'a' AS s WHERE false",
 }
 
@@ -328,7 +350,7 @@ def test_random_corruption_never_passes_a_batch_that_does_not_validate() -> None
     """Flip bytes anywhere: the guard may accept what still happens to be valid, but whatever
     it passes on must decode and validate in full, and anything else is RunnerInvalidError."""
     rng = random.Random(SEED)
-    for name in ("enum", "structs", "strings"):
+    for name in ("enum", "nested_enum", "structs", "strings"):
         source = b"".join(duckdb_chunks(VALID_SQL[name].replace("00", "0"), batch_rows=100))
         for _ in range(40):
             changed = bytearray(source)
@@ -343,3 +365,242 @@ def test_random_corruption_never_passes_a_batch_that_does_not_validate() -> None
                 batch.validate(full=True)
     garbage = rng.randbytes(4096)
     refused([garbage])
+
+
+# --- what no honest runner sends, and bounded work ------------------------------------------
+
+
+def dictionary_stream(values: pa.Array, batches: int) -> list[bytes]:
+    """schema, one dictionary, ``batches`` one-row record batches that use it, end."""
+    column = pa.DictionaryArray.from_arrays(pa.array([len(values) - 1], pa.int32()), values)
+    schema = pa.schema([("d", column.type)])
+    return messages(ipc_chunks([pa.record_batch([column], schema=schema)] * batches, schema))
+
+
+def test_a_dictionary_is_validated_once_not_for_every_batch() -> None:
+    """A 50 MB dictionary once made every 120-byte batch after it cost 30 ms (it was joined and
+    validated again with each): a batch now costs what it would without one."""
+    sent = dictionary_stream(pa.array([f"value-{i:010d}" for i in range(1_000_000)]), 200)
+    guard = ResultGuard(None, None)
+    guard.feed(sent[0])
+    started = time.perf_counter()
+    assert guard.feed(sent[1]) == sent[1]  # validated, so passed on at once
+    dictionary_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for batch in sent[2:-1]:
+        guard.feed(batch)
+    batches_s = time.perf_counter() - started
+    guard.feed(sent[-1])
+    assert guard.rows == 200
+    # Validating the dictionary again for each batch would cost 200 times this.
+    assert batches_s < 10 * dictionary_s, (batches_s, dictionary_s)
+
+
+def test_dictionaries_in_force_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    words = [pa.array([f"{word}{i:05d}" for i in range(150)]) for word in ("a", "b")]
+    columns = [pa.DictionaryArray.from_arrays(pa.array([0], pa.int8()), w) for w in words]
+    two = pa.schema([("a", columns[0].type), ("b", columns[0].type)])
+    size = len(messages(ipc_chunks([pa.record_batch(columns, schema=two)], two))[1])
+    monkeypatch.setattr(result_check, "MAX_DICTIONARY_BYTES", size * 5 // 2)
+    # Two in force at once fit; replacing one does not add to them, however often.
+    alternating = [pa.record_batch([columns[i % 2], columns[0]], schema=two) for i in range(6)]
+    sent = ipc_chunks(alternating, two)
+    assert sum(b"\xff\xff\xff\xff" in chunk for chunk in sent) > 6  # replacements were sent
+    assert check(sent) == b"".join(sent)
+    three = pa.schema([*two, pa.field("c", columns[0].type)])
+    error = refused(ipc_chunks([pa.record_batch([*columns, columns[1]], schema=three)], three))
+    assert "dictionaries of" in str(error) and "in force at once" in str(error)
+
+
+def test_a_replaced_shorter_dictionary_bounds_the_next_batch() -> None:
+    first = pa.DictionaryArray.from_arrays(pa.array([0, 2], pa.int32()), pa.array(["a", "b", "c"]))
+    second = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array(["x", "y"]))
+    schema = pa.schema([("m", first.type)])
+    sent = messages(
+        ipc_chunks([pa.record_batch([v], schema=schema) for v in (first, second)], schema)
+    )
+    assert len(sent) == 6  # schema, dictionary, batch, replacement, batch, end
+    assert check(sent) == b"".join(sent)
+    batch = bytearray(sent[4])
+    at = bytes(batch).rfind(struct.pack("<ii", 0, 1))
+    struct.pack_into("<i", batch, at + 4, 2)  # in the first dictionary, past the second
+    refused([*sent[:4], bytes(batch), sent[5]])
+
+
+def test_a_dictionary_for_an_id_no_field_has_is_refused() -> None:
+    values = pa.array(["p", "q", "r"])
+    columns = [pa.DictionaryArray.from_arrays(pa.array([1], pa.int32()), values)] * 2
+    schema = pa.schema([("a", columns[0].type), ("b", columns[0].type)])
+    sent = messages(ipc_chunks([pa.record_batch(columns, schema=schema)], schema))
+    second = sent[2]  # the dictionary with id 1
+    header = second[: body_start(second)]
+    assert header.count(struct.pack("<q", 1)) == 1
+    changed = header.replace(struct.pack("<q", 1), struct.pack("<q", 5)) + second[len(header) :]
+    error = refused([*sent[:2], changed, *sent[3:]])
+    assert "dictionary for id 5, which no field" in str(error)
+
+
+def test_more_than_one_batch_without_rows_is_refused() -> None:
+    assert len(messages(duckdb_chunks(VALID_SQL["empty"]))) == 2  # DuckDB: no batch at all
+    empty = pa.record_batch([pa.array([], pa.int64())], names=["x"])
+    check(ipc_chunks([empty], empty.schema))
+    error = refused(ipc_chunks([empty] * 3, empty.schema))
+    assert "more than 1 record batch without rows" in str(error)
+
+
+def test_a_batch_of_more_rows_than_the_runner_sends_is_refused() -> None:
+    """A 96-byte batch of a null column once claimed 2^31-1 rows, and passed."""
+    schema = pa.schema([("n", pa.null())])
+
+    def nulls(rows: int) -> list[bytes]:
+        return ipc_chunks([pa.record_batch([pa.nulls(rows)], schema=schema)], schema)
+
+    check(nulls(UNREQUESTED_BATCH_ROWS))
+    error = refused(nulls(UNREQUESTED_BATCH_ROWS + 1))
+    assert f"of {UNREQUESTED_BATCH_ROWS + 1} rows" in str(error)
+    larger = ResultGuard(None, None, batch_rows=UNREQUESTED_BATCH_ROWS + 1)
+    assert larger.feed(b"".join(nulls(UNREQUESTED_BATCH_ROWS + 1)))
+    schema_message, batch, end = messages(nulls(5))
+    claimed = batch.replace(struct.pack("<q", 5), struct.pack("<q", 2**31 - 1))
+    assert claimed != batch and len(claimed) < 256
+    refused([schema_message, claimed, end])
+
+
+@pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result")
+def test_the_bound_for_results_read_without_the_batch_size_is_duckdbs_default() -> None:
+    """The runner reads a non-SELECT result (EXECUTE, CALL, ... RETURNING) with DuckDB's default
+    batch size: the bound must follow DuckDB's (the image pins the launcher's DuckDB)."""
+    parameters = inspect.signature(duckdb.DuckDBPyConnection.to_arrow_reader).parameters
+    assert parameters["batch_size"].default == UNREQUESTED_BATCH_ROWS
+    con = duckdb.connect()
+    con.execute("PREPARE p AS SELECT * FROM range(500000)")
+    reader = con.execute("EXECUTE p").to_arrow_reader()
+    assert 65_536 < max(batch.num_rows for batch in reader) <= UNREQUESTED_BATCH_ROWS
+
+
+EVERY_TYPE = (
+    "SELECT uuid() u, '{}'::JSON j, 1::HUGEINT h, 1::UHUGEINT uh, '101'::BIT b, "
+    "'12:00:00+01'::TIMETZ tz, 1::BIGNUM v, union_value(a := 1)::UNION(a INT, b VARCHAR) un, "
+    "INTERVAL 1 DAY i, true t, 'POINT(1 2)'::GEOMETRY g, 1::VARIANT var, [1, 2] l, "
+    "{'a': 1} s, MAP {1: 2} m, [1]::INT[1] a, 'x'::BLOB bl, 'x' st, NULL n, 1.5::DECIMAL(38, 2) d, "
+    "TIMESTAMPTZ '2020-01-01' ts, 'ok'::mood e FROM range(3)"
+)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        None,
+        "arrow_lossless_conversion = true",
+        "arrow_large_buffer_size = true",
+        "arrow_output_version = '1.5'",
+        "arrow_output_list_view = true",
+    ],
+)
+def test_every_type_duckdb_emits_passes(setting: str | None) -> None:
+    """The extension and metadata allowlists cover what DuckDB writes, whatever its settings."""
+    chunks = duckdb_chunks(EVERY_TYPE, setting=setting)
+    assert check(chunks) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("name", [b"arrow.py_extension_type", b"duckdb.evil", b"arrow.opaque\x00"])
+def test_extension_types_duckdb_does_not_emit_are_refused(name: bytes) -> None:
+    """pyarrow before 14.0.1 unpickled ``arrow.py_extension_type`` metadata (CVE-2023-47248)."""
+    metadata = {b"ARROW:extension:name": name, b"ARROW:extension:metadata": b"cos\nsystem\n"}
+    inner = pa.field("x", pa.binary(), metadata=metadata)
+    for field in (inner, pa.field("s", pa.struct([inner]))):
+        schema = pa.schema([field])
+        values = pa.array([b"a"]) if field is inner else pa.array([{"x": b"a"}], field.type)
+        refused(ipc_chunks([pa.record_batch([values], schema=schema)], schema))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ['SELECT 1 AS "a\x1b[31mred"', "SELECT {'k\x07': 1} AS s", 'SELECT 1 AS "c1\x9bx"'],
+)
+def test_a_column_name_with_a_control_character_is_the_querys_error(sql: str) -> None:
+    """DuckDB lets a query name a column so (not a lie), but nothing downstream should print
+    it: refused as the query's own error, the sandbox kept."""
+    guard = ResultGuard(None, None)
+    with pytest.raises(SqlError, match="control character; name it without one"):
+        for chunk in duckdb_chunks(sql):
+            guard.feed(chunk)
+
+
+def test_metadata_duckdb_does_not_write_is_refused() -> None:
+    def stream(field: pa.Field, schema_metadata: dict[bytes, bytes] | None = None) -> list[bytes]:
+        schema = pa.schema([field], metadata=schema_metadata)
+        return ipc_chunks([pa.record_batch([pa.array([b"a"])], schema=schema)], schema)
+
+    plain = pa.field("x", pa.binary())
+    check(stream(plain))
+    wkb = {b"ARROW:extension:name": b"geoarrow.wkb", b"ARROW:extension:metadata": b'{"a":\n1}'}
+    check(stream(plain.with_metadata(wkb)))
+    for field, schema_metadata, words in [
+        (plain, {b"pandas": b"{}"}, "schema metadata"),
+        (plain.with_metadata({b"note": b"x"}), None, "field metadata b'note'"),
+        (plain.with_metadata({b"ARROW:extension:name\x1b": b"x"}), None, "field metadata"),
+        (plain.with_metadata({**wkb, b"ARROW:extension:metadata": b"\x1b[2J"}), None, "control"),
+        (plain.with_metadata({**wkb, b"ARROW:extension:metadata": b"\xff"}), None, "not UTF-8"),
+    ]:
+        assert words in str(refused(stream(field, schema_metadata)))
+
+
+def test_a_slice_is_checked_in_bounded_steps() -> None:
+    """11 MiB of empty batches once held the event loop 1.2 s in one call; a slice is now
+    checked a step at a time, each at most STEP_MESSAGES messages."""
+    one_row = pa.record_batch([pa.array([1], pa.int64())], names=["x"])
+    sent = messages(ipc_chunks([one_row] * 1000, one_row.schema))
+    body = b"".join(sent[1:-1])
+    guard = ResultGuard(None, None)
+    guard.feed(sent[0])
+    guard.start(body)
+    steps = 1
+    while (checked := guard.step()) is None:
+        steps += 1
+    assert checked == body and guard.rows == 1000
+    assert steps == -(-1000 // STEP_MESSAGES)
+    assert guard.feed(sent[-1]) == sent[-1] and guard.ended
+
+
+def test_a_message_that_costs_more_than_a_step_gets_a_step_of_its_own() -> None:
+    """A wide schema, a wide batch or a large one cannot be checked in parts: the step before
+    it stops and says so (``heavy_next``), and the executor runs the next one in a thread."""
+    wide = pa.schema([(f"c{i}", pa.int8()) for i in range(8000)])
+    columns = [pa.array([1], pa.int8())] * 8000
+    sent = messages(ipc_chunks([pa.record_batch(columns, schema=wide)] * 2, wide))
+    assert min(map(len, sent[:2])) * METADATA_WEIGHT > STEP_BYTES  # headers over 256 KiB
+    guard = ResultGuard(None, None)
+    guard.start(sent[0])
+    assert guard.step() is None and guard.heavy_next and guard.rows == 0
+    assert guard.step(heavy=True) == sent[0] and not guard.heavy_next
+    guard.start(b"".join(sent[1:]))  # two heavy batches and the end
+    for rows in (1, 2):  # each in a heavy step of its own
+        assert guard.step() is None and guard.heavy_next
+        assert guard.step(heavy=True) is None and guard.rows == rows
+    assert guard.step() == b"".join(sent[1:]) and guard.ended
+    light = messages(duckdb_chunks(VALID_SQL["ints"]))
+    guard = ResultGuard(None, None)
+    guard.start(b"".join(light))
+    assert guard.step() == b"".join(light) and not guard.heavy_next
+
+
+def test_a_result_too_wide_to_decode_off_the_loop_is_the_querys_error() -> None:
+    """pyarrow holds the GIL while it builds a schema: 249,000 fields stalled the event loop
+    250 ms even from a worker thread. Counted from the flatbuffer, before pyarrow reads it."""
+    nested = pa.struct([(f"f{i}", pa.int8()) for i in range(MAX_FIELDS // 2)])
+    schema = pa.schema([("a", nested), ("b", nested)])  # MAX_FIELDS + 2 fields
+    guard = ResultGuard(None, None)
+    with pytest.raises(SqlError, match=f"more than {MAX_FIELDS} columns"):
+        guard.feed(messages(ipc_chunks([], schema))[0])
+    fits = pa.schema([("a", nested), ("b", pa.int8())])
+    assert ResultGuard(None, None).feed(messages(ipc_chunks([], fits))[0])
+
+
+def test_a_split_message_is_joined_once_and_passed_on_without_another_copy() -> None:
+    sent = messages(duckdb_chunks(VALID_SQL["strings"]))
+    guard = ResultGuard(None, None)
+    guard.feed(sent[0])
+    half = len(sent[1]) // 2
+    assert guard.feed(sent[1][:half]) == b""
+    assert guard.feed(sent[1][half:]) == sent[1]

@@ -2,8 +2,8 @@
 
 ``decide`` evaluates the profile the way runc and gVisor do for one call (a rule matches when
 every argument condition holds; no rule matching means the default action), so the argument
-filters on clone, socket and personality are checked call by call. The live behaviour, under
-both runtimes, is in ``tests/integration/test_seccomp.py``.
+filters on clone, socket, socketpair and personality are checked call by call. The live
+behaviour, under both runtimes, is in ``tests/integration/test_seccomp.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from launcher.sandbox.backend.seccomp import (
 )
 
 # The digest of each version's JSON: a change to the profile must bump PROFILE_VERSION.
-PINNED = {1: "4f25a0b9ee1f784cc08306f616005f8b251921642372a4ffc33e92991abb6219"}
+PINNED = {
+    1: "4f25a0b9ee1f784cc08306f616005f8b251921642372a4ffc33e92991abb6219",
+    2: "fa3cb246d8f72a44ee5dc9d430c7657ce63f7e48afc31193ff5f6ac86fb00e48",
+}
 
 
 def _words(text: str) -> list[str]:
@@ -44,6 +47,10 @@ MUST_REFUSE = _words(
     """
 )
 
+# The security review's: inotify sees other sandboxes use a shared (linked) inode and shares
+# uid 65534's limits; syncfs flushes the host's cache filesystem.
+REVIEW_REFUSED = _words("inotify_init inotify_init1 inotify_add_watch inotify_rm_watch syncfs")
+
 # What Python 3.11, DuckDB, pyarrow and grpcio call (threads, event loops, allocation, files).
 MUST_ALLOW = _words(
     """
@@ -53,7 +60,7 @@ MUST_ALLOW = _words(
     fcntl ioctl lseek getdents64 sched_getaffinity sched_yield prlimit64 getrlimit uname
     sysinfo clock_gettime clock_nanosleep nanosleep rt_sigaction rt_sigprocmask sigaltstack
     tgkill gettid getpid execve wait4 exit exit_group memfd_create membarrier faccessat2
-    accept4 bind listen connect recvmsg sendmsg getsockopt setsockopt socketpair
+    accept4 bind listen connect recvmsg sendmsg getsockopt setsockopt fsync fdatasync
     """
 )
 
@@ -100,7 +107,7 @@ def test_profile_version_pins_its_content() -> None:
     )
 
 
-@pytest.mark.parametrize("name", sorted(set(MUST_REFUSE) | set(REMOVED)))
+@pytest.mark.parametrize("name", sorted(set(MUST_REFUSE) | set(REVIEW_REFUSED) | set(REMOVED)))
 def test_removed_calls_are_refused(name: str) -> None:
     assert name not in ALLOWED
     assert decide(name) == "SCMP_ACT_ERRNO"
@@ -109,6 +116,7 @@ def test_removed_calls_are_refused(name: str) -> None:
 
 def test_every_issue_16_removal_has_a_reason() -> None:
     assert set(MUST_REFUSE) <= set(REMOVED)
+    assert set(REVIEW_REFUSED) <= set(REMOVED)
     assert all(len(reason) > 10 for reason in REMOVED.values())
 
 
@@ -177,7 +185,20 @@ def test_clone_is_filtered_on_its_flags_and_clone3_answers_enosys() -> None:
     [
         (1, 1, 0, "SCMP_ACT_ALLOW"),  # AF_UNIX stream: the runner's gRPC socket
         (2, 1, 0, "SCMP_ACT_ALLOW"),  # AF_INET
+        (2, 1, 6, "SCMP_ACT_ALLOW"),  # AF_INET, IPPROTO_TCP by name
+        (2, 2, 17, "SCMP_ACT_ALLOW"),  # AF_INET, IPPROTO_UDP by name
         (10, 2, 0, "SCMP_ACT_ALLOW"),  # AF_INET6
+        (10, 1, 6, "SCMP_ACT_ALLOW"),  # AF_INET6, IPPROTO_TCP
+        (10, 2, 17, "SCMP_ACT_ALLOW"),  # AF_INET6, IPPROTO_UDP
+        (2, 2, 1, "SCMP_ACT_ERRNO"),  # IPPROTO_ICMP: a ping socket
+        (10, 2, 58, "SCMP_ACT_ERRNO"),  # IPPROTO_ICMPV6: a ping socket
+        (2, 2, 136, "SCMP_ACT_ERRNO"),  # IPPROTO_UDPLITE
+        (10, 2, 136, "SCMP_ACT_ERRNO"),  # IPPROTO_UDPLITE
+        (2, 1, 262, "SCMP_ACT_ERRNO"),  # IPPROTO_MPTCP
+        (2, 1, 132, "SCMP_ACT_ERRNO"),  # IPPROTO_SCTP (module autoload)
+        (2, 6, 33, "SCMP_ACT_ERRNO"),  # IPPROTO_DCCP (module autoload)
+        (2, 3, 255, "SCMP_ACT_ERRNO"),  # SOCK_RAW, IPPROTO_RAW
+        (2, 1, 6 | 1 << 32, "SCMP_ACT_ERRNO"),  # the upper bits matter to seccomp: refused
         (16, 3, 0, "SCMP_ACT_ALLOW"),  # AF_NETLINK, NETLINK_ROUTE
         (16, 3, 12, "SCMP_ACT_ERRNO"),  # NETLINK_NETFILTER
         (16, 3, 15, "SCMP_ACT_ERRNO"),  # NETLINK_KOBJECT_UEVENT
@@ -190,6 +211,27 @@ def test_clone_is_filtered_on_its_flags_and_clone3_answers_enosys() -> None:
 )
 def test_socket_families(family: int, kind: int, protocol: int, action: str) -> None:
     assert decide("socket", family, kind, protocol) == action
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "protocol", "action"),
+    [
+        (1, 1, 0, "SCMP_ACT_ALLOW"),  # AF_UNIX stream: Python's socket.socketpair()
+        (1, 2, 0, "SCMP_ACT_ALLOW"),  # AF_UNIX datagram
+        (1, 5 | 0x80000, 0, "SCMP_ACT_ALLOW"),  # AF_UNIX seqpacket, SOCK_CLOEXEC
+        (40, 1, 0, "SCMP_ACT_ERRNO"),  # AF_VSOCK: created before the pair fails
+        (16, 3, 16, "SCMP_ACT_ERRNO"),  # AF_NETLINK, NETLINK_GENERIC
+        (16, 3, 0, "SCMP_ACT_ERRNO"),  # AF_NETLINK, NETLINK_ROUTE: no pairs either
+        (2, 1, 0, "SCMP_ACT_ERRNO"),  # AF_INET
+        (10, 2, 0, "SCMP_ACT_ERRNO"),  # AF_INET6
+        (30, 5, 0, "SCMP_ACT_ERRNO"),  # AF_TIPC
+    ],
+)
+def test_socketpair_is_for_unix_sockets_only(
+    family: int, kind: int, protocol: int, action: str
+) -> None:
+    assert decide("socketpair", family, kind, protocol) == action
+    assert "socketpair" not in ALLOWED  # only through the filtered rule
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from launcher.cli.main import main
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.model.sql import MAX_STATEMENT_BYTES
 from launcher.protocol import controlplane_pb2 as pb
-from launcher.worker.audit import WorkerAuditRecord
+from launcher.worker.audit import QueryOpening, WorkerAuditRecord
 from launcher.worker.queries import QueryTasks, RunStats
 
 from .flight_stack import FlightStack, write_catalog
@@ -121,6 +121,9 @@ class _Audit:
     def __init__(self) -> None:
         self.written = asyncio.Event()
         self.records: list[WorkerAuditRecord] = []
+
+    async def open(self, opening: QueryOpening) -> None:
+        return None
 
     def write(self, record: WorkerAuditRecord) -> None:
         self.records.append(record)

@@ -1,22 +1,31 @@
 """Writes: which COPY statements write, whether the policy and catalog let them, the rewrite,
-and the hand-over from spooled output to an upload (an in-memory store through constructors)."""
+and the hand-over from spooled output to an upload (an in-memory store through constructors),
+with the checks of what the sandbox sent before anything is uploaded."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.ipc
+import pyarrow.parquet as pq
 import pytest
 
 from launcher.data.cache import ObjectCache
 from launcher.data.datapath import DataPath
 from launcher.data.objectstore import LocalStore, ObjectRef, ObjectStore
 from launcher.data.writes import SANDBOX_OUTPUT_DIR, PendingWrite, WritePlan, plan_write, result_ipc
-from launcher.errors import ObjectStoreError, QueryDeniedError, QueryError, SqlError
+from launcher.errors import (
+    ObjectStoreError,
+    QueryDeniedError,
+    QueryError,
+    RunnerInvalidError,
+    SqlError,
+)
 from launcher.model.catalog import Catalog, Connection, parse_catalog
 from launcher.model.policy import Policy, load_policy_text
 from launcher.model.sql.tables import analyze
@@ -312,3 +321,103 @@ def test_local_store_upload_failure_leaves_nothing(tmp_path: Path) -> None:
         asyncio.run(LocalStore().upload(source, str(dest)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin", "taken"]  # no temporary
     assert [p.name for p in dest.iterdir()] == ["child"]
+
+
+# --- what the sandbox sent, checked before any upload ----------------------------------------
+
+
+def parquet_file(rows: int) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(rows))}), sink)
+    return sink.getvalue()
+
+
+def ipc_of(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def spooled(tmp_path: Path, parts: list[bytes], result: bytes, store: MemoryStore) -> PendingWrite:
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path)
+
+    async def body() -> None:
+        write.accept_result(result)
+        for part in parts:
+            await write.accept_output(part, max_bytes=1 << 20)
+
+    asyncio.run(body())
+    return write
+
+
+def test_a_checked_write_of_duckdbs_file_and_count_publishes(tmp_path: Path) -> None:
+    """The file's first and last bytes are followed across any slicing."""
+    data = parquet_file(5)
+    for size in (1, 3, 7, len(data)):
+        store = MemoryStore()
+        parts = [data[i : i + size] for i in range(0, len(data), size)]
+        write = spooled(tmp_path, parts, count_ipc(5), store)
+        write.check()
+        result = pa.ipc.open_stream(asyncio.run(write.publish())).read_all()
+        assert result.column("Count").to_pylist() == [5] and store.uploads == {
+            PLAN.destination: data
+        }
+        write.discard()
+
+
+@pytest.mark.parametrize(
+    ("parts", "result", "words"),
+    [
+        ([b"PAR1 not quite parquet"], count_ipc(1), "not a Parquet file"),
+        ([b"PAR1", b"\x00\x00\x01\x00PAR1"], count_ipc(1), "not a Parquet file"),  # footer
+        ([b"PAR1PAR1"], count_ipc(1), "not a Parquet file"),  # too short
+        ([parquet_file(1)], ipc_of(pa.table({"Count": ["1"]})), "not one row count"),
+        ([parquet_file(1)], ipc_of(pa.table({"Count": pa.array([], pa.int64())})), "0 rows"),
+        ([parquet_file(1)], ipc_of(pa.table({"Count": [1, 2]})), "2 rows"),
+        ([parquet_file(1)], ipc_of(pa.table({"Count": [1], "x": [2]})), "2 columns"),
+        ([parquet_file(1)], ipc_of(pa.table({"Count": pa.array([None], pa.int64())})), "count"),
+    ],
+    ids=["magic", "footer", "short", "string", "no-row", "two-rows", "two-columns", "null"],
+)
+def test_a_file_or_count_duckdb_does_not_send_is_refused(
+    tmp_path: Path, parts: list[bytes], result: bytes, words: str
+) -> None:
+    store = MemoryStore()
+    write = spooled(tmp_path, parts, result, store)
+    with pytest.raises(RunnerInvalidError, match=words):
+        write.check()
+    write.discard()
+    assert store.uploads == {}
+
+
+def test_publish_refuses_a_count_it_cannot_read_before_uploading(tmp_path: Path) -> None:
+    """A string Count once raised ValueError after the object was uploaded."""
+    store = MemoryStore()
+    write = spooled(tmp_path, [parquet_file(1)], ipc_of(pa.table({"Count": ["9"]})), store)
+    with pytest.raises(RunnerInvalidError, match="not one row count"):
+        asyncio.run(write.publish())
+    write.discard()
+    assert store.uploads == {}
+
+
+def test_the_spool_holds_no_more_than_the_sandboxs_scratch(tmp_path: Path) -> None:
+    store = MemoryStore()
+    write = PendingWrite(PLAN, store, spool_dir=tmp_path)
+
+    async def body() -> None:
+        await write.accept_output(b"x" * 600, max_bytes=1000)
+        with pytest.raises(RunnerInvalidError, match="more than 1000 bytes, larger than"):
+            await write.accept_output(b"x" * 401, max_bytes=1000)
+
+    asyncio.run(body())
+    assert write.size == 600  # the excess was never spooled
+    write.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_result_larger_than_duckdbs_is_refused(tmp_path: Path) -> None:
+    write = PendingWrite(PLAN, MemoryStore(), spool_dir=tmp_path)
+    write.accept_result(b"x" * 60_000)
+    with pytest.raises(RunnerInvalidError, match="COPY result of more than"):
+        write.accept_result(b"x" * 10_000)

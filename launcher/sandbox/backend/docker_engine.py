@@ -231,7 +231,9 @@ def remove_socket_dir(directory: Path) -> None:
 
 
 def _ulimits(spec: SandboxSpec) -> list[docker.types.Ulimit]:
-    limits = {"nofile": spec.nofile}
+    # core 0:0: no core files, and the runner cannot raise the limit (runc hands out
+    # [0, unlimited]); a core_pattern pipe helper on the host is handed 0 and stores nothing.
+    limits = {"nofile": spec.nofile, "core": 0}
     if spec.nproc:
         limits["nproc"] = spec.nproc
     return [docker.types.Ulimit(name=name, soft=n, hard=n) for name, n in limits.items()]
@@ -257,6 +259,9 @@ def container_config(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path)
         memswap_limit=spec.memory_bytes,  # no swap: the limit is the limit
         nano_cpus=int(spec.cpus * 1e9),
         ulimits=_ulimits(spec),
+        # No ICMP "ping" sockets: Docker opens them to every gid in the container's network
+        # namespace ("0 2147483647"); "1 0" is the kernel's default, no group. (runsc ignores it.)
+        sysctls={"net.ipv4.ping_group_range": "1 0"},
         runtime=spec.runtime,
         # Whatever the runner prints stays small on the host's disk: 1 MiB, one file.
         log_config=docker.types.LogConfig(type="json-file", config=LOG_OPTIONS),

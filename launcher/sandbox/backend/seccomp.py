@@ -12,7 +12,9 @@ engine we support, and later releases) it leaves out, with the reason next to ea
 ``REMOVED``:
 
 * what Docker allows to everyone but the runner never uses and the kernel has bled from
-  (io_uring, ptrace and friends, Linux AIO, 32-bit entry points, exotic socket families);
+  (io_uring, ptrace and friends, Linux AIO, 32-bit entry points, exotic socket families and
+  protocols, socket pairs of any family but AF_UNIX), or that reaches past the sandbox
+  (``syncfs`` on the host's cache filesystem, ``inotify`` on inodes sandboxes share);
 * everything Docker allows only to a container holding a capability (``mount``, ``bpf``,
   ``perf_event_open``, ``unshare``, ``setns``, ...). Sandboxes drop every capability, so
   those rules never applied; leaving them out entirely means a later ``cap_add`` cannot
@@ -35,7 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Bump when the profile changes; ``tests/unit/test_seccomp.py`` pins its digest per version.
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 EPERM = 1  # what every call outside the allowlist gets
 
@@ -70,6 +72,23 @@ AF_INET6 = 10
 AF_NETLINK = 16
 NETLINK_ROUTE = 0
 
+# AF_INET(6) sockets with the protocol left to the kernel (0: TCP for streams, UDP for
+# datagrams) or named as TCP or UDP, nothing else. What else the families offer is more kernel
+# code and no user: ICMP "ping" sockets (IPPROTO_ICMP, IPPROTO_ICMPV6; Docker opens them to
+# every uid through net.ipv4.ping_group_range, which the launcher closes again), UDP-Lite,
+# MPTCP, and SCTP and DCCP, whose first socket loads a kernel module on hosts that build
+# them as modules.
+IPPROTO_IP = 0
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+INET_PROTOCOLS = (IPPROTO_IP, IPPROTO_TCP, IPPROTO_UDP)
+
+# socketpair(2) creates its sockets through the same per-family code as socket(2) and fails
+# only afterwards for the families that have no pairs (AF_VSOCK, AF_NETLINK, ...: by then their
+# create code ran, and their module was loaded), so it is allowed for AF_UNIX alone, the one
+# family the runner pairs (Python's socket.socketpair, asyncio's self-pipe).
+SOCKETPAIR_FAMILIES = (AF_UNIX,)
+
 # personality(2): PER_LINUX, and 0xffffffff, which only reads the current persona. Docker
 # also allows PER_LINUX32 and UNAME26 (32-bit emulation, a fake kernel version): no user.
 PERSONALITY_VALUES = (0x0, 0xFFFFFFFF)
@@ -85,13 +104,12 @@ _FILES = _names(
     access chdir chmod chown close close_range copy_file_range creat dup dup2 dup3 faccessat
     faccessat2 fadvise64 fallocate fchdir fchmod fchmodat fchown fchownat fcntl fdatasync
     fgetxattr flistxattr flock fremovexattr fsetxattr fstat fstatfs fsync ftruncate futimesat
-    getcwd getdents getdents64 getxattr inotify_add_watch inotify_init inotify_init1
-    inotify_rm_watch ioctl lchown lgetxattr link linkat listxattr llistxattr lremovexattr lseek
-    lsetxattr lstat mkdir mkdirat mknod mknodat newfstatat open openat openat2 pread64 preadv
-    preadv2 pwrite64 pwritev pwritev2 read readahead readlink readlinkat readv removexattr
-    rename renameat renameat2 rmdir sendfile setxattr splice stat statfs statx symlink symlinkat
-    sync_file_range syncfs tee truncate umask unlink unlinkat utime utimensat utimes vmsplice
-    write writev
+    getcwd getdents getdents64 getxattr ioctl lchown lgetxattr link linkat listxattr llistxattr
+    lremovexattr lseek lsetxattr lstat mkdir mkdirat mknod mknodat newfstatat open openat
+    openat2 pread64 preadv preadv2 pwrite64 pwritev pwritev2 read readahead readlink readlinkat
+    readv removexattr rename renameat renameat2 rmdir sendfile setxattr splice stat statfs statx
+    symlink symlinkat sync_file_range tee truncate umask unlink unlinkat utime utimensat utimes
+    vmsplice write writev
     """
 )
 
@@ -141,11 +159,11 @@ _EVENTS = _names(
     """
 )
 
-# socket itself is allowed below for the families above only.
+# socket and socketpair are allowed below, for the families and protocols above only.
 _SOCKETS = _names(
     """
     accept accept4 bind connect getpeername getsockname getsockopt listen recvfrom recvmmsg
-    recvmsg sendmmsg sendmsg sendto setsockopt shutdown socketpair
+    recvmsg sendmmsg sendmsg sendto setsockopt shutdown
     """
 )
 
@@ -204,7 +222,15 @@ REMOVED: Mapping[str, str] = {
     "get_thread_area": "32-bit thread-local storage (x86_64 uses arch_prctl)",
     "remap_file_pages": "deprecated, emulated in the kernel; no user",
     "sync": "flushes every filesystem of the host, not the sandbox's: a cheap way for one "
-    "sandbox to stall the host's disks (fsync/fdatasync/syncfs stay)",
+    "sandbox to stall the host's disks (fsync/fdatasync, which flush one file, stay)",
+    "syncfs": "flushes the whole filesystem a file lives on: on the read-only files mount, "
+    "that is the host's cache filesystem (see sync); fsync/fdatasync stay for DuckDB's files",
+    "inotify_init": "inotify watches the inode, not the mount: a sandbox watching a file "
+    "linked into it sees other sandboxes open and read the same cached file (under runc), and "
+    "every sandbox shares uid 65534's inotify instance and watch limits; no user",
+    "inotify_init1": "inotify (see inotify_init)",
+    "inotify_add_watch": "inotify (see inotify_init)",
+    "inotify_rm_watch": "inotify (see inotify_init)",
     "adjtimex": "clock discipline; read-only without CAP_SYS_TIME and unused here",
     "clock_adjtime": "clock discipline (see adjtimex)",
     "epoll_ctl_old": "never implemented by Linux",
@@ -299,8 +325,14 @@ def build_profile() -> dict[str, Any]:
         # Threads and fork, never new namespaces: (flags & CLONE_NEW*) == 0.
         _rule(["clone"], args=[_arg(0, CLONE_NAMESPACE_FLAGS, "SCMP_CMP_MASKED_EQ", 0)]),
         _rule(["clone3"], CLONE3_ACTION),
-        *(_rule(["socket"], args=[_arg(0, family)]) for family in (AF_UNIX, AF_INET, AF_INET6)),
+        _rule(["socket"], args=[_arg(0, AF_UNIX)]),
+        *(
+            _rule(["socket"], args=[_arg(0, family), _arg(2, protocol)])
+            for family in (AF_INET, AF_INET6)
+            for protocol in INET_PROTOCOLS
+        ),
         _rule(["socket"], args=[_arg(0, AF_NETLINK), _arg(2, NETLINK_ROUTE)]),
+        *(_rule(["socketpair"], args=[_arg(0, family)]) for family in SOCKETPAIR_FAMILIES),
         *(_rule(["personality"], args=[_arg(0, value)]) for value in PERSONALITY_VALUES),
     ]
     return {

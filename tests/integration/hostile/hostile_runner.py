@@ -10,6 +10,14 @@ It is built into a test image on top of the real sandbox image (``hostile_image`
 - ``lie``: 5 rows within every limit, and a summary claiming 1 row;
 - ``trailing``: a valid stream, then bytes after its end-of-stream marker;
 - ``truncated``: a record batch cut short, then a summary;
+- ``dictionaries``: a dictionary, then (in one slice) 100 record batches without rows (each
+  once cost a full validation of every dictionary held);
+- ``null-rows``: a 96-byte batch of a null column claiming 2^31-1 rows;
+- ``extension``: a column of extension type ``arrow.py_extension_type`` (old pyarrow clients
+  unpickle its metadata: CVE-2023-47248);
+- ``long-failure``: a failure whose message is 8 MiB with terminal escapes;
+- ``statement-type``: an honest result whose summary's statement type is a terminal escape;
+- ``output``: an output file for a query that writes none;
 - anything else: one honest row, ``x = 1``.
 """
 
@@ -51,14 +59,54 @@ def _bad_offsets() -> list[bytes]:
     return [schema, body.replace(good, bad, 1), end]
 
 
+def _dictionaries() -> list[bytes]:
+    words = pa.array([f"word-{i:06d}" for i in range(5000)])
+    empty = pa.DictionaryArray.from_arrays(pa.array([], pa.int32()), words)
+    schema, dictionary, batch, end = _stream([pa.record_batch([empty], names=["m"])])
+    return [schema, dictionary + batch, batch * 100, end]
+
+
+def _null_rows() -> list[bytes]:
+    schema, batch, end = _messages(pa.record_batch([pa.nulls(5)], names=["n"]))
+    return [
+        schema,
+        batch.replace((5).to_bytes(8, "little"), (2**31 - 1).to_bytes(8, "little")),
+        end,
+    ]
+
+
+def _extension() -> list[bytes]:
+    metadata = {
+        b"ARROW:extension:name": b"arrow.py_extension_type",
+        b"ARROW:extension:metadata": b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.",
+    }
+    field = pa.field("x", pa.binary(), metadata=metadata)
+    return _messages(pa.record_batch([pa.array([b"a"])], schema=pa.schema([field])))
+
+
+def _stream(batches: list[pa.RecordBatch]) -> list[bytes]:
+    """An IPC stream, one message per item (dictionaries apart from their batch)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    reader, found, at = pa.BufferReader(data), [], 0
+    while at < len(data) - 8:
+        ipc.read_message(reader)
+        found.append(data[at : reader.tell()])
+        at = reader.tell()
+    return [*found, data[at:]]
+
+
 def _rows(n: int) -> list[bytes]:
     return _messages(pa.record_batch([pa.array(range(n), pa.int64())], names=["x"]))
 
 
-def _summary(rows: int, sent: int) -> pb.ExecuteChunk:
+def _summary(rows: int, sent: int, statement_type: str = "SELECT") -> pb.ExecuteChunk:
     return pb.ExecuteChunk(
         summary=pb.Summary(
-            rows=rows, ipc_bytes=sent, execute_seconds=0.001, statement_type="SELECT"
+            rows=rows, ipc_bytes=sent, execute_seconds=0.001, statement_type=statement_type
         )
     )
 
@@ -76,7 +124,12 @@ class HostileRunner(pb_grpc.RunnerServicer):
         self, request: pb.ExecuteRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteChunk]:
         attack = request.sql.strip()
-        rows = 1
+        rows, statement_type, output = 1, "SELECT", b""
+        if attack == "long-failure":
+            message = "Parser Error: \x1b[2J\x1b]0;pwned\x07 " + "x" * (8 << 20)
+            reason = pb.FAILURE_REASON_SQL
+            yield pb.ExecuteChunk(failure=pb.Failure(reason=reason, message=message))
+            return
         if attack == "offsets":
             messages = _bad_offsets()
         elif attack == "limits":
@@ -88,11 +141,23 @@ class HostileRunner(pb_grpc.RunnerServicer):
         elif attack == "truncated":
             schema, body, _ = _rows(100)
             messages = [schema, body[: len(body) // 2]]
+        elif attack == "dictionaries":
+            messages, rows = _dictionaries(), 0
+        elif attack == "null-rows":
+            messages, rows = _null_rows(), 2**31 - 1
+        elif attack == "extension":
+            messages = _extension()
+        elif attack == "statement-type":
+            messages, statement_type = _rows(1), "\x1b]0;pwned\x07"
+        elif attack == "output":
+            messages, output = _rows(1), b"PAR1 not asked for PAR1"
         else:
             messages = _rows(1)
         for message in messages:
             yield pb.ExecuteChunk(ipc=message)
-        yield _summary(rows, sum(len(message) for message in messages))
+        if output:
+            yield pb.ExecuteChunk(output=output)
+        yield _summary(rows, sum(len(message) for message in messages), statement_type)
 
 
 def main() -> None:
