@@ -27,11 +27,9 @@ from .errors import (
     ControlPlaneUnreachableError,
     DuckcellError,
     RemoteQueryError,
-    SessionError,
-    WorkerUnavailableError,
-    query_error,
+    reason_error,
 )
-from .link.wire import MESSAGE_OPTIONS, REASON_KEY, SESSION_REASON
+from .link.wire import MESSAGE_OPTIONS, REASON_KEY
 from .protocol import controlplane_pb2 as pb
 from .protocol import controlplane_pb2_grpc as pb_grpc
 
@@ -125,12 +123,8 @@ class ControlPlaneClient:
         code = error.code()
         details = error.details() or code.name
         reason = dict(error.trailing_metadata() or ()).get(REASON_KEY)
-        if reason == SESSION_REASON:
-            return SessionError(details)
-        if reason == WorkerUnavailableError.reason:
-            return WorkerUnavailableError(details)
         if reason:
-            return query_error(str(reason), details)
+            return reason_error(str(reason), details)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ApiKeyError(details)
         if code == grpc.StatusCode.UNAVAILABLE:

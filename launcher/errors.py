@@ -57,11 +57,22 @@ local or through a control plane (``QueryError``, and ``WorkerUnavailableError``
 problem that is not the query's (the root's default: no engine, bad flags or input, a control
 plane that does not answer, a refused key).
 
+Outcome reasons are one vocabulary: ``REASONS`` says, for each word, the gRPC status of the
+control plane's ``Query`` service, the status its Flight SQL surface sends, whether running it
+again can help, and the exit code. Every other table is derived from it (``QueryError`` and
+``WorkerUnavailableError`` take their ``exit_code`` from it, ``controlplane.query`` its
+statuses, ``flight.status`` its errors); ``tests/unit/test_reasons.py`` checks that every
+reason a class carries has its row and that both surfaces agree on each.
+
 External errors (docker, grpc, DuckDB) are translated where they are met: the Docker backend,
 the runner client, the runner. Nothing outside those modules sees a foreign exception type.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 
 class DuckcellError(Exception):
@@ -115,7 +126,10 @@ class SandboxStartError(PoolError):
 
 
 class SessionError(DuckcellError):
-    """The session is unknown, closed or expired."""
+    """The session is unknown, closed or expired. ``reason`` is the word that crosses the wire
+    (a worker's Outcome, the ``Query`` service's trailing metadata) for it."""
+
+    reason = "session"
 
 
 class CatalogError(DuckcellError):
@@ -138,10 +152,13 @@ class CacheError(DuckcellError):
 
 
 class QueryError(DuckcellError):
-    """The query did not complete. ``reason`` is a short machine-readable word."""
+    """The query did not complete. ``reason`` is a short machine-readable word (``REASONS``)."""
 
-    exit_code = 1
     reason = "error"
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]  # the reason's, from ``REASONS``
+        return meaning(self.reason).exit_code
 
 
 class SqlError(QueryError):
@@ -300,14 +317,84 @@ class WorkerUnavailableError(ControlPlaneError):
     The query's failure (exit code 1), told apart from an unreachable control plane by
     ``reason``, which crosses the wire like a ``QueryError``'s."""
 
-    exit_code = 1
     reason = "worker_unavailable"
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]  # the reason's, from ``REASONS``
+        return meaning(self.reason).exit_code
 
 
 class RemoteQueryError(ControlPlaneError):
     """The control plane answered a query with an error that is not a ``QueryError``."""
 
     exit_code = 1
+
+
+# Reasons no class of its own carries: a worker sends them in its Outcome for an error that is
+# not a ``QueryError`` (``launcher.worker.queries``), and the client raises a ``QueryError``
+# with the word.
+POLICY_REASON = "policy"  # a PolicyError: the policy asked for is unknown or invalid there
+CAPACITY_REASON = "capacity"  # a PoolError: every sandbox stayed busy (ParserUnavailableError too)
+WORKER_ERROR_REASON = "worker_error"  # any other DuckcellError of the worker (its log says)
+
+
+@dataclass(frozen=True, slots=True)
+class Meaning:
+    """What one outcome reason tells each surface, and the caller.
+
+    ``status`` is the gRPC status (a ``grpc.StatusCode`` name) the control plane's ``Query``
+    service ends the call with. ``flight_status`` is the one its Flight SQL surface sends: the
+    same, except where pyarrow cannot send it (RESOURCE_EXHAUSTED, FAILED_PRECONDITION; see
+    ``launcher.flight.status``): UNAVAILABLE then when running the query again can help, else
+    UNKNOWN. ``retry``: running the same query again (later, or on another worker) can
+    succeed. ``query_failure``: the query's own failure, ``duckcell query`` exits 1 (else 2).
+    """
+
+    status: str
+    flight_status: str
+    retry: bool
+    query_failure: bool = True
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.query_failure else 2
+
+
+# Reason -> its meaning: the one table; every other is derived from it.
+REASONS: Mapping[str, Meaning] = MappingProxyType(
+    {
+        # The statement: DuckDB refused it, the role may not run it. Fix it, do not retry.
+        SqlError.reason: Meaning("INVALID_ARGUMENT", "INVALID_ARGUMENT", retry=False),
+        QueryDeniedError.reason: Meaning("PERMISSION_DENIED", "PERMISSION_DENIED", retry=False),
+        POLICY_REASON: Meaning("INVALID_ARGUMENT", "INVALID_ARGUMENT", retry=False),
+        # It ran too long, or was cancelled (by the caller, or on the worker).
+        QueryTimeoutError.reason: Meaning("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", retry=False),
+        QueryCancelledError.reason: Meaning("CANCELLED", "CANCELLED", retry=False),
+        # A limit it passed fails the same way each time; the message says what to change.
+        MemoryLimitError.reason: Meaning("RESOURCE_EXHAUSTED", "UNKNOWN", retry=False),
+        ResultLimitError.reason: Meaning("RESOURCE_EXHAUSTED", "UNKNOWN", retry=False),
+        # Every sandbox (or SQL parser) stayed busy: later it may not be.
+        CAPACITY_REASON: Meaning("RESOURCE_EXHAUSTED", "UNAVAILABLE", retry=True),
+        # The worker or its sandbox went away: another one may take the query.
+        WorkerShutdownError.reason: Meaning("UNAVAILABLE", "UNAVAILABLE", retry=True),
+        WorkerDrainingError.reason: Meaning("UNAVAILABLE", "UNAVAILABLE", retry=True),
+        SandboxLostError.reason: Meaning("UNAVAILABLE", "UNAVAILABLE", retry=True),
+        WorkerUnavailableError.reason: Meaning("UNAVAILABLE", "UNAVAILABLE", retry=True),
+        # ...but not when the runner sent a malformed result: the query may be the exploit.
+        RunnerInvalidError.reason: Meaning("INTERNAL", "INTERNAL", retry=False),
+        WORKER_ERROR_REASON: Meaning("INTERNAL", "INTERNAL", retry=False),
+        QueryError.reason: Meaning("FAILED_PRECONDITION", "UNKNOWN", retry=False),
+        # Unknown, ended or refused session: the caller's, not the query's (exit 2).
+        SessionError.reason: Meaning("NOT_FOUND", "NOT_FOUND", retry=False, query_failure=False),
+    }
+)
+# A word this build does not know (a newer worker's): the query failed, nobody here knows why.
+UNKNOWN_REASON = Meaning("INTERNAL", "INTERNAL", retry=False)
+
+
+def meaning(reason: str) -> Meaning:
+    """What ``reason`` means on each surface; ``UNKNOWN_REASON`` for a word not in ``REASONS``."""
+    return REASONS.get(reason, UNKNOWN_REASON)
 
 
 _QUERY_ERRORS: dict[str, type[QueryError]] = {
@@ -346,6 +433,16 @@ def query_error(reason: str, message: str) -> QueryError:
     error = QueryError(message)
     error.reason = reason or QueryError.reason
     return error
+
+
+def reason_error(reason: str, message: str) -> DuckcellError:
+    """The error for a failed call's ``reason`` (the ``Query`` service's trailing metadata):
+    a session's, no worker's, else a query's (``query_error``)."""
+    if reason == SessionError.reason:
+        return SessionError(message)
+    if reason == WorkerUnavailableError.reason:
+        return WorkerUnavailableError(message)
+    return query_error(reason, message)
 
 
 _ENROLLMENT_ERRORS: dict[str, type[EnrollmentError]] = {

@@ -4,7 +4,7 @@ The control plane is its own CA: it signs its TLS server certificate and every e
 client certificate, so mTLS on the tunnel needs no outside PKI. Keys are EC P-256 because gRPC's
 BoringSSL and every OpenSSL accept it; Ed25519 support in TLS stacks is still uneven.
 
-Private keys are written atomically with mode 0600 (temp file, fsync, rename), so a crash never
+Private keys are written atomically with mode 0600 (``launcher.atomic``), so a crash never
 leaves a half-written or briefly world-readable key. Everything here raises ``CertificateError``
 for bad input; ``cryptography``'s own exceptions do not leave this module.
 """
@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from launcher.atomic import write_atomically
 from launcher.errors import CertificateError
 from launcher.link.pki import (
-    atomic_write,
     fingerprint_of,
     key_pem,
     load_cert,
@@ -94,7 +94,8 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         write_private_key(key_path, key_pem(key))
         return cls(key=key, cert=cert)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.atomic import write_atomically
 from launcher.errors import CatalogError
 from launcher.model.catalog import Catalog, load_catalog, parse_catalog
 
@@ -99,16 +100,8 @@ def _check_and_write(
             + ": apply the policy first with `duckcell controlplane policy apply`"
         )
     data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = data_root / CATALOG_FILE
-    partial = target.with_name(f".{CATALOG_FILE}.partial-{os.getpid()}")
-    try:
-        with partial.open("w", encoding="utf-8") as out:
-            out.write(version.catalog.to_json())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    # 0600 like everything in the control plane's data directory (which is 0700).
+    write_atomically(data_root / CATALOG_FILE, version.catalog.to_json().encode(), 0o600)
 
 
 def unknown_role_policies(catalog: Catalog, policies: Collection[str]) -> list[tuple[str, str]]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from launcher.atomic import write_atomically
 from launcher.errors import PolicyError
 from launcher.model.catalog import Catalog
 from launcher.model.policy import Policy, load_policy_text, read_policy_file
@@ -163,16 +163,8 @@ def _check_roles(data_root: Path, documents: PolicyDocuments, catalog: Catalog |
 
 def _write(data_root: Path, documents: PolicyDocuments) -> None:
     data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = data_root / POLICIES_FILE
-    partial = target.with_name(f".{POLICIES_FILE}.partial-{os.getpid()}")
-    try:
-        with partial.open("w", encoding="utf-8") as out:
-            out.write(_to_json(dict(documents.texts)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    # 0600 like everything in the control plane's data directory (which is 0700).
+    write_atomically(data_root / POLICIES_FILE, _to_json(dict(documents.texts)).encode(), 0o600)
 
 
 def _to_json(texts: Mapping[str, str]) -> str:

@@ -23,12 +23,13 @@ from launcher.errors import (
     SessionError,
     StatementTextError,
     WorkerUnavailableError,
+    meaning,
 )
 from launcher.inputs import check_statement_text
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
-from ..link.wire import REASON_KEY, SESSION_REASON
+from ..link.wire import REASON_KEY
 from .apikeys import ApiKey, ApiKeys
 from .routing import QueryDone, QueryRouter, WholeResult
 
@@ -37,23 +38,11 @@ log = logging.getLogger(__name__)
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
 
-# QueryError.reason -> the status a client sees; anything else is INTERNAL.
-STATUS_BY_REASON = {
-    "sql": grpc.StatusCode.INVALID_ARGUMENT,
-    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "result_limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "cancelled": grpc.StatusCode.CANCELLED,
-    # The worker drained: retrying is the right move, which is what UNAVAILABLE tells clients.
-    "worker_shutdown": grpc.StatusCode.UNAVAILABLE,
-    "denied": grpc.StatusCode.PERMISSION_DENIED,
-    "sandbox_lost": grpc.StatusCode.UNAVAILABLE,
-    # A possibly compromised runner: not a retry's case (the query may be the exploit).
-    "runner_invalid": grpc.StatusCode.INTERNAL,
-    "policy": grpc.StatusCode.INVALID_ARGUMENT,
-    "capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "error": grpc.StatusCode.FAILED_PRECONDITION,
-}
+
+def status_of(reason: str) -> grpc.StatusCode:
+    """The ``Query`` service's status for a call that failed with ``reason``: its row of
+    ``launcher.errors.REASONS`` (INTERNAL for a word not there)."""
+    return grpc.StatusCode[meaning(reason).status]
 
 
 class QueryService(pb_grpc.QueryServicer):
@@ -136,21 +125,16 @@ async def _fail(
     context: aio.ServicerContext,
     error: WorkerUnavailableError | QueryError | SessionError,
     *,
-    session_code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND,
+    session_code: grpc.StatusCode | None = None,
 ) -> None:
-    """End the call with the status for ``error``; query and session errors carry their
-    reason ("session" for a SessionError) so the client raises the same class."""
-    if isinstance(error, WorkerUnavailableError):
-        # The reason tells the client this UNAVAILABLE is about the query, not the connection.
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE, str(error), trailing_metadata=((REASON_KEY, error.reason),)
-        )
-    if isinstance(error, SessionError):
-        code, reason = session_code, SESSION_REASON
-    else:
-        code = STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INTERNAL)
-        reason = error.reason
-    await context.abort(code, str(error), trailing_metadata=((REASON_KEY, reason),))
+    """End the call with the status for ``error``'s reason (``status_of``), and the reason as
+    trailing metadata so the client raises the same class; for a WorkerUnavailableError it tells
+    the client that this UNAVAILABLE is about the query, not the connection. ``session_code``
+    overrides a SessionError's status (OpenSession: the worker refused the session)."""
+    code = status_of(error.reason)
+    if isinstance(error, SessionError) and session_code is not None:
+        code = session_code
+    await context.abort(code, str(error), trailing_metadata=((REASON_KEY, error.reason),))
 
 
 def caller_name(key: ApiKey) -> str:

@@ -111,11 +111,9 @@ def refused_by_drain(end: End) -> bool:
 
 def reason_of(error: DuckcellError) -> str:
     """The audit log's reason for a query that failed before or without an outcome."""
-    if isinstance(error, QueryError):
+    if isinstance(error, QueryError | SessionError):
         return error.reason
-    if isinstance(error, SessionError):
-        return "session"
-    return "no_worker"
+    return "no_worker"  # the audit's word for WorkerUnavailableError: none was online
 
 
 def disconnected(worker_id: str) -> WorkerUnavailableError:

@@ -178,7 +178,7 @@ class QueryRouter:
 
     def _end_of(self, pending: Pending, outcome: pb.Outcome) -> End:
         """A query's end; the worker's "session" reason means its session is over there."""
-        if outcome.ok or outcome.reason != "session" or not pending.session_id:
+        if outcome.ok or outcome.reason != SessionError.reason or not pending.session_id:
             return outcome_end(outcome)
         self._sessions.forget(pending.session_id, "is no longer open on its worker")
         error = SessionError(

@@ -419,15 +419,6 @@ def shard_dir(parent: Path, prefix: str, mode: int) -> Path:
     return path
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable: fsync the directory that holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def raise_open_file_limit() -> None:
     """A lease holds one descriptor per object, and a table can have thousands of files: lift
     the soft limit (often 1024) towards the hard one."""
@@ -478,13 +469,6 @@ def is_pinned(pin_path: Path) -> bool:
         fd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from ..atomic import fsync_directory, write_atomically
 from ..errors import SecretError
 from ..model.catalog import SECRET_NAME, SecretRef
 
@@ -98,10 +99,10 @@ class SecretStore:
                 return 0
             old = self._keys()
             new = Fernet.generate_key()
-            _replace(key_file, b"\n".join([new, *old]) + b"\n")
+            write_atomically(key_file, b"\n".join([new, *old]) + b"\n", 0o600)
             secrets = self._read()
-            _replace(self.path / DATA_FILE, Fernet(new).encrypt(_encode(secrets)))
-            _replace(key_file, new + b"\n")
+            write_atomically(self.path / DATA_FILE, Fernet(new).encrypt(_encode(secrets)), 0o600)
+            write_atomically(key_file, new + b"\n", 0o600)
             return len(secrets)
 
     def _read(self) -> dict[str, str]:
@@ -139,7 +140,8 @@ class SecretStore:
         return {str(name): str(value) for name, value in secrets.items()}
 
     def _write(self, secrets: dict[str, str]) -> None:
-        _replace(self.path / DATA_FILE, self._fernet(create=True).encrypt(_encode(secrets)))
+        sealed = self._fernet(create=True).encrypt(_encode(secrets))
+        write_atomically(self.path / DATA_FILE, sealed, 0o600)
 
     def _fernet(self, *, create: bool) -> MultiFernet:
         """Every key of the key file, the first one encrypting."""
@@ -190,7 +192,7 @@ class SecretStore:
                 return key_file.read_bytes()
         finally:
             os.unlink(temp)
-        _sync_dir(self.path)
+        fsync_directory(self.path)
         return key
 
     def _make_dir(self) -> None:
@@ -263,27 +265,3 @@ def _check_name(name: str) -> None:
             f"{name!r} is not a secret name; use letters, digits, _ . - (starting with a "
             "letter or _), at most 128 characters"
         )
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file (0600), fsync, rename, sync the dir."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".secrets-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

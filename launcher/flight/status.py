@@ -29,10 +29,13 @@ and falls back to the class name, so the client reads "<message>. Detail: Python
 InvalidArgument" (``tests/unit/test_flight_input.py`` checks it with the ADBC driver). Any
 other exception is ``status_of``'s: logged here with its traceback, sent as its status.
 
+Which status a query's error is sent as is its reason's row of ``launcher.errors.REASONS``
+(``flight_status``), the same table the ``Query`` service reads: both surfaces agree.
 RESOURCE_EXHAUSTED and FAILED_PRECONDITION cannot be sent at all: a per-key limit
-(``LimitReached``) is UNAVAILABLE, the code clients already retry with backoff, and its message
-says what to close; a query over its memory or result limit fails the same way each time, so it
-is UNKNOWN with the executor's message (what to change).
+(``LimitReached``) and a full pool (reason "capacity") are UNAVAILABLE, the code clients
+already retry with backoff, and the message says what to close or when to retry; a query over
+its memory or result limit fails the same way each time, so it is UNKNOWN with the executor's
+message (what to change).
 
 pyarrow's own client raises ``KeyboardInterrupt`` (not ``FlightCancelledError``) when a stream it
 reads with ``read_all`` ends CANCELLED; ADBC reports CANCELLED. The server sends CANCELLED only
@@ -43,8 +46,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from types import TracebackType
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType, TracebackType
 from typing import ParamSpec, TypeVar
 
 import pyarrow as pa
@@ -53,18 +56,10 @@ import pyarrow.flight as flight
 from launcher.errors import (
     ApiKeyError,
     DuckcellError,
-    MemoryLimitError,
-    QueryCancelledError,
-    QueryDeniedError,
     QueryError,
-    QueryTimeoutError,
-    ResultLimitError,
-    RunnerInvalidError,
-    SandboxLostError,
     SessionError,
-    SqlError,
-    WorkerShutdownError,
     WorkerUnavailableError,
+    meaning,
 )
 
 from .messages import InvalidRequest, UnsupportedRequest
@@ -78,25 +73,29 @@ Status = Callable[[str], Exception]
 # Statuses pyarrow sends as Python exceptions, with their traceback (see the module docstring).
 PLAIN_STATUSES = (pa.ArrowInvalid, pa.ArrowKeyError, pa.ArrowNotImplementedError)
 
-# The status of each error a handler may meet; the first class an error is an instance of
-# decides, so subclasses come before their bases.
+# Each status a handler can send, by its gRPC name, and what the handler raises for it.
+SENDABLE: Mapping[str, Status] = MappingProxyType(
+    {
+        "UNAUTHENTICATED": flight.FlightUnauthenticatedError,
+        "PERMISSION_DENIED": flight.FlightUnauthorizedError,
+        "DEADLINE_EXCEEDED": flight.FlightTimedOutError,
+        "CANCELLED": flight.FlightCancelledError,
+        "UNAVAILABLE": flight.FlightUnavailableError,
+        "UNKNOWN": flight.FlightServerError,
+        "INTERNAL": flight.FlightInternalError,
+        "INVALID_ARGUMENT": pa.ArrowInvalid,
+        "NOT_FOUND": pa.ArrowKeyError,
+        "UNIMPLEMENTED": pa.ArrowNotImplementedError,
+    }
+)
+
+# Errors that carry an outcome reason: their status is the reason's ``flight_status``
+# (``launcher.errors.REASONS``, the table the ``Query`` service's statuses come from too).
+REASONED = (QueryError, SessionError, WorkerUnavailableError)
+
+# The status of each other error a handler may meet; the first class an error is an instance
+# of decides, so subclasses come before their bases.
 STATUSES: tuple[tuple[type[Exception], Status], ...] = (
-    # The query: DuckDB refused it (fix the SQL), the role may not read it, it ran too long.
-    (SqlError, pa.ArrowInvalid),
-    (QueryDeniedError, flight.FlightUnauthorizedError),
-    (QueryTimeoutError, flight.FlightTimedOutError),
-    (QueryCancelledError, flight.FlightCancelledError),
-    # Retrying can help: the worker or its sandbox went away, another one may take it.
-    (WorkerShutdownError, flight.FlightUnavailableError),
-    # ...but not when the runner sent a malformed result: the query may be the exploit.
-    (RunnerInvalidError, flight.FlightInternalError),
-    (SandboxLostError, flight.FlightUnavailableError),
-    (WorkerUnavailableError, flight.FlightUnavailableError),
-    # Retrying the same query fails the same way; the message says what to change.
-    (MemoryLimitError, flight.FlightServerError),
-    (ResultLimitError, flight.FlightServerError),
-    # Unknown, ended (or unopenable) session; the next call with its name opens a new one.
-    (SessionError, pa.ArrowKeyError),
     (ApiKeyError, flight.FlightUnauthenticatedError),
     # The Flight surface's own: a stale handle, a per-key limit, a request it cannot serve.
     (UnknownHandle, pa.ArrowKeyError),
@@ -105,19 +104,14 @@ STATUSES: tuple[tuple[type[Exception], Status], ...] = (
     (UnsupportedRequest, pa.ArrowNotImplementedError),
 )
 
-# A ``QueryError`` whose reason has no class (it only crosses the wire from a worker).
-BY_REASON: dict[str, Status] = {
-    "capacity": flight.FlightUnavailableError,  # every sandbox stayed busy: retry later
-}
-
 
 def status_of(error: Exception) -> Exception:
     """The exception a handler raises for ``error``: its status, with ``str(error)``."""
+    if isinstance(error, REASONED):
+        return SENDABLE[meaning(error.reason).flight_status](str(error))
     for cls, status in STATUSES:
         if isinstance(error, cls):
             return status(str(error))
-    if isinstance(error, QueryError):
-        return BY_REASON.get(error.reason, flight.FlightServerError)(str(error))
     if isinstance(error, DuckcellError):
         return flight.FlightInternalError(str(error))
     log.error("Flight SQL handler failed", exc_info=error)

@@ -5,7 +5,7 @@ A worker makes its own key and a CSR (``generate_worker_key_and_csr``), stores t
 control plane's CA by its fingerprint (``fingerprint_of``) and checks the certificate it got back
 (``verify_chain``). The CA itself is ``launcher.controlplane.ca``, which builds on these.
 
-Private keys are written atomically with mode 0600 (temp file, fsync, rename), so a crash never
+Private keys are written atomically with mode 0600 (``launcher.atomic``), so a crash never
 leaves a half-written or briefly world-readable key. Everything here raises ``CertificateError``
 for bad input; ``cryptography``'s own exceptions do not leave this module.
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from launcher.atomic import write_atomically
 from launcher.errors import CertificateError
 
 FINGERPRINT_PREFIX = "sha256:"
@@ -34,34 +33,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the whole new one.
-
-    The temp file is created with ``mode`` from the start (never wider), flushed to disk, renamed
-    over the target, and the directory is fsynced so the rename itself survives a crash.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private_key(path: Path, pem: bytes) -> None:
     """Store a private key PEM with mode 0600, atomically (shared by the CA and the worker)."""
-    atomic_write(path, pem, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, pem, 0o600)
 
 
 def refuse_loose_key(path: Path) -> None:

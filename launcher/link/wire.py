@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from launcher.errors import ControlPlaneError
+from launcher.errors import ControlPlaneError, SessionError
 
 # Trailing metadata naming why enrollment was refused (EnrollmentError.reason), so the worker can
 # raise the same error class; the message itself travels as the status details.
 REASON_KEY = "duckcell-reason"
 # The ``duckcell-reason`` of a call that failed on its session (unknown, ended, refused) and
 # the Outcome reason of a worker's query whose session is not open there: SessionError.
-SESSION_REASON = "session"
+SESSION_REASON = SessionError.reason
 
 # Arrow IPC chunks can pass gRPC's default 4 MiB message limit; every channel and server on the
 # query path takes this one instead.

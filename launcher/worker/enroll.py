@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc import aio
 
 from launcher import __version__
+from launcher.atomic import fsync_directory
 from launcher.errors import (
     CaMismatchError,
     CertificateError,
@@ -264,12 +265,4 @@ def _write_identity(identity: Identity, key_pem: bytes, cert_pem: bytes, ca_pem:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(state_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(state_dir)
