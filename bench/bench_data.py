@@ -321,8 +321,8 @@ async def in_sandbox(
     started = time.perf_counter()
     files = await data.prepare(sql, policy, early=True)  # as a worker does
     prepared = time.perf_counter()
-    execution = launcher.executor.execute(sql, policy=policy, tables=files)
-    table = await collect_table(execution)
+    async with launcher.executor.run_query(sql, policy=policy, tables=files) as execution:
+        table = await collect_table(execution)
     total = time.perf_counter() - started
     record = execution.record
     runner = record.summary.execute_seconds if record.summary else math.nan

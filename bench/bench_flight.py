@@ -186,9 +186,12 @@ def worker_local(launcher: LocalLauncher, loop: asyncio.AbstractEventLoop) -> Fe
     tunnel, called from a thread like the others (one hop onto the bench's loop). The chain
     minus this is what Flight SQL, the control plane and the tunnel add."""
 
+    async def query(sql: str) -> pa.Table:
+        async with launcher.run_query(sql, policy=POLICY) as execution:
+            return await collect_table(execution)
+
     def fetch(sql: str) -> pa.Table:
-        query = collect_table(launcher.execute(sql, policy=POLICY))
-        return asyncio.run_coroutine_threadsafe(query, loop).result()
+        return asyncio.run_coroutine_threadsafe(query(sql), loop).result()
 
     return fetch
 

@@ -109,13 +109,13 @@ async def settle(pool: SandboxPool) -> None:
 
 async def timed_query(launcher: LocalLauncher, sql: str) -> QueryTiming:
     started = time.perf_counter()
-    execution = launcher.execute(sql, policy=POLICY)
     parts: list[bytes] = []
     first = started
-    async for chunk in execution.chunks():
-        if not parts:
-            first = time.perf_counter()
-        parts.append(chunk)
+    async with launcher.run_query(sql, policy=POLICY) as execution:
+        async for chunk in execution.chunks():
+            if not parts:
+                first = time.perf_counter()
+            parts.append(chunk)
     received = time.perf_counter()
     pa.ipc.open_stream(b"".join(parts)).read_all()
     decoded = time.perf_counter()
@@ -205,8 +205,8 @@ async def sustained(
         async def worker() -> None:
             for _ in tickets:
                 started = time.perf_counter()
-                execution = launcher.execute(SELECT_42, policy=POLICY)
-                await collect_table(execution)
+                async with launcher.run_query(SELECT_42, policy=POLICY) as execution:
+                    await collect_table(execution)
                 latencies.append(time.perf_counter() - started)
                 queued.append(execution.record.queued_s)
 

@@ -73,13 +73,14 @@ class Paths:
     client: ClientProcess
 
     async def local_select(self) -> float:
-        return (await consume(self.launcher.execute(SELECT_42, policy=POLICY).chunks())).seconds
+        return (await self.local_wide(SELECT_42)).seconds
 
     async def tunnel_select(self) -> float:
         return (await self.tunnel_wide(SELECT_42)).seconds
 
-    async def local_wide(self) -> Transfer:
-        return await consume(self.launcher.execute(WIDE, policy=POLICY).chunks())
+    async def local_wide(self, sql: str = WIDE) -> Transfer:
+        async with self.launcher.run_query(sql, policy=POLICY) as execution:
+            return await consume(execution.chunks())
 
     async def tunnel_wide(self, sql: str = WIDE) -> Transfer:
         return Transfer(**(await self.client.run(sql, POLICY)))

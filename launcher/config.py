@@ -3,22 +3,27 @@
 Precedence: command-line flags > ``DUCKCELL_*`` environment > YAML file (``--config`` or
 ``DUCKCELL_CONFIG``) > defaults. Components receive the part they need and never read the
 environment themselves.
+
+The file is one flat mapping of the settings below, read with the shared YAML reader
+(``launcher.yamlfile``): a mistake names the file, line and key (``c.yaml:3: max_sandboxes:
+expected a whole number of at least 1, got 2.7``), sizes read like "10GiB" and durations like
+"30s". Flags and environment variables are text and get the same checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
 from .resources import policies_dir
+from .yamlfile import Reader, parse_duration
 from .yamlfile import parse_size as size_or_none
 
 GiB = 2**30
@@ -77,6 +82,10 @@ _ENV = {
 }
 _FLAGS = {"cache_budget_bytes": "--cache-budget"}  # flags not spelled like their setting
 _SIZES = {"cache_budget_bytes"}  # settings written as sizes ("10GiB") or plain bytes
+_DURATIONS = {"queue_timeout_s", "engine_timeout_s", "start_timeout_s", "kill_grace_s"}
+_COUNTS = {"max_sandboxes", "max_parallel_starts"}
+_PATHS = {"state_dir", "policies_dir", "cache_dir"}
+_SCHEMA = {"": " ".join(_ENV)}  # the file's keys: the settings, one flat mapping
 
 
 def parse_size(text: str) -> int:
@@ -91,51 +100,68 @@ def parse_size(text: str) -> int:
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
-    kind = {f.name: f.type for f in fields(LauncherConfig)}[name]
+    """A flag's or an environment variable's value (text, or a typed value a caller passed)."""
     try:
+        if isinstance(value, bool):
+            raise ValueError("expected a value, got a boolean")
         if name in _SIZES:
-            numeric = isinstance(value, int) and not isinstance(value, bool)
-            size = value if numeric else parse_size(str(value))
+            size = value if isinstance(value, int) else parse_size(str(value))
             if size < 1:
                 raise ValueError("must be at least 1 byte")
             return size
-        if "Path" in str(kind):
+        if name in _PATHS:
             return Path(str(value)).expanduser()
-        if kind == "int":
+        if name in _COUNTS:
+            text = str(value).strip()
+            if not isinstance(value, int) and not (text.isascii() and text.isdigit()):
+                raise ValueError("expected a whole number")
             number = int(value)
             if number < 1:
                 raise ValueError("must be at least 1")
             return number
-        if kind == "float":
-            number = float(value)
-            if number <= 0:
+        if name in _DURATIONS:
+            seconds = float(value) if isinstance(value, int | float) else parse_duration(str(value))
+            if seconds is None or not math.isfinite(seconds):
+                raise ValueError('expected a duration like "30s", "5m" or "250ms"')
+            if seconds <= 0:
                 raise ValueError("must be positive")
-            return number
+            return seconds
         return str(value)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{origin}: {name}: invalid value {value!r} ({error})") from None
 
 
 def _from_yaml(path: Path) -> dict[str, Any]:
+    """The settings in a config file: a flat mapping read by the shared YAML reader, so every
+    mistake is one ``ConfigError`` line naming file, line and key (``launcher.yamlfile``)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a YAML config file (not UTF-8 text)") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {error}") from None
-    if data is None:
+    reader = Reader(str(path), _SCHEMA, error=ConfigError, keys="settings")
+    root = reader.compose_optional(text)
+    if root is None:  # an empty file, or comments only: every setting from elsewhere
         return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config file must be a mapping of settings")
-    known = {f.name for f in fields(LauncherConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-    return {key: _coerce(key, value, str(path)) for key, value in data.items()}
+    sec = reader.section(root, "", 1)
+    values: dict[str, Any] = {}
+    for name, node in sec.values.items():
+        if name in _SIZES:
+            values[name] = reader.size(node, name, 1)
+        elif name in _COUNTS:
+            values[name] = reader.integer(node, name, 1)
+        elif name in _DURATIONS:
+            values[name] = reader.duration(node, name)
+        elif name == "cache_dir" and node.tag.endswith(":null"):
+            values[name] = None  # written out empty: the default, STATE_DIR/cache
+        elif name in _PATHS:
+            if not reader.text(node, name):
+                reader.fail(node, name, "expected a directory path, got an empty string")
+            values[name] = Path(node.value).expanduser()
+        else:
+            values[name] = reader.text(node, name)
+    return values
 
 
 def load_config(

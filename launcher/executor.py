@@ -26,9 +26,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.ipc
@@ -77,8 +77,16 @@ class QueryRecord:
     reruns: int = 0  # times prepared again: a table changed since its last listing (early)
 
 
+class TablePreparer(Protocol):
+    """What ``Executor.run_query`` needs of a data path (``launcher.data.datapath.DataPath``):
+    a query's tables as leased files; nothing stays leased when it raises."""
+
+    async def prepare(self, sql: str, policy: Policy, *, early: bool = False) -> TableFiles: ...
+
+
 class QueryExecution:
-    """One query's run. Iterate ``chunks()`` once; cancel with ``cancel()``."""
+    """One query's run. Iterate ``chunks()`` once; cancel with ``cancel()``; ``close()`` ends
+    it however far it got (``Executor.run_query`` does that for its callers)."""
 
     def __init__(
         self,
@@ -102,6 +110,7 @@ class QueryExecution:
         self._stop_reason: str | None = None
         self._cancelled = asyncio.Event()
         self._refetched = False  # a damaged cached file was dropped and fetched again
+        self._stream: AsyncGenerator[bytes, None] | None = None
         self.record = QueryRecord(
             query_id, policy.name, session_id=session.session_id if session else None
         )
@@ -110,11 +119,24 @@ class QueryExecution:
     def query_id(self) -> str:
         return self.record.query_id
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         """Arrow IPC stream bytes, in order. Raises QueryError subclasses.
 
         The query's table files stay leased in the cache until this ends, however it ends.
         """
+        self._stream = self._chunks()
+        return self._stream
+
+    async def close(self) -> None:
+        """End this run however far it got: a stream left part-way is closed now (its sandbox
+        released, or its session's turn given back), and the table files are released, also
+        when ``chunks()`` was never iterated. Harmless to call twice. Not while another task
+        is iterating ``chunks()``: cancel that task first."""
+        if self._stream is not None:
+            await self._stream.aclose()
+        self._tables.release()
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
         started = time.monotonic()
         executor = self._executor
         executor._running[self.query_id] = self
@@ -467,6 +489,55 @@ class Executor:
         self._pool_for = pool_for
         self._running: dict[str, QueryExecution] = {}
 
+    @contextlib.asynccontextmanager
+    async def run_query(
+        self,
+        sql: str,
+        *,
+        policy: Policy | None = None,
+        session_id: str | None = None,
+        data: TablePreparer | None = None,
+        early: bool = False,
+        tables: TableFiles | None = None,
+        query_id: str | None = None,
+        parameters: bytes = b"",
+    ) -> AsyncIterator[QueryExecution]:
+        """Run a query on this host: the one entry point (the CLI's local mode, the tunnel's
+        runner and the benches use it)::
+
+            async with executor.run_query(sql, policy=policy, data=data_path) as execution:
+                async for chunk in execution.chunks():
+                    ...
+
+        ``data`` prepares the tables the SQL names (``early`` as ``DataPath.prepare`` says)
+        under the session's policy when ``session_id`` is given, else ``policy``; or the
+        caller hands in ``tables`` it prepared itself. Leaving the block ends the query
+        (``QueryExecution.close``): the tables are released on every outcome, whether
+        preparing, ``execute``, the sandbox or the consumer failed, or the consumer stopped
+        reading early. Raises what ``DataPath.prepare`` and ``execute`` raise.
+        """
+        if data is not None and tables is not None:
+            tables.release()
+            raise ValueError("run_query takes data or tables, not both")
+        if data is not None:
+            if session_id:
+                policy = self.sessions.get(session_id).policy
+            if policy is None:
+                raise ValueError("run_query needs a policy or a session")
+            tables = await data.prepare(sql, policy, early=early)
+        execution = self.execute(  # releases the tables itself if it raises
+            sql,
+            policy=policy,
+            session_id=session_id,
+            query_id=query_id,
+            tables=tables,
+            parameters=parameters,
+        )
+        try:
+            yield execution
+        finally:
+            await execution.close()
+
     def execute(
         self,
         sql: str,
@@ -477,9 +548,11 @@ class Executor:
         tables: TableFiles | None = None,
         parameters: bytes = b"",
     ) -> QueryExecution:
-        """A query ready to run; ``tables`` (from ``DataPath.prepare``) are bound in its sandbox
-        and released when it ends; ``parameters`` (an Arrow IPC stream of one row) are bound
-        by DuckDB to the SQL's placeholders in the sandbox."""
+        """A query ready to run, the step under ``run_query`` (which callers use: it also ends
+        a run whose ``chunks()`` was never read to the end). ``tables`` (from
+        ``DataPath.prepare``) are bound in its sandbox and released when it ends;
+        ``parameters`` (an Arrow IPC stream of one row) are bound by DuckDB to the SQL's
+        placeholders in the sandbox."""
         try:
             session = self.sessions.get(session_id) if session_id else None
             if session is not None:

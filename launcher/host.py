@@ -9,11 +9,13 @@ destroys every sandbox), release the instance lock. Policies can be replaced whi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 
 from .config import LauncherConfig
+from .data.datapath import TableFiles
 from .errors import ImageMissingError
-from .executor import Executor, QueryExecution
+from .executor import Executor, QueryExecution, TablePreparer
 from .model.policy import Policy, PolicySet, check_no_downgrade, load_policies
 from .sandbox.backend.docker_engine import DockerBackend
 from .sandbox.backend.runtimes import RUNSC, RuntimeGate, docker_runtimes
@@ -165,9 +167,35 @@ class LocalLauncher:
         await pool.wait_warm(timeout_s)
         return pool
 
+    def run_query(
+        self,
+        sql: str,
+        *,
+        policy: str | None = None,
+        session_id: str | None = None,
+        data: TablePreparer | None = None,
+        early: bool = False,
+        tables: TableFiles | None = None,
+        query_id: str | None = None,
+    ) -> AbstractAsyncContextManager[QueryExecution]:
+        """``Executor.run_query`` with the policy by name: ``async with`` it, read
+        ``chunks()``; the tables are released however the query ends."""
+        chosen = self.policies.get(policy) if policy else None
+        return self.executor.run_query(
+            sql,
+            policy=chosen,
+            session_id=session_id,
+            data=data,
+            early=early,
+            tables=tables,
+            query_id=query_id,
+        )
+
     def execute(
         self, sql: str, *, policy: str | None = None, session_id: str | None = None
     ) -> QueryExecution:
+        """A query without catalog tables, for the integration tests that hold it; everything
+        else uses ``run_query``."""
         chosen = self.policies.get(policy) if policy else None
         return self.executor.execute(sql, policy=chosen, session_id=session_id)
 

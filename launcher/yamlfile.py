@@ -2,12 +2,12 @@
 
 A shared leaf: the policy reader (``launcher.model.policy``), the catalog reader
 (``launcher.model.catalog_yaml``, which turns its errors into ``CatalogError``) and the config
-file (``launcher.config``, its sizes) build on it. The models decide which keys mean what; this
-module owns the mechanics under them: composing a document without building Python objects,
-walking its mappings against a schema of known keys, reading strings, numbers, booleans, sizes
-and durations out of nodes, and turning every mistake into a one-line error naming the source,
-line and field (``PolicyError`` unless a reader says otherwise). It imports nothing from the
-models.
+file (``launcher.config``: a ``Reader`` raising ``ConfigError``) build on it. The models decide
+which keys mean what; this module owns the mechanics under them: composing a document
+without building Python objects, walking its mappings against a schema of known keys, reading
+strings, numbers, booleans, sizes and durations out of nodes, and turning every mistake into a
+one-line error naming the source, line and field (``PolicyError`` unless a reader says
+otherwise). It imports nothing from the models.
 
 Sizes are whole bytes or a number with a unit: B, kB/KB, MB, GB, TB (powers of 1000) or KiB,
 MiB, GiB, TiB (powers of 1024). Durations are seconds or a number with ms, s, m or h.
@@ -30,7 +30,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from .errors import PolicyError
+from .errors import DuckcellError, PolicyError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,22 +65,40 @@ class Section:
 
 
 class Reader:
-    """Reads typed values out of one document's nodes; every mistake is a one-line PolicyError.
+    """Reads typed values out of one document's nodes; every mistake is a one-line error.
 
     ``schema`` maps each section path ("" for the top level) to its known keys, space-separated.
+    ``error`` is what a mistake raises (``PolicyError`` unless the document is something else)
+    and ``keys`` names the top-level keys in messages ("a mapping of policy keys").
     """
 
-    def __init__(self, source: str, schema: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        source: str,
+        schema: Mapping[str, str],
+        *,
+        error: type[DuckcellError] = PolicyError,
+        keys: str = "policy keys",
+    ) -> None:
         self.source = source
         self._schema = schema
+        self._error = error
+        self._keys = keys
 
     def fail(self, where: Node | int, name: str, text: str) -> NoReturn:
         line = where if isinstance(where, int) else where.start_mark.line + 1
         message = f"{self.source}:{line}: " + (f"{name}: " if name else "") + text
-        raise PolicyError(message.replace("\r", "\\r").replace("\n", "\\n"))
+        raise self._error(message.replace("\r", "\\r").replace("\n", "\\n"))
 
     def compose(self, text: str) -> Node:
-        """The document's root node; a YAML syntax error or an empty document is a PolicyError."""
+        """The document's root node; a YAML syntax error or an empty document is an error."""
+        root = self.compose_optional(text)
+        if root is None:
+            self.fail(1, "", f"expected a mapping of {self._keys}, got an empty document")
+        return root
+
+    def compose_optional(self, text: str) -> Node | None:
+        """The document's root node, or None for a document with no content (comments only)."""
         try:  # compose, not load: nodes keep their marks and no Python object is ever built
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as error:
@@ -96,8 +114,6 @@ class Reader:
             self.fail(1, "", f"invalid YAML: {error}")
         except RecursionError:
             self.fail(1, "", "invalid YAML: nested too deeply")
-        if root is None:
-            self.fail(1, "", "expected a mapping of policy keys, got an empty document")
         return root
 
     def expect(self, node: Node, name: str, kinds: tuple[str, ...], expected: str) -> str:
@@ -112,7 +128,7 @@ class Reader:
         return kind
 
     def section(self, node: Node, path: str, line: int) -> Section:
-        self.expect(node, path, ("map",), "a mapping" if path else "a mapping of policy keys")
+        self.expect(node, path, ("map",), "a mapping" if path else f"a mapping of {self._keys}")
         known, sec = self._schema[path].split(), Section(path, line)
         for key, value in node.value:
             if key.tag == _TAG + "merge":

@@ -257,14 +257,13 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
             session = None
             if policy.isolation.value == "session":
                 session = await launcher.sessions.open(policy)
-            tables = await data.prepare(sql, policy) if data is not None else None
-            execution = launcher.executor.execute(
+            async with launcher.executor.run_query(
                 sql,
                 policy=policy,
                 session_id=session.session_id if session else None,
-                tables=tables,
-            )
-            table = await collect_table(execution)
+                data=data,
+            ) as execution:
+                table = await collect_table(execution)
             record = execution.record
             progress(
                 f"{table.num_rows} row(s) from sandbox {record.sandbox} in {record.total_s:.2f} s"

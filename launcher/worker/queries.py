@@ -129,38 +129,32 @@ class ExecutorQueryRunner:
         the sandbox."""
         chosen = self._policies.get(policy or self._default_policy)
         # The catalog tables the SQL names are fetched into the cache before a sandbox is
-        # taken; the lease is released when the query ends, however it ends. Early (not in a
-        # session, whose query waits for the verdict anyway): a table listed before is not
-        # listed again first; the executor holds the results until the fresh listing agrees
-        # (``launcher.data.datapath``).
-        tables = None
-        if self._data is not None:
-            tables = await self._data.prepare(sql, chosen, early=not session_id)
-        try:
-            execution = self._executor.execute(
-                sql,
-                policy=chosen,
-                query_id=query_id,
-                tables=tables,
-                session_id=session_id or None,
-                parameters=parameters,
-            )
-        except BaseException:
-            if tables is not None:
-                tables.release()
-            raise
-        try:
-            # Closed here, not whenever it is collected: a consumer that leaves mid-stream (its
-            # client went away) releases the sandbox before the query's end is recorded.
-            async with contextlib.aclosing(execution.chunks()) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            record = execution.record
-            if record.outcome == "running":  # closed mid-stream: nobody reads the rest
-                record.outcome = "cancelled"
-            self._stats[query_id] = _stats(record)
-            self._on_finished(record)
+        # taken; ``run_query`` releases the lease when the query ends, however it ends. Early
+        # (not in a session, whose query waits for the verdict anyway): a table listed before
+        # is not listed again first; the executor holds the results until the fresh listing
+        # agrees (``launcher.data.datapath``).
+        async with self._executor.run_query(
+            sql,
+            policy=chosen,
+            session_id=session_id or None,
+            data=self._data,
+            early=not session_id,
+            query_id=query_id,
+            parameters=parameters,
+        ) as execution:
+            try:
+                # Closed here, not whenever it is collected: a consumer that leaves mid-stream
+                # (its client went away) releases the sandbox before the query's end is
+                # recorded.
+                async with contextlib.aclosing(execution.chunks()) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                record = execution.record
+                if record.outcome == "running":  # closed mid-stream: nobody reads the rest
+                    record.outcome = "cancelled"
+                self._stats[query_id] = _stats(record)
+                self._on_finished(record)
 
     async def cancel(self, query_id: str) -> None:
         await self._executor.cancel(query_id)
