@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 
+from ..atomic import fsync_directory
 from ..errors import CacheError, first_domain_error
 from .cache_index import (
     OPEN_FLAGS,
@@ -71,7 +72,6 @@ from .cache_index import (
     check_file,
     entry_name,
     file_key,
-    fsync_dir,
     is_pinned,
     make_dir,
     own_entry,
@@ -411,7 +411,7 @@ class ObjectCache:
         finally:
             os.close(fd)
         os.replace(partial, self._entry_path(name))
-        fsync_dir(partial.parent)
+        fsync_directory(partial.parent)
         self._index.put(name, ref, size, digest)
         self._checked.remember(name, key)  # just hashed: its first use needs no second read
         self._index.count(downloads=1)

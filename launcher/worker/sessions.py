@@ -24,7 +24,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-from ..errors import DuckcellError, PolicyError, PoolError, SessionError
+from ..errors import (
+    CAPACITY_REASON,
+    POLICY_REASON,
+    DuckcellError,
+    PolicyError,
+    PoolError,
+    SessionError,
+)
 from ..protocol import controlplane_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -147,7 +154,7 @@ class WorkerSessions:
 
 def _reason(error: DuckcellError) -> str:
     if isinstance(error, PolicyError):
-        return "policy"
+        return POLICY_REASON
     if isinstance(error, PoolError):
-        return "capacity"
-    return "session"
+        return CAPACITY_REASON
+    return SessionError.reason

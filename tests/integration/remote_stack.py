@@ -11,7 +11,7 @@ from pathlib import Path
 from launcher.client import ControlPlaneClient
 from launcher.config import LauncherConfig
 from launcher.worker.daemon import Worker
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
 
 
 @asynccontextmanager

@@ -38,9 +38,9 @@ from launcher.errors import QueryDeniedError
 from launcher.model.catalog import Catalog
 from launcher.worker.daemon import Worker
 from launcher.worker.enroll import enroll
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
 from tests.support.parsers import InlineParser
-from tests.unit.test_query_tunnel import eventually
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.support.waiting import eventually
 
 from .conftest import containers_of, make_config
 

@@ -9,75 +9,25 @@ freeing its sandbox, and the other Python Flight SQL client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import docker
 import flightsql
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from flightsql import FlightSQLClient
 
 from launcher.config import LauncherConfig
-from launcher.controlplane.datadir import ControlPlaneData
-from launcher.executor import QueryRecord
-from launcher.host import LocalLauncher
-from launcher.worker.daemon import Worker
-from tests.unit.test_flight_adbc import FlightControlPlane, adbc_connect
-from tests.unit.test_tunnel import DEADLINE_S, FAST
+from tests.support.flight import adbc_connect, in_thread
+from tests.support.flightchain import WAIT_S, chain
+from tests.support.waiting import eventually
 
 from .conftest import containers_of
 
 pytestmark = pytest.mark.docker
 T = TypeVar("T")
 ROWS = 10_000_000
-
-
-@dataclass
-class Chain:
-    control_plane: FlightControlPlane
-    launcher: LocalLauncher
-    api_key: str
-    records: list[QueryRecord]
-
-    def fetch(self, sql: str) -> pa.Table:
-        """Run ``sql`` through ADBC (blocking: call it in a thread)."""
-        with adbc_connect(self.control_plane, self.api_key) as conn, conn.cursor() as cursor:
-            cursor.execute(sql)
-            return cursor.fetch_arrow_table()
-
-
-@contextlib.asynccontextmanager
-async def chain(config: LauncherConfig, tmp_path: Path, *, warm: int = 1) -> AsyncIterator[Chain]:
-    control_plane = FlightControlPlane(ControlPlaneData(tmp_path / "cp"))
-    try:
-        await control_plane.start()
-        identity = await control_plane.enroll(tmp_path / "worker")
-        records: list[QueryRecord] = []
-        async with Worker(
-            identity, config, backoff=FAST, warm_override=warm, on_finished=records.append
-        ) as worker:
-            worker.start()
-            await worker.connected(DEADLINE_S)
-            api_key = control_plane.data.api_keys().create("analyst")
-            yield Chain(control_plane, worker.host, api_key, records)
-    finally:
-        control_plane.close()
-
-
-async def in_thread(function: Callable[..., T], *args: object) -> T:
-    return await asyncio.to_thread(function, *args)
-
-
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.05)
-    assert condition(), what
 
 
 def test_adbc_queries_run_in_real_sandboxes(
@@ -89,7 +39,9 @@ def test_adbc_queries_run_in_real_sandboxes(
             assert table.to_pylist() == [{"answer": 42, "name": "ünï 🦆"}]
             with pytest.raises(Exception, match="Permission Error"):
                 await in_thread(c.fetch, "SELECT * FROM read_text('/etc/passwd')")
-            await until(lambda: len(c.records) == 2, "both queries ended on the worker")
+            await eventually(
+                lambda: len(c.records) == 2, "both queries ended on the worker", WAIT_S
+            )
         assert containers_of(engine, config.launcher_id) == []
 
     asyncio.run(asyncio.wait_for(scenario(), 180))
@@ -130,10 +82,14 @@ def test_leaving_a_result_early_frees_the_sandbox(
 
             assert await in_thread(one_batch_then_leave) > 0
             # The record reaches on_finished before the executor settles its outcome.
-            await until(
-                lambda: [r.outcome for r in c.records] == ["cancelled"], "the query was cancelled"
+            await eventually(
+                lambda: [r.outcome for r in c.records] == ["cancelled"],
+                "the query was cancelled",
+                WAIT_S,
             )
-            await until(lambda: not c.launcher.executor.running(), "the sandbox was freed")
+            await eventually(
+                lambda: not c.launcher.executor.running(), "the sandbox was freed", WAIT_S
+            )
         assert containers_of(engine, config.launcher_id) == []
 
     asyncio.run(asyncio.wait_for(scenario(), 180))
@@ -181,7 +137,9 @@ def test_parameters_and_updates_run_in_real_sandboxes(
             found, count = await in_thread(with_parameters)
             assert found == [(42, "x'); DROP TABLE t; --")]
             assert count == 7
-            await until(lambda: len(c.records) == 2, "both statements ended on the worker")
+            await eventually(
+                lambda: len(c.records) == 2, "both statements ended on the worker", WAIT_S
+            )
             assert [r.outcome for r in c.records] == ["ok", "ok"]
         assert containers_of(engine, config.launcher_id) == []
 

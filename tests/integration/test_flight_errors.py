@@ -25,9 +25,11 @@ from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.flight import messages as msg
 from launcher.protocol import flightsql_pb2 as pb
+from tests.support.flight import in_thread
+from tests.support.flightchain import WAIT_S, Chain, chain
+from tests.support.waiting import eventually
 
 from .conftest import containers_of
-from .test_flight_adbc import Chain, chain, in_thread, until
 
 pytestmark = pytest.mark.docker
 # The analyst role runs under the integration tier's ``tight`` policy: a 2 s statement
@@ -77,7 +79,7 @@ def test_sandbox_failures_reach_adbc_with_statuses_it_can_act_on(
             too_big = await in_thread(failure, c, ENDLESS)
             assert too_big.status_code == AdbcStatusCode.UNKNOWN  # no RESOURCE_EXHAUSTED
             assert "max_result_rows" in str(too_big)
-            await until(lambda: len(c.records) == 3, "the queries ended on the worker")
+            await eventually(lambda: len(c.records) == 3, "the queries ended on the worker", WAIT_S)
             assert [r.outcome for r in c.records] == ["sql", "timeout", "result_limit"]
         assert containers_of(engine, config.launcher_id) == []
 
@@ -91,7 +93,9 @@ def test_a_query_cancelled_on_the_worker_reaches_adbc_as_cancelled(
         async with chain(config, tmp_path) as c:
             failing = asyncio.create_task(in_thread(failure, c, TRICKLE))
             executor = c.launcher.executor
-            await until(lambda: bool(executor.running()), "the query runs on the worker")
+            await eventually(
+                lambda: bool(executor.running()), "the query runs on the worker", WAIT_S
+            )
             (query_id,) = executor.running()
             assert await executor.cancel(query_id)
             cancelled = await failing

@@ -27,7 +27,7 @@ from launcher.config import LauncherConfig
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SqlError
-from tests.unit.test_tunnel import ControlPlane
+from tests.support.controlplane import ControlPlane
 
 from .conftest import containers_of
 

@@ -25,7 +25,7 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.policies import apply_policies
 from launcher.sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from launcher.worker.daemon import Worker
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, make_config
 

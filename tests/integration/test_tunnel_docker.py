@@ -31,7 +31,7 @@ from launcher.errors import (
 )
 from launcher.worker.audit import AUDIT_FILE, read_audit
 from launcher.worker.daemon import Worker
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
 
 from .conftest import containers_of, sandboxes_that_started_a_query
 from .remote_stack import remote_stack

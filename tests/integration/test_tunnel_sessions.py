@@ -15,7 +15,7 @@ import pytest
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SessionError, SqlError
-from tests.unit.test_tunnel import ControlPlane
+from tests.support.controlplane import ControlPlane
 
 from .conftest import containers_of
 from .remote_stack import remote_stack

@@ -36,10 +36,9 @@ from launcher.errors import QueryDeniedError, SqlError
 from launcher.executor import QueryRecord
 from launcher.model.catalog import Catalog, load_catalog
 from launcher.worker.daemon import Worker
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
 from tests.support.parsers import InlineParser
-from tests.unit import test_tunnel
-from tests.unit.test_query_tunnel import eventually
-from tests.unit.test_tunnel import DEADLINE_S, FAST, ControlPlane
+from tests.support.waiting import eventually
 
 from .conftest import containers_of, make_config
 from .lake import admin_client, policies_with, writer_policy
@@ -148,13 +147,11 @@ def test_writes_through_the_control_plane_and_tunnel(
     admin: Any,
     engine: docker.DockerClient,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Heartbeats every second, not the unit tests' 0.1 s: the control plane, the worker, moto
     # and the proxy share this process's GIL and a sandbox shares the two cores, so 0.3 s of
     # silence under a loaded machine ended the tunnel mid-query (seen: "missed 3 heartbeats").
-    monkeypatch.setattr(test_tunnel, "INTERVAL_S", 1.0)
-    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"), heartbeat_interval_s=1.0)
     name = f"out/{uuid.uuid4().hex}.parquet"
     url = f"s3://{BUCKET}/{name}"
 
@@ -209,13 +206,12 @@ def test_a_reused_listing_still_sees_what_this_worker_wrote(
     s3: S3Proxy,
     admin: Any,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With ``listing_ttl: 1m`` the worker reuses the listing of ``results``, except
     that its own upload there drops it: the next query sees the new object. An object another
     writer puts there is not seen until the listing expires: the documented trade."""
-    monkeypatch.setattr(test_tunnel, "INTERVAL_S", 1.0)  # see the test above
-    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    # Heartbeats every second: see the test above.
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"), heartbeat_interval_s=1.0)
     count = "SELECT count(*) AS n FROM results"
 
     async def scenario() -> None:

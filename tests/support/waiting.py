@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 DEADLINE_S = 10.0
 _POLL_S = 0.01
@@ -23,3 +24,8 @@ async def eventually(
         if time.monotonic() > end:
             raise AssertionError(f"{what} did not happen within {deadline_s:g} s")
         await asyncio.sleep(_POLL_S)
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout_s: float = 30.0) -> None:
+    """Run a test's async ``scenario`` on a new loop; a hang fails it after ``timeout_s``."""
+    asyncio.run(asyncio.wait_for(scenario(), timeout=timeout_s))

@@ -10,7 +10,6 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,11 @@ from launcher.controlplane.store import MIGRATIONS, open_database
 from launcher.errors import SqlError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.worker.audit import AUDIT_FILE, WorkerAuditLog, WorkerAuditRecord, read_audit
-
-from .test_query_tunnel import LONG_SQL, ControlPlane, eventually, run, stack
-from .test_tunnel import DEADLINE_S
+from tests.support.controlplane import DEADLINE_S, ControlPlane
+from tests.support.querystack import LONG_SQL, stack
+from tests.support.waiting import eventually, run
 
 OK_SQL = "SELECT i FROM range(3) t(i)"
-
-
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    cp = ControlPlane(ControlPlaneData(tmp_path / "cp"))
-    try:
-        yield cp
-    finally:
-        cp.close()
 
 
 def audit_of(control_plane: ControlPlane) -> list[AuditRecord]:

@@ -26,8 +26,8 @@ from launcher.model.catalog import load_catalog
 from launcher.model.policy import Policy, load_pushed_policies, same_settings
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.worker.tunnel import TunnelClient
-
-from .test_tunnel import DEADLINE_S, FAST, ControlPlane, eventually, run
+from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
+from tests.support.waiting import eventually, run
 
 POLICY = """# a comment that is kept
 name: {name}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +17,19 @@ import pytest
 
 from launcher.cli.main import main
 from launcher.controlplane.audit import AuditLog
-from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.registry import WorkerRegistry
 from launcher.controlplane.routing import QueryDone, QueryRouter
 from launcher.errors import WorkerShutdownError, WorkerUnavailableError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.worker.audit import AUDIT_FILE, QueryOpening, WorkerAuditRecord, read_audit
 from launcher.worker.queries import QueryTasks, RunStats
-
-from .test_query_tunnel import LONG_SQL, POLICY, ControlPlane, Stack, eventually, run, stack
-from .test_tunnel import DEADLINE_S
+from tests.support.controlplane import DEADLINE_S, ControlPlane
+from tests.support.querystack import LONG_SQL, POLICY, Stack, stack
+from tests.support.waiting import eventually, run
 
 # Only the drain can end LONG_SQL early under this policy.
 PATIENT = POLICY.replace("statement_timeout: 2s", "statement_timeout: 60s")
 GRACE_S = 0.3
-
-
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    cp = ControlPlane(ControlPlaneData(tmp_path / "cp"))
-    try:
-        yield cp
-    finally:
-        cp.close()
 
 
 async def drain_and_wait(s: Stack) -> None:

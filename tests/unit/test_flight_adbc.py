@@ -1,10 +1,9 @@
 """The real ADBC Flight SQL driver end to end: ADBC -> Flight SQL server -> control plane ->
 mTLS tunnel -> worker -> executor -> in-process sandboxes (real runners, real DuckDB).
 
-The control plane runs on its own loop in a thread (``test_tunnel.ControlPlane``), the worker
+The control plane runs on its own loop in a thread (``tests.support.flight``), the worker
 and its sandboxes (``FakeBackend``) on the test's loop, and the ADBC driver, which blocks, in
 ``asyncio.to_thread``, so nothing waits for itself. Every wait has a deadline.
-``FlightControlPlane`` and ``adbc_connect`` serve the integration tier too.
 """
 
 from __future__ import annotations
@@ -13,75 +12,27 @@ import asyncio
 import datetime as dt
 import decimal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import adbc_driver_flightsql.dbapi as adbc_flightsql
 import adbc_driver_manager
 import flightsql
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pytest
-from adbc_driver_flightsql import DatabaseOptions
 from flightsql import FlightSQLClient
 
 from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.server import ControlPlaneServer
-from launcher.flight import ControlPlaneWithFlight, FlightListen
-
-from .test_query_tunnel import LONG_SQL, Stack, eventually, run, stack
-from .test_tunnel import DEADLINE_S, INTERVAL_S, ControlPlane
+from tests.support.controlplane import DEADLINE_S
+from tests.support.flight import FlightControlPlane, adbc_connect, in_thread
+from tests.support.querystack import LONG_SQL, Stack, stack
+from tests.support.waiting import eventually, run
 
 T = TypeVar("T")
 # Streams rows until something stops it (the policy's statement timeout is 2 s).
 ENDLESS_SQL = "SELECT i FROM range(1000000000000) t(i)"
-
-
-class FlightControlPlane(ControlPlane):
-    """``ControlPlane`` with the Flight SQL endpoint on loopback (TLS unless ``plaintext``)."""
-
-    def __init__(self, data: ControlPlaneData, *, plaintext: bool = False) -> None:
-        super().__init__(data)
-        self.plaintext = plaintext
-        self.flight_listen = "127.0.0.1:0"
-
-    async def start(self) -> None:
-        self.server = ControlPlaneServer(
-            self.data,
-            self.listen,
-            tunnel_listen=self.tunnel_listen,
-            heartbeat_interval_s=INTERVAL_S,
-        )
-        listen = FlightListen.parse(self.flight_listen, plaintext=self.plaintext)
-        self.served = ControlPlaneWithFlight(self.server, listen)
-        await self._on_loop(self.served.start())
-        self.listen, self.tunnel_listen = self.server.address, self.server.tunnel_address
-        assert self.served.flight is not None
-        self.flight_listen = f"127.0.0.1:{self.served.flight.port}"
-
-    async def stop(self) -> None:
-        """Flight SQL first, then the control plane (``ControlPlaneWithFlight.stop``)."""
-        if self.server is not None:
-            await self._on_loop(self.served.stop(0))
-            self.server = None
-
-    @property
-    def location(self) -> str:
-        assert self.server is not None and self.served.flight is not None
-        return self.served.flight.location
-
-
-def adbc_connect(
-    cp: FlightControlPlane, api_key: str | None, **options: str
-) -> adbc_flightsql.Connection:
-    """An ADBC connection trusting the control plane's CA, with ``api_key`` as bearer token."""
-    db_kwargs = {DatabaseOptions.TLS_ROOT_CERTS.value: cp.data.ca().cert_pem().decode()}
-    if api_key is not None:
-        db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {api_key}"
-    db_kwargs.update(options)
-    return adbc_flightsql.connect(cp.location, db_kwargs=db_kwargs, autocommit=True)
 
 
 @pytest.fixture
@@ -101,10 +52,6 @@ def fetch(
     with adbc_connect(cp, api_key, **options) as conn, conn.cursor() as cursor:
         cursor.execute(sql, args or None)
         return cursor.fetch_arrow_table()
-
-
-async def in_thread(function: Callable[..., T], *args: object, **kwargs: object) -> T:
-    return await asyncio.to_thread(function, *args, **kwargs)
 
 
 def test_select_42_and_get_info_through_the_whole_chain(

@@ -1,6 +1,6 @@
 """Roles, catalog metadata, parameters and updates through the real ADBC driver and the real
 Flight SQL server, with an in-process DuckDB standing in for router and worker
-(``flight_stack.py``); the whole chain through the tunnel is ``test_flight_adbc.py``'s."""
+(``support/flightstack.py``); the whole chain through the tunnel is ``test_flight_adbc.py``'s."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from launcher.flight.listing import like
 from launcher.flight.updates import changes_data
 from launcher.model.sql.tables import analyze
 from launcher.protocol import flightsql_pb2 as pb
-
-from .flight_stack import TRIPS, FlightStack, flight_stack
+from tests.support.flightstack import TRIPS, FlightStack, flight_stack
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from google.protobuf import any_pb2
 
 from launcher.flight import messages as msg
 from launcher.protocol import flightsql_pb2 as pb
-
-from .flight_stack import FlightStack, flight_stack
+from tests.support.flightstack import FlightStack, flight_stack
 
 BEARER = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer dck1.admin")])
 NOT_UTF8 = b"SELECT '\xff'"  # the bad byte at offset 8

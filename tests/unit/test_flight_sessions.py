@@ -1,7 +1,7 @@
 """Flight SQL sessions through the whole chain: ADBC with an ``x-duckcell-session`` header ->
 Flight SQL server -> router's sessions -> tunnel -> the worker's session sandbox.
 
-The stack is ``test_tunnel_sessions``'s (a worker knowing the ``agent-session`` policy, real
+The stack is ``tests.support.sessions``' (a worker knowing the ``agent-session`` policy, real
 runners over FakeBackend) with the Flight SQL endpoint on; a temp table witnesses where each
 statement ran: it exists only in the sandbox that created it.
 """
@@ -15,11 +15,10 @@ import adbc_driver_manager
 import pytest
 
 from launcher.controlplane.datadir import ControlPlaneData
-
-from .flight_stack import SESSION_OPTION
-from .test_flight_adbc import FlightControlPlane, adbc_connect
-from .test_query_tunnel import eventually, run
-from .test_tunnel_sessions import CREATE, READ, sessions_stack
+from tests.support.flight import FlightControlPlane, adbc_connect
+from tests.support.flightstack import SESSION_OPTION
+from tests.support.sessions import CREATE, READ, sessions_stack
+from tests.support.waiting import eventually, run
 
 
 def test_a_named_session_shares_one_sandbox_until_the_client_closes(tmp_path: Path) -> None:

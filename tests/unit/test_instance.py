@@ -8,8 +8,7 @@ from pathlib import Path
 
 from launcher.sandbox.backend.base import SandboxSpec
 from launcher.sandbox.instance import InstanceLock, instance_alive, reap_orphans
-
-from .fakes import FakeBackend
+from tests.support.fakes import FakeBackend
 
 
 def _hold_lock_and_die(instances_dir: str, queue: multiprocessing.Queue) -> None:

@@ -49,8 +49,7 @@ from launcher.sandbox.pool import SandboxPool
 from launcher.sandbox.result_check import STEP_MESSAGES, ResultGuard
 from launcher.sandbox.runner_client import BATCH_ROWS, MAX_MESSAGE_CHARS, TRUNCATED
 from launcher.sandbox.sessions import SessionManager
-
-from .fakes import FakeBackend
+from tests.support.fakes import FakeBackend
 
 POLICY = """
 name: {name}

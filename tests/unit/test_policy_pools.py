@@ -32,8 +32,8 @@ from launcher.sandbox.pool import SandboxPool
 from launcher.sandbox.pools import PolicyPools
 from launcher.sandbox.sessions import SessionManager
 from launcher.sandbox.spec import SandboxState
-
-from .fakes import FakeBackend
+from tests.support.fakes import FakeBackend
+from tests.support.waiting import eventually
 
 T = TypeVar("T")
 
@@ -84,14 +84,6 @@ def scenario(body: Callable[[Harness], Awaitable[T]]) -> T:
             assert harness.backend.live() == 0, "pools left containers behind"
 
     return asyncio.run(main())
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(what)
 
 
 async def threads(h: Harness, chosen: Policy) -> int:

@@ -25,18 +25,15 @@ from launcher.errors import (
     SessionError,
     SqlError,
 )
-from launcher.executor import Executor, QueryExecution, collect_table
+from launcher.executor import QueryExecution, collect_table
 from launcher.model.catalog import Binding
-from launcher.model.policy import Policy, load_policy_text
+from launcher.model.policy import load_policy_text
 from launcher.sandbox.backend.base import ContainerState, SandboxHandle
-from launcher.sandbox.capacity import Capacity
-from launcher.sandbox.factory import FactorySettings, SandboxFactory
-from launcher.sandbox.pool import IDLE_CHECK_S, REMOVAL_DEADLINE_S, SandboxPool
-from launcher.sandbox.sessions import SessionManager
+from launcher.sandbox.pool import SandboxPool
 from launcher.sandbox.spec import SandboxState
+from tests.support.fakes import FakeBackend
+from tests.support.harness import Harness
 from tests.support.waiting import eventually
-
-from .fakes import FakeBackend
 
 T = TypeVar("T")
 
@@ -48,48 +45,6 @@ limits: {cpus: 1, memory: 512MiB, pids: 128, scratch: 64MiB, statement_timeout: 
 pool: {warm: 2}
 """
 SESSION_POLICY = QUERY_POLICY.replace("name: q", "name: s").replace("query\n", "session\n", 1)
-
-
-class Harness:
-    def __init__(
-        self,
-        backend: FakeBackend,
-        capacity: int = 8,
-        queue_timeout_s: float = 5,
-        cache_dir: str | None = None,
-        idle_check_s: float = IDLE_CHECK_S,
-        removal_deadline_s: float = REMOVAL_DEADLINE_S,
-    ) -> None:
-        self.backend = backend
-        self.factory = SandboxFactory(
-            backend, FactorySettings("img", "unit", "inst", cache_dir, start_timeout_s=5)
-        )
-        self.capacity = Capacity(capacity)
-        self.queue_timeout_s = queue_timeout_s
-        self.idle_check_s = idle_check_s
-        self.removal_deadline_s = removal_deadline_s
-        self.pools: dict[str, SandboxPool] = {}
-        self.sessions = SessionManager(self.pool_for)
-        self.executor = Executor(backend, self.pool_for, self.sessions, kill_grace_s=1)
-
-    def pool_for(self, policy: Policy) -> SandboxPool:
-        if policy.name not in self.pools:
-            pool = SandboxPool(
-                policy,
-                self.factory,
-                self.capacity,
-                queue_timeout_s=self.queue_timeout_s,
-                idle_check_s=self.idle_check_s,
-                removal_deadline_s=self.removal_deadline_s,
-            )
-            pool.start()
-            self.pools[policy.name] = pool
-        return self.pools[policy.name]
-
-    async def close(self) -> None:
-        await self.sessions.close_all()
-        for pool in self.pools.values():
-            await pool.close()
 
 
 def scenario(
@@ -113,6 +68,12 @@ SESSION = load_policy_text(SESSION_POLICY, "<test>")
 DEADLINE_S = 10.0
 # Streams rows until stopped: its first chunk shows DuckDB is running it in the sandbox.
 ENDLESS = "SELECT range AS n FROM range(100000000000)"
+
+
+def filler_looked(pool: SandboxPool) -> bool:
+    """The pool's filler has looked since it was last woken: each look clears the wake-up and
+    starts what is missing before it waits again, so a cleared wake-up is a finished look."""
+    return not pool._wake.is_set()
 
 
 async def until_in_sandbox(execution: QueryExecution) -> None:
@@ -292,8 +253,7 @@ def test_missing_image_stops_the_filler_until_asked_again() -> None:
         await eventually(lambda: pool.stats()["starting"] == 0, "the failed starts ended")
         before = h.backend.created
         h.capacity.wake_all()  # the filler looks again ...
-        for _ in range(10):
-            await asyncio.sleep(0)  # ... and gets to run
+        await eventually(lambda: filler_looked(pool), "the filler looked")  # ... and has run
         assert h.backend.created == before  # nothing retried on its own
         h.backend.images.add("img")  # the image gets built; the next query works
         await collect_table(h.executor.execute("SELECT 1", policy=QUERY))
@@ -506,8 +466,8 @@ def test_a_queued_query_starts_a_sandbox_whatever_is_busy() -> None:
         pool = h.pool_for(WARM_ONE)
         await pool.wait_warm(DEADLINE_S)
         busy = [await asyncio.wait_for(pool.acquire(), DEADLINE_S) for _ in range(3)]
-        for _ in range(10):
-            await asyncio.sleep(0)  # the filler looks: 3 busy cover the warm stock of 1
+        # The filler looks: 3 busy cover the warm stock of 1.
+        await eventually(lambda: filler_looked(pool), "the filler looked")
         stats = pool.stats()
         assert (stats["busy"], stats["ready"], stats["starting"]) == (3, 0, 0)
         queued = asyncio.ensure_future(pool.acquire())

@@ -22,8 +22,7 @@ from launcher.sandbox.backend.runtimes import RuntimeGate, refusal, runsc_flags,
 from launcher.sandbox.capacity import Capacity
 from launcher.sandbox.factory import FactorySettings, SandboxFactory
 from launcher.sandbox.pool import SandboxPool
-
-from .fakes import FakeBackend
+from tests.support.fakes import FakeBackend
 
 GOOD = ["--network=none", "--host-uds=create", "--oci-seccomp"]
 

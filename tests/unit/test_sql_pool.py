@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,8 @@ from launcher.model.sql import MAX_STATEMENT_BYTES, ParserPool, check_statement
 
 DEADLINE_S = 30.0
 # A parser process that answers like the real one without DuckDB: "SLOW <s> <name>" sleeps
-# first, "HANG" never answers, "CRASH" exits, "ENV" names its environment variables as tables;
+# first, "GATE <dir> <name>" appends a line to <dir>/parsed and answers once <dir>/open exists,
+# "HANG" never answers, "CRASH" exits, "ENV" names its environment variables as tables;
 # anything else reads its last word as a table name.
 FAKE = r"""
 import json, os, struct, sys, time
@@ -35,6 +38,11 @@ while True:
         time.sleep(3600)
     if words[0] == "SLOW":
         time.sleep(float(words[1]))
+    if words[0] == "GATE":
+        with open(os.path.join(words[1], "parsed"), "a") as parsed:
+            parsed.write(sql + "\n")
+        while not os.path.exists(os.path.join(words[1], "open")):
+            time.sleep(0.01)
     tables = sorted(os.environ) if words[0] == "ENV" else [words[-1]]
     statement = {"kind": "SELECT", "text": "", "copy_to": None}
     body = json.dumps({"parsed": {"tables": tables, "statements": [statement]}}).encode()
@@ -184,19 +192,29 @@ def test_concurrent_statements_all_get_their_own_answer() -> None:
     run(scenario)
 
 
-def test_a_caller_that_leaves_does_not_cut_the_parse_short() -> None:
-    """The parse goes on for the next caller with the same SQL (and its cache)."""
+def test_a_caller_that_leaves_does_not_cut_the_parse_short(tmp_path: Path) -> None:
+    """The parse goes on for the next caller with the same SQL (and its cache).
+
+    The child holds its answer until the test opens the gate, so the first caller leaves while
+    its parse is certainly in flight; the child then parsed the statement once, for both.
+    """
+    sql = f"GATE {tmp_path} kept"
+    parsed = tmp_path / "parsed"
 
     async def scenario() -> None:
         async with ParserPool(size=1, command=FAKE_COMMAND) as pool:
             (child,) = pool.pids
-            leaving = asyncio.create_task(pool.parse("SLOW 0.5 kept"))
-            await asyncio.sleep(0.1)
+            leaving = asyncio.create_task(pool.parse(sql))
+            await _until(parsed.exists)  # the child is parsing it
             leaving.cancel()
-            started = time.monotonic()
-            assert (await pool.parse("SLOW 0.5 kept")).tables == {"kept"}
-            assert time.monotonic() - started < 0.5  # joined the parse in flight
-            assert pool.pids == [child]
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            assert leaving.cancelled()
+            staying = asyncio.create_task(pool.parse(sql))
+            (tmp_path / "open").touch()
+            assert (await staying).tables == {"kept"}
+            assert parsed.read_text().splitlines() == [sql]  # one parse, not cut short
+            assert pool.pids == [child]  # and its child was not replaced
 
     run(scenario)
 

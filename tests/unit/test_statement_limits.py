@@ -20,10 +20,9 @@ from launcher.model.sql import MAX_STATEMENT_BYTES
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.worker.audit import QueryOpening, WorkerAuditRecord
 from launcher.worker.queries import QueryTasks, RunStats
-
-from .flight_stack import FlightStack, write_catalog
-from .test_query_tunnel import raw_run, stack
-from .test_tunnel import DEADLINE_S, ControlPlane
+from tests.support.controlplane import DEADLINE_S, ControlPlane
+from tests.support.flightstack import FlightStack, write_catalog
+from tests.support.querystack import raw_run, stack
 
 # 1.2 MB of IN list: over the 1 MiB limit, and a size DuckDB's parser would take seconds for.
 OVERSIZED = "SELECT * FROM trips WHERE id IN (" + ",".join(["123456"] * 170_000) + ")"

@@ -9,114 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.message import Message
 from grpc import aio
 
 from launcher.cli.main import main
 from launcher.controlplane.ca import CertificateAuthority
-from launcher.controlplane.datadir import ControlPlaneData
-from launcher.controlplane.registry import Worker, WorkerRegistry
-from launcher.controlplane.server import ControlPlaneServer
 from launcher.controlplane.tunnel import HeartbeatWatch
 from launcher.errors import TunnelRefusedError
 from launcher.link.pki import generate_worker_key_and_csr
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 from launcher.worker.dialing import Backoff, Keepalive, ProxyConfig
-from launcher.worker.enroll import Identity, enroll
+from launcher.worker.enroll import Identity
 from launcher.worker.tunnel import TunnelClient
-
-# Heartbeats every 0.3 s: a stream is ended after 3 missed ones (0.9 s). 0.1 s was fast but
-# a loaded two-core machine stalled a loop for 0.3 s now and then, ending tunnels mid-test.
-INTERVAL_S = 0.3
-DEADLINE_S = 5.0
-FAST = Backoff(base_s=0.02, cap_s=0.2)
-
-
-class ControlPlane:
-    """A control plane on a thread's event loop that tests can stop, restart and revoke on."""
-
-    def __init__(
-        self, data: ControlPlaneData, observe: Callable[[Message], object] | None = None
-    ) -> None:
-        self.data = data
-        self._observe = observe or (lambda message: None)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server: ControlPlaneServer | None = None
-        self.listen, self.tunnel_listen = "127.0.0.1:0", "127.0.0.1:0"
-        self._enrolled = 0
-
-    async def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
-
-    async def start(self) -> None:
-        self.server = ControlPlaneServer(
-            self.data,
-            self.listen,
-            tunnel_listen=self.tunnel_listen,
-            heartbeat_interval_s=INTERVAL_S,
-            observe=self._observe,
-        )
-        await self._on_loop(self.server.start())
-        # A restart comes back on the same ports.
-        self.listen, self.tunnel_listen = self.server.address, self.server.tunnel_address
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self._on_loop(self.server.stop(0))
-            self.server = None
-
-    async def revoke(self, worker_id: str) -> Worker:
-        assert self.server is not None
-        return await self._on_loop(self.server.revoke(worker_id))
-
-    async def enroll(self, state: Path) -> Identity:
-        """A new worker, named w1, w2, ... (names are unique per control plane)."""
-        assert self.server is not None
-        self._enrolled += 1
-        name = f"w{self._enrolled}"
-        return await enroll(self.server.address, self.data.tokens().create(), state, name)
-
-    def worker(self, worker_id: str) -> Worker:
-        worker = WorkerRegistry(self.data.database()).get(worker_id)
-        assert worker is not None
-        return worker
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.stop(), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    cp = ControlPlane(ControlPlaneData(tmp_path / "cp"))
-    try:
-        yield cp
-    finally:
-        cp.close()
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(DEADLINE_S):
-        while not condition():
-            await asyncio.sleep(0.01)
-    assert condition(), what
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+from tests.support.controlplane import DEADLINE_S, FAST, INTERVAL_S, ControlPlane
+from tests.support.waiting import eventually, run
 
 
 def test_worker_is_online_within_a_heartbeat_and_offline_after_it_stops(
