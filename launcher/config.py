@@ -123,8 +123,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             seconds = float(value) if isinstance(value, int | float) else parse_duration(str(value))
             if seconds is None or not math.isfinite(seconds):
                 raise ValueError('expected a duration like "30s", "5m" or "250ms"')
-            if seconds <= 0:
-                raise ValueError("must be positive")
+            if seconds < 0.001:  # what the config file accepts too (yamlfile.Reader.duration)
+                raise ValueError("must be at least 1ms")
             return seconds
         return str(value)
     except (TypeError, ValueError) as error:
@@ -142,7 +142,7 @@ def _from_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a YAML config file (not UTF-8 text)") from None
     reader = Reader(str(path), _SCHEMA, error=ConfigError, keys="settings")
     root = reader.compose_optional(text)
-    if root is None:  # an empty file, or comments only: every setting from elsewhere
+    if root is None or root.tag.endswith(":null"):  # empty, comments only, or a bare "---"
         return {}
     sec = reader.section(root, "", 1)
     values: dict[str, Any] = {}
@@ -159,6 +159,8 @@ def _from_yaml(path: Path) -> dict[str, Any]:
             if not reader.text(node, name):
                 reader.fail(node, name, "expected a directory path, got an empty string")
             values[name] = Path(node.value).expanduser()
+        elif name == "launcher_id" and node.tag.endswith(":int"):
+            values[name] = node.value  # an id of digits, written without quotes
         else:
             values[name] = reader.text(node, name)
     return values

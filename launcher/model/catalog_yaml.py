@@ -1,10 +1,10 @@
 """Reading catalog YAML: the policy reader's mechanics, with catalog errors and named entries.
 
 ``launcher.model.catalog`` owns the catalog model and decides which keys mean what; this module
-adapts ``policy_yaml.Reader`` (composed nodes that keep their line numbers, one-line errors naming
-source, line and field) to catalogs: every mistake is a ``CatalogError``, and the two mappings
-whose keys are names the author chose (``connections`` and ``tables``) are read entry by entry,
-each entry checked against the keys its kind of section knows.
+adapts ``launcher.yamlfile.Reader`` (composed nodes that keep their line numbers, one-line errors
+naming source, line and field) to catalogs: every mistake is a ``CatalogError``, and the two
+mappings whose keys are names the author chose (``connections`` and ``tables``) are read entry by
+entry, each entry checked against the keys its kind of section knows.
 """
 
 from __future__ import annotations

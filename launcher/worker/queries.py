@@ -37,6 +37,9 @@ from grpc import aio
 
 from ..data.datapath import DataPath
 from ..errors import (
+    CAPACITY_REASON,
+    POLICY_REASON,
+    WORKER_ERROR_REASON,
     DuckcellError,
     PolicyError,
     PoolError,
@@ -162,7 +165,7 @@ class ExecutorQueryRunner:
     def stats(self, query_id: str) -> RunStats:
         return self._stats.pop(query_id, RunStats())
 
-    # -- tunnel_sessions.SessionHost: the control plane's sessions over the launcher's ----------
+    # -- worker.sessions.SessionHost: the control plane's sessions over the launcher's ----------
 
     async def open_session(self, policy: str) -> tuple[str, str]:
         chosen = self._policies.get(policy or self._default_policy)
@@ -409,9 +412,9 @@ def _reason(error: DuckcellError) -> str:
     if isinstance(error, QueryError):
         return error.reason
     if isinstance(error, PolicyError):
-        return "policy"
+        return POLICY_REASON
     if isinstance(error, PoolError):
-        return "capacity"
+        return CAPACITY_REASON
     if isinstance(error, SessionError):
-        return "session"
-    return "worker_error"
+        return SessionError.reason
+    return WORKER_ERROR_REASON

@@ -101,6 +101,9 @@ def test_bad_config_files_name_file_line_and_key(
 GOOD_FILES = [
     ("empty", "", "max_sandboxes", 8),
     ("comments-only", "# nothing set here\n", "queue_timeout_s", 30.0),
+    ("document-marker-only", "---\n# max_sandboxes: 4\n", "max_sandboxes", 8),
+    ("duration-leading-dot", "kill_grace_s: .5s\n", "kill_grace_s", 0.5),
+    ("numeric-launcher-id", "launcher_id: 12345\n", "launcher_id", "12345"),
     ("count", "max_sandboxes: 3\n", "max_sandboxes", 3),
     ("duration-seconds", "queue_timeout_s: 9\n", "queue_timeout_s", 9.0),
     ("duration-fraction", "kill_grace_s: 0.5\n", "kill_grace_s", 0.5),
@@ -132,7 +135,8 @@ def test_good_config_files(tmp_path: Path, text: str, setting: str, value: objec
         ({"DUCKCELL_MAX_SANDBOXES": "2.7"}, "expected a whole number"),
         ({"DUCKCELL_MAX_SANDBOXES": "0"}, "must be at least 1"),
         ({"DUCKCELL_QUEUE_TIMEOUT": "soon"}, "expected a duration"),
-        ({"DUCKCELL_QUEUE_TIMEOUT": "0s"}, "must be positive"),
+        ({"DUCKCELL_QUEUE_TIMEOUT": "0s"}, "must be at least 1ms"),
+        ({"DUCKCELL_QUEUE_TIMEOUT": "0.0001"}, "must be at least 1ms"),
         ({"DUCKCELL_KILL_GRACE": "nan"}, "expected a duration"),
     ],
 )
@@ -146,6 +150,7 @@ def test_bad_env_values_name_the_variable(env: dict[str, str], message: str) -> 
 def test_env_durations_take_units() -> None:
     config = load_config(env={"DUCKCELL_QUEUE_TIMEOUT": "2m", "DUCKCELL_KILL_GRACE": "1.5"})
     assert (config.queue_timeout_s, config.kill_grace_s) == (120.0, 1.5)
+    assert load_config(env={"DUCKCELL_KILL_GRACE": ".5"}).kill_grace_s == 0.5
 
 
 def test_bad_env_value_names_the_variable() -> None:
