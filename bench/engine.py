@@ -111,7 +111,7 @@ def sandbox_spec(config: LauncherConfig, policy: Policy) -> SandboxSpec:
         image=config.image,
         launcher_id=config.launcher_id,
         instance_id="bench-probe",
-        cache_dir=None,
+        files_dir=None,
     )
 
 

@@ -13,14 +13,16 @@ from bench.bench_data import BENCH_POLICY, POLICY, QUERIES, TABLES, catalog_text
 from bench.bench_load import parse_args as parse_load_args
 from bench.bench_load import phases as load_phases
 from bench.client_process import error_fields
+from bench.engine import sandbox_spec
 from bench.load_report import cpu_summary, error_key, phase_summary, render_load
 from bench.report import flight_summary, render_data, render_flight, render_tunnel, target
 from bench.stats import Json, MachineCpu, summarize
 from bench.transfer import Transfer
 from bench.tunnel import transfer_summary
+from launcher.config import load_config
 from launcher.errors import DuckcellError, query_error
 from launcher.model.catalog import parse_catalog
-from launcher.model.policy import load_policies
+from launcher.model.policy import load_policies, load_policy_file
 from launcher.model.sql.tables import table_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,3 +265,14 @@ def test_load_summary_counts_errors_audit_rows_and_renders() -> None:
     assert "per_query                     worker             5/6" in text
     assert "per_query: 1 x RESOURCE_EXHAUSTED OverCapacityError (capacity): busy" in text
     assert "(exit 0): 0" in text
+
+
+def test_the_sandbox_bench_specs_its_containers_as_the_launcher_does(tmp_path: Path) -> None:
+    """bench_sandbox churns containers with the launcher's own spec; a renamed spec field
+    broke it once without any test noticing."""
+    config = load_config(flags={"state_dir": tmp_path}, env={})
+    for name in ("default", "strict"):
+        policy = load_policy_file(REPO / "policies" / f"{name}.yaml")
+        spec = sandbox_spec(config, policy)
+        assert spec.files_dir is None and spec.image == config.image
+        assert spec.runtime == policy.runtime.value
