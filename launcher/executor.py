@@ -441,11 +441,17 @@ class QueryExecution:
                     f"session {self._session.session_id} ended during the query: it {why}"
                 )
         backend = self._executor.backend
-        state = await backend.inspect(sandbox.handle)
-        deadline = time.monotonic() + _EXIT_WAIT_S
-        while state.status == "running" and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        try:
             state = await backend.inspect(sandbox.handle)
+            deadline = time.monotonic() + _EXIT_WAIT_S
+            while state.status == "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                state = await backend.inspect(sandbox.handle)
+        except DuckcellError as error:  # the engine went away with it (a restart): still lost
+            return SandboxLostError(
+                f"sandbox {sandbox.name} stopped during the query and the Docker engine does "
+                f"not answer ({error}; {broken.detail})"
+            )
         # Only the engine's OOMKilled flag: exit 137 is any SIGKILL, not just the OOM killer.
         if state.oom_killed:
             mib = self._policy.limits.memory_bytes // (1024 * 1024)
