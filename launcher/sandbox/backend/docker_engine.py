@@ -87,6 +87,11 @@ class DockerBackend:
     async def ping(self) -> None:
         await self._call("ping", self._api.ping)
 
+    async def runtimes(self) -> dict[str, Any]:
+        """The engine's runtime registrations (``docker info``: name -> path, runtimeArgs)."""
+        info = await self._call("info", self._api.info)
+        return dict(info.get("Runtimes") or {})
+
     async def image_present(self, image: str) -> bool:
         try:
             await self._call("image inspect", lambda: self._api.inspect_image(image))

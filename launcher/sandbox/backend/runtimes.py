@@ -94,16 +94,9 @@ def refusal(problem: str, policies: Collection[str] = ()) -> str:
 
 
 def docker_runtimes(backend: DockerBackend) -> Callable[[], Awaitable[Runtimes]]:
-    """Reads the engine's runtime registrations through ``backend`` (deadline and errors as
-    for every engine call)."""
-
-    async def read() -> Runtimes:
-        # DockerBackend has no public call for this yet; its _call gives the deadline and
-        # the translation of Docker's errors.
-        info = await backend._call("info", backend._api.info)
-        return dict(info.get("Runtimes") or {})
-
-    return read
+    """Reads the engine's runtime registrations through ``backend``, anew on each call
+    (deadline and errors as for every engine call)."""
+    return backend.runtimes
 
 
 class RuntimeGate:
