@@ -43,16 +43,42 @@ schema, then dictionary batches and record batches, then the end-of-stream marke
 from __future__ import annotations
 
 import re
-import struct
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.ipc
 
 from ..errors import ResultLimitError, SqlError, runner_invalid
+from .ipc_stream import (
+    BATCH,
+    BATCH_LENGTH,
+    CONTINUATION,
+    DICTIONARY,
+    DICTIONARY_DATA,
+    DICTIONARY_ID,
+    DICTIONARY_IS_DELTA,
+    ENCODING_ID,
+    END,
+    FIELD_CHILDREN,
+    FIELD_DICTIONARY,
+    FIELD_TYPE_TYPE,
+    I16,
+    I32,
+    I64,
+    KINDS,
+    NULL_TYPE,
+    SCHEMA,
+    SCHEMA_ENDIANNESS,
+    SCHEMA_FIELDS,
+    U8,
+    FlatTable,
+    Frame,
+    Parts,
+    as_record_batch,
+    check_uncompressed,
+    decoding,
+    null_dictionary,
+    read_frame,
+    read_message,
+)
 from .runner_client import BATCH_ROWS, QuerySummary
 
 _MIB = 1024 * 1024
@@ -107,24 +133,6 @@ _EXTENSION_NAME = b"ARROW:extension:name"
 _FIELD_METADATA = frozenset({_EXTENSION_NAME, b"ARROW:extension:metadata"})
 _CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f]")  # C0, DEL, C1
 _VALUE_CONTROL = re.compile("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f]")  # but \t \n \r
-END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-_CONTINUATION = b"\xff\xff\xff\xff"
-
-_U8, _I16, _U16 = struct.Struct("<B"), struct.Struct("<h"), struct.Struct("<H")
-_I32, _U32, _I64 = struct.Struct("<i"), struct.Struct("<I"), struct.Struct("<q")
-# Field numbers in Arrow's Message.fbs and Schema.fbs (a union takes two: its type, its value).
-_MESSAGE_HEADER_TYPE, _MESSAGE_HEADER, _MESSAGE_BODY_LENGTH = 1, 2, 3
-_SCHEMA_ENDIANNESS, _SCHEMA_FIELDS = 0, 1
-_FIELD_TYPE_TYPE, _FIELD_DICTIONARY, _FIELD_CHILDREN = 2, 4, 5
-_ENCODING_ID = 0
-_BATCH_LENGTH, _BATCH_COMPRESSION = 0, 3
-_DICTIONARY_ID, _DICTIONARY_DATA, _DICTIONARY_IS_DELTA = 0, 1, 2
-_END, _SCHEMA, _DICTIONARY, _BATCH = 0, 1, 2, 3  # MessageHeader's union types; 0: end of stream
-_NULL_TYPE = 1  # Type's union type for Null
-_KINDS = {_SCHEMA: "schema", _DICTIONARY: "dictionary", _BATCH: "record batch"}
-# What pyarrow raises for bytes it cannot decode or validate (ArrowInvalid is a ValueError, the
-# reader's "expected N bytes" an OSError).
-_DECODE_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 _invalid = runner_invalid
 
@@ -207,7 +215,7 @@ class ResultGuard:
         while not self._ended:
             if (messages >= STEP_MESSAGES or work >= STEP_BYTES) and self._at < len(buffer):
                 return None
-            frame = _frame(buffer, self._at)
+            frame = read_frame(buffer, self._at, MAX_METADATA_BYTES)
             if isinstance(frame, int):  # bytes still missing from the message's header
                 self._wanted = len(buffer) - self._at + frame
                 break
@@ -270,9 +278,9 @@ class ResultGuard:
             return buffer  # whole messages (as the runner sends them): passed on without a copy
         return bytes(memoryview(buffer)[:at])
 
-    def _accept(self, frame: _Frame, message: memoryview) -> None:
+    def _accept(self, frame: Frame, message: memoryview) -> None:
         """Check one whole message."""
-        if frame.kind == _END:
+        if frame.kind == END:
             if self._schema is None:
                 raise _invalid("the stream ended before its schema")
             if self._dictionaries is not None and self._dictionaries.held:
@@ -280,28 +288,28 @@ class ResultGuard:
             self._ended = True
             return
         if self._schema is None:
-            if frame.kind != _SCHEMA:
-                raise _invalid(f"its first message is a {_KINDS[frame.kind]}, not the schema")
+            if frame.kind != SCHEMA:
+                raise _invalid(f"its first message is a {KINDS[frame.kind]}, not the schema")
             self._accept_schema(frame, message)
             return
-        if frame.kind == _SCHEMA:
+        if frame.kind == SCHEMA:
             raise _invalid("a second schema")
-        if frame.kind == _DICTIONARY:
+        if frame.kind == DICTIONARY:
             if self._dictionaries is None:
                 raise _invalid("a dictionary batch for a schema without dictionaries")
             self._dictionaries.accept(frame, message)
             return
         self._accept_batch(frame, message)
 
-    def _accept_schema(self, frame: _Frame, message: memoryview) -> None:
+    def _accept_schema(self, frame: Frame, message: memoryview) -> None:
         # Arrow byte-swaps a big-endian stream's buffers before they are validated; the runner
         # writes the host's order (little-endian), so nothing honest needs that path.
-        if frame.header.scalar(_SCHEMA_ENDIANNESS, _I16) != 0:
+        if frame.header.scalar(SCHEMA_ENDIANNESS, I16) != 0:
             raise _invalid("a big-endian schema")
         # Counted before pyarrow builds the schema: a flatbuffer may list one table many times.
         encoded = _encoded_fields(frame.header)
-        with _decoding("schema"):
-            schema = pa.ipc.read_schema(_message(message, _SCHEMA))
+        with decoding("schema"):
+            schema = pa.ipc.read_schema(read_message(message, SCHEMA))
             fields = _arrow_fields(schema)
             _check_schema(schema, fields)
         if len(encoded) != len(fields) or any(
@@ -313,10 +321,10 @@ class ResultGuard:
             self._dictionaries = _Dictionaries(frame, encoded, fields)
         self._schema = schema
 
-    def _accept_batch(self, frame: _Frame, message: memoryview) -> None:
-        _uncompressed(frame.header)
+    def _accept_batch(self, frame: Frame, message: memoryview) -> None:
+        check_uncompressed(frame.header)
         assert self._schema is not None
-        length = frame.header.scalar(_BATCH_LENGTH, _I64)
+        length = frame.header.scalar(BATCH_LENGTH, I64)
         if not 0 <= length <= self._max_batch_rows:
             raise _invalid(
                 f"a record batch of {length} rows (the runner sends at most "
@@ -326,11 +334,11 @@ class ResultGuard:
             self._empty_batches += 1
             if self._empty_batches > MAX_EMPTY_BATCHES:
                 raise _invalid(f"more than {MAX_EMPTY_BATCHES} record batch without rows")
-        with _decoding("record batch"):
+        with decoding("record batch"):
             if self._dictionaries is not None:
                 batch = self._dictionaries.read_batch(frame, message)
             else:
-                batch = pa.ipc.read_record_batch(_message(message, _BATCH), self._schema)
+                batch = pa.ipc.read_record_batch(read_message(message, BATCH), self._schema)
             batch.validate(full=True)
         self.rows += batch.num_rows
         if self._max_rows and self.rows > self._max_rows:
@@ -352,8 +360,8 @@ class _Dictionaries:
 
     def __init__(
         self,
-        schema: _Frame,
-        encoded: list[tuple[_Table, int | None]],
+        schema: Frame,
+        encoded: list[tuple[FlatTable, int | None]],
         fields: list[tuple[pa.Field, pa.DataType]],
     ) -> None:
         self._types: dict[int, pa.Schema] = {}  # id: a one-field schema of the value type
@@ -372,26 +380,26 @@ class _Dictionaries:
             if key in self._types:
                 raise _invalid(f"two fields with dictionary id {key}")
             self._types[key] = pa.schema([pa.field("dictionary", value)])
-            at = table.position(_FIELD_TYPE_TYPE, 1)
+            at = table.position(FIELD_TYPE_TYPE, 1)
             if at is None:
                 raise _invalid("a dictionary field without a type")
-            stand_in[at] = _NULL_TYPE
-        self._parts = _Parts()
-        self._parts.append(_CONTINUATION + _I32.pack(len(stand_in)) + bytes(stand_in))
-        with _decoding("schema"):
+            stand_in[at] = NULL_TYPE
+        self._parts = Parts()
+        self._parts.append(CONTINUATION + I32.pack(len(stand_in)) + bytes(stand_in))
+        with decoding("schema"):
             self._reader = pa.ipc.open_stream(pa.PythonFile(self._parts, mode="r"))
 
-    def accept(self, frame: _Frame, message: memoryview) -> None:
+    def accept(self, frame: Frame, message: memoryview) -> None:
         """Check one dictionary batch in full, once."""
         header = frame.header
         # A delta is concatenated to the dictionary before anything validates either; the
         # runner's writer never sends one (pyarrow emits deltas only when asked to).
-        if header.scalar(_DICTIONARY_IS_DELTA, _U8):
+        if header.scalar(DICTIONARY_IS_DELTA, U8):
             raise _invalid("a delta dictionary batch")
-        data = header.table(_DICTIONARY_DATA)
-        _uncompressed(data)
+        data = header.table(DICTIONARY_DATA)
+        check_uncompressed(data)
         assert data is not None
-        key = header.scalar(_DICTIONARY_ID, _I64)
+        key = header.scalar(DICTIONARY_ID, I64)
         schema = self._types.get(key)
         if schema is None:
             raise _invalid(f"a dictionary for id {key}, which no field of the schema has")
@@ -404,12 +412,12 @@ class _Dictionaries:
                 f"dictionaries of {self._size} bytes in force at once (at most "
                 f"{MAX_DICTIONARY_BYTES})"
             )
-        with _decoding("dictionary batch"):
-            _message(message, _DICTIONARY)  # pyarrow verifies the whole flatbuffer
+        with decoding("dictionary batch"):
+            read_message(message, DICTIONARY)  # pyarrow verifies the whole flatbuffer
             # Arrow reads a dictionary as a record batch of one column of its value type: so
             # does the guard, from the same bytes with the message's header pointed at it.
-            parts = _Parts()
-            parts.append(_as_record_batch(frame, data))
+            parts = Parts()
+            parts.append(as_record_batch(frame, data))
             parts.append(message[frame.body_at :])
             read = pa.ipc.read_message(pa.PythonFile(parts, mode="r"))
             batch = pa.ipc.read_record_batch(read, schema)
@@ -418,102 +426,22 @@ class _Dictionaries:
         self._changed.add(key)
         self.held.add(key)
 
-    def read_batch(self, frame: _Frame, message: memoryview) -> pa.RecordBatch:
+    def read_batch(self, frame: Frame, message: memoryview) -> pa.RecordBatch:
         """The record batch, decoded against null stand-ins of the dictionaries in force."""
         missing = self._types.keys() - self._lengths.keys()
         if missing:
             raise _invalid(f"a record batch before the dictionary with id {min(missing)}")
         for key in sorted(self._changed):
-            self._parts.append(_null_dictionary(key, self._lengths[key]))
+            self._parts.append(null_dictionary(key, self._lengths[key]))
         self._changed.clear()
         self.held.clear()
-        _message(message, _BATCH)  # pyarrow verifies the whole flatbuffer
-        self._parts.append(_CONTINUATION + _I32.pack(len(frame.header.data)) + frame.header.data)
+        read_message(message, BATCH)  # pyarrow verifies the whole flatbuffer
+        self._parts.append(CONTINUATION + I32.pack(len(frame.header.data)) + frame.header.data)
         self._parts.append(message[frame.body_at :])
         batch = self._reader.read_next_batch()
         if self._parts:
             raise _invalid("a record batch that pyarrow reads in fewer bytes than it has")
         return batch
-
-
-class _Parts:
-    """A file pyarrow reads IPC messages from: the parts queued, handed out without copies
-    (pyarrow asks for a message's prefix, metadata and body, which the parts line up with)."""
-
-    closed = False
-
-    def __init__(self) -> None:
-        self._parts: deque[memoryview] = deque()
-        self._position = 0
-
-    def __len__(self) -> int:
-        return len(self._parts)
-
-    def append(self, part: bytes | memoryview) -> None:
-        if len(part):
-            self._parts.append(memoryview(part))
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def read(self, size: int = -1) -> bytes | memoryview:
-        taken: list[memoryview] = []
-        while self._parts and (size < 0 or size > 0):
-            head = self._parts[0]
-            if 0 <= size < len(head):
-                taken.append(head[:size])
-                self._parts[0] = head[size:]
-                size = 0
-            else:
-                taken.append(self._parts.popleft())
-                size -= len(head)
-        self._position += sum(map(len, taken))
-        return taken[0] if len(taken) == 1 else b"".join(taken)
-
-
-def _as_record_batch(frame: _Frame, data: _Table) -> bytes:
-    """A dictionary batch's prefix and metadata, its header made the record batch it holds."""
-    root = frame.message
-    kind_at = root.position(_MESSAGE_HEADER_TYPE, 1)
-    header_at = root.position(_MESSAGE_HEADER, 4)
-    assert kind_at is not None and header_at is not None  # the frame found both
-    metadata = bytearray(root.data)
-    metadata[kind_at] = _BATCH
-    if data.at <= header_at:  # a flatbuffer's offsets point forward
-        raise _invalid("a dictionary batch whose header points backwards")
-    _U32.pack_into(metadata, header_at, data.at - header_at)
-    return _CONTINUATION + _I32.pack(len(metadata)) + bytes(metadata)
-
-
-def _null_dictionary(key: int, length: int) -> bytes:
-    """The IPC message of a dictionary batch for ``key``: ``length`` nulls (no body).
-
-    Written by hand (pyarrow's writer numbers dictionaries itself): a Message table (version V5,
-    header DictionaryBatch, body length 0), its DictionaryBatch (id, data) and RecordBatch
-    (length, one FieldNode of ``length`` nulls, no buffers), each field aligned to its size.
-    """
-    fb = bytearray(136)
-    _U32.pack_into(fb, 0, 16)  # the root: the Message table at 16
-    struct.pack_into("<6H", fb, 4, 12, 24, 4, 6, 8, 16)  # its vtable: 4 fields, table of 24
-    _I32.pack_into(fb, 16, 16 - 4)
-    _I16.pack_into(fb, 20, 4)  # version: V5
-    fb[22] = _DICTIONARY
-    _U32.pack_into(fb, 24, 48 - 24)  # header: the DictionaryBatch at 48
-    _I64.pack_into(fb, 32, 0)  # bodyLength
-    struct.pack_into("<4H", fb, 40, 8, 16, 8, 4)  # vtable: id at 8, data at 4
-    _I32.pack_into(fb, 48, 48 - 40)
-    _U32.pack_into(fb, 52, 80 - 52)  # data: the RecordBatch at 80
-    _I64.pack_into(fb, 56, key)
-    struct.pack_into("<5H", fb, 64, 10, 24, 8, 4, 16)  # vtable: length, nodes, buffers
-    _I32.pack_into(fb, 80, 80 - 64)
-    _U32.pack_into(fb, 84, 108 - 84)  # nodes: the vector at 108
-    _I64.pack_into(fb, 88, length)
-    _U32.pack_into(fb, 96, 128 - 96)  # buffers: the (empty) vector at 128
-    struct.pack_into("<Iqq", fb, 108, 1, length, length)  # one FieldNode: length, null count
-    return _CONTINUATION + _I32.pack(len(fb)) + bytes(fb)
 
 
 def _arrow_fields(schema: pa.Schema) -> list[tuple[pa.Field, pa.DataType]]:
@@ -533,10 +461,10 @@ def _arrow_fields(schema: pa.Schema) -> list[tuple[pa.Field, pa.DataType]]:
     return found
 
 
-def _encoded_fields(schema: _Table) -> list[tuple[_Table, int | None]]:
+def _encoded_fields(schema: FlatTable) -> list[tuple[FlatTable, int | None]]:
     """The schema flatbuffer's Field tables, in the same order, each with its dictionary id."""
-    found: list[tuple[_Table, int | None]] = []
-    waiting = list(reversed(schema.tables(_SCHEMA_FIELDS)))
+    found: list[tuple[FlatTable, int | None]] = []
+    waiting = list(reversed(schema.tables(SCHEMA_FIELDS)))
     while waiting:
         if len(found) + len(waiting) > MAX_FIELDS:
             raise SqlError(
@@ -544,9 +472,9 @@ def _encoded_fields(schema: _Table) -> list[tuple[_Table, int | None]]:
                 "select fewer"
             )
         field = waiting.pop()
-        encoding = field.table(_FIELD_DICTIONARY)
-        found.append((field, None if encoding is None else encoding.scalar(_ENCODING_ID, _I64)))
-        waiting.extend(reversed(field.tables(_FIELD_CHILDREN)))
+        encoding = field.table(FIELD_DICTIONARY)
+        found.append((field, None if encoding is None else encoding.scalar(ENCODING_ID, I64)))
+        waiting.extend(reversed(field.tables(FIELD_CHILDREN)))
     return found
 
 
@@ -575,133 +503,3 @@ def _check_schema(schema: pa.Schema, fields: list[tuple[pa.Field, pa.DataType]])
                 raise _invalid(f"field metadata {key!r} that is not UTF-8") from None
             if _VALUE_CONTROL.search(text):
                 raise _invalid(f"field metadata {key!r} with a control character")
-
-
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    """Where one message lies in the buffer, and what its flatbuffer header says it is."""
-
-    end: int  # may lie past the bytes received so far
-    kind: int  # _SCHEMA, _DICTIONARY, _BATCH; _END for the end-of-stream marker
-    header: _Table  # the Schema, DictionaryBatch or RecordBatch table (_NO_FIELDS at the end)
-    message: _Table  # the Message table (its data: the whole flatbuffer)
-    body_at: int  # where the body starts, from the message's start
-    metadata: int  # the flatbuffer's size
-
-
-def _frame(buffer: bytes | bytearray, at: int) -> _Frame | int:
-    """The message at ``at``, or how many more bytes its prefix and header need."""
-    available = len(buffer) - at
-    if available < 4:
-        return 4 - available
-    prefix, length = 4, _I32.unpack_from(buffer, at)[0]
-    if length == -1:  # the continuation marker; the length follows
-        if available < 8:
-            return 8 - available
-        prefix, length = 8, _I32.unpack_from(buffer, at + 4)[0]
-    if length == 0:
-        return _Frame(at + prefix, _END, _NO_FIELDS, _NO_FIELDS, prefix, 0)
-    if not 0 < length <= MAX_METADATA_BYTES:
-        raise _invalid(f"a message header of {length} bytes (at most {MAX_METADATA_BYTES})")
-    if available < prefix + length:
-        return prefix + length - available
-    message = _Table.root(bytes(buffer[at + prefix : at + prefix + length]))
-    kind = message.scalar(_MESSAGE_HEADER_TYPE, _U8)
-    body = message.scalar(_MESSAGE_BODY_LENGTH, _I64)
-    header = message.table(_MESSAGE_HEADER)
-    if kind not in _KINDS or header is None:
-        raise _invalid(f"a message of type {kind} (not a schema, dictionary or record batch)")
-    if body < 0 or (kind == _SCHEMA and body != 0):
-        raise _invalid(f"a {_KINDS[kind]} with a body of {body} bytes")
-    return _Frame(at + prefix + length + body, kind, header, message, prefix + length, length)
-
-
-def _message(data: memoryview, kind: int) -> pa.ipc.Message:
-    """pyarrow's reading of one whole message (it verifies the flatbuffer), of the kind the
-    guard's own reading found."""
-    message = pa.ipc.read_message(pa.py_buffer(data))
-    if message.type != _KINDS[kind]:
-        raise _invalid(f"a message that is a {_KINDS[kind]} or a {message.type}")
-    return message
-
-
-def _uncompressed(batch: _Table | None) -> None:
-    # A compressed buffer declares its own decompressed size, which Arrow allocates before
-    # anything checks it; the runner never compresses.
-    if batch is None:
-        raise _invalid("a batch message without its batch")
-    if batch.table(_BATCH_COMPRESSION) is not None:
-        raise _invalid("a compressed batch")
-
-
-@contextmanager
-def _decoding(what: str) -> Iterator[None]:
-    """pyarrow's refusal of a message, as the runner's invalid result."""
-    try:
-        yield
-    except _DECODE_ERRORS as error:
-        raise _invalid(f"a {what} that does not decode ({error})") from None
-
-
-class _Table:
-    """One table of a flatbuffer, every read checked against the buffer's end.
-
-    Only the few fields the guard needs before pyarrow (which verifies the whole flatbuffer)
-    reads the message: a bad offset here is an invalid result, never a read out of range.
-    """
-
-    __slots__ = ("_vtable", "_vtable_size", "at", "data")
-
-    def __init__(self, data: bytes, at: int, *, empty: bool = False) -> None:
-        self.data, self.at, self._vtable, self._vtable_size = data, at, 0, 0
-        if empty:
-            return
-        _within(data, at, 4)
-        self._vtable = at - _I32.unpack_from(data, at)[0]
-        _within(data, self._vtable, 4)
-        self._vtable_size = _U16.unpack_from(data, self._vtable)[0]
-        _within(data, self._vtable, self._vtable_size)
-
-    @classmethod
-    def root(cls, data: bytes) -> _Table:
-        _within(data, 0, 4)
-        return cls(data, _U32.unpack_from(data, 0)[0])
-
-    def scalar(self, field: int, kind: struct.Struct) -> int:
-        at = self.position(field, kind.size)
-        return 0 if at is None else kind.unpack_from(self.data, at)[0]
-
-    def table(self, field: int) -> _Table | None:
-        at = self.position(field, 4)
-        return None if at is None else _Table(self.data, at + _U32.unpack_from(self.data, at)[0])
-
-    def tables(self, field: int) -> list[_Table]:
-        """A vector of tables (empty when left out)."""
-        at = self.position(field, 4)
-        if at is None:
-            return []
-        start = at + _U32.unpack_from(self.data, at)[0]
-        _within(self.data, start, 4)
-        count = _U32.unpack_from(self.data, start)[0]
-        _within(self.data, start + 4, 4 * count)
-        items = range(start + 4, start + 4 + 4 * count, 4)
-        return [_Table(self.data, item + _U32.unpack_from(self.data, item)[0]) for item in items]
-
-    def position(self, field: int, size: int) -> int | None:
-        """Where a field's value lies in the flatbuffer; None if the writer left it out."""
-        slot = 4 + 2 * field
-        if slot + 2 > self._vtable_size:
-            return None  # a field the writer left out: its default
-        offset = _U16.unpack_from(self.data, self._vtable + slot)[0]
-        if offset == 0:
-            return None
-        _within(self.data, self.at + offset, size)
-        return self.at + offset
-
-
-def _within(data: bytes, at: int, size: int) -> None:
-    if at < 0 or size < 0 or at + size > len(data):
-        raise _invalid("a message header that points outside itself")
-
-
-_NO_FIELDS = _Table(b"", 0, empty=True)  # every field at its default

@@ -27,8 +27,8 @@ import pytest
 
 from launcher.errors import ResultLimitError, RunnerInvalidError, SqlError
 from launcher.sandbox import result_check
+from launcher.sandbox.ipc_stream import END_OF_STREAM
 from launcher.sandbox.result_check import (
-    END_OF_STREAM,
     MAX_FIELDS,
     MAX_METADATA_BYTES,
     METADATA_WEIGHT,
