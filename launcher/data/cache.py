@@ -4,7 +4,8 @@
 until the lease is released. The launcher is the only writer; sandboxes see the root mounted
 read-only links to the entries in a directory of their own (``launcher.sandbox.files``).
 
-How the guarantees are kept (layout and index: ``cache_index``):
+How the guarantees are kept (layout and index: ``cache_index``; locks, pins, checksums:
+``cache_files``):
 
 - **No partial entry is ever visible.** A download goes to ``.partial-<uuid>-<name>`` in the
   entry's directory; its size is checked, its sha256 computed (one read of the file just
@@ -56,32 +57,34 @@ from types import TracebackType
 
 from ..atomic import fsync_directory
 from ..errors import CacheError, first_domain_error
-from .cache_index import (
+from .cache_files import (
     OPEN_FLAGS,
-    PARTIAL_PREFIX,
-    CacheIndex,
-    CacheStats,
     EntryLock,
-    EvictReport,
     FileKey,
-    FirstUseChecks,
-    IndexRow,
-    VerifyProblem,
-    VerifyReport,
     check_entry,
     check_file,
-    entry_name,
     file_key,
     is_pinned,
     make_dir,
     own_entry,
-    partial_entry,
     pin,
     raise_open_file_limit,
-    relative_path,
     sha256_of,
     shard_dir,
     unlink_unpinned,
+)
+from .cache_index import (
+    PARTIAL_PREFIX,
+    CacheIndex,
+    CacheStats,
+    EvictReport,
+    FirstUseChecks,
+    IndexRow,
+    VerifyProblem,
+    VerifyReport,
+    entry_name,
+    partial_entry,
+    relative_path,
 )
 from .objectstore import ObjectRef, ObjectStore
 

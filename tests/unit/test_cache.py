@@ -23,7 +23,8 @@ import pytest
 
 import launcher.data.cache
 from launcher.data.cache import CacheLease, ObjectCache
-from launcher.data.cache_index import EntryLock, entry_name, relative_path
+from launcher.data.cache_files import EntryLock
+from launcher.data.cache_index import entry_name, relative_path
 from launcher.data.objectstore import LocalStore, ObjectRef
 from launcher.errors import CacheError, ObjectStoreError
 from tests.support.waiting import eventually
