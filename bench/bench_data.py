@@ -69,6 +69,7 @@ from launcher.model.catalog import parse_catalog
 from launcher.model.mounts import SANDBOX_CACHE
 from launcher.model.policy import Policy, PolicySet, load_policies
 from launcher.model.sql import ParserPool
+from launcher.sandbox.backend.docker_engine import DockerBackend
 
 TABLES = ("lineitem", "orders", "customer", "nation")
 BUCKET = "tpch"
@@ -463,7 +464,9 @@ async def measure_all(
     server: S3Server,
     progress: Progress,
 ) -> Json:
-    async with LocalLauncher(config, policies=policies, progress=progress) as launcher:
+    async with LocalLauncher(
+        config, DockerBackend.for_config(config), policies=policies, progress=progress
+    ) as launcher:
         return {
             name: await measure_query(name, plan, launcher, paths, server, progress)
             for name in QUERIES

@@ -66,6 +66,7 @@ from launcher.config import LauncherConfig, load_config
 from launcher.host import LocalLauncher
 from launcher.model.policy import PolicySet, load_policies
 from launcher.sandbox.backend.base import LABEL_LAUNCHER
+from launcher.sandbox.backend.docker_engine import DockerBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,13 @@ async def measure(
         ("select42", SELECT_42, None, "1a/1b SELECT 42"),
         ("aggregate", AGGREGATE, threads, f"2a/2b 10M-row aggregate (threads={threads})"),
     )
-    async with LocalLauncher(config, policies=policies, warm_override=2, progress=progress) as lau:
+    async with LocalLauncher(
+        config,
+        DockerBackend.for_config(config),
+        policies=policies,
+        warm_override=2,
+        progress=progress,
+    ) as lau:
         pool = await lau.warm(POLICY)
         for key, sql, local_threads, name in pairs:
             progress(f"{name}: in-process and warm-pool interleaved x{plan.repeat}")

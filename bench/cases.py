@@ -25,6 +25,7 @@ from launcher.config import LauncherConfig
 from launcher.executor import collect_table
 from launcher.host import LocalLauncher
 from launcher.model.policy import PolicySet
+from launcher.sandbox.backend.docker_engine import DockerBackend
 from launcher.sandbox.pool import SandboxPool
 
 POLICY = "default"
@@ -194,7 +195,11 @@ async def sustained(
 ) -> Json:
     """``n`` SELECT 42 queries, ``concurrency`` at a time, as fast as they complete."""
     async with LocalLauncher(
-        config, policies=policies, warm_override=concurrency, progress=progress
+        config,
+        DockerBackend.for_config(config),
+        policies=policies,
+        warm_override=concurrency,
+        progress=progress,
     ) as launcher:
         pool = await launcher.warm(POLICY)
         await settle(pool)

@@ -17,8 +17,8 @@ from .data.datapath import TableFiles
 from .errors import ImageMissingError
 from .executor import Executor, QueryExecution, TablePreparer
 from .model.policy import Policy, PolicySet, check_no_downgrade, load_policies
-from .sandbox.backend.docker_engine import DockerBackend
-from .sandbox.backend.runtimes import RUNSC, RuntimeGate, docker_runtimes
+from .sandbox.backend.base import SandboxBackend
+from .sandbox.backend.runtimes import RUNSC, RuntimeGate
 from .sandbox.capacity import Capacity
 from .sandbox.factory import FactorySettings, SandboxFactory
 from .sandbox.files import remove_stale
@@ -29,9 +29,17 @@ from .sandbox.sessions import Session, SessionManager
 
 
 class LocalLauncher:
+    """One host's sandboxes: the engine it is given, its policies' pools, capacity, sessions
+    and the executor, started and stopped in order (see the module's docstring).
+
+    The host owns the backend it is given and closes it at ``close``. Build one with
+    ``DockerBackend.for_config(config)``; the unit tier passes an in-memory backend.
+    """
+
     def __init__(
         self,
         config: LauncherConfig,
+        backend: SandboxBackend,
         *,
         policies: PolicySet | None = None,
         warm_override: int | None = None,
@@ -44,7 +52,7 @@ class LocalLauncher:
         self._warm_override = warm_override
         self._progress = progress or (lambda message: None)
         self._lock: InstanceLock | None = None
-        self.backend: DockerBackend | None = None
+        self.backend = backend
         self.capacity = Capacity(config.max_sandboxes)
         self._pools = PolicyPools(self._new_pool)
         self.sessions = SessionManager(self.pool_for)
@@ -53,8 +61,7 @@ class LocalLauncher:
 
     async def start(self) -> None:
         config = self.config
-        backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
-        self.backend = backend
+        backend = self.backend
         await backend.ping()
         if not await backend.image_present(config.image):
             raise ImageMissingError(
@@ -63,7 +70,7 @@ class LocalLauncher:
             )
         # gVisor sandboxes only on an engine that applies the seccomp profile inside gVisor:
         # one warning line now if it does not, and each runsc query fails with it.
-        gate = RuntimeGate(backend, docker_runtimes(backend))
+        gate = RuntimeGate(backend)
         await gate.check_at_start([p.name for p in self.policies if p.runtime == RUNSC])
         self._lock = InstanceLock(config.instances_dir)
         self.reaped = await reap_orphans(
@@ -212,8 +219,7 @@ class LocalLauncher:
         await self._pools.close()
         if self._lock is not None:
             self._lock.release()
-        if self.backend is not None:
-            self.backend.close()
+        self.backend.close()
 
     async def __aenter__(self) -> LocalLauncher:
         try:

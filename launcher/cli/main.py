@@ -251,7 +251,9 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     if data is not None:
         config = dataclasses.replace(config, cache_dir=data.cache.root)
     try:
-        async with LocalLauncher(config, warm_override=0, progress=progress) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), warm_override=0, progress=progress
+        ) as launcher:
             policy = launcher.policies.get(args.policy or "default")
             progress(f"starting a {policy.runtime.value} sandbox (policy {policy.name})")
             session = None
@@ -419,7 +421,7 @@ async def _worker(args: argparse.Namespace, progress: Progress) -> int:
 
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
     config = _config(args)
-    backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
+    backend = DockerBackend.for_config(config)
     try:
         await backend.ping()
         if args.sandboxes_command == "list":

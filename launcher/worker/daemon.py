@@ -30,6 +30,8 @@ from ..host import LocalLauncher
 from ..model.catalog import Catalog
 from ..model.policy import PolicySet
 from ..model.sql import ParserPool
+from ..sandbox.backend.base import SandboxBackend
+from ..sandbox.backend.docker_engine import DockerBackend
 from ..sandbox.instance import instance_alive
 from .audit import WorkerAuditLog
 from .dialing import Backoff, ProxyConfig
@@ -69,7 +71,8 @@ class Worker:
     the host. ``run`` serves until ``stop`` or ``drain``; ``start``/``connected`` run the tunnel
     in a task for callers that do other work meanwhile (tests, benchmarks). Pushed catalogs go
     to ``data`` (checked against ``grants``, refusals only logged); pushed policies overlay the
-    host's own unless ``accept_policies`` is False.
+    host's own unless ``accept_policies`` is False. Sandboxes run on the Docker engine the
+    config names unless a ``backend`` is given (the unit tier gives an in-memory one).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Worker:
         warm_override: int | None = None,
         progress: Callable[[str], None] | None = None,
         on_finished: Callable[[QueryRecord], None] | None = None,
+        backend: SandboxBackend | None = None,
     ) -> None:
         if audit is not None and audit_file is not None:
             raise ValueError("give a Worker audit or audit_file, not both")
@@ -99,7 +103,11 @@ class Worker:
         if data is not None:  # sandboxes link the cache's files: the same directory
             config = dataclasses.replace(config, cache_dir=data.cache.root)
         self.host = LocalLauncher(
-            config, policies=policies, warm_override=warm_override, progress=progress
+            config,
+            backend if backend is not None else DockerBackend.for_config(config),
+            policies=policies,
+            warm_override=warm_override,
+            progress=progress,
         )
         self._on_finished = on_finished
         self._accept_policies = accept_policies
@@ -185,6 +193,11 @@ class Worker:
     async def run(self) -> None:
         """Serve the control plane until ``stop`` or ``drain`` (then: the drain's grace)."""
         await self.tunnel.run()
+
+    @property
+    def running(self) -> asyncio.Task[None] | None:
+        """The task ``start`` made (None before it): done once the tunnel has stopped."""
+        return self._running
 
     def start(self) -> asyncio.Task[None]:
         """Run the tunnel in a task; leaving the ``async with`` block stops and awaits it."""

@@ -23,6 +23,8 @@ import pytest
 from launcher.config import LauncherConfig, load_config
 from launcher.executor import QueryExecution
 from launcher.host import LocalLauncher
+from launcher.sandbox.backend.base import SandboxBackend
+from launcher.sandbox.backend.docker_engine import DockerBackend
 from launcher.sandbox.image.build import ImageBuilder
 from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 
@@ -140,8 +142,11 @@ async def with_launcher(
     body: Callable[[LocalLauncher], Awaitable[T]],
     *,
     warm: int | None = 0,
+    backend: SandboxBackend | None = None,
 ) -> T:
-    async with LocalLauncher(config, warm_override=warm) as launcher:
+    """``body`` on a started launcher over the engine (or over ``backend``, which it then owns)."""
+    chosen = backend if backend is not None else DockerBackend.for_config(config)
+    async with LocalLauncher(config, chosen, warm_override=warm) as launcher:
         return await body(launcher)
 
 

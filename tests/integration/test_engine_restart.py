@@ -26,6 +26,7 @@ import pytest
 from launcher.errors import QueryError
 from launcher.executor import collect_table
 from launcher.host import LocalLauncher
+from launcher.sandbox.backend.docker_engine import DockerBackend
 from launcher.sandbox.pool import IDLE_CHECK_S
 from tests.support.waiting import eventually
 
@@ -125,7 +126,9 @@ def test_idle_worker_replaces_dead_warm_sandboxes_after_an_engine_restart(
     config = make_config(image, policies_dir)
 
     async def body() -> None:
-        async with LocalLauncher(config, warm_override=2) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), warm_override=2
+        ) as launcher:
             pool = launcher.pool_for(launcher.policies.get("default"))
             await pool.wait_warm(DEADLINE_S)
             warm = set(containers_of(engine, config.launcher_id))
@@ -158,7 +161,9 @@ def test_busy_worker_fails_the_running_query_clearly_and_serves_the_next(
     config = make_config(image, policies_dir)
 
     async def body() -> None:
-        async with LocalLauncher(config, warm_override=1) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), warm_override=1
+        ) as launcher:
             pool = launcher.pool_for(launcher.policies.get("default"))
             await pool.wait_warm(DEADLINE_S)
             execution = launcher.execute(LONG, policy="default")

@@ -19,6 +19,7 @@ import pytest
 from launcher.executor import QueryExecution, collect_table
 from launcher.host import LocalLauncher
 from launcher.model.policy import Policy, PolicySet, load_policy_text
+from launcher.sandbox.backend.docker_engine import DockerBackend
 from launcher.sandbox.pool import IDLE_CHECK_S
 from tests.support.waiting import eventually
 
@@ -91,7 +92,9 @@ def test_pools_fill_at_start_and_a_killed_warm_sandbox_is_replaced(
     warm_two = policy("warm-two", warm=2)
 
     async def body() -> None:
-        async with LocalLauncher(config, policies=PolicySet([warm_two])) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), policies=PolicySet([warm_two])
+        ) as launcher:
             # No pool_for, no query: the launcher's start began the fill.
             await eventually(
                 lambda: len(running(engine, config.launcher_id)) == 2,
@@ -134,7 +137,9 @@ def test_slow_queries_each_get_a_sandbox_at_once_below_the_cap(
     warm_one = policy("warm-one", warm=1)
 
     async def body() -> list[float]:
-        async with LocalLauncher(config, policies=PolicySet([warm_one])) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), policies=PolicySet([warm_one])
+        ) as launcher:
             pool = launcher.pool_for(warm_one)
             await pool.wait_warm(DEADLINE_S)
             held: list[HeldQuery] = []

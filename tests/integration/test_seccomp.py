@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 
-from launcher import host
 from launcher.config import LauncherConfig
 from launcher.errors import EngineUnavailableError
 from launcher.executor import collect_table
@@ -306,24 +304,17 @@ def test_the_engine_registers_runsc_as_the_profile_needs(engine: docker.DockerCl
 
 
 def test_runsc_policies_are_refused_on_an_engine_without_oci_seccomp(
-    config: LauncherConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    config: LauncherConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The engine's answer is doctored (its own registration is shared with other tests): runsc
     as it was registered before ``--oci-seccomp`` was required. The launcher starts with one
     warning line, a strict query fails with it, and a default (runc) query runs."""
-    real = host.docker_runtimes
 
-    def without_oci_seccomp(backend: DockerBackend) -> Callable[[], Awaitable[Any]]:
-        read = real(backend)
-
-        async def doctored() -> Any:
-            runtimes = dict(await read())
+    class WithoutOciSeccomp(DockerBackend):
+        async def runtimes(self) -> dict[str, Any]:
+            runtimes = dict(await super().runtimes())
             runtimes["runsc"] = {"path": "/usr/bin/runsc", "runtimeArgs": ["--host-uds=all"]}
             return runtimes
-
-        return doctored
-
-    monkeypatch.setattr(host, "docker_runtimes", without_oci_seccomp)
 
     async def body(launcher: LocalLauncher) -> list[dict]:
         with pytest.raises(EngineUnavailableError) as refused:
@@ -334,7 +325,8 @@ def test_runsc_policies_are_refused_on_an_engine_without_oci_seccomp(
         return table.to_pylist()
 
     with caplog.at_level(logging.WARNING, logger="launcher.sandbox.backend.runtimes"):
-        assert run(with_launcher(config, body)) == [{"answer": 42}]
+        doctored = WithoutOciSeccomp.for_config(config)
+        assert run(with_launcher(config, body, backend=doctored)) == [{"answer": 42}]
     [line] = [
         r.getMessage() for r in caplog.records if r.name == "launcher.sandbox.backend.runtimes"
     ]

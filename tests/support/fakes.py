@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -43,6 +44,11 @@ class FakeBackend:
     created: int = 0
     removed: int = 0
     fail_start: bool = False
+    # The engine's runtime registrations (no runsc: the gate refuses runsc policies), how often
+    # they were read, and an error to answer the read with instead.
+    registered: dict[str, Any] = field(default_factory=lambda: {"runc": {"path": "runc"}})
+    runtime_reads: int = 0
+    runtimes_error: Exception | None = None
 
     async def ping(self) -> None:
         return None
@@ -123,6 +129,15 @@ class FakeBackend:
             for cid, c in self.containers.items()
             if all(c.spec.labels.get(k) == v for k, v in labels.items())
         ]
+
+    async def runtimes(self) -> dict[str, Any]:
+        self.runtime_reads += 1
+        if self.runtimes_error is not None:
+            raise self.runtimes_error
+        return self.registered
+
+    def close(self) -> None:
+        return None
 
     def live(self) -> int:
         return len(self.containers)

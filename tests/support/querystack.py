@@ -18,17 +18,16 @@ import pytest
 from grpc import aio
 
 from launcher.client import ControlPlaneClient
+from launcher.config import load_config
 from launcher.executor import QueryRecord
-from launcher.model.policy import PolicySet, load_policy_text
+from launcher.host import LocalLauncher
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
-from launcher.worker.audit import AUDIT_FILE, WorkerAuditLog
-from launcher.worker.queries import ExecutorQueryRunner
 from launcher.worker.tunnel import TunnelClient
 
-from .controlplane import DEADLINE_S, FAST, ControlPlane
+from .controlplane import ControlPlane
 from .fakes import FakeBackend
-from .harness import Harness
+from .fakeworker import fake_worker
 from .waiting import eventually
 
 POLICY = """
@@ -45,12 +44,18 @@ LONG_SQL = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3"
 @dataclass
 class Stack:
     control_plane: ControlPlane
-    harness: Harness
+    host: LocalLauncher  # the worker's host (over FakeBackend), or a bare one with no worker
     worker: TunnelClient | None
     client: ControlPlaneClient
     api_key: str
     records: list[QueryRecord]
     running: asyncio.Task[None] | None = None  # the worker's TunnelClient.run()
+
+    @property
+    def backend(self) -> FakeBackend:
+        backend = self.host.backend
+        assert isinstance(backend, FakeBackend)
+        return backend
 
     @property
     def address(self) -> str:
@@ -61,7 +66,7 @@ class Stack:
         return self.control_plane.data.ca().cert_pem()
 
     async def until_running(self) -> None:
-        await eventually(lambda: bool(self.harness.executor.running()), "the query started")
+        await eventually(lambda: bool(self.host.executor.running()), "the query started")
 
 
 @asynccontextmanager
@@ -74,40 +79,44 @@ async def stack(
     policy: str = POLICY,
     drain_grace_s: float = 30.0,
 ) -> AsyncIterator[Stack]:
-    """The whole path; the worker keeps its audit log in ``tmp_path/worker/audit.jsonl``."""
+    """The whole path; the worker keeps its audit log in ``tmp_path/worker/audit.jsonl``.
+    Without ``worker`` nothing is enrolled (queries find no worker)."""
     await control_plane.start()
-    harness = Harness(FakeBackend(), capacity=capacity)
-    records: list[QueryRecord] = []
-    runner = ExecutorQueryRunner(
-        harness.executor,
-        PolicySet([load_policy_text(policy, "<test>")]),
-        on_finished=records.append,
-    )
-    tunnel: TunnelClient | None = None
-    running: asyncio.Task[None] | None = None
-    if worker:
-        identity = await control_plane.enroll(tmp_path / "worker")
-        tunnel = TunnelClient(
-            identity,
-            backoff=FAST,
-            runner=runner,
-            audit=WorkerAuditLog(tmp_path / "worker" / AUDIT_FILE),
-            drain_grace_s=drain_grace_s,
-        )
-        running = asyncio.create_task(tunnel.run())
-        await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-    api_key = control_plane.data.api_keys().create("analyst")
     assert control_plane.server is not None
-    ca_pem = control_plane.data.ca().cert_pem()
-    client = ControlPlaneClient(control_plane.server.address, api_key, ca_pem)
+    records: list[QueryRecord] = []
+    api_key = control_plane.data.api_keys().create("analyst")
+    client = ControlPlaneClient(
+        control_plane.server.address, api_key, control_plane.data.ca().cert_pem()
+    )
     try:
-        yield Stack(control_plane, harness, tunnel, client, api_key, records, running)
+        if worker:
+            async with fake_worker(
+                control_plane,
+                tmp_path / "worker",
+                [policy],
+                capacity=capacity,
+                drain_grace_s=drain_grace_s,
+                on_finished=records.append,
+            ) as started:
+                yield Stack(
+                    control_plane,
+                    started.host,
+                    started.tunnel,
+                    client,
+                    api_key,
+                    records,
+                    started.running,
+                )
+        else:
+            yield Stack(control_plane, _idle_host(tmp_path), None, client, api_key, records)
     finally:
         await client.close()
-        if tunnel is not None and running is not None:
-            tunnel.stop()
-            await asyncio.wait_for(running, DEADLINE_S)
-        await harness.close()
+
+
+def _idle_host(tmp_path: Path) -> LocalLauncher:
+    """A host that is never started: the stack without a worker runs no query."""
+    config = load_config(flags={"state_dir": tmp_path / "host", "image": "img"}, env={})
+    return LocalLauncher(config, FakeBackend())
 
 
 async def raw_run(s: Stack, metadata: tuple[tuple[str, str], ...], sql: str) -> aio.AioRpcError:

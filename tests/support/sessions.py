@@ -18,13 +18,12 @@ from pathlib import Path
 from launcher.client import ControlPlaneClient
 from launcher.controlplane.routing import QueryRouter
 from launcher.executor import QueryRecord
-from launcher.model.policy import PolicySet, load_policy_text
-from launcher.worker.queries import ExecutorQueryRunner
+from launcher.host import LocalLauncher
 from launcher.worker.tunnel import TunnelClient
 
-from .controlplane import DEADLINE_S, FAST, ControlPlane
+from .controlplane import DEADLINE_S, ControlPlane
 from .fakes import FakeBackend
-from .harness import Harness
+from .fakeworker import fake_worker
 from .querystack import POLICY
 
 SESSION_POLICY = """
@@ -35,31 +34,42 @@ limits: {cpus: 1, memory: 512MiB, pids: 128, scratch: 64MiB, statement_timeout: 
 session: {idle_ttl: 10m, max_lifetime: 1h}
 pool: {warm: 0}
 """
-# Ended by the worker's reaper (every second in the Harness) after one idle second.
+# Ended by the worker's session reaper after one idle second.
 BRIEF_POLICY = SESSION_POLICY.replace("agent-session", "brief").replace("10m", "1s")
 CREATE = "CREATE TEMP TABLE notes AS SELECT {n} AS n"
 READ = "SELECT n FROM notes"
 
 
 @dataclass
-class Worker:
-    """One worker of the stack: its sandboxes (``harness``), tunnel and finished queries."""
+class StackWorker:
+    """One worker of the stack: its host (sandboxes over ``FakeBackend``), tunnel, finished
+    queries."""
 
-    harness: Harness
+    host: LocalLauncher
     tunnel: TunnelClient
     running: asyncio.Task[None]
     records: list[QueryRecord]
+
+    @property
+    def backend(self) -> FakeBackend:
+        backend = self.host.backend
+        assert isinstance(backend, FakeBackend)
+        return backend
 
 
 @dataclass
 class Sessions:
     control_plane: ControlPlane
-    workers: list[Worker]
+    workers: list[StackWorker]
     client: ControlPlaneClient
 
     @property
-    def harness(self) -> Harness:
-        return self.workers[0].harness
+    def host(self) -> LocalLauncher:
+        return self.workers[0].host
+
+    @property
+    def backend(self) -> FakeBackend:
+        return self.workers[0].backend
 
     @property
     def records(self) -> list[QueryRecord]:
@@ -83,21 +93,17 @@ class Sessions:
 
 
 @asynccontextmanager
-async def worker(control_plane: ControlPlane, state: Path) -> AsyncIterator[Worker]:
-    harness = Harness(FakeBackend(), capacity=8)
+async def worker(control_plane: ControlPlane, state: Path) -> AsyncIterator[StackWorker]:
     records: list[QueryRecord] = []
-    policies = [load_policy_text(text, "<test>") for text in (POLICY, SESSION_POLICY, BRIEF_POLICY)]
-    runner = ExecutorQueryRunner(harness.executor, PolicySet(policies), on_finished=records.append)
-    tunnel = TunnelClient(await control_plane.enroll(state), backoff=FAST, runner=runner)
-    running = asyncio.create_task(tunnel.run())
-    try:
-        await asyncio.wait_for(tunnel.connected.wait(), DEADLINE_S)
-        yield Worker(harness, tunnel, running, records)
-    finally:
-        tunnel.stop()
-        await asyncio.wait_for(running, DEADLINE_S)
-        await harness.close()
-        assert harness.backend.live() == 0, "a session's sandbox was left behind"
+    async with fake_worker(
+        control_plane,
+        state,
+        [POLICY, SESSION_POLICY, BRIEF_POLICY],
+        warm_override=0,
+        on_finished=records.append,
+    ) as started:
+        assert started.running is not None
+        yield StackWorker(started.host, started.tunnel, started.running, records)
 
 
 @asynccontextmanager

@@ -50,7 +50,7 @@ def test_a_query_still_running_after_the_grace_ends_with_worker_shutdown(
             with pytest.raises(WorkerShutdownError, match=r"shut down .* run it again"):
                 await asyncio.wait_for(query, DEADLINE_S)
             assert time.monotonic() - started >= GRACE_S  # it was given its grace first
-            assert s.harness.executor.running() == []
+            assert s.host.executor.running() == []
             assert [r.outcome for r in s.records] == ["cancelled"]  # its sandbox was killed
         (worker_line,) = read_audit(tmp_path / "worker" / AUDIT_FILE)
         assert worker_line["reason"] == "worker_shutdown"

@@ -287,7 +287,7 @@ def test_leaving_a_streaming_result_early_cancels_the_query(
 async def _until_cancelled(s: Stack) -> None:
     await eventually(lambda: len(s.records) == 1, "the worker ended its query")
     assert s.records[0].outcome == "cancelled"
-    await eventually(lambda: s.harness.executor.running() == [], "the sandbox was freed")
+    await eventually(lambda: s.host.executor.running() == [], "the sandbox was freed")
 
 
 def test_a_million_row_result_arrives_complete(

@@ -46,7 +46,7 @@ def test_a_named_session_shares_one_sandbox_until_the_client_closes(tmp_path: Pa
             assert len(in_sessions) == 2 and len({r.sandbox for r in in_sessions}) == 1
             assert in_sessions[0].policy == "agent-session"
             # conn.close() sent CloseSession: the worker destroyed the session's sandbox.
-            await eventually(lambda: len(s.harness.sessions) == 0, "the worker closed it")
+            await eventually(lambda: len(s.host.sessions) == 0, "the worker closed it")
             with pytest.raises(adbc_driver_manager.Error, match="notes"):
                 await asyncio.to_thread(without_session)
 

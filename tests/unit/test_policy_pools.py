@@ -227,14 +227,14 @@ NEW = QUERY_V1.replace("name: q", "name: new")
 def test_an_empty_push_restores_the_hosts_own_policies(tmp_path: Path) -> None:
     config = load_config(flags={"state_dir": tmp_path, "image": "unused"})
     own = PolicySet([policy(QUERY_V1), policy(OTHER)])
-    launcher = LocalLauncher(config, policies=own)
+    launcher = LocalLauncher(config, FakeBackend(), policies=own)
     shared = launcher.policies  # what the tunnel's query runner holds
     launcher.apply_pushed_policies(load_pushed_policies([("q", QUERY_V2), ("new", NEW)]))
     assert shared.names() == ["new", "other", "q"] and shared.get("q").duckdb.threads == 3
     launcher.apply_pushed_policies([])
     assert shared.names() == ["other", "q"] and shared.get("q").duckdb.threads == 1
     strict = QUERY_V1.replace("runtime: runc", "runtime: runsc")
-    hardened = LocalLauncher(config, policies=PolicySet([policy(strict)]))
+    hardened = LocalLauncher(config, FakeBackend(), policies=PolicySet([policy(strict)]))
     with pytest.raises(PolicyError):
         hardened.apply_pushed_policies(load_pushed_policies([("q", QUERY_V2)]))
     assert hardened.policies.get("q").runtime.value == "runsc"  # nothing taken

@@ -119,7 +119,7 @@ def test_a_client_cancel_cancels_the_query_on_the_worker(
             query.cancel()
             await eventually(lambda: len(s.records) == 1, "the worker ended its query")
             assert s.records[0].outcome == "cancelled"
-            assert s.harness.executor.running() == []
+            assert s.host.executor.running() == []
             # The tunnel is still up and serves the next query.
             assert (await s.client.table("SELECT 42 AS x")).column("x").to_pylist() == [42]
 
@@ -375,15 +375,15 @@ def test_a_memory_kill_reaches_the_client_as_memory_limit_error(
     async def scenario() -> None:
         async with stack(control_plane, tmp_path, policy=ONE_SANDBOX) as s:
             query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
-            pools = s.harness.pools
+            pool = s.host.pool_for(s.host.policies.get("default"))
             await eventually(
-                lambda: "default" in pools and pools["default"].stats()["busy"] == 1,
+                lambda: pool.stats()["busy"] == 1,
                 "the query has its sandbox",
             )
             # What the engine reports after the kernel's OOM killer ended the container.
-            ((container_id, container),) = s.harness.backend.containers.items()
+            ((container_id, container),) = s.backend.containers.items()
             container.oom_killed = True
-            await s.harness.backend.kill(SandboxHandle(container_id, container.spec.name, ""))
+            await s.backend.kill(SandboxHandle(container_id, container.spec.name, ""))
             with pytest.raises(MemoryLimitError, match="memory limit of 512 MiB"):
                 await asyncio.wait_for(query, DEADLINE_S)
 
@@ -397,8 +397,8 @@ def test_a_cancel_on_the_worker_reaches_the_client_as_query_cancelled_error(
         async with stack(control_plane, tmp_path, policy=ONE_SANDBOX) as s:
             query = asyncio.create_task(s.client.table(LONG_SQL, timeout_s=DEADLINE_S))
             await s.until_running()
-            (query_id,) = s.harness.executor.running()
-            assert await s.harness.executor.cancel(query_id)
+            (query_id,) = s.host.executor.running()
+            assert await s.host.executor.cancel(query_id)
             with pytest.raises(QueryCancelledError, match="cancelled"):
                 await asyncio.wait_for(query, DEADLINE_S)
 

@@ -89,24 +89,11 @@ RUNC = load_policy_text(POLICY.format(name="q", runtime="runc"), "<test>")
 RUNSC = load_policy_text(POLICY.format(name="strict", runtime="runsc"), "<test>")
 
 
-class Engine:
-    """The engine's runtime registrations, counting how often they are read."""
-
-    def __init__(self, *args: str) -> None:
-        self.runtimes = registration(*args)
-        self.reads = 0
-
-    async def __call__(self) -> dict[str, Any]:
-        self.reads += 1
-        return self.runtimes
-
-
 def test_runsc_queries_fail_at_once_and_runc_ones_run(caplog: pytest.LogCaptureFixture) -> None:
-    engine = Engine("--network=none", "--host-uds=create")  # no --oci-seccomp
-    backend = FakeBackend()
+    backend = FakeBackend(registered=registration("--network=none", "--host-uds=create"))
 
     async def main() -> None:
-        gate = RuntimeGate(backend, engine)
+        gate = RuntimeGate(backend)  # registered without --oci-seccomp
         with caplog.at_level(logging.WARNING, logger="launcher.sandbox.backend.runtimes"):
             line = await gate.check_at_start(["strict"])
         assert [r.getMessage() for r in caplog.records] == [line]
@@ -126,12 +113,12 @@ def test_runsc_queries_fail_at_once_and_runc_ones_run(caplog: pytest.LogCaptureF
             assert time.monotonic() - began < 5  # not the 30 s queue timeout
             assert backend.created == 0  # nothing was created for it
 
-            reads = engine.reads
+            reads = backend.runtime_reads
             runc.release(await runc.acquire())
-            assert engine.reads == reads  # runc never waits on the check
+            assert backend.runtime_reads == reads  # runc never waits on the check
 
             # Repaired while the launcher runs: the next query gets its sandbox.
-            engine.runtimes = registration(*GOOD)
+            backend.registered = registration(*GOOD)
             runsc.release(await runsc.acquire())
             assert backend.created == 2
         finally:
@@ -143,16 +130,16 @@ def test_runsc_queries_fail_at_once_and_runc_ones_run(caplog: pytest.LogCaptureF
 
 
 def test_no_runsc_policy_no_engine_call() -> None:
-    engine = Engine()
-    assert asyncio.run(RuntimeGate(FakeBackend(), engine).check_at_start([])) is None
-    assert engine.reads == 0
+    backend = FakeBackend()
+    assert asyncio.run(RuntimeGate(backend).check_at_start([])) is None
+    assert backend.runtime_reads == 0
 
 
 def test_an_engine_that_fails_the_read_at_start_does_not_stop_the_launcher() -> None:
-    async def failing() -> dict[str, Any]:
-        raise EngineTimeoutError("Docker engine did not answer info within 30 s")
-
-    gate = RuntimeGate(FakeBackend(), failing)
+    failing = FakeBackend(
+        runtimes_error=EngineTimeoutError("Docker engine did not answer info within 30 s")
+    )
+    gate = RuntimeGate(failing)
     assert asyncio.run(gate.check_at_start(["strict"])) is None
     spec = SimpleNamespace(runtime="runsc")
     with pytest.raises(EngineTimeoutError):  # the sandbox itself is not created unchecked

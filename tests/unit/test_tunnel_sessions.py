@@ -60,7 +60,7 @@ def test_two_sessions_are_isolated_from_each_other(
                 await s.read(second)
             await s.client.table(CREATE.format(n=2), session_id=second)
             assert (await s.read(first), await s.read(second)) == ([1], [2])
-            assert len(s.harness.sessions) == 2
+            assert len(s.host.sessions) == 2
 
     run(scenario)
 
@@ -76,8 +76,8 @@ def test_closing_a_session_ends_it_on_the_worker_and_for_the_client(
             assert not s.router.has_session(session_id)
             with pytest.raises(SessionError, match=f"session {session_id} has ended.*closed"):
                 await s.read(session_id)
-            await eventually(lambda: len(s.harness.sessions) == 0, "the worker closed it")
-            await eventually(lambda: s.harness.backend.live() == 0, "its sandbox is gone")
+            await eventually(lambda: len(s.host.sessions) == 0, "the worker closed it")
+            await eventually(lambda: s.backend.live() == 0, "its sandbox is gone")
             await s.client.close_session(session_id)  # closing twice is not an error
 
     run(scenario)
@@ -115,7 +115,7 @@ def test_a_worker_disconnect_ends_its_sessions_with_a_clear_error(
             assert not s.router.has_session(session_id)
             with pytest.raises(SessionError, match=r"lost its worker wkr-\w+, which disconnected"):
                 await s.read(session_id)
-            assert len(s.harness.sessions) == 0  # the worker closed it as its stream ended
+            assert len(s.host.sessions) == 0  # the worker closed it as its stream ended
 
     run(scenario)
 
@@ -129,7 +129,7 @@ def test_an_idle_session_ended_by_the_worker_is_reported_to_the_control_plane(
             await s.client.table(CREATE.format(n=9), session_id=session_id)
             # No query meanwhile: only the worker's SessionEnded can tell the control plane.
             await eventually(lambda: not s.router.has_session(session_id), "it was reported")
-            assert len(s.harness.sessions) == 0
+            assert len(s.host.sessions) == 0
             with pytest.raises(SessionError, match="has ended: it was idle for more than 1 s"):
                 await s.read(session_id)
 
@@ -143,7 +143,7 @@ def test_a_query_policy_cannot_open_a_session(control_plane: ControlPlane, tmp_p
                 await s.client.open_session("default")
             with pytest.raises(SessionError, match="unknown policy"):
                 await s.client.open_session("no-such-policy")
-            assert len(s.harness.sessions) == 0
+            assert len(s.host.sessions) == 0
 
     run(scenario)
 
@@ -158,8 +158,8 @@ def test_a_sessions_queries_all_go_to_its_worker_and_others_are_spread(
             for _ in range(6):  # round robin would put half of these on the other worker
                 assert await s.read(session_id) == [4]
                 await s.client.table("SELECT 1")
-            holder, other = sorted(s.workers, key=lambda w: -len(w.harness.sessions))
-            assert len(holder.harness.sessions) == 1 and len(other.harness.sessions) == 0
+            holder, other = sorted(s.workers, key=lambda w: -len(w.host.sessions))
+            assert len(holder.host.sessions) == 1 and len(other.host.sessions) == 0
             assert sum(r.session_id is not None for r in holder.records) == 7
             assert all(r.session_id is None for r in other.records)
             assert len(other.records) >= 2  # the outside queries did go round

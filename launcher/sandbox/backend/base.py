@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # Label keys every sandbox carries, so orphans can be found after a crash.
 LABEL_LAUNCHER = "duckcell.launcher"
@@ -98,3 +98,11 @@ class SandboxBackend(Protocol):
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]: ...
 
     async def remove_by_id(self, container_id: str) -> None: ...
+
+    async def runtimes(self) -> Mapping[str, Any]:
+        """The engine's runtime registrations (name -> {path, runtimeArgs}), read anew."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the engine connection; the host that was given the backend calls it."""
+        ...

@@ -14,12 +14,13 @@ import shutil
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
 
+from ...config import LauncherConfig
 from ...errors import BackendError, EngineTimeoutError, EngineUnavailableError, ImageMissingError
 from .base import SANDBOX_FILES, ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
 from .seccomp import profile_json
@@ -58,10 +59,22 @@ class DockerBackend:
     ) -> None:
         self._run_dir = run_dir
         self._timeout_s = timeout_s
-        self._client = client or _connect(timeout_s)
-        self._api = self._client.api
+        # Connected at the first engine call (in a worker thread, under that call's
+        # deadline), so building a backend never blocks or fails: its user reports both.
+        self._client = client
         self._run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self._run_dir, 0o700)
+
+    @classmethod
+    def for_config(cls, config: LauncherConfig) -> Self:
+        """The engine backend a launcher's config describes (its run directory, its deadline)."""
+        return cls(config.run_dir, timeout_s=config.engine_timeout_s)
+
+    @property
+    def _api(self) -> docker.APIClient:
+        if self._client is None:
+            self._client = _connect(self._timeout_s)
+        return self._client.api
 
     async def _call(self, what: str, fn: Callable[[], T], deadline_s: float | None = None) -> T:
         deadline = deadline_s or self._timeout_s
@@ -85,11 +98,11 @@ class DockerBackend:
             ) from None
 
     async def ping(self) -> None:
-        await self._call("ping", self._api.ping)
+        await self._call("ping", lambda: self._api.ping())
 
     async def runtimes(self) -> dict[str, Any]:
         """The engine's runtime registrations (``docker info``: name -> path, runtimeArgs)."""
-        info = await self._call("info", self._api.info)
+        info = await self._call("info", lambda: self._api.info())
         return dict(info.get("Runtimes") or {})
 
     async def image_present(self, image: str) -> bool:
@@ -199,7 +212,8 @@ class DockerBackend:
         ]
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def seal_socket_dir(directory: Path) -> None:

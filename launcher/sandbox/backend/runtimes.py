@@ -18,14 +18,11 @@ not affected, and once the engine is repaired the next query runs, without a res
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from ...errors import DuckcellError, EngineUnavailableError
 from .base import ContainerInfo, ContainerState, SandboxBackend, SandboxHandle, SandboxSpec
-
-if TYPE_CHECKING:
-    from .docker_engine import DockerBackend
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +90,19 @@ def refusal(problem: str, policies: Collection[str] = ()) -> str:
     return f"{RUNSC} policies{which} refused: {problem}; {FIX}"
 
 
-def docker_runtimes(backend: DockerBackend) -> Callable[[], Awaitable[Runtimes]]:
-    """Reads the engine's runtime registrations through ``backend``, anew on each call
-    (deadline and errors as for every engine call)."""
-    return backend.runtimes
-
-
 class RuntimeGate:
     """A SandboxBackend that creates a runsc sandbox only on an engine whose runsc registration
     enforces the profile (read again for each one); everything else goes straight through."""
 
-    def __init__(self, backend: SandboxBackend, runtimes: Callable[[], Awaitable[Runtimes]]):
+    def __init__(self, backend: SandboxBackend):
         self._backend = backend
-        self._runtimes = runtimes
 
     async def check_at_start(self, runsc_policies: Collection[str]) -> str | None:
         """At launcher start: one warning line if ``runsc_policies`` (any) cannot run."""
         if not runsc_policies:
             return None
         try:
-            problem = runsc_problem(await self._runtimes())
+            problem = runsc_problem(await self._backend.runtimes())
         except DuckcellError as error:  # runc policies must not wait on it: checked per sandbox
             log.warning("could not read the engine's runtimes (%s); checked per sandbox", error)
             return None
@@ -124,7 +114,7 @@ class RuntimeGate:
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         if spec.runtime == RUNSC:
-            problem = runsc_problem(await self._runtimes())
+            problem = runsc_problem(await self._backend.runtimes())
             if problem is not None:
                 # Fatal to the pool: waiting queries fail now, not at their queue timeout.
                 raise EngineUnavailableError(refusal(problem))
@@ -159,3 +149,9 @@ class RuntimeGate:
 
     async def remove_by_id(self, container_id: str) -> None:
         await self._backend.remove_by_id(container_id)
+
+    async def runtimes(self) -> Runtimes:
+        return await self._backend.runtimes()
+
+    def close(self) -> None:
+        self._backend.close()
