@@ -28,6 +28,7 @@ from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SqlError
 from tests.support.controlplane import ControlPlane
+from tests.support.waiting import eventually
 
 from .conftest import containers_of
 
@@ -74,7 +75,7 @@ def test_huge_statements_from_one_key_leave_the_worker_online_for_the_others(
         identity = await control_plane.enroll(tmp_path / "worker")
         worker = _worker_process(config, tmp_path / "worker", tmp_path / "worker.log")
         try:
-            await _until(lambda: control_plane.worker(identity.worker_id).online, 60)
+            await eventually(lambda: control_plane.worker(identity.worker_id).online, "online", 60)
             apply_catalog(control_plane.data.root, tmp_path / "catalog.yaml")
             keys = control_plane.data.api_keys()
             address, ca = control_plane.server.address, control_plane.data.ca().cert_pem()
@@ -154,12 +155,6 @@ async def _until_catalog(client: ControlPlaneClient) -> None:
                 return
             except SqlError:  # not pushed yet: no table trips in the sandbox
                 await asyncio.sleep(0.2)
-
-
-async def _until(condition: object, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.05)
 
 
 def _worker_process(config: LauncherConfig, state: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -26,6 +25,7 @@ from launcher.controlplane.policies import apply_policies
 from launcher.sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from launcher.worker.daemon import Worker
 from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
+from tests.support.waiting import eventually
 
 from .conftest import containers_of, make_config
 
@@ -55,13 +55,6 @@ def _of_policy(engine: docker.DockerClient, config: LauncherConfig, policy: str)
     # Sparse: no inspect per container, which would race with the removals under test.
     found = engine.containers.list(all=True, sparse=True, filters={"label": labels})
     return {c.id for c in found}
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 def test_a_policy_edit_on_the_control_plane_reaches_a_running_worker(
@@ -100,13 +93,14 @@ def test_a_policy_edit_on_the_control_plane_reaches_a_running_worker(
                     client.table(f"{SETTINGS}, sleep_ms(1200) IS NULL AS slept", "tight")
                 )
                 old_pool = launcher.pool_for(launcher.policies.get("tight"))
-                await _until(lambda: old_pool.stats()["busy"] == 1, "the slow query runs")
+                await eventually(lambda: old_pool.stats()["busy"] == 1, "the slow query runs", 60)
 
                 documents, _ = apply_policies(data.root, edits)
                 applied = time.monotonic()
-                await _until(
+                await eventually(
                     lambda: tunnel.policies_revision == documents.revision,
                     "the worker takes the pushed policies",
+                    60,
                 )
                 # Within the control plane's poll interval (1 s) and a tunnel round trip.
                 print(f"policy push reached the worker in {time.monotonic() - applied:.2f} s")
@@ -121,9 +115,10 @@ def test_a_policy_edit_on_the_control_plane_reaches_a_running_worker(
                 # The session opened under the old version keeps it until it ends.
                 in_session = await client.table(SETTINGS, session_id=session)
                 assert in_session.to_pylist()[0]["threads"] == 1
-                await _until(
+                await eventually(
                     lambda: not old_warm & _of_policy(engine, config, "tight"),
                     "every sandbox of the old version is removed once unused",
+                    60,
                 )
                 assert tunnel.connections == 1  # the same tunnel all along: no restart
                 await client.close_session(session)

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -32,6 +31,7 @@ from launcher.errors import (
 from launcher.worker.audit import AUDIT_FILE, read_audit
 from launcher.worker.daemon import Worker
 from tests.support.controlplane import DEADLINE_S, FAST, ControlPlane
+from tests.support.waiting import eventually
 
 from .conftest import containers_of, sandboxes_that_started_a_query
 from .remote_stack import remote_stack
@@ -133,9 +133,9 @@ def test_the_worker_reconnects_after_a_control_plane_restart_and_serves_the_next
             await worker.connected(DEADLINE_S)
             assert await one_query("SELECT 1 AS before") == [{"before": 1}]
             await control_plane.stop()
-            await _until(lambda: not tunnel.connected.is_set(), "the tunnel dropped")
+            await eventually(lambda: not tunnel.connected.is_set(), "the tunnel dropped")
             await control_plane.start()
-            await _until(lambda: tunnel.connections == 2, "the worker reconnected")
+            await eventually(lambda: tunnel.connections == 2, "the worker reconnected")
             assert control_plane.worker(identity.worker_id).online
             assert await one_query("SELECT 2 AS after") == [{"after": 2}]
         assert containers_of(engine, config.launcher_id) == []
@@ -160,7 +160,7 @@ def test_sigterm_drains_the_worker_process_and_leaves_no_sandbox(
         identity = await control_plane.enroll(tmp_path / "worker")
         worker = _worker_process(config, tmp_path / "worker", tmp_path / "worker.log", grace_s=6)
         try:
-            await _until(lambda: control_plane.worker(identity.worker_id).online, "online", 30)
+            await eventually(lambda: control_plane.worker(identity.worker_id).online, "online", 30)
             assert control_plane.server is not None
             async with ControlPlaneClient(
                 control_plane.server.address,
@@ -269,13 +269,6 @@ async def _until_queries_started(
                 query.result()
                 raise AssertionError("the query ended before its sandbox started it")
             await asyncio.sleep(0.2)
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.02)
-    assert condition(), what
 
 
 async def _until_query_started(

@@ -17,6 +17,7 @@ import pytest
 
 from launcher.errors import ParserUnavailableError, SqlError, StatementLimitError
 from launcher.model.sql import MAX_STATEMENT_BYTES, ParserPool, check_statement
+from tests.support.waiting import eventually
 
 DEADLINE_S = 30.0
 # A parser process that answers like the real one without DuckDB: "SLOW <s> <name>" sleeps
@@ -103,7 +104,7 @@ def test_a_parse_past_the_timeout_is_refused_and_its_child_replaced() -> None:
             assert time.monotonic() - started < 2
             assert (await pool.parse("SELECT * FROM zones")).tables == {"zones"}
             assert pool.pids != [hung]
-            await _until(lambda: not _alive(hung))
+            await eventually(lambda: not _alive(hung), deadline_s=DEADLINE_S)
 
     run(scenario)
 
@@ -127,7 +128,7 @@ def test_a_parse_that_grows_past_the_memory_cap_is_killed_and_refused() -> None:
             (child,) = pool.pids
             with pytest.raises(StatementLimitError, match="took more than 160 MiB"):
                 await pool.parse(big)
-            await _until(lambda: not _alive(child))
+            await eventually(lambda: not _alive(child), deadline_s=DEADLINE_S)
             assert (await pool.parse("SELECT * FROM zones")).tables == {"zones"}
 
     run(scenario)
@@ -138,7 +139,7 @@ def test_a_child_left_large_after_a_parse_is_replaced() -> None:
         async with ParserPool(size=1, retire_rss_bytes=1) as pool:  # every child is too large
             (first,) = pool.pids
             await pool.parse("SELECT 1")
-            await _until(lambda: pool.pids not in ([], [first]))
+            await eventually(lambda: pool.pids not in ([], [first]), deadline_s=DEADLINE_S)
             assert (await pool.parse("SELECT * FROM zones")).tables == {"zones"}
 
     run(scenario)
@@ -205,7 +206,7 @@ def test_a_caller_that_leaves_does_not_cut_the_parse_short(tmp_path: Path) -> No
         async with ParserPool(size=1, command=FAKE_COMMAND) as pool:
             (child,) = pool.pids
             leaving = asyncio.create_task(pool.parse(sql))
-            await _until(parsed.exists)  # the child is parsing it
+            await eventually(parsed.exists, deadline_s=DEADLINE_S)  # the child is parsing it
             leaving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await leaving
@@ -238,9 +239,3 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is not running
         return stat.read().split(") ")[-1][0] != "Z"
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(DEADLINE_S):
-        while not condition():
-            await asyncio.sleep(0.02)
