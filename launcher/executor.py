@@ -481,6 +481,15 @@ class QueryExecution:
 
 
 class Executor:
+    """Runs queries on one host's sandboxes: ``run_query`` is the one entry point (the data
+    path's tables, a sandbox from the policy's pool or the session's own, the runner, the
+    checked result, the release of everything on every outcome). It keeps the queries that
+    run, so ``cancel`` by id and ``running`` answer for the tunnel and for drain.
+
+    It raises the ``QueryError`` family (``launcher.errors``): what the sandbox, the runner or
+    the result check found, never a Docker or gRPC exception.
+    """
+
     def __init__(
         self,
         backend: SandboxBackend,

@@ -27,6 +27,9 @@ _EXIT_POLL_S = 0.25
 
 @dataclass(frozen=True, slots=True)
 class FactorySettings:
+    """What every sandbox of a host shares: its image, whose it is (labels), where its files
+    directories go (``cache_dir``; None: no catalog files), how long a start may take."""
+
     image: str
     launcher_id: str
     instance_id: str
@@ -35,6 +38,9 @@ class FactorySettings:
 
 
 class SandboxFactory:
+    """Starts sandboxes for the pools: ``start(policy)`` returns a ready sandbox or raises
+    (``SandboxStartError``, ``EngineUnavailableError``, ...) with nothing left behind."""
+
     def __init__(self, backend: SandboxBackend, settings: FactorySettings) -> None:
         self.backend = backend
         self.settings = settings

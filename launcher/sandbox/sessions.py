@@ -21,6 +21,10 @@ from .spec import Sandbox
 
 @dataclass(eq=False, slots=True)
 class Session:
+    """A sandbox held for one session: its queries run there one at a time (``lock``), so
+    their temp tables and settings persist, until it is closed, idles past its policy's TTL
+    or outlives its maximum lifetime."""
+
     session_id: str
     policy: Policy
     sandbox: Sandbox
@@ -40,6 +44,11 @@ class Session:
 
 
 class SessionManager:
+    """The open sessions of one host: ``open`` takes a sandbox from the session policy's pool
+    and keeps it; ``get`` raises ``SessionError`` for an unknown or ended session (saying why
+    it ended); a reaper task ends the idle and the too-old ones every ``reap_interval_s``;
+    ``close_all`` ends every one at shutdown (their sandboxes are destroyed)."""
+
     def __init__(
         self,
         pool_for: Callable[[Policy], SandboxPool],
