@@ -17,7 +17,7 @@ from .service import RunnerService
 
 _MAX_MESSAGE = 64 * 1024 * 1024
 # HTTP/2 flow control for the result stream, the same on the launcher's channel
-# (``launcher/runner_client.py``): gRPC's bandwidth-delay probing, on by default, pings and
+# (``launcher/sandbox/runner_client.py``): gRPC's bandwidth-delay probing, on by default, pings and
 # resizes the window as data flows; on this socket a fixed 8 MiB window moved a 160 MB result
 # in ~160 ms instead of ~260 ms, with a third less CPU (README, Benchmarks). The launcher's
 # 8 MiB window is also the most a runner sends ahead of a launcher that does not read.
