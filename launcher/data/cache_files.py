@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from ..errors import CacheError
+from ..filelock import lock_held
 from ..model.mounts import SANDBOX_GID
 from .objectstore import CHUNK
 
@@ -200,15 +201,5 @@ def check_entry(path: Path, size: int, sha256: str) -> tuple[str | None, FileKey
 
 
 def is_pinned(pin_path: Path) -> bool:
-    """Whether a lease (any process) pins the entry: our LOCK_EX|LOCK_NB attempt fails."""
-    try:
-        fd = os.open(pin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """Whether a lease (any process) pins the entry."""
+    return lock_held(pin_path)

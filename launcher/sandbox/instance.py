@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DuckcellError
+from ..filelock import lock_held
 from .backend.base import LABEL_INSTANCE, LABEL_LAUNCHER, SandboxBackend
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,7 @@ class InstanceLock:
 
 def instance_alive(instances_dir: Path, instance_id: str) -> bool:
     """True while the launcher that owns ``instance_id`` still holds its lock."""
-    path = instances_dir / f"{instance_id}.lock"
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(instances_dir / f"{instance_id}.lock")
 
 
 @dataclass(frozen=True, slots=True)

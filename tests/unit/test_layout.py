@@ -20,7 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "launcher"
 
 # Shared leaves: importable by every layer, importing only each other (``launcher`` is the
 # package's ``__init__``: the version string, nothing else).
-LEAVES = frozenset({"launcher", "errors", "resources", "inputs", "yamlfile", "config", "atomic"})
+LEAVES = frozenset(
+    {"launcher", "errors", "resources", "inputs", "yamlfile", "config", "atomic", "filelock"}
+)
 
 # Layer -> the layers it may import (always also itself). Top to bottom; ``cli`` alone may
 # import everything. The same table is in docs/layout.md.
