@@ -153,7 +153,8 @@ def to_json(value: object) -> Json:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, decimal.Decimal):
-        return str(value)
+        # A whole DECIMAL (HUGEINT and sums of integers arrive so) stays a number.
+        return int(value) if value.as_tuple().exponent == 0 else str(value)
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return value.isoformat()
     if isinstance(value, datetime.timedelta | uuid.UUID):
