@@ -27,6 +27,7 @@ class Conversation:
         self.backend = backend
         self.session_id: str | None = None
         self.statements = 0  # statements run in the current session
+        self.running = 0  # statements running now
         self._opening = asyncio.Lock()
         self._closed = False
 
@@ -44,6 +45,7 @@ class Conversation:
         Raises ``SessionEndedError`` when that session had ended meanwhile."""
         session_id = await self._session()
         stream = self.backend.chunks(sql, session_id)
+        self.running += 1
         try:
             async with contextlib.aclosing(stream) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
@@ -55,7 +57,13 @@ class Conversation:
                 f"{error}. Its temp tables, views and settings are gone; your next statement "
                 "opens a new session."
             ) from None
+        finally:
+            self.running -= 1
         self.statements += 1
+
+    @property
+    def idle(self) -> bool:
+        return self.running == 0
 
     async def reset(self) -> str | None:
         """End the current session (None if there was none); the next statement opens anew."""

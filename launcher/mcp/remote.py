@@ -12,7 +12,7 @@ again with no name (the control plane then uses the role's).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from ..client import ControlPlaneClient
 from ..errors import QueryDeniedError, RemoteQueryError
@@ -22,10 +22,18 @@ AGENT_POLICY = "agent-session"
 
 
 class RemoteBackend:
-    def __init__(self, client: ControlPlaneClient, address: str, policy: str = "") -> None:
+    def __init__(
+        self,
+        client: ControlPlaneClient,
+        address: str,
+        policy: str = "",
+        *,
+        tables: Callable[[], list[TableInfo]] | None = None,
+    ) -> None:
         self._client = client
         self._address = address
         self._policy = policy
+        self._tables = tables  # in the control plane's process: its catalog, for the key's role
 
     @property
     def where(self) -> str:
@@ -47,6 +55,8 @@ class RemoteBackend:
             yield chunk
 
     async def tables(self) -> list[TableInfo]:
+        if self._tables is not None:
+            return self._tables()
         raise RemoteQueryError(
             "the control plane's Query service does not list tables yet: ask its "
             "administrator for the table names, or list them through its Flight SQL endpoint"
