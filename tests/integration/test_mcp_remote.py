@@ -64,6 +64,7 @@ def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
                 assert not made.is_error, made.content[0].text
                 read = await client.call_tool("run_sql", {"sql": "SELECT answer FROM notes"})
                 assert read.structured_content["rows"] == [[42]]
+                session_id = read.structured_content["session_id"]
                 (sandbox,) = containers_of(engine, config.launcher_id)
                 hostile = await client.call_tool(
                     "run_sql", {"sql": "SELECT * FROM read_text('/etc/passwd')"}
@@ -76,8 +77,13 @@ def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
                 assert sandbox not in containers_of(engine, config.launcher_id)
             await _no_sandbox(engine, config.launcher_id)
             records = AuditLog(control_plane.data.database()).recent(50)
-            audited = {r.sql for r in records if r.caller.endswith("/analyst")}
-            assert "SELECT answer FROM notes" in audited
+            # Every statement of the conversation's session is audited with the session's id.
+            in_session = [r.sql for r in records if r.session_id == session_id]
+            assert in_session[::-1][:2] == [
+                "CREATE TEMP TABLE notes AS SELECT 6 * 7 AS answer",
+                "SELECT answer FROM notes",
+            ]
+            assert all(r.caller.endswith("/analyst") for r in records)
 
     try:
         asyncio.run(asyncio.wait_for(scenario(), 240))
