@@ -54,6 +54,8 @@ session:
 pool:
   warm: 0
 """
+# agent-session with an idle TTL of one second, so a test sees duckcell end a session.
+IDLE = BIG.replace("name: mcp-big", "name: mcp-idle").replace("idle_ttl: 10m", "idle_ttl: 1s")
 LONG_SQL = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3"
 DEADLINE_S = 60.0
 
@@ -65,6 +67,7 @@ def mcp_env(image: str, policies_dir: Path, tmp_path: Path) -> dict[str, str]:
     for policy in policies_dir.glob("*.yaml"):
         (policies / policy.name).write_text(policy.read_text())
     (policies / "mcp-big.yaml").write_text(BIG)
+    (policies / "mcp-idle.yaml").write_text(IDLE)
     return {
         "DUCKCELL_IMAGE": image,
         "DUCKCELL_POLICIES_DIR": str(policies),
@@ -248,3 +251,23 @@ def _unlocked(lock: Path) -> bool:
             return False
         fcntl.flock(handle, fcntl.LOCK_UN)
         return True
+
+
+def test_a_session_duckcell_ended_is_said_once_then_a_fresh_one_opens(
+    mcp_env: dict[str, str], engine: docker.DockerClient
+) -> None:
+    launcher_id = mcp_env["DUCKCELL_LAUNCHER_ID"]
+
+    async def scenario() -> None:
+        async with _client(mcp_env, "--policy", "mcp-idle") as client:
+            first = await _sql(client, "CREATE TEMP TABLE kept AS SELECT 1 AS v")
+            # The idle TTL ends the session and its sandbox goes.
+            await _no_sandbox(engine, launcher_id)
+            told = await client.call_tool("run_sql", {"sql": "SELECT v FROM kept"})
+            assert told.is_error
+            text = told.content[0].text
+            assert "was idle for more than 1 s" in text and "next statement opens" in text
+            fresh = await _sql(client, "SELECT 2 AS v")
+            assert fresh["rows"] == [[2]] and fresh["session_id"] != first["session_id"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 240))
