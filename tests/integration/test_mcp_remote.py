@@ -8,6 +8,7 @@ and audits every statement; a wrong key stops the server at start with one clear
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,12 +21,14 @@ from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.datadir import ControlPlaneData
 from tests.support.controlplane import ControlPlane
 from tests.support.mcp import REPO, stdio_server
+from tests.support.waiting import eventually
 
 from .conftest import containers_of
 from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 DEADLINE_S = 60.0
+LONG_SQL = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3"
 
 
 def _args(control_plane: ControlPlane, tmp_path: Path, key: str) -> list[str]:
@@ -84,6 +87,44 @@ def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
                 "SELECT answer FROM notes",
             ]
             assert all(r.caller.endswith("/analyst") for r in records)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 240))
+    finally:
+        control_plane.close()
+
+
+def test_cancel_stops_a_statement_on_the_worker_and_the_session_goes_on(
+    config: LauncherConfig, tmp_path: Path
+) -> None:
+    control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
+    progress: list[str] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
+    async def scenario() -> None:
+        async with remote_stack(control_plane, config, tmp_path):
+            key = control_plane.data.api_keys().create("analyst")
+            params = stdio_server(_args(control_plane, tmp_path, key), {})
+            async with Client(params, read_timeout_seconds=120) as client:
+                made = await client.call_tool(
+                    "run_sql", {"sql": "CREATE TEMP TABLE k AS SELECT 3 v"}
+                )
+                assert not made.is_error, made.content[0].text
+                long = asyncio.ensure_future(
+                    client.call_tool("run_sql", {"sql": LONG_SQL}, progress_callback=on_progress)
+                )
+                await eventually(lambda: bool(progress), "a progress notification", DEADLINE_S)
+                long.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await long
+                # agent-session's statement timeout is 60 s: an answer within 30 s means the
+                # long statement was stopped on the worker, not left to time out.
+                after = await asyncio.wait_for(
+                    client.call_tool("run_sql", {"sql": "SELECT v FROM k"}), 30
+                )
+                assert after.structured_content["rows"] == [[3]]
 
     try:
         asyncio.run(asyncio.wait_for(scenario(), 240))
