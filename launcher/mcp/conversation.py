@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from ..errors import SessionError
 from .backend import SqlBackend
+from .export import Exports
 
 
 class SessionEndedError(SessionError):
@@ -23,8 +24,12 @@ class SessionEndedError(SessionError):
 
 
 class Conversation:
-    def __init__(self, backend: SqlBackend) -> None:
+    """``exports``: where this conversation's exports go, when it has a directory of its own
+    (the HTTP endpoint's); else the server's (``ToolSettings.exports``)."""
+
+    def __init__(self, backend: SqlBackend, exports: Exports | None = None) -> None:
         self.backend = backend
+        self.exports = exports
         self.session_id: str | None = None
         self.statements = 0  # statements run in the current session
         self.running = 0  # statements running now

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import ssl
 import tempfile
 import time
@@ -44,6 +45,7 @@ from ..errors import ApiKeyError, ControlPlaneError
 from ..link.wire import split_address
 from .backend import TableInfo
 from .conversation import Conversation
+from .export import Exports
 from .remote import RemoteBackend
 from .server import ToolSettings, build_server
 
@@ -70,11 +72,16 @@ def check_listen(listen: str, *, plaintext: bool) -> tuple[str, int]:
     return host, port
 
 
+# An export is handed over as an MCP resource, whole and base64-encoded in one message.
+MAX_EXPORT_BYTES = 64 * 2**20
+
+
 @dataclass(eq=False)
 class _Held:
     conversation: Conversation
     client: ControlPlaneClient
     key_digest: str
+    exports: Path
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -101,7 +108,11 @@ class McpHttpEndpoint:
         self._tls = tls
         self._idle_s = idle_s
         self._held: dict[str, _Held] = {}
-        self._server = build_server(self._conversation_for, settings, on_close=self._close_all)
+        # Each conversation's exports, under a directory of this process, gone with it.
+        self._spool = Path(tempfile.mkdtemp(prefix="duckcell-mcp-exports-"))
+        self._server = build_server(
+            self._conversation_for, settings, on_close=self._close_all, resources=True
+        )
         self._uvicorn: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None
         self._sweeping: asyncio.Task[None] | None = None
@@ -168,6 +179,7 @@ class McpHttpEndpoint:
             with contextlib.suppress(Exception):
                 await self._serving
         await self._close_all()
+        shutil.rmtree(self._spool, ignore_errors=True)
 
     def _conversation_for(self, ctx: Context) -> Conversation:
         headers = ctx.headers or {}
@@ -184,7 +196,9 @@ class McpHttpEndpoint:
             backend = RemoteBackend(
                 client, "this control plane", tables=lambda: self._tables_for(key)
             )
-            held = _Held(Conversation(backend), client, _digest(key))
+            exports = self._spool / _digest(session_id)[:32]  # never the header itself
+            conversation = Conversation(backend, Exports(exports, max_bytes=MAX_EXPORT_BYTES))
+            held = _Held(conversation, client, _digest(key), exports)
             self._held[session_id] = held
         elif held.key_digest != _digest(key):
             raise ToolError("unknown MCP session")  # as if it did not exist: ids are not probed
@@ -218,6 +232,7 @@ async def _close(held: _Held) -> None:
     with contextlib.suppress(Exception):  # the control plane may be stopping too
         await held.conversation.close()
     await held.client.close()
+    shutil.rmtree(held.exports, ignore_errors=True)
 
 
 class _Guard:

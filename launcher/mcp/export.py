@@ -42,10 +42,22 @@ class Exported:
 
 
 class Exports:
-    """Files under ``directory`` (None: exports are off; the error says how to turn them on)."""
+    """Files under ``directory`` (None: exports are off; the error says how to turn them on).
+    ``max_bytes`` bounds a file (the HTTP endpoint hands files over as MCP resources, whole
+    and base64-encoded in one message)."""
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, *, max_bytes: int | None = None) -> None:
         self.directory = directory
+        self.max_bytes = max_bytes
+
+    def existing(self, name: str) -> Path:
+        """The exported file ``name`` (as ``write`` named it); raises ``ExportError``."""
+        if self.directory is None or not _NAME.fullmatch(name) or ".." in name:
+            raise ExportError(f"no export named {name[:140]!r}")
+        path = self.directory / name
+        if not path.is_file():
+            raise ExportError(f"no export named {name!r} in this conversation")
+        return path
 
     def target(self, name: str, fmt: Format, *, overwrite: bool = False) -> Path:
         if self.directory is None:
@@ -84,6 +96,13 @@ class Exports:
                 assert decoder.schema is not None  # finish() checked it
                 writer = _Writer(partial, decoder.schema, fmt)
             await asyncio.to_thread(writer.close)
+            size = partial.stat().st_size
+            if self.max_bytes is not None and size > self.max_bytes:
+                cap = self.max_bytes / 2**20
+                raise ExportError(
+                    f"the result is {size / 2**20:.1f} MiB, more than the {cap:.0f} MiB an "
+                    "export may hold here: filter or aggregate it in SQL"
+                )
             os.replace(partial, path)
         except BaseException:
             if writer is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
@@ -59,11 +59,14 @@ def build_server(
     settings: ToolSettings,
     *,
     on_close: Callable[[], Awaitable[None]] | None = None,
+    resources: bool = False,
 ) -> MCPServer:
     """The MCP server with duckcell's tools; the caller picks the transport. ``on_close`` runs
     when the server's lifespan ends (stdio closed, the in-memory client left): it ends the
-    conversations' sessions."""
-    tools = _Tools(conversation_for, settings)
+    conversations' sessions. With ``resources`` an export is also an MCP resource
+    (``duckcell://exports/NAME``) of the conversation that wrote it, for clients on another
+    host than the server (the HTTP endpoint)."""
+    tools = _Tools(conversation_for, settings, resources=resources)
 
     @contextlib.asynccontextmanager
     async def lifespan(server: MCPServer) -> AsyncIterator[dict[str, object]]:
@@ -120,15 +123,39 @@ def build_server(
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True),
     )
+    if resources:
+        server.resource(
+            EXPORT_URI,
+            name="export",
+            description="A file export_result wrote in this conversation (Parquet or CSV).",
+        )(tools.read_export)
     return server
+
+
+EXPORT_URI = "duckcell://exports/{name}"
+_MIME = {".parquet": "application/vnd.apache.parquet", ".csv": "text/csv"}
 
 
 class _Tools:
     def __init__(
-        self, conversation_for: Callable[[Context], Conversation], settings: ToolSettings
+        self,
+        conversation_for: Callable[[Context], Conversation],
+        settings: ToolSettings,
+        *,
+        resources: bool = False,
     ) -> None:
         self._conversation_for = conversation_for
         self._settings = settings
+        self._resources = resources
+
+    async def read_export(self, name: str, ctx: Context) -> bytes:
+        conversation = self._conversation_for(ctx)
+        exports = conversation.exports or self._settings.exports
+        try:
+            path = exports.existing(name)
+        except DuckcellError as error:
+            raise ResourceError(str(error)) from None
+        return await asyncio.to_thread(path.read_bytes)
 
     async def run_sql(
         self,
@@ -203,8 +230,8 @@ class _Tools:
         format: Literal["parquet", "csv"] = "parquet",  # the tool's word
         overwrite: bool = False,
     ) -> CallToolResult:
-        exports = self._settings.exports
         conversation = self._conversation_for(ctx)
+        exports = conversation.exports or self._settings.exports
         try:
             path = exports.target(file_name, format, overwrite=overwrite)
         except DuckcellError as error:
@@ -222,6 +249,11 @@ class _Tools:
             "elapsed_s": round(time.monotonic() - started, 3),
         }
         text = f"wrote {done.rows} row(s), {done.bytes} bytes, to {done.path}"
+        if self._resources:
+            summary["uri"] = EXPORT_URI.format(name=done.path.name)
+            summary["mime_type"] = _MIME[done.path.suffix]
+            del summary["path"]  # the server's own path means nothing to the caller
+            text = f"wrote {done.rows} row(s), {done.bytes} bytes; read it as {summary['uri']}"
         return CallToolResult(
             content=[TextContent(type="text", text=text)], structured_content=summary
         )

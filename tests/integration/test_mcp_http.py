@@ -9,7 +9,9 @@ plane's data directory as ``duckcell controlplane token create`` makes one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import re
 import ssl
 import subprocess
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import docker
 import httpx2
+import pyarrow.parquet as pq
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from launcher.config import LauncherConfig
 from launcher.controlplane.datadir import ControlPlaneData
@@ -129,6 +133,17 @@ def test_each_mcp_session_is_a_session_of_its_own_and_ends_with_it(
                 assert hostile.is_error and "Traceback" not in hostile.content[0].text
                 listed = await first.call_tool("list_tables", {})
                 assert not listed.is_error and listed.structured_content["tables"] == []
+                # An export is a resource of the conversation that wrote it, and only of it.
+                sql = "SELECT range AS i FROM range(100000)"
+                done = await first.call_tool("export_result", {"sql": sql, "file_name": "all"})
+                assert not done.is_error, done.content[0].text
+                uri = done.structured_content["uri"]
+                assert uri == "duckcell://exports/all.parquet"
+                (content,) = (await first.read_resource(uri)).contents
+                table = pq.read_table(io.BytesIO(base64.b64decode(content.blob)))
+                assert table.column("i").to_pylist() == list(range(100000))
+                with pytest.raises(MCPError, match="no export named"):
+                    await second.read_resource(uri)
             # Leaving the clients deletes their MCP sessions: their sandboxes go too.
             await _no_sandbox(engine, config.launcher_id)
             async with httpx2.AsyncClient() as raw:
