@@ -27,8 +27,8 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class _Held:
     client: ControlPlaneClient
     key_digest: str
     exports: Path
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class McpHttpEndpoint:
@@ -108,6 +107,7 @@ class McpHttpEndpoint:
         self._tls = tls
         self._idle_s = idle_s
         self._held: dict[str, _Held] = {}
+        self._owners: dict[str, tuple[str, float]] = {}  # MCP session -> (key digest, seen)
         # Each conversation's exports, under a directory of this process, gone with it.
         self._spool = Path(tempfile.mkdtemp(prefix="duckcell-mcp-exports-"))
         self._server = build_server(
@@ -138,7 +138,7 @@ class McpHttpEndpoint:
         with tempfile.TemporaryDirectory(prefix="duckcell-mcp-tls-") as directory:
             tls_files = self._tls_files(Path(directory))
             config = uvicorn.Config(
-                _Guard(app, self._verify, self._owner_of, self._ended),
+                _Guard(app, self._verify, self._owners, self._ended),
                 host=self._host,
                 port=self._port,
                 log_level="warning",
@@ -201,25 +201,23 @@ class McpHttpEndpoint:
             held = _Held(conversation, client, _digest(key), exports)
             self._held[session_id] = held
         elif held.key_digest != _digest(key):
-            raise ToolError("unknown MCP session")  # as if it did not exist: ids are not probed
-        held.last_used = time.monotonic()
+            raise ToolError("unknown MCP session")  # the guard answers 404 before this
         return held.conversation
 
-    def _owner_of(self, session_id: str) -> str | None:
-        held = self._held.get(session_id)
-        return held.key_digest if held is not None else None
-
     async def _ended(self, session_id: str) -> None:
+        self._owners.pop(session_id, None)
         held = self._held.pop(session_id, None)
         if held is not None:
             await _close(held)
 
     async def _sweep(self) -> None:
+        """End what idled longer than the SDK keeps a session (it ends those by itself)."""
         while True:
             await asyncio.sleep(_SWEEP_S)
             now = time.monotonic()
-            for session_id, held in list(self._held.items()):
-                if now - held.last_used > self._idle_s and held.conversation.idle:
+            for session_id, (_, seen) in list(self._owners.items()):
+                held = self._held.get(session_id)
+                if now - seen > self._idle_s and (held is None or held.conversation.idle):
                     await self._ended(session_id)
 
     async def _close_all(self) -> None:
@@ -236,19 +234,20 @@ async def _close(held: _Held) -> None:
 
 
 class _Guard:
-    """ASGI middleware: every request needs a valid API key; a session is its opener's; a
-    DELETE of a session ends its conversation once the SDK has ended the MCP session."""
+    """ASGI middleware: every request needs a valid API key; an MCP session is bound to the key
+    whose request opened it (its ``mcp-session-id`` is read off that response) and answers any
+    other key 404; a DELETE of a session ends its conversation once the SDK has ended it."""
 
     def __init__(
         self,
         app: ASGIApp,
         verify: Verify,
-        owner_of: Callable[[str], str | None],
+        owners: dict[str, tuple[str, float]],
         ended: Callable[[str], Awaitable[None]],
     ) -> None:
         self._app = app
         self._verify = verify
-        self._owner_of = owner_of
+        self._owners = owners  # MCP session id -> (key digest, last request)
         self._ended = ended
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -271,14 +270,32 @@ class _Guard:
         if version and version not in HANDSHAKE_PROTOCOL_VERSIONS and scope["method"] == "POST":
             await _handshake_only(receive, send)
             return
+        digest = _digest(key)
         session_id = headers.get(SESSION_HEADER)
-        owner = self._owner_of(session_id) if session_id else None
-        if owner is not None and owner != _digest(key):
-            await _answer(send, 404, "Session not found")
+        if session_id is None:
+            await self._app(scope, receive, self._binding(send, digest))
             return
+        owner = self._owners.get(session_id)
+        if owner is not None and owner[0] != digest:
+            await _answer(send, 404, "Session not found")  # as for an unknown one
+            return
+        if owner is not None:
+            self._owners[session_id] = (digest, time.monotonic())
         await self._app(scope, receive, send)
-        if scope["method"] == "DELETE" and session_id:
+        if scope["method"] == "DELETE":
             await self._ended(session_id)
+
+    def _binding(self, send: Send, digest: str) -> Send:
+        """``send``, noting the session a response opens as ``digest``'s."""
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if name.lower() == SESSION_HEADER.encode():
+                        self._owners[value.decode("latin-1")] = (digest, time.monotonic())
+            await send(message)
+
+        return sending
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
