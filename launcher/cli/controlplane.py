@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..controlplane.access import visible_tables
 from ..controlplane.audit import DEFAULT_LIMIT as DEFAULT_AUDIT_LIMIT
 from ..controlplane.audit import AuditLog, format_records
 from ..controlplane.catalogs import apply_catalog, read_catalog
@@ -32,7 +31,6 @@ from ..controlplane.server import ControlPlaneServer
 from ..errors import ControlPlaneError, DuckcellError
 from ..flight import ControlPlaneWithFlight, FlightListen
 from ..link.wire import split_address
-from ..mcp.backend import TableInfo
 from ..mcp.endpoint import McpHttpEndpoint, check_listen
 from ..mcp.server import ToolSettings
 from ..model.catalog import load_catalog
@@ -253,13 +251,6 @@ def _mcp_endpoint(args: argparse.Namespace, server: ControlPlaneServer) -> McpHt
     host, _ = split_address(server.address, listening=True)
     query = f"127.0.0.1:{server.port}" if host in {"", "0.0.0.0", "::", "[::]"} else server.address
 
-    def tables_for(key: str) -> list[TableInfo]:
-        role = keys.verify(key).role
-        return [
-            TableInfo(t.name, f"{t.format} on connection {t.connection}")
-            for t in visible_tables(server.catalog.current.catalog, role)
-        ]
-
     tls = None
     if not args.mcp_plaintext:
         cert_pem, key_pem = ca.issue_server_cert(server.hosts)
@@ -269,7 +260,6 @@ def _mcp_endpoint(args: argparse.Namespace, server: ControlPlaneServer) -> McpHt
         query_address=query,
         ca_pem=ca.cert_pem(),
         verify=lambda key: keys.verify(key).key_id,
-        tables_for=tables_for,
         tls=tls,
         settings=ToolSettings(),
     )

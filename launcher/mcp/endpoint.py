@@ -4,9 +4,9 @@ Run in the control plane's process and wired by the command (``duckcell controlp
 --mcp-listen``), it is a client of the control plane's own ``Query`` service: each MCP session
 gets a ``ControlPlaneClient`` with the caller's API key (the request's bearer token), so the
 key's role decides tables and policy and every statement is authenticated, routed and audited
-exactly as any other client's. Nothing here reaches the router or the catalog directly: the
-command hands in ``verify`` (a key to its caller's name, or ``ApiKeyError``) and
-``tables_for`` (the tables a key's role may read).
+exactly as any other client's (tables listed by its ``ListTables``). Nothing here reaches the
+router or the catalog directly: the command hands in ``verify`` (a key to its caller's name,
+or ``ApiKeyError``), so a wrong key is refused before the SDK sees the request.
 
 Each request is checked before the SDK sees it: no or an unknown key is answered 401 with the
 reason. An MCP session is bound to the key that opened it (another key gets 404, as for a
@@ -43,7 +43,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..client import ControlPlaneClient
 from ..errors import ApiKeyError, ControlPlaneError
 from ..link.wire import split_address
-from .backend import TableInfo
 from .conversation import Conversation
 from .export import Exports
 from .remote import RemoteBackend
@@ -58,7 +57,6 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _MAX_PROBE_BYTES = 1 << 20
 
 Verify = Callable[[str], str]
-TablesFor = Callable[[str], list[TableInfo]]
 
 
 def check_listen(listen: str, *, plaintext: bool) -> tuple[str, int]:
@@ -94,7 +92,6 @@ class McpHttpEndpoint:
         query_address: str,
         ca_pem: bytes,
         verify: Verify,
-        tables_for: TablesFor,
         tls: tuple[bytes, bytes] | None,
         settings: ToolSettings,
         idle_s: float = DEFAULT_IDLE_S,
@@ -103,7 +100,6 @@ class McpHttpEndpoint:
         self._query_address = query_address
         self._ca_pem = ca_pem
         self._verify = verify
-        self._tables_for = tables_for
         self._tls = tls
         self._idle_s = idle_s
         self._held: dict[str, _Held] = {}
@@ -193,9 +189,7 @@ class McpHttpEndpoint:
         held = self._held.get(session_id)
         if held is None:
             client = ControlPlaneClient(self._query_address, key, self._ca_pem)
-            backend = RemoteBackend(
-                client, "this control plane", tables=lambda: self._tables_for(key)
-            )
+            backend = RemoteBackend(client, "this control plane")
             exports = self._spool / _digest(session_id)[:32]  # never the header itself
             conversation = Conversation(backend, Exports(exports, max_bytes=MAX_EXPORT_BYTES))
             held = _Held(conversation, client, _digest(key), exports)

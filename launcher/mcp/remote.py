@@ -12,10 +12,10 @@ again with no name (the control plane then uses the role's).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from ..client import ControlPlaneClient
-from ..errors import QueryDeniedError, RemoteQueryError
+from ..errors import QueryDeniedError
 from .backend import TableInfo
 
 AGENT_POLICY = "agent-session"
@@ -27,13 +27,10 @@ class RemoteBackend:
         client: ControlPlaneClient,
         address: str,
         policy: str = "",
-        *,
-        tables: Callable[[], list[TableInfo]] | None = None,
     ) -> None:
         self._client = client
         self._address = address
         self._policy = policy
-        self._tables = tables  # in the control plane's process: its catalog, for the key's role
 
     @property
     def where(self) -> str:
@@ -55,9 +52,7 @@ class RemoteBackend:
             yield chunk
 
     async def tables(self) -> list[TableInfo]:
-        if self._tables is not None:
-            return self._tables()
-        raise RemoteQueryError(
-            "the control plane's Query service does not list tables yet: ask its "
-            "administrator for the table names, or list them through its Flight SQL endpoint"
-        )
+        return [
+            TableInfo(t.name, f"{t.format} on connection {t.connection}")
+            for t in await self._client.tables(timeout_s=30)
+        ]

@@ -18,6 +18,7 @@ from mcp import Client
 
 from launcher.config import LauncherConfig
 from launcher.controlplane.audit import AuditLog
+from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from tests.support.controlplane import ControlPlane
 from tests.support.mcp import REPO, stdio_server
@@ -28,6 +29,15 @@ from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 DEADLINE_S = 60.0
+CATALOG = """
+connections:
+  files: {kind: local}
+tables:
+  trips: {connection: files, path: trips.parquet, format: parquet}
+  salaries: {connection: files, path: salaries.parquet, format: parquet}
+roles:
+  analyst: {tables: [trips]}
+"""
 LONG_SQL = "SELECT count(*) FROM range(1000000000000) t(i) WHERE i % 7 = 3"
 
 
@@ -56,11 +66,18 @@ def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
 ) -> None:
     control_plane = ControlPlane(ControlPlaneData(tmp_path / "cp"))
 
+    (tmp_path / "catalog.yaml").write_text(CATALOG)
+    apply_catalog(control_plane.data.root, tmp_path / "catalog.yaml")
+
     async def scenario() -> None:
         async with remote_stack(control_plane, config, tmp_path):
             key = control_plane.data.api_keys().create("analyst")
             params = stdio_server(_args(control_plane, tmp_path, key), {})
             async with Client(params, read_timeout_seconds=120) as client:
+                listed = await client.call_tool("list_tables", {})
+                assert listed.structured_content["tables"] == [
+                    {"name": "trips", "source": "parquet on connection files"}
+                ]  # not salaries: the role may not read it
                 made = await client.call_tool(
                     "run_sql", {"sql": "CREATE TEMP TABLE notes AS SELECT 6 * 7 AS answer"}
                 )

@@ -40,7 +40,6 @@ def _endpoint() -> McpHttpEndpoint:
         query_address="127.0.0.1:1",  # never dialled here
         ca_pem=b"",
         verify=_verify,
-        tables_for=lambda key: [],
         tls=None,
         settings=ToolSettings(),
     )
