@@ -104,8 +104,9 @@ class McpHttpEndpoint:
         self._idle_s = idle_s
         self._held: dict[str, _Held] = {}
         self._owners: dict[str, tuple[str, float]] = {}  # MCP session -> (key digest, seen)
-        # Each conversation's exports, under a directory of this process, gone with it.
-        self._spool = Path(tempfile.mkdtemp(prefix="duckcell-mcp-exports-"))
+        # Each conversation's exports, under a directory of this process (made at start),
+        # gone with the conversation.
+        self._spool: Path | None = None
         self._server = build_server(
             self._conversation_for, settings, on_close=self._close_all, resources=True
         )
@@ -151,6 +152,7 @@ class McpHttpEndpoint:
                 raise ControlPlaneError(f"--mcp-listen: could not listen on {self._host}")
             await asyncio.sleep(0.02)
         self._port = server.servers[0].sockets[0].getsockname()[1]
+        self._spool = Path(tempfile.mkdtemp(prefix="duckcell-mcp-exports-"))
         self._sweeping = asyncio.ensure_future(self._sweep())
 
     def _tls_files(self, directory: Path) -> dict[str, Any]:
@@ -175,7 +177,8 @@ class McpHttpEndpoint:
             with contextlib.suppress(Exception):
                 await self._serving
         await self._close_all()
-        shutil.rmtree(self._spool, ignore_errors=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
     def _conversation_for(self, ctx: Context) -> Conversation:
         headers = ctx.headers or {}
@@ -188,6 +191,7 @@ class McpHttpEndpoint:
             )
         held = self._held.get(session_id)
         if held is None:
+            assert self._spool is not None  # tools run only once the server started
             client = ControlPlaneClient(self._query_address, key, self._ca_pem)
             backend = RemoteBackend(client, "this control plane")
             exports = self._spool / _digest(session_id)[:32]  # never the header itself

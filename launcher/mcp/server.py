@@ -79,6 +79,17 @@ def build_server(
     server = MCPServer(
         "duckcell", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan
     )
+    _add_tools(server, tools)
+    if resources:
+        server.resource(
+            EXPORT_URI,
+            name="export",
+            description="A file export_result wrote in this conversation (Parquet or CSV).",
+        )(tools.read_export)
+    return server
+
+
+def _add_tools(server: MCPServer, tools: _Tools) -> None:
     server.add_tool(
         tools.run_sql,
         title="Run SQL",
@@ -110,7 +121,8 @@ def build_server(
         title="Export a result",
         description=(
             "Run a statement and write its whole result (not cut for the context) to a Parquet "
-            "or CSV file in the operator's export directory; returns the file's path and size."
+            "or CSV file: a path in the operator's export directory, or, over HTTP, an MCP "
+            "resource (duckcell://exports/NAME) of this conversation."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False),
     )
@@ -123,13 +135,6 @@ def build_server(
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True),
     )
-    if resources:
-        server.resource(
-            EXPORT_URI,
-            name="export",
-            description="A file export_result wrote in this conversation (Parquet or CSV).",
-        )(tools.read_export)
-    return server
 
 
 EXPORT_URI = "duckcell://exports/{name}"
