@@ -10,12 +10,14 @@ without a reason (gRPC's own: no connection, or it dropped) ``ControlPlaneUnreac
 
 Sessions (``open_session``, ``table(..., session_id=)``, ``close_session``) run every query of
 the session in one sandbox on one worker, so temp tables survive between them; the session
-belongs to the API key that opened it.
+belongs to the API key that opened it. ``tables`` lists the catalog tables the key's role may
+read.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import pyarrow as pa
@@ -32,6 +34,15 @@ from .errors import (
 from .link.wire import MESSAGE_OPTIONS, REASON_KEY
 from .protocol import controlplane_pb2 as pb
 from .protocol import controlplane_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogTable:
+    """A table the caller's role may read: its name, format and connection's name."""
+
+    name: str
+    format: str
+    connection: str
 
 
 class ControlPlaneClient:
@@ -109,6 +120,16 @@ class ControlPlaneClient:
             await self._stub.CloseSession(request, metadata=self._metadata, timeout=timeout_s)
         except aio.AioRpcError as error:
             raise self._translate(error) from None
+
+    async def tables(self, *, timeout_s: float | None = None) -> list[CatalogTable]:
+        """The catalog tables this key's role may read, by name."""
+        try:
+            reply = await self._stub.ListTables(
+                pb.ListTablesRequest(), metadata=self._metadata, timeout=timeout_s
+            )
+        except aio.AioRpcError as error:
+            raise self._translate(error) from None
+        return [CatalogTable(t.name, t.format, t.connection) for t in reply.tables]
 
     async def close(self) -> None:
         await self._channel.close()

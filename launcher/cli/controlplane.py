@@ -31,6 +31,8 @@ from ..controlplane.server import ControlPlaneServer
 from ..errors import ControlPlaneError, DuckcellError
 from ..flight import ControlPlaneWithFlight, FlightListen
 from ..link.wire import split_address
+from ..mcp.endpoint import McpHttpEndpoint, check_listen
+from ..mcp.server import ToolSettings
 from ..model.catalog import load_catalog
 from ..yamlfile import parse_duration
 
@@ -82,6 +84,17 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
         "--flight-plaintext",
         action="store_true",
         help="serve Flight SQL without TLS (only on a loopback --flight-listen)",
+    )
+    serve.add_argument(
+        "--mcp-listen",
+        type=listen_address,
+        help="HOST:PORT for AI agents over MCP (streamable HTTP at /mcp; API key as bearer "
+        "token); TLS with the control plane's certificate",
+    )
+    serve.add_argument(
+        "--mcp-plaintext",
+        action="store_true",
+        help="serve MCP without TLS (only on a loopback --mcp-listen)",
     )
     serve.add_argument(
         "--catalog", type=Path, help="catalog YAML to apply at start (see `controlplane catalog`)"
@@ -195,8 +208,17 @@ async def _serve(args: argparse.Namespace) -> int:
         tunnel_listen=args.tunnel_listen,
         audit_retention_s=retention * DAY_S if retention is not None else None,
     )
+    if args.mcp_listen:
+        check_listen(args.mcp_listen, plaintext=args.mcp_plaintext)  # before anything listens
     served = ControlPlaneWithFlight(server, flight_listen)
     await served.start()
+    mcp = _mcp_endpoint(args, server)
+    if mcp is not None:
+        try:
+            await mcp.start()
+        except BaseException:
+            await served.stop()
+            raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -205,6 +227,7 @@ async def _serve(args: argparse.Namespace) -> int:
         f"duckcell: control plane listening on {server.address}, tunnel on "
         f"{server.tunnel_address}"
         f"{f', Flight SQL on {served.flight.location}' if served.flight else ''}"
+        f"{f', MCP on {mcp.url}' if mcp else ''}"
         f" (CA {server.fingerprint()})",
         file=sys.stderr,
         flush=True,
@@ -212,8 +235,34 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stopping.wait()
     finally:
+        if mcp is not None:
+            await mcp.stop()
         await served.stop()
     return 0
+
+
+def _mcp_endpoint(args: argparse.Namespace, server: ControlPlaneServer) -> McpHttpEndpoint | None:
+    """The MCP endpoint, a client of this control plane's own Query service (on loopback when
+    the control plane listens on every address), with the caller's key."""
+    if not args.mcp_listen:
+        return None
+    keys, ca = server.api_keys, server.ca()
+    assert keys is not None  # started
+    host, _ = split_address(server.address, listening=True)
+    query = f"127.0.0.1:{server.port}" if host in {"", "0.0.0.0", "::", "[::]"} else server.address
+
+    tls = None
+    if not args.mcp_plaintext:
+        cert_pem, key_pem = ca.issue_server_cert(server.hosts)
+        tls = (cert_pem + ca.cert_pem(), key_pem)
+    return McpHttpEndpoint(
+        args.mcp_listen,
+        query_address=query,
+        ca_pem=ca.cert_pem(),
+        verify=lambda key: keys.verify(key).key_id,
+        tls=tls,
+        settings=ToolSettings(),
+    )
 
 
 # The commands that may start a control plane's data directory; the others (they list, show,

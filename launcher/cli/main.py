@@ -50,6 +50,7 @@ from ..worker.tunnel import DEFAULT_DRAIN_GRACE_S
 from .allocator import tune_allocator
 from .cache import add_cache_parser, run_cache_command
 from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
+from .mcp import add_mcp_parser, run_mcp_command
 from .output import FORMATS, check_output, write_result
 from .secrets import add_secrets_parser, run_secrets_command, secret_store
 
@@ -196,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_cache_parser(commands)
     add_secrets_parser(commands)
+    add_mcp_parser(commands)
 
     sandboxes = commands.add_parser("sandboxes", help="this launcher's sandbox containers")
     sandbox_commands = sandboxes.add_subparsers(dest="sandboxes_command", required=True)
@@ -474,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_cache_command(args, _config(args))
         if args.command == "secrets":
             return run_secrets_command(args, _config(args))
+        if args.command == "mcp":
+            return run_mcp_command(args, lambda: _config(args))
     except DuckcellError as error:
         print(f"duckcell: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -76,6 +76,9 @@ class AuditRecord:
     sandbox: str = ""
     reruns: int = 0  # runs the worker threw away: a table's listing changed under them
     sql_sha256: str = field(default="")
+    # The session the query ran in ('' for none): an MCP conversation's, for one
+    # (``launcher.mcp``), so its statements are found together.
+    session_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.sql_sha256:
@@ -88,7 +91,7 @@ class AuditRecord:
 
 _COLUMNS = (
     "query_id, caller, sql, worker_id, policy, started_at, finished_at, queued_s, run_s, rows, "
-    "bytes, outcome, reason, message, sandbox, reruns, sql_sha256"
+    "bytes, outcome, reason, message, sandbox, reruns, sql_sha256, session_id"
 )
 _FIELDS = tuple(name.strip() for name in _COLUMNS.split(","))
 _UPSERT = (
@@ -233,6 +236,7 @@ class QueryTrail:
         caller: str,
         sql: str,
         policy: str,
+        session_id: str = "",
         clock: Clock = time.time,
     ) -> None:
         self._sink = sink
@@ -243,6 +247,7 @@ class QueryTrail:
         self._draft = AuditRecord(
             query_id, caller, sql, "", policy, clock(), 0.0, 0.0, 0.0, 0, 0, "", "", ""
         )
+        self._draft = replace(self._draft, session_id=session_id)
 
     @property
     def ended(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc import aio
@@ -26,10 +27,12 @@ from launcher.errors import (
     meaning,
 )
 from launcher.inputs import check_statement_text
+from launcher.model.catalog import Catalog
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
 
 from ..link.wire import REASON_KEY
+from .access import visible_tables
 from .apikeys import ApiKey, ApiKeys
 from .routing import QueryDone, QueryRouter, WholeResult
 
@@ -46,9 +49,18 @@ def status_of(reason: str) -> grpc.StatusCode:
 
 
 class QueryService(pb_grpc.QueryServicer):
-    def __init__(self, api_keys: ApiKeys, router: QueryRouter) -> None:
+    """``catalog`` (the current one) answers ``ListTables``; without it the list is empty."""
+
+    def __init__(
+        self,
+        api_keys: ApiKeys,
+        router: QueryRouter,
+        *,
+        catalog: Callable[[], Catalog] | None = None,
+    ) -> None:
         self._api_keys = api_keys
         self._router = router
+        self._catalog = catalog
 
     async def Run(  # the generated servicer's method name
         self, request: pb.QueryRequest, context: aio.ServicerContext[pb.QueryRequest, pb.QueryChunk]
@@ -105,6 +117,22 @@ class QueryService(pb_grpc.QueryServicer):
         except SessionError as error:
             await _fail(context, error)
         return pb.CloseSessionReply()
+
+    async def ListTables(  # the generated servicer's method name
+        self, request: pb.ListTablesRequest, context: aio.ServicerContext
+    ) -> pb.ListTablesReply:
+        """The tables the caller's role may read (none for a role the catalog does not define),
+        as ``access.visible_tables`` gives them to Flight SQL's metadata."""
+        caller = await self._authenticate(context)
+        if self._catalog is None:
+            return pb.ListTablesReply()
+        tables = visible_tables(self._catalog(), caller.role)
+        return pb.ListTablesReply(
+            tables=[
+                pb.CatalogTable(name=t.name, format=t.format, connection=t.connection)
+                for t in tables
+            ]
+        )
 
     async def _authenticate(self, context: aio.ServicerContext) -> ApiKey:
         metadata = dict(context.invocation_metadata() or ())

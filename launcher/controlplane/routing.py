@@ -267,7 +267,13 @@ class QueryRouter:
         query_id = uuid.uuid4().hex
         requested = policy
         trail = QueryTrail(
-            self._audit, query_id=query_id, caller=caller, sql=sql, policy=policy, clock=self._clock
+            self._audit,
+            query_id=query_id,
+            caller=caller,
+            sql=sql,
+            policy=policy,
+            session_id=session_id,
+            clock=self._clock,
         )
         try:
             if session_id:

@@ -236,7 +236,8 @@ class ControlPlaneServer:
         pb_grpc.add_TunnelServicer_to_server(self._tunnel, server)
         # Served on both ports like the others; clients use the enrollment port (server TLS).
         self.api_keys = ApiKeys(self._conn)
-        pb_grpc.add_QueryServicer_to_server(QueryService(self.api_keys, router), server)
+        service = QueryService(self.api_keys, router, catalog=lambda: self.catalog.current.catalog)
+        pb_grpc.add_QueryServicer_to_server(service, server)
         await server.start()
         self._server = server
         self._catalog_task = asyncio.create_task(self.catalog.run())

@@ -91,6 +91,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE api_keys ADD COLUMN revoked_at REAL;
     """,
+    # 9: the session a query ran in ('' for none), e.g. an MCP conversation's.
+    """
+    ALTER TABLE query_audit ADD COLUMN session_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 

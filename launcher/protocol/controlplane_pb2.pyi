@@ -237,6 +237,26 @@ class Refusal(_message.Message):
     message: str
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class ListTablesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTablesReply(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[CatalogTable]
+    def __init__(self, tables: _Optional[_Iterable[_Union[CatalogTable, _Mapping]]] = ...) -> None: ...
+
+class CatalogTable(_message.Message):
+    __slots__ = ("name", "format", "connection")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: str
+    connection: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., connection: _Optional[str] = ...) -> None: ...
+
 class QueryRequest(_message.Message):
     __slots__ = ("sql", "policy", "session_id")
     SQL_FIELD_NUMBER: _ClassVar[int]

@@ -259,6 +259,11 @@ class QueryStub:
                 request_serializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.FromString,
                 _registered_method=True)
+        self.ListTables = channel.unary_unary(
+                '/duckcell.controlplane.v1.Query/ListTables',
+                request_serializer=launcher_dot_protocol_dot_controlplane__pb2.ListTablesRequest.SerializeToString,
+                response_deserializer=launcher_dot_protocol_dot_controlplane__pb2.ListTablesReply.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -294,6 +299,13 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTables(self, request, context):
+        """The catalog tables the caller's role may read, by name (what an MCP agent lists).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +323,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.FromString,
                     response_serializer=launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.SerializeToString,
+            ),
+            'ListTables': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTables,
+                    request_deserializer=launcher_dot_protocol_dot_controlplane__pb2.ListTablesRequest.FromString,
+                    response_serializer=launcher_dot_protocol_dot_controlplane__pb2.ListTablesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +421,33 @@ class Query:
             '/duckcell.controlplane.v1.Query/CloseSession',
             launcher_dot_protocol_dot_controlplane__pb2.CloseSessionRequest.SerializeToString,
             launcher_dot_protocol_dot_controlplane__pb2.CloseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duckcell.controlplane.v1.Query/ListTables',
+            launcher_dot_protocol_dot_controlplane__pb2.ListTablesRequest.SerializeToString,
+            launcher_dot_protocol_dot_controlplane__pb2.ListTablesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ LEAVES = frozenset(
 # import everything. The same table is in docs/layout.md.
 ALLOWED: dict[str, frozenset[str]] = {
     "cli": frozenset(),  # everything; filled in below
+    "mcp": LEAVES | {"host", "executor", "sandbox", "data", "model", "client", "link", "protocol"},
     "worker": LEAVES | {"host", "executor", "sandbox", "data", "model", "link", "protocol"},
     "flight": LEAVES | {"controlplane", "model", "link", "protocol"},
     "controlplane": LEAVES | {"model", "link", "protocol"},
