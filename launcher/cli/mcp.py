@@ -36,6 +36,7 @@ from ..mcp.server import ToolSettings, build_server
 from ..model.catalog import load_catalog
 from ..model.sql import ParserPool
 from ..resources import PACKAGE_DIR
+from ..sandbox.backend.docker_engine import DockerBackend
 from .controlplane import dial_address
 from .secrets import secret_store
 
@@ -144,7 +145,9 @@ async def _serve_local(
         data = DataPath(load_catalog(catalog_file), cache, parser=parser, secrets=secrets)
         config = dataclasses.replace(config, cache_dir=cache.root)
     try:
-        async with LocalLauncher(config, warm_override=0) as launcher:
+        async with LocalLauncher(
+            config, DockerBackend.for_config(config), warm_override=0
+        ) as launcher:
             backend = LocalBackend(launcher, data, args.policy or AGENT_POLICY)
             await _serve(Conversation(backend), settings)
     finally:
