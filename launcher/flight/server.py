@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from launcher.controlplane.audit import AuditRecord, AuditSink, NoAudit
 from launcher.controlplane.ca import CertificateAuthority
 from launcher.errors import ControlPlaneError
 from launcher.link.wire import split_address
@@ -26,7 +29,7 @@ from launcher.model.sql import ParserPool, SqlParser
 
 from .auth import MIDDLEWARE_KEY, ApiKeyMiddlewareFactory, HandshakeAuthHandler
 from .bridge import LoopBridge
-from .gateway import CatalogSource, Gateway, empty_catalog
+from .gateway import CatalogSource, Gateway, SessionRoles, empty_catalog, no_session_roles
 from .service import FlightSqlService
 from .sessions import FlightSessions
 from .statements import (
@@ -41,6 +44,8 @@ from .types import Router, VerifyKey
 log = logging.getLogger(__name__)
 
 _WILDCARDS = {"", "0.0.0.0", "::"}
+# The audit outcome of a call refused for naming another key's or an unknown connection.
+REFUSED = "refused"
 # Seconds stop() waits for running calls (a client that stopped reading can hold one forever).
 STOP_GRACE_S = 5.0
 
@@ -103,7 +108,12 @@ class FlightSqlServer:
         max_parked_per_key: int = MAX_PARKED_PER_KEY,
         max_prepared_per_key: int = MAX_PREPARED_PER_KEY,
         parser: SqlParser | None = None,
+        session_roles: SessionRoles = no_session_roles,
+        audit: AuditSink | None = None,
     ) -> None:
+        self._session_roles = session_roles
+        self._audit: AuditSink = audit or NoAudit()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._own_parser: ParserPool | None = None
         if parser is None:
             parser = self._own_parser = ParserPool()
@@ -126,11 +136,12 @@ class FlightSqlServer:
         return self._listen.location(self.port)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         bridge = LoopBridge(loop)
+        keys = ApiKeyMiddlewareFactory(bridge, self._verify_key, refused=self._refused)
         options: dict[str, object] = {
             "auth_handler": HandshakeAuthHandler(),
-            "middleware": {MIDDLEWARE_KEY: ApiKeyMiddlewareFactory(bridge, self._verify_key)},
+            "middleware": {MIDDLEWARE_KEY: keys},
         }
         if not self._listen.plaintext:
             cert_pem, key_pem = self._ca.issue_server_cert(list(dict.fromkeys(self._hosts)))
@@ -145,6 +156,7 @@ class FlightSqlServer:
                     FlightSessions(self._router, bridge),
                     parser=self._parser,
                     bridge=bridge,
+                    session_roles=self._session_roles,
                 ),
                 bridge=bridge,
                 tickets=QueryTickets(
@@ -159,6 +171,31 @@ class FlightSqlServer:
                 "is the port in use?"
             ) from None
         self.port = self._service.port
+
+    def _refused(self, key_id: str, what: str) -> None:
+        """Record a call refused for naming a connection that is not its caller's: a row in
+        the audit log (outcome "refused", reason "connection"), written on the loop, whose
+        thread owns the database."""
+        log.warning("Flight SQL call refused: key %s presented %s", key_id or "(none)", what)
+        now = time.time()
+        record = AuditRecord(
+            query_id="flight-" + secrets.token_hex(8),
+            caller=key_id or "(unknown)",
+            sql="",
+            worker_id="",
+            policy="",
+            started_at=now,
+            finished_at=now,
+            queued_s=0.0,
+            run_s=0.0,
+            rows=0,
+            bytes=0,
+            outcome=REFUSED,
+            reason="connection",
+            message=f"refused: {what}",
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._audit.write, record)
 
     async def stop(self) -> None:
         """Cancel queries waiting for DoGet, close the sessions clients opened, then give

@@ -10,8 +10,8 @@ Prepared statements are SQL text kept per key with the parameters last bound to 
 (``DoPut``, see ``updates.py``): the ADBC driver always prepares, even without parameters, so
 executing one routes its SQL like a plain statement. Every routed statement passes the role
 rule first (``gateway.py``). Statements that change data answer ``DoPut`` with their row count.
-A call whose ``x-duckcell-session`` header names a session runs in that session's sandbox
-(``sessions.py``); ``CloseSession`` ends it.
+A statement runs in its connection's session when the role is session-mode or the call names
+a session in ``x-duckcell-session`` (``sessions.py``); ``CloseSession`` ends it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from launcher.errors import SessionError
 from launcher.model.sql import check_statement
 
 from . import metadata
-from .auth import caller_of, session_of
+from .auth import caller_of, connection_of
 from .bridge import LoopBridge
 from .gateway import Gateway
 from .listing import CatalogListing
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 ACTIONS = [
     (CREATE_PREPARED_STATEMENT, "prepare a statement (one parameter set per execution)"),
     (CLOSE_PREPARED_STATEMENT, "forget a prepared statement"),
-    (CLOSE_SESSION, "end the session the x-duckcell-session header names (its sandbox too)"),
+    (CLOSE_SESSION, "end this connection's session (its sandbox too)"),
 ]
 
 
@@ -166,10 +166,10 @@ class FlightSqlService(flight.FlightServerBase):
                 self.prepared.close(parse_close_prepared(body), caller.key_id)
                 return []
         if action.type == CLOSE_SESSION:
-            session = session_of(context)
-            if session:
+            connection = connection_of(context)
+            if connection is not None:
                 with translated():
-                    self.gateway.sessions.close(caller, session)
+                    self.gateway.sessions.close(caller, connection)
             return [close_session_result()]
         unsupported = UnsupportedRequest(f"action {action.type!r} is not supported by this server")
         raise status_of(unsupported)
@@ -250,14 +250,15 @@ class FlightSqlService(flight.FlightServerBase):
     def _open(
         self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
     ) -> RunningQuery:
-        """Route ``sql`` (in the call's session, if it names one) and read its schema."""
-        session = session_of(context)
+        """Route ``sql`` (in the connection's session, if it runs in one) and read its schema."""
+        connection = connection_of(context)
         with translated():
-            result = self.gateway.route(caller, sql, parameters, session)
+            result = self.gateway.route(caller, sql, parameters, connection)
             try:
                 return RunningQuery.open(self._bridge, caller.key_id, result, context.is_cancelled)
             except SessionError:
-                self.gateway.sessions.forget(caller, session)  # ended: the next call reopens
+                if connection is not None:  # ended: the connection's next statement reopens
+                    self.gateway.sessions.forget(caller, connection)
                 raise
 
     def _stream(
