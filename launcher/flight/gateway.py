@@ -75,16 +75,23 @@ class Gateway:
         """DuckDB's parse of ``sql``; raises what ``SqlParser.parse`` raises."""
         return self._bridge.call(self._parser.parse(sql))
 
+    def runs_in_session(self, caller: ApiKey, connection: Connection | None) -> bool:
+        """Whether statements of ``caller`` on ``connection`` run in the connection's session
+        (``sessions.py``); ``SessionRequired`` for a session-mode role without a connection."""
+        if self.session_roles(caller.role):
+            if connection is None:
+                raise SessionRequired(NEEDS_SESSION.format(role=caller.role))
+            return True
+        return connection is not None and connection.kind == "header"
+
     def session_of(self, caller: ApiKey, connection: Connection | None, catalog: Catalog) -> str:
         """The router's session id a statement of ``caller`` on ``connection`` runs in ("" for
         a fresh sandbox), the session opened now if needed (``sessions.py``). Raises
         ``SessionRequired`` for a session-mode role on a call that names no connection."""
-        if self.session_roles(caller.role):
-            if connection is None:
-                raise SessionRequired(NEEDS_SESSION.format(role=caller.role))
+        if connection is not None and self.runs_in_session(caller, connection):
             return self.sessions.session_id(caller, connection, catalog)
-        if connection is not None and connection.kind == "header":
-            return self.sessions.session_id(caller, connection, catalog)
+        if connection is None and self.session_roles(caller.role):
+            raise SessionRequired(NEEDS_SESSION.format(role=caller.role))
         return ""
 
     def route(

@@ -30,13 +30,20 @@ from . import metadata
 from .auth import caller_of, connection_of
 from .bridge import LoopBridge
 from .gateway import Gateway
+from .ingest import NEEDS_SESSION as INGEST_NEEDS_SESSION
+from .ingest import ingest_parameters, ingest_sql
 from .listing import CatalogListing
 from .messages import (
+    BEGIN_TRANSACTION,
     CLOSE_PREPARED_STATEMENT,
     CLOSE_SESSION,
     CREATE_PREPARED_STATEMENT,
+    END_TRANSACTION,
+    GET_SESSION_OPTIONS,
+    SET_SESSION_OPTIONS,
     CatalogsRequest,
     DbSchemasRequest,
+    IngestCommand,
     MetadataRequest,
     PreparedStatementQuery,
     PreparedStatementUpdate,
@@ -44,20 +51,28 @@ from .messages import (
     StatementTicket,
     TablesRequest,
     UnsupportedRequest,
+    begin_transaction_result,
     close_session_result,
+    get_options_result,
     metadata_ticket,
+    parse_begin_transaction,
     parse_close_prepared,
     parse_command,
     parse_create_prepared,
+    parse_end_transaction,
     parse_put,
+    parse_set_options,
     parse_ticket,
     prepared_result,
     put_prepared_result,
     put_update_result,
+    set_options_result,
     statement_ticket,
 )
-from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery
+from .options import SessionOptions
+from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery, UnknownHandle
 from .status import handler, status_of, streamed, translated
+from .transactions import NO_TRANSACTIONS, UNKNOWN_TRANSACTION, Transactions
 from .updates import changes_data, read_parameters, update_count
 
 log = logging.getLogger(__name__)
@@ -66,6 +81,10 @@ ACTIONS = [
     (CREATE_PREPARED_STATEMENT, "prepare a statement (one parameter set per execution)"),
     (CLOSE_PREPARED_STATEMENT, "forget a prepared statement"),
     (CLOSE_SESSION, "end this connection's session (its sandbox too)"),
+    (SET_SESSION_OPTIONS, "set the connection's catalog and schema"),
+    (GET_SESSION_OPTIONS, "the connection's catalog and schema"),
+    (BEGIN_TRANSACTION, "begin a transaction in the connection's session"),
+    (END_TRANSACTION, "commit or roll back the connection's transaction"),
 ]
 
 
@@ -88,6 +107,8 @@ class FlightSqlService(flight.FlightServerBase):
         self.listing = CatalogListing(gateway, bridge)
         self.tickets = tickets
         self.prepared = prepared
+        self.options = SessionOptions()
+        self.transactions = Transactions()
 
     @handler
     def get_flight_info(
@@ -137,6 +158,12 @@ class FlightSqlService(flight.FlightServerBase):
         caller = caller_of(context)
         with translated():
             command = parse_put(descriptor.command)
+        if isinstance(command, IngestCommand):
+            writer.write(
+                pa.py_buffer(put_update_result(self._ingest(caller, command, reader, context)))
+            )
+            return
+        with translated():
             parameters = read_parameters(reader)
         if isinstance(command, PreparedStatementQuery):
             with translated():
@@ -165,12 +192,45 @@ class FlightSqlService(flight.FlightServerBase):
             if action.type == CLOSE_PREPARED_STATEMENT:  # idempotent: see PreparedStatements
                 self.prepared.close(parse_close_prepared(body), caller.key_id)
                 return []
+        connection = connection_of(context)
         if action.type == CLOSE_SESSION:
-            connection = connection_of(context)
             if connection is not None:
+                self.options.forget(caller, connection)
+                self.transactions.forget(caller, connection)
                 with translated():
                     self.gateway.sessions.close(caller, connection)
             return [close_session_result()]
+        if action.type == SET_SESSION_OPTIONS:
+            values = parse_set_options(body)
+            in_session = connection is not None and (
+                connection.kind == "header" or self.gateway.session_roles(caller.role)
+            )
+
+            def use(sql: str) -> None:
+                self._update(caller, sql, b"", context)
+
+            errors = self.options.set(caller, connection, values, use if in_session else None)
+            return [set_options_result(errors)]
+        if action.type == GET_SESSION_OPTIONS:
+            return [get_options_result(self.options.get(caller, connection))]
+        if action.type == BEGIN_TRANSACTION:
+            parse_begin_transaction(body)
+            if connection is None or not self.gateway.runs_in_session(caller, connection):
+                raise UnsupportedRequest(NO_TRANSACTIONS.format(role=caller.role))
+            transaction_id = self.transactions.begin(caller, connection)
+            try:
+                self._update(caller, "BEGIN TRANSACTION", b"", context)
+            except BaseException:
+                self.transactions.cancel(caller, connection, transaction_id)
+                raise
+            return [begin_transaction_result(transaction_id)]
+        if action.type == END_TRANSACTION:
+            transaction_id, commit = parse_end_transaction(body)
+            if connection is None:
+                raise UnknownHandle(UNKNOWN_TRANSACTION)
+            self.transactions.end(caller, connection, transaction_id)
+            self._update(caller, "COMMIT" if commit else "ROLLBACK", b"", context)
+            return []
         unsupported = UnsupportedRequest(f"action {action.type!r} is not supported by this server")
         raise status_of(unsupported)
 
@@ -217,7 +277,23 @@ class FlightSqlService(flight.FlightServerBase):
                 return self.listing.db_schemas(request)
             if isinstance(request, TablesRequest):
                 return self.listing.tables(caller, request, context.is_cancelled)
-            return metadata.answer(request)
+            return metadata.answer(request, sessions=self.gateway.session_roles(caller.role))
+
+    def _ingest(
+        self,
+        caller: ApiKey,
+        command: IngestCommand,
+        reader: flight.MetadataRecordBatchReader,
+        context: flight.ServerCallContext,
+    ) -> int:
+        """Ingest the uploaded rows into the connection's session (``ingest.py``)."""
+        if not self.gateway.runs_in_session(caller, connection_of(context)):
+            raise UnsupportedRequest(INGEST_NEEDS_SESSION.format(role=caller.role))
+        table = reader.read_all()
+        with translated():
+            sql, parameters = ingest_sql(command, table.schema), ingest_parameters(table)
+        log.info("flight ingest of %d rows from key %s", table.num_rows, caller.key_id)
+        return self._update(caller, sql, parameters, context)
 
     def _statement_info(
         self,

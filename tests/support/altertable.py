@@ -3,7 +3,9 @@
 Its ``Client`` takes no CA argument: TLS trusts gRPC's default roots, which
 ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` points at the control plane's CA for this process only
 (gRPC reads it once per process). ``run_client`` sends a script of calls as JSON on stdin and
-returns one answer per call: ``{"ok": <value>}`` or ``{"error": "<class>: <message>"}``.
+returns one answer per call: ``{"ok": <value>}`` or ``{"error": "<class>: <message>"}``. The
+client itself is imported only there (``altertable_child.py``): its generated protobuf modules
+register ``arrow.flight.protocol.sql`` in the global pool, as another client's do.
 
 Script steps: ``["query", sql]`` (rows), ``["execute", sql]`` (row count),
 ``["prepare", sql, params]`` (rows; params a dict, a list, or ``{"arrow": {...}}`` for a
@@ -20,11 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-from altertable_flightsql import Client
-from altertable_flightsql.client import IngestTableMode
-from altertable_flightsql.generated import arrow_flight_pb2
-
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60.0
 
@@ -32,7 +29,7 @@ DEADLINE_S = 60.0
 def run_client(ca_file: Path, port: int, key: str, script: list[list[Any]]) -> list[Any]:
     env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(ca_file), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "tests.support.altertable", str(port), key],
+        [sys.executable, "-m", "tests.support.altertable_child", str(port), key],
         input=json.dumps(script),
         capture_output=True,
         text=True,
@@ -43,57 +40,3 @@ def run_client(ca_file: Path, port: int, key: str, script: list[list[Any]]) -> l
     )
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
-
-
-def _main() -> None:
-    port, key = int(sys.argv[1]), sys.argv[2]
-    client = Client("anyone", key, host="localhost", port=port)
-    transaction = None
-    for step in json.load(sys.stdin):
-        try:
-            kind, *args = step
-            value: Any = None
-            if kind == "query":
-                value = client.query(args[0], transaction=transaction).read_all().to_pylist()
-            elif kind == "execute":
-                value = client.execute(args[0], transaction=transaction)
-            elif kind == "prepare":
-                params = args[1]
-                if isinstance(params, dict) and "arrow" in params:
-                    params = pa.RecordBatch.from_pydict(params["arrow"])
-                with client.prepare(args[0], transaction=transaction) as prepared:
-                    value = prepared.query(parameters=params).read_all().to_pylist()
-            elif kind == "begin":
-                transaction = client.begin_transaction()
-            elif kind in ("commit", "rollback"):
-                assert transaction is not None
-                getattr(transaction, kind)()
-                transaction = None
-            elif kind == "ingest":
-                table = pa.Table.from_pylist(args[2])
-                mode = IngestTableMode[args[1]]
-                with client.ingest(table_name=args[0], schema=table.schema, mode=mode) as writer:
-                    writer.write_table(table)
-            elif kind == "catalogs":
-                value = client.get_catalogs().read_all().to_pylist()
-            elif kind == "schemas":
-                value = client.get_schemas().read_all().to_pylist()
-            elif kind == "tables":
-                value = client.get_tables().read_all().to_pylist()
-            elif kind == "options":
-                client._set_options(  # what its constructor sends for catalog=/schema=
-                    {name: _option(v) for name, v in args[0].items()}
-                )
-            answer = {"ok": value}
-        except Exception as error:  # reported to the test
-            answer = {"error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(answer, default=str), flush=True)
-    client.close()
-
-
-def _option(value: str) -> Any:
-    return arrow_flight_pb2.SessionOptionValue(string_value=value)
-
-
-if __name__ == "__main__":
-    _main()

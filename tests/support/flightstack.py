@@ -150,7 +150,10 @@ class DuckRouter:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return con.execute(sql, values).to_arrow_table()
+                result = con.execute(sql, values)
+                if result.description is None:  # USE, BEGIN, COMMIT: no result set
+                    return pa.table({})
+                return result.to_arrow_table()
         except duckdb.Error as error:
             raise SqlError(str(error)) from None
 
