@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
+import pyarrow as pa
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -309,13 +310,19 @@ def parse_close_prepared(body: bytes) -> bytes:
     return _parse(pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
 
 
-def prepared_result(handle: bytes, *, is_update: bool = False) -> bytes:
-    """``CreatePreparedStatement``'s answer. The schema is left empty ("known when it runs":
-    only the sandbox knows it); ``is_update`` makes the driver execute with
+def prepared_result(
+    handle: bytes, *, is_update: bool = False, parameters: tuple[str, ...] = ()
+) -> bytes:
+    """``CreatePreparedStatement``'s answer. The dataset schema is left empty ("known when it
+    runs": only the sandbox knows it); the parameter schema names each parameter (its type is
+    the sandbox's to decide: null here). ``is_update`` makes the driver execute with
     ``CommandPreparedStatementUpdate`` and read a row count instead of a result."""
     result = pb.ActionCreatePreparedStatementResult(
         prepared_statement_handle=handle, is_update=is_update
     )
+    if parameters:
+        schema = pa.schema([pa.field(name, pa.null()) for name in parameters])
+        result.parameter_schema = schema.serialize().to_pybytes()
     return pack(result)
 
 

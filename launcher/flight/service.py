@@ -70,12 +70,23 @@ from .messages import (
     statement_ticket,
 )
 from .options import SessionOptions
+from .placeholders import Placeholders, scan
 from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery, UnknownHandle
 from .status import handler, status_of, streamed, translated
 from .transactions import NO_TRANSACTIONS, UNKNOWN_TRANSACTION, Transactions
-from .updates import changes_data, read_parameters, update_count
+from .updates import (
+    EXECUTEMANY,
+    MANY_FOR_A_QUERY,
+    changes_data,
+    parameter_rows,
+    read_parameters,
+    update_count,
+)
 
 log = logging.getLogger(__name__)
+
+# A ticket handle starting so names a prepared statement run at DoGet (bound late).
+LATE_BIND = b"late:"
 
 ACTIONS = [
     (CREATE_PREPARED_STATEMENT, "prepare a statement (one parameter set per execution)"),
@@ -121,9 +132,14 @@ class FlightSqlService(flight.FlightServerBase):
             return self._statement_info(caller, command.sql, b"", descriptor, context)
         if isinstance(command, PreparedStatementQuery):
             prepared = self._prepared(command.handle, caller)
-            return self._statement_info(
-                caller, prepared.sql, prepared.parameters, descriptor, context
-            )
+            if prepared.placeholders.count and not prepared.parameters:
+                # Parameters bound after GetFlightInfo (the Altertable client's order): the
+                # statement runs at DoGet with what is bound by then; the schema comes with
+                # the stream.
+                late = statement_ticket(LATE_BIND + command.handle)
+                return _info(pa.schema([]), descriptor, late)
+            parameters = _one_set(prepared.parameters)
+            return self._statement_info(caller, prepared.sql, parameters, descriptor, context)
         ticket = metadata_ticket(descriptor.command)
         return _info(metadata.schema_of(command), descriptor, ticket)
 
@@ -136,6 +152,11 @@ class FlightSqlService(flight.FlightServerBase):
             request = parse_ticket(ticket.ticket)
         if not isinstance(request, StatementTicket):
             return flight.RecordBatchStream(self._metadata(caller, request, context))
+        if request.handle.startswith(LATE_BIND):
+            prepared = self._prepared(request.handle.removeprefix(LATE_BIND), caller)
+            query = self._open(caller, prepared.sql, _one_set(prepared.parameters), context)
+            self.tickets.streaming(query)
+            return flight.GeneratorStream(query.schema, streamed(self._stream(query, context)))
         with translated():
             query = self.tickets.claim(request.handle, caller.key_id)
         if query.table is not None:  # it arrived whole at GetFlightInfo
@@ -164,18 +185,24 @@ class FlightSqlService(flight.FlightServerBase):
             )
             return
         with translated():
-            parameters = read_parameters(reader)
+            table = read_parameters(reader)
         if isinstance(command, PreparedStatementQuery):
+            prepared = self._prepared(command.handle, caller)
             with translated():
-                self.prepared.bind(command.handle, caller.key_id, parameters)
+                rows = parameter_rows(table, prepared.placeholders)
+                self.prepared.bind(command.handle, caller.key_id, rows)
             writer.write(pa.py_buffer(put_prepared_result(command.handle)))
             return
         if isinstance(command, PreparedStatementUpdate):
             prepared = self._prepared(command.handle, caller)
-            sql, parameters = prepared.sql, parameters or prepared.parameters
+            with translated():
+                rows = parameter_rows(table, prepared.placeholders) or prepared.parameters
+            sql = prepared.sql
         else:
             sql = command.sql
-        count = self._update(caller, sql, parameters, context)
+            with translated():
+                rows = parameter_rows(table, Placeholders(sql))
+        count = self._update_each(caller, sql, rows, context)
         writer.write(pa.py_buffer(put_update_result(count)))
 
     @handler
@@ -187,8 +214,10 @@ class FlightSqlService(flight.FlightServerBase):
                 sql = parse_create_prepared(body)
                 check_statement(sql)  # first: a prepared statement is kept until closed
                 is_update = changes_data(sql, self.gateway.parse)
-                handle = self.prepared.create(caller.key_id, sql, is_update=is_update)
-                return [prepared_result(handle, is_update=is_update)]
+                placeholders = scan(sql)
+                handle = self.prepared.create(caller.key_id, placeholders, is_update=is_update)
+                names = placeholders.names or tuple(map(str, range(placeholders.count)))
+                return [prepared_result(handle, is_update=is_update, parameters=names)]
             if action.type == CLOSE_PREPARED_STATEMENT:  # idempotent: see PreparedStatements
                 self.prepared.close(parse_close_prepared(body), caller.key_id)
                 return []
@@ -313,6 +342,21 @@ class FlightSqlService(flight.FlightServerBase):
             handle = self.tickets.park(query)
         return _info(query.schema, descriptor, statement_ticket(handle))
 
+    def _update_each(
+        self,
+        caller: ApiKey,
+        sql: str,
+        rows: tuple[bytes, ...],
+        context: flight.ServerCallContext,
+    ) -> int:
+        """Run ``sql`` once per parameter set (once without any); the summed row count.
+        Several sets run in the connection's session only (``updates.py``)."""
+        if len(rows) <= 1:
+            return self._update(caller, sql, rows[0] if rows else b"", context)
+        if not self.gateway.runs_in_session(caller, connection_of(context)):
+            raise UnsupportedRequest(EXECUTEMANY.format(rows=len(rows)))
+        return sum(self._update(caller, sql, row, context) for row in rows)
+
     def _update(
         self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
     ) -> int:
@@ -353,3 +397,10 @@ def _info(
     """One endpoint without locations: the client fetches from this same server."""
     endpoint = flight.FlightEndpoint(ticket, [])
     return flight.FlightInfo(schema, descriptor, [endpoint], -1, -1)
+
+
+def _one_set(rows: tuple[bytes, ...]) -> bytes:
+    """The one parameter set a query runs with (``b""``: none); several are refused."""
+    if len(rows) > 1:
+        raise UnsupportedRequest(MANY_FOR_A_QUERY.format(rows=len(rows)))
+    return rows[0] if rows else b""

@@ -135,6 +135,12 @@ def test_the_altertable_client_options_transactions_and_ingest(
         ["query", "SELECT a, b FROM x"],
         ["catalogs"],
         ["schemas"],
+        # Prepared statements: parameters bound after GetFlightInfo (this client's order).
+        ["prepare", "SELECT ?::INTEGER + 1 AS y", [41]],
+        ["prepare", "SELECT ?::INTEGER + 1 AS y", {"any": 41}],
+        ["prepare", "SELECT $id::INTEGER + $step AS y, $id AS id", {"step": 1, "id": 41}],
+        ["prepare", "SELECT ?::INTEGER + 1 AS y", {"arrow": {"v": [41]}}],
+        ["prepare", "SELECT $id::INTEGER AS y", {"other": 1}],
     ]
     answers = run_client(ca_file, stack.server.port, f"dck1.{SESSION_ROLE}", script)
     assert answers[0] == {"ok": None}
@@ -156,7 +162,29 @@ def test_the_altertable_client_options_transactions_and_ingest(
     assert answers[15:17] == [{"ok": None}, {"ok": [{"a": 9, "b": "r"}]}]
     assert answers[17] == {"ok": [{"catalog_name": "duckcell"}]}
     assert answers[18] == {"ok": [{"catalog_name": "duckcell", "db_schema_name": "main"}]}
+    assert answers[19:23] == [{"ok": [{"y": 42}]}] * 2 + [
+        {"ok": [{"y": 42, "id": 41}]},
+        {"ok": [{"y": 42}]},
+    ]
+    assert "no value bound for parameter $id" in answers[23]["error"]
     refused = run_client(ca_file, stack.server.port, "dck1.analyst", [["begin"], script[10]])
     assert "transactions need a session" in refused[0]["error"]
     assert "nothing outlives a statement" in refused[0]["error"]
     assert "bulk ingest needs a session" in refused[1]["error"]
+
+
+def test_adbc_executemany_runs_every_set_in_the_session(stack: FlightStack) -> None:
+    with connect(stack, SESSION_ROLE, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute("CREATE TABLE many (n INTEGER, s VARCHAR)")
+        cursor.executemany("INSERT INTO many VALUES (?, ?)", [(1, "a"), (2, None), (3, "c")])
+        assert rows(cursor, "SELECT n, s FROM many ORDER BY n") == [(1, "a"), (2, None), (3, "c")]
+        # Named placeholders take the bound columns by name, whatever their order.
+        batch = pa.record_batch({"b": [2], "a": [40]})
+        cursor.execute("SELECT $a::INTEGER + $b::INTEGER AS total", parameters=batch)
+        assert cursor.fetchall() == [(42,)]
+    with (
+        connect(stack, "analyst", autocommit=True) as conn,
+        conn.cursor() as cursor,
+        pytest.raises(adbc_driver_manager.NotSupportedError, match="sessions only"),
+    ):
+        cursor.executemany("SELECT ?", [(1,), (2,)])
