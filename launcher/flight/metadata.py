@@ -103,7 +103,7 @@ def answer(request: MetadataRequest, *, sessions: bool = False) -> pa.Table:
     if isinstance(request, SqlInfoRequest):
         return sql_info(request.ids, sessions=sessions)
     if isinstance(request, TableTypesRequest):
-        return pa.table({"table_type": ["TABLE"]}, schema=TABLE_TYPES_SCHEMA)
+        return pa.table({"table_type": ["TABLE", "VIEW"]}, schema=TABLE_TYPES_SCHEMA)
     return schema_of(request).empty_table()
 
 

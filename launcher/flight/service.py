@@ -299,13 +299,14 @@ class FlightSqlService(flight.FlightServerBase):
     def _metadata(
         self, caller: ApiKey, request: MetadataRequest, context: flight.ServerCallContext
     ) -> pa.Table:
+        connection = connection_of(context)
         with translated():
             if isinstance(request, CatalogsRequest):
-                return self.listing.catalogs()
+                return self.listing.catalogs(caller, connection, context.is_cancelled)
             if isinstance(request, DbSchemasRequest):
-                return self.listing.db_schemas(request)
+                return self.listing.db_schemas(caller, request, connection, context.is_cancelled)
             if isinstance(request, TablesRequest):
-                return self.listing.tables(caller, request, context.is_cancelled)
+                return self.listing.tables(caller, request, context.is_cancelled, connection)
             return metadata.answer(request, sessions=self.gateway.session_roles(caller.role))
 
     def _ingest(

@@ -68,6 +68,8 @@ def test_a_connection_is_one_session_sandbox_with_transactions_and_ingest(
                     conn.commit()
                     cursor.execute("SELECT id, zone FROM loaded ORDER BY id")
                     seen["loaded"] = cursor.fetchall()
+                    # The session's own tables are listed from its DuckDB, with their schema.
+                    seen["schema"] = conn.adbc_get_table_schema("loaded", catalog_filter="memory")
                 return seen
 
             seen = await in_thread(work)
@@ -76,6 +78,7 @@ def test_a_connection_is_one_session_sandbox_with_transactions_and_ingest(
                 "sum": [(3,)],
                 "ingested": 3,
                 "loaded": [(1, "a"), (2, None), (3, "c")],
+                "schema": pa.schema([("id", pa.int64()), ("zone", pa.string())]),
             }
             in_sessions = [r for r in c.records if r.session_id is not None]
             assert in_sessions and len({r.session_id for r in in_sessions}) == 1

@@ -160,8 +160,14 @@ def test_the_altertable_client_options_transactions_and_ingest(
     assert answers[10] == {"ok": None} and "already exists" in answers[11]["error"]
     assert answers[12:15] == [{"ok": None}, {"ok": None}, {"ok": [{"c": 4}]}]
     assert answers[15:17] == [{"ok": None}, {"ok": [{"a": 9, "b": "r"}]}]
-    assert answers[17] == {"ok": [{"catalog_name": "duckcell"}]}
-    assert answers[18] == {"ok": [{"catalog_name": "duckcell", "db_schema_name": "main"}]}
+    # The session's own tables (t, x) live in DuckDB's database "memory": listed too.
+    assert answers[17] == {"ok": [{"catalog_name": "duckcell"}, {"catalog_name": "memory"}]}
+    assert answers[18] == {
+        "ok": [
+            {"catalog_name": "duckcell", "db_schema_name": "main"},
+            {"catalog_name": "memory", "db_schema_name": "main"},
+        ]
+    }
     assert answers[19:23] == [{"ok": [{"y": 42}]}] * 2 + [
         {"ok": [{"y": 42, "id": 41}]},
         {"ok": [{"y": 42}]},
@@ -188,3 +194,31 @@ def test_adbc_executemany_runs_every_set_in_the_session(stack: FlightStack) -> N
         pytest.raises(adbc_driver_manager.NotSupportedError, match="sessions only"),
     ):
         cursor.executemany("SELECT ?", [(1,), (2,)])
+
+
+def test_metadata_in_a_session_lists_what_the_session_made(stack: FlightStack) -> None:
+    with connect(stack, SESSION_ROLE, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute("CREATE TABLE made (id INTEGER, note VARCHAR)")
+        cursor.execute("CREATE TEMP VIEW seen AS SELECT 1 AS one")
+        objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        listed = {
+            (catalog["catalog_name"], schema["db_schema_name"], table["table_name"])
+            for catalog in objects
+            for schema in catalog["catalog_db_schemas"] or []
+            for table in schema["db_schema_tables"] or []
+        }
+        assert listed == {
+            ("duckcell", "main", "trips"),
+            ("memory", "main", "made"),
+            ("temp", "main", "seen"),
+        }
+        made = conn.adbc_get_table_schema("made", catalog_filter="memory")
+        assert made.names == ["id", "note"] and made.field("id").type == pa.int32()
+        # A catalog table's schema is read in the session (a session-mode role has no other).
+        assert conn.adbc_get_table_schema("trips").names == ["id", "zone", "fare"]
+        # The names listed work in SQL.
+        assert rows(cursor, "SELECT count(*)::INTEGER FROM memory.main.made") == [(0,)]
+    # Another connection lists its own session only.
+    with connect(stack, SESSION_ROLE, autocommit=True) as conn:
+        objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        assert [catalog["catalog_name"] for catalog in objects] == ["duckcell"]
