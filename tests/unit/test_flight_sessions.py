@@ -12,11 +12,15 @@ import asyncio
 from pathlib import Path
 
 import adbc_driver_manager
+import pyarrow.flight as flight
 import pytest
 
+from launcher.controlplane.audit import AuditLog
 from launcher.controlplane.catalogs import apply_catalog
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.policies import apply_policies
+from launcher.flight import messages as msg
+from launcher.protocol import flightsql_pb2 as pb
 from tests.support.flight import FlightControlPlane, adbc_connect
 from tests.support.flightstack import SESSION_OPTION
 from tests.support.sessions import CREATE, READ, SESSION_POLICY, sessions_stack
@@ -92,6 +96,26 @@ def test_a_session_mode_role_gets_one_session_per_connection(tmp_path: Path) -> 
             await eventually(lambda: len(s.harness.sessions) == 0, "closed with the connection")
             with pytest.raises(adbc_driver_manager.ProgrammingError, match="names no connection"):
                 await asyncio.to_thread(without_connection)
+
+            def guessed_token() -> None:
+                with flight.connect(cp.location, tls_root_certs=cp.data.ca().cert_pem()) as client:
+                    headers = [(b"authorization", b"Bearer dcs1." + b"A" * 43)]
+                    command = msg.pack(pb.CommandStatementQuery(query=READ))
+                    client.get_flight_info(
+                        flight.FlightDescriptor.for_command(command),
+                        flight.FlightCallOptions(headers=headers),
+                    )
+
+            with pytest.raises(flight.FlightUnauthenticatedError, match="unknown or expired"):
+                await asyncio.to_thread(guessed_token)
+
+            def refused() -> list[tuple[str, str, str]]:
+                records = AuditLog(cp.data.database()).recent()
+                return [(r.outcome, r.reason, r.message) for r in records if r.outcome == "refused"]
+
+            # Recorded in the control plane's audit log (`duckcell controlplane audit`).
+            await eventually(lambda: len(refused()) == 1, "the refusal audited")
+            assert "unknown session token" in refused()[0][2]
 
     try:
         run(scenario)
