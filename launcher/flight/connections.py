@@ -15,7 +15,7 @@ and the server recognises both (besides duckcell's own ``x-duckcell-session`` he
   ``<connection id>.<MAC>``, the MAC (HMAC-SHA-256 under a secret made at start) binding the id
   to the API key it was issued to: nothing is stored per cookie, and a cookie presented with
   another key (or made up) fails the check. Such a call is refused (``ConnectionRefused``,
-  PERMISSION_DENIED) and recorded (``Refusals``).
+  PERMISSION_DENIED) and recorded in the audit log (``server.py``), as is an unknown token.
 
 A connection's session lives in ``sessions.py``, keyed by API key and ``Connection.key``: one
 connection cannot reach another's session, nor another key's.

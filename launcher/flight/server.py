@@ -93,6 +93,9 @@ class FlightSqlServer:
     ``max_parked_per_key`` unfetched results and ``max_prepared_per_key`` prepared statements
     (``statements.py``). ``parser`` parses SQL for the role rule and prepared statements
     (the control plane's; without one the server starts and stops a ``ParserPool`` of its own).
+    ``session_roles`` tells which roles are session-mode (each connection one session,
+    ``sessions.py``); ``audit`` receives a row for each call refused for naming a connection
+    that is not its caller's (``connections.py``).
     """
 
     def __init__(
