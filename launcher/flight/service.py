@@ -380,6 +380,7 @@ class FlightSqlService(flight.FlightServerBase):
             except SessionError:
                 if connection is not None:  # ended: the connection's next statement reopens
                     self.gateway.sessions.forget(caller, connection)
+                    self.transactions.forget(caller, connection)  # ended with its session
                 raise
 
     def _stream(
