@@ -12,8 +12,15 @@ of the schema: no rows and no client SQL reach DuckDB in the control plane).
 Modes (the specification's table definition options): ``create`` (fail if it exists),
 ``append`` (fail if missing), create-or-append, ``replace`` (create or recreate), each into a
 temporary table when asked. An ingest needs a session: on a per-query connection the table
-would vanish with its sandbox, so it is refused (UNIMPLEMENTED) saying so. Writing a catalog
-table (a Parquet object through the write path) is not done by ingest.
+would vanish with its sandbox, so it is refused (UNIMPLEMENTED) saying so.
+
+Ingest into a **catalog table** the role may see (``duckcell.main.<table>``, or the bare name)
+whose path is an S3 prefix (``s3://bucket/prefix/``) writes a new Parquet object under that
+prefix through the existing write path, on any connection: ``COPY (SELECT ...) TO
+'s3://bucket/prefix/ingest-<uuid>.parquet'``, which the worker uploads with its own
+credentials, and only where the role's policy allows writes under that prefix (else the write
+path refuses it, PERMISSION_DENIED). A catalog table takes appends only (its other objects are
+not the ingest's to replace), never a temporary one.
 
 Uploads over ``MAX_INGEST_BYTES`` of Arrow data are refused (the parameters travel in one
 message through the tunnel): split them into several ingests with ``append``.
@@ -21,12 +28,17 @@ message through the tunnel): split them into several ingests with ``append``.
 
 from __future__ import annotations
 
+import uuid
+
 import duckdb
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from launcher.controlplane.access import visible_tables
+from launcher.model.catalog import Catalog, Table
+
 from .listing import CATALOG_NAME, SCHEMA_NAME
-from .messages import IngestCommand, InvalidRequest
+from .messages import IngestCommand, InvalidRequest, UnsupportedRequest
 from .options import quote
 
 MAX_INGEST_BYTES = 32 * 1024 * 1024
@@ -39,6 +51,45 @@ NEEDS_SESSION = (
     "that ends with it (the table would vanish at once): use a role whose policy is "
     "session-mode, or name a session with the header x-duckcell-session: <name>"
 )
+
+
+CATALOG_APPENDS_ONLY = (
+    "{table!r} is a catalog table: ingest appends a new object to it (mode append or "
+    "create_append, not temporary); it cannot create, replace or shadow it"
+)
+NOT_A_PREFIX = (
+    "catalog table {table!r} is not over an S3 prefix (s3://bucket/prefix/), so ingest cannot "
+    "add an object to it"
+)
+
+
+def catalog_table(catalog: Catalog, role: str, command: IngestCommand) -> Table | None:
+    """The catalog table ``command`` ingests into, if it names one ``role`` may see."""
+    if command.catalog not in (None, "", CATALOG_NAME) or command.schema not in (
+        None,
+        "",
+        SCHEMA_NAME,
+    ):
+        return None
+    for table in visible_tables(catalog, role):
+        if table.name.lower() == command.table.lower():
+            return table
+    return None
+
+
+def catalog_ingest_sql(command: IngestCommand, table: Table, schema: pa.Schema) -> str:
+    """The ``COPY ... TO`` that writes the upload as a new object under ``table``'s prefix
+    (one LIST parameter per column, as ``ingest_sql``)."""
+    if command.if_exists != "append" or command.temporary:
+        raise UnsupportedRequest(CATALOG_APPENDS_ONLY.format(table=table.name))
+    if not (table.path.startswith("s3://") and table.path.endswith("/")):
+        raise UnsupportedRequest(NOT_A_PREFIX.format(table=table.name))
+    columns = ", ".join(
+        f"CAST(unnest(?) AS {kind}) AS {quote(field.name)}"
+        for field, kind in zip(schema, column_types(schema), strict=True)
+    )
+    destination = f"{table.path}ingest-{uuid.uuid4().hex}.parquet".replace("'", "''")
+    return f"COPY (SELECT {columns}) TO '{destination}'"
 
 
 def column_types(schema: pa.Schema) -> list[str]:

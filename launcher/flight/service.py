@@ -31,7 +31,7 @@ from .auth import caller_of, connection_of
 from .bridge import LoopBridge
 from .gateway import Gateway
 from .ingest import NEEDS_SESSION as INGEST_NEEDS_SESSION
-from .ingest import ingest_parameters, ingest_sql
+from .ingest import catalog_ingest_sql, catalog_table, ingest_parameters, ingest_sql
 from .listing import CatalogListing
 from .messages import (
     BEGIN_TRANSACTION,
@@ -316,12 +316,19 @@ class FlightSqlService(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         context: flight.ServerCallContext,
     ) -> int:
-        """Ingest the uploaded rows into the connection's session (``ingest.py``)."""
-        if not self.gateway.runs_in_session(caller, connection_of(context)):
+        """Ingest the uploaded rows into a catalog table through the write path, or into the
+        connection's session (``ingest.py``)."""
+        target = catalog_table(self.gateway.catalog(), caller.role, command)
+        if target is None and not self.gateway.runs_in_session(caller, connection_of(context)):
             raise UnsupportedRequest(INGEST_NEEDS_SESSION.format(role=caller.role))
         table = reader.read_all()
         with translated():
-            sql, parameters = ingest_sql(command, table.schema), ingest_parameters(table)
+            sql = (
+                ingest_sql(command, table.schema)
+                if target is None
+                else catalog_ingest_sql(command, target, table.schema)
+            )
+            parameters = ingest_parameters(table)
         log.info("flight ingest of %d rows from key %s", table.num_rows, caller.key_id)
         return self._update(caller, sql, parameters, context)
 

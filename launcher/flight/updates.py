@@ -92,7 +92,8 @@ def parameter_rows(table: pa.Table | None, placeholders: Placeholders) -> tuple[
 
 def update_count(result: pa.Table, rows: int | None) -> int:
     """The affected-row count of an update: DuckDB answers DML with one ``Count`` column
-    (empty for DDL, which affects no rows); any other result counts its rows."""
-    if result.schema.names == ["Count"]:
+    (empty for DDL, which affects no rows), a write through the write path ``Count`` first;
+    any other result counts its rows."""
+    if result.schema.names[:1] == ["Count"]:  # COPY ... TO answers bytes and destination too
         return int(pc.sum(result.column(0)).as_py() or 0)
     return rows if rows is not None else result.num_rows
