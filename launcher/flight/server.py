@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 _WILDCARDS = {"", "0.0.0.0", "::"}
 # The audit outcome of a call refused for naming another key's or an unknown connection.
 REFUSED = "refused"
+# Seconds between two audit rows for unknown session tokens (``FlightSqlServer._refused``).
+UNKNOWN_TOKEN_AUDIT_S = 1.0
 # Seconds stop() waits for running calls (a client that stopped reading can hold one forever).
 STOP_GRACE_S = 5.0
 
@@ -116,6 +119,8 @@ class FlightSqlServer:
     ) -> None:
         self._session_roles = session_roles
         self._audit: AuditSink = audit or NoAudit()
+        self._audit_lock = threading.Lock()  # refusals arrive on handler threads
+        self._last_unknown = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_parser: ParserPool | None = None
         if parser is None:
@@ -178,9 +183,16 @@ class FlightSqlServer:
     def _refused(self, key_id: str, what: str) -> None:
         """Record a call refused for naming a connection that is not its caller's: a row in
         the audit log (outcome "refused", reason "connection"), written on the loop, whose
-        thread owns the database."""
+        thread owns the database. Unknown tokens come from callers nobody authenticated, so
+        they get at most one row per ``UNKNOWN_TOKEN_AUDIT_S``: a flood of them must not
+        become a flood of database writes (each is still logged)."""
         log.warning("Flight SQL call refused: key %s presented %s", key_id or "(none)", what)
         now = time.time()
+        if not key_id:
+            with self._audit_lock:
+                if now - self._last_unknown < UNKNOWN_TOKEN_AUDIT_S:
+                    return
+                self._last_unknown = now
         record = AuditRecord(
             query_id="flight-" + secrets.token_hex(8),
             caller=key_id or "(unknown)",

@@ -21,10 +21,12 @@ import pyarrow.flight as flight
 import pytest
 from adbc_driver_flightsql import DatabaseOptions
 
+from launcher.controlplane.audit import AuditRecord
 from launcher.flight import messages as msg
 from launcher.protocol import flightsql_pb2 as pb
 from tests.support.altertable import run_client
 from tests.support.flightstack import SESSION_ROLE, FlightStack, flight_stack
+from tests.support.waiting import eventually, run
 
 COOKIE_MIDDLEWARE = "adbc.flight.sql.rpc.with_cookie_middleware"
 CREATE, READ = "CREATE TEMP TABLE notes AS SELECT 42 AS n", "SELECT n FROM notes"
@@ -155,8 +157,13 @@ def test_another_keys_cookie_and_a_guessed_token_are_refused_and_audited(
         # A made-up token is no key and no connection.
         with pytest.raises(flight.FlightUnauthenticatedError, match="unknown or expired"):
             client.get_flight_info(statement(READ), call_options("Bearer dcs1." + "A" * 43))
-    refused = [r for r in stack.audit.records if r.outcome == "refused"]
-    assert [(r.caller, r.reason) for r in refused] == [
+
+    def refused() -> list[AuditRecord]:
+        return [r for r in stack.audit.records if r.outcome == "refused"]
+
+    # Written on the server's loop after the call was answered: wait for both rows.
+    run(lambda: eventually(lambda: len(refused()) == 2, "both refusals audited"))
+    assert [(r.caller, r.reason) for r in refused()] == [
         ("key-analyst", "connection"),
         ("(unknown)", "connection"),
     ]
