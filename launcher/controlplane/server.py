@@ -168,6 +168,7 @@ class ControlPlaneServer:
         self._policies_task: asyncio.Task[None] | None = None
         self.policies = PolicyWatcher(data.root, self._push_policies)
         self.router: QueryRouter | None = None
+        self.audit: AuditLog | None = None  # the query audit log, once started
         # Parses SQL for the router and Flight SQL, in child processes (``launcher.model.sql``).
         self.parser: ParserPool | None = None
         # API keys over this server's database, for the surfaces clients call (Flight SQL).
@@ -208,7 +209,7 @@ class ControlPlaneServer:
         tokens = EnrollmentTokens(self._conn, ca_fingerprint=ca.fingerprint(), clock=self._clock)
         self._registry = WorkerRegistry(self._conn, clock=self._clock)
         self._registry.mark_offline()  # nobody is connected yet, whatever a crash left behind
-        audit = AuditLog(self._conn)
+        audit = self.audit = AuditLog(self._conn)
         audit.reconcile(self._clock())  # rows a dead process left "running" become "lost"
         server = aio.server(options=(*MESSAGE_OPTIONS, *KEEPALIVE_OPTIONS))
         self.port = _bind(server, self._listen, grpc.ssl_server_credentials(pairs))

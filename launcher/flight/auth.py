@@ -1,18 +1,24 @@
-"""Who is calling: the API key on every Flight call, as a bearer token or via basic auth.
+"""Who is calling, and on which connection: the API key on every Flight call.
 
 Every call, ``Handshake`` included, passes ``ApiKeyMiddlewareFactory.start_call``, which accepts
 
 - ``authorization: Bearer <key>`` (ADBC's ``adbc.flight.sql.authorization_header``, a static
-  token, or the token a handshake returned), and
-- on ``Handshake`` only, ``authorization: Basic base64(user:password)`` with the key as the
-  password (the user name is ignored: the key names itself); the answer's ``authorization``
-  header hands the key back as the bearer token the client then sends on every call.
+  token),
+- ``authorization: Bearer <token>`` with a token a handshake returned (``connections.py``),
+- ``authorization: Basic base64(user:password)`` with the key as the password, on any call (the
+  user name is ignored: the key names itself).
+
+A ``Handshake`` answers a fresh opaque token in its ``authorization`` header (never the key);
+the calls that carry it belong to that connection. Otherwise a call's connection is the one its
+``x-duckcell-session`` header names, else the one its ``arrow_flight_session_id`` cookie names;
+a call without either gets a cookie in its answer (``set-cookie``) for the next ones. A token
+the server did not issue is refused (UNAUTHENTICATED), a cookie issued to another key too
+(PERMISSION_DENIED); both are recorded through ``refused``.
 
 Anything else (no header, ``Bearer None`` from a client without a token, an unknown key) is
 refused with ``FlightUnauthenticatedError`` before a handler runs. Handlers read the caller from
-the call's ``auth`` middleware (``caller_of``), and the session the call names, if any, from its
-``x-duckcell-session`` header (``session_of``, see ``sessions.py``). Keys are checked on the
-control plane's loop, whose thread owns the database connection.
+the call's ``auth`` middleware (``caller_of``) and its connection (``connection_of``). Keys are
+checked on the control plane's loop, whose thread owns the database connection.
 
 pyarrow.flight answers ``Handshake`` only when a ``ServerAuthHandler`` is installed, so
 ``HandshakeAuthHandler`` accepts every handshake and every call at that layer: the middleware,
@@ -24,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -34,11 +41,24 @@ from launcher.controlplane.apikeys import ApiKey
 from launcher.errors import ApiKeyError
 
 from .bridge import LoopBridge
+from .connections import (
+    HOW_TO_CONNECT,
+    TOKEN_PREFIX,
+    Connection,
+    ConnectionRefused,
+    HandshakeTokens,
+    SessionCookies,
+    cookie_of,
+    set_cookie,
+)
+from .messages import InvalidRequest
 from .status import handler
 
 MIDDLEWARE_KEY = "auth"
 AUTHORIZATION = "authorization"
 SESSION_HEADER = "x-duckcell-session"
+SET_COOKIE = "set-cookie"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 BEARER = "Bearer "
 BASIC = "Basic "
 _NO_KEY = (
@@ -48,22 +68,29 @@ _NO_KEY = (
 )
 
 Verify = Callable[[str], Awaitable[ApiKey]]
+# Records a refused call: the caller's key id ("" when unknown) and what it presented.
+Refused = Callable[[str, str], None]
 # Seconds a verified key is accepted without asking the database again, and how many are kept.
 KEY_CACHE_S = 5.0
 _KEY_CACHE_SIZE = 1024
 
 
 class CallerMiddleware(flight.ServerMiddleware):
-    """Holds the verified caller for the handlers; after a basic-auth handshake, sends the
-    bearer token back."""
+    """Holds the verified caller and its connection for the handlers; sends the headers the
+    call's answer carries (a handshake's token, a new session cookie)."""
 
-    def __init__(self, caller: ApiKey, bearer: str | None = None, session: str = "") -> None:
+    def __init__(
+        self,
+        caller: ApiKey,
+        connection: Connection | None = None,
+        sending: dict[str, str] | None = None,
+    ) -> None:
         self.caller = caller
-        self.session = session
-        self._bearer = bearer
+        self.connection = connection
+        self._sending = sending or {}
 
     def sending_headers(self) -> dict[str, str]:
-        return {AUTHORIZATION: BEARER + self._bearer} if self._bearer else {}
+        return self._sending
 
 
 class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
@@ -74,6 +101,7 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
     0.6 to 0.8 ms of a ``SELECT 42``'s latency here. So a revoked key
     (``duckcell controlplane apikey revoke``) is refused at the latest ``cache_s`` later.
     The cache holds the SHA-256 of keys, never a key; refusals are never cached.
+    ``refused`` records calls that named another key's connection (``connections.py``).
     """
 
     def __init__(
@@ -83,25 +111,59 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
         *,
         cache_s: float = KEY_CACHE_S,
         clock: Callable[[], float] = time.monotonic,
+        tokens: HandshakeTokens | None = None,
+        cookies: SessionCookies | None = None,
+        refused: Refused = lambda key_id, what: None,
     ) -> None:
         self._bridge = bridge
         self._verify = verify
         self._cache_s = cache_s
         self._clock = clock
+        self.tokens = tokens or HandshakeTokens()
+        self._cookies = cookies or SessionCookies()
+        self._refused = refused
         self._verified: dict[str, tuple[ApiKey, float]] = {}
         self._lock = threading.Lock()  # handlers run on many threads
 
     @handler  # an unexpected error (the loop gone) leaves as INTERNAL, its traceback logged
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallerMiddleware:
-        values = headers.get(AUTHORIZATION) or [""]
-        header = values[0]
-        if info.method == flight.FlightMethod.HANDSHAKE and header.startswith(BASIC):
-            key = basic_password(header.removeprefix(BASIC))
-            return CallerMiddleware(self._check(key), bearer=key.strip())
-        if not header.startswith(BEARER):
+        header = (headers.get(AUTHORIZATION) or [""])[0]
+        connection: Connection | None = None
+        if header.startswith(BASIC):
+            api_key = basic_password(header.removeprefix(BASIC))
+        elif header.startswith(BEARER):
+            api_key = header.removeprefix(BEARER).strip()
+            if api_key.startswith(TOKEN_PREFIX):
+                found = self.tokens.resolve(api_key)
+                if found is None:
+                    self._refused("", "an unknown session token (guessed, or forgotten)")
+                    raise flight.FlightUnauthenticatedError(
+                        f"unknown or expired session token: {HOW_TO_CONNECT}"
+                    )
+                api_key, connection = found
+        else:
             raise flight.FlightUnauthenticatedError(_NO_KEY)
-        session = (headers.get(SESSION_HEADER) or [""])[0].strip()
-        return CallerMiddleware(self._check(header.removeprefix(BEARER)), session=session)
+        caller = self._check(api_key)
+        sending: dict[str, str] = {}
+        if info.method == flight.FlightMethod.HANDSHAKE:
+            # A fresh token per handshake: one connection, one session (never the key itself).
+            sending[AUTHORIZATION] = BEARER + self.tokens.issue(api_key, caller.key_id)
+            return CallerMiddleware(caller, None, sending)
+        named = (headers.get(SESSION_HEADER) or [""])[0].strip()
+        if named:
+            connection = Connection("header", session_name(named))
+        elif connection is None:
+            cookie = cookie_of(headers)
+            if cookie:
+                try:
+                    connection = self._cookies.check(cookie, caller.key_id)
+                except ConnectionRefused:
+                    self._refused(caller.key_id, "a session cookie not issued to this key")
+                    raise
+            else:  # a cookie for the next calls: it names this connection once sent back
+                value, _unused = self._cookies.issue(caller.key_id)
+                sending[SET_COOKIE] = set_cookie(value)
+        return CallerMiddleware(caller, connection, sending)
 
     def _check(self, key: str) -> ApiKey:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -143,10 +205,20 @@ def caller_of(context: flight.ServerCallContext) -> ApiKey:
     return middleware.caller
 
 
-def session_of(context: flight.ServerCallContext) -> str:
-    """The session name the call's ``x-duckcell-session`` header gives ("" for none)."""
+def connection_of(context: flight.ServerCallContext) -> Connection | None:
+    """The client connection the call belongs to (``None``: it named none)."""
     middleware = context.get_middleware(MIDDLEWARE_KEY)
-    return middleware.session if isinstance(middleware, CallerMiddleware) else ""
+    return middleware.connection if isinstance(middleware, CallerMiddleware) else None
+
+
+def session_name(name: str) -> str:
+    """``name`` from an ``x-duckcell-session`` header; ``InvalidRequest`` when malformed."""
+    if not _NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"x-duckcell-session: {name!r} is not a session name; use up to 64 letters, "
+            "digits, '.', '_' or '-'"
+        )
+    return name
 
 
 class HandshakeAuthHandler(flight.ServerAuthHandler):

@@ -23,10 +23,26 @@ from launcher.model.catalog import Catalog
 from launcher.model.sql import ParsedSql, SqlParser, check_statement
 
 from .bridge import LoopBridge, RoutedResult
+from .connections import Connection, SessionRequired
 from .sessions import FlightSessions
 from .types import Router
 
 CatalogSource = Callable[[], Catalog]
+# Whether a role's statements run in its connection's session (its policy is session-mode).
+SessionRoles = Callable[[str], bool]
+NEEDS_SESSION = (
+    "role {role!r} runs each connection in a session sandbox (its policy is session-mode), "
+    "and this call names no connection: authenticate with a handshake (basic auth with the "
+    "API key as the password; ADBC: the username and password options) and send the token it "
+    "returns, or accept the arrow_flight_session_id cookie (ADBC: "
+    "adbc.flight.sql.rpc.with_cookie_middleware=true), or name a session with the header "
+    "x-duckcell-session: <name>"
+)
+
+
+def no_session_roles(role: str) -> bool:
+    """A server nobody told which roles are session-mode: none is."""
+    return False
 
 
 def empty_catalog() -> Catalog:
@@ -46,8 +62,10 @@ class Gateway:
         *,
         parser: SqlParser,
         bridge: LoopBridge,
+        session_roles: SessionRoles = no_session_roles,
     ) -> None:
         self._router = router
+        self.session_roles = session_roles
         self.catalog = catalog
         self.sessions = sessions
         self._parser = parser
@@ -57,8 +75,31 @@ class Gateway:
         """DuckDB's parse of ``sql``; raises what ``SqlParser.parse`` raises."""
         return self._bridge.call(self._parser.parse(sql))
 
+    def runs_in_session(self, caller: ApiKey, connection: Connection | None) -> bool:
+        """Whether statements of ``caller`` on ``connection`` run in the connection's session
+        (``sessions.py``); ``SessionRequired`` for a session-mode role without a connection."""
+        if self.session_roles(caller.role):
+            if connection is None:
+                raise SessionRequired(NEEDS_SESSION.format(role=caller.role))
+            return True
+        return connection is not None and connection.kind == "header"
+
+    def session_of(self, caller: ApiKey, connection: Connection | None, catalog: Catalog) -> str:
+        """The router's session id a statement of ``caller`` on ``connection`` runs in ("" for
+        a fresh sandbox), the session opened now if needed (``sessions.py``). Raises
+        ``SessionRequired`` for a session-mode role on a call that names no connection."""
+        if connection is not None and self.runs_in_session(caller, connection):
+            return self.sessions.session_id(caller, connection, catalog)
+        if connection is None and self.session_roles(caller.role):
+            raise SessionRequired(NEEDS_SESSION.format(role=caller.role))
+        return ""
+
     def route(
-        self, caller: ApiKey, sql: str, parameters: bytes = b"", session: str = ""
+        self,
+        caller: ApiKey,
+        sql: str,
+        parameters: bytes = b"",
+        connection: Connection | None = None,
     ) -> RoutedResult:
         """The routed query, not started yet (the router starts when first read).
 
@@ -66,14 +107,14 @@ class Gateway:
         parse, or is too large: ``StatementLimitError``) before anything reaches a worker.
         ``parameters`` is an Arrow IPC stream with one row of values for the SQL's ``?``
         placeholders, bound by DuckDB in the sandbox.
-        ``session`` names the caller's session (``sessions.py``), opened here if needed.
+        ``connection`` is the call's (``session_of`` decides whether it runs in a session).
         """
         check_statement(sql)
         catalog = self.catalog()
         tables = self._bridge.call(tables_read(catalog, caller.role, sql, self._parser))
         authorize(catalog, caller.role, tables)  # refused here, before the Flight stream starts
         name = caller_name(caller)
-        session_id = self.sessions.session_id(caller, session, catalog) if session else ""
+        session_id = self.session_of(caller, connection, catalog)
         # The role goes along: the router checks it again against the catalog of the moment it
         # places the query (a push may land in between) and when it moves it off a draining
         # worker; the policy is the role's, decided there too.

@@ -11,6 +11,13 @@ LIMIT 0`` routed for the caller, so the types are what the sandbox reads from th
 the same a query's result will carry. Those schemas are cached per catalog revision and table
 for ``SCHEMA_TTL_S``: a tool listing objects would otherwise start one sandbox per table on
 every refresh, and a file rewritten under the same catalog is seen again soon after.
+
+In a session (``sessions.py``: a session-mode role's connection, or a named session) the
+listing also holds what the session made: its tables and views, under the database and schema
+DuckDB gives them (``memory.main.t``, ``temp.main.t``: names that work in its SQL), read from
+the session's DuckDB (``duckdb_tables()``, ``duckdb_views()``); their schemas come from the
+session too. The catalog tables the sandbox binds there (temp views) are listed once, as
+above. Nothing of another connection's session is ever listed: each lists its own.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from launcher.controlplane.apikeys import ApiKey
 from launcher.model.catalog import Catalog
 
 from .bridge import LoopBridge
+from .connections import Connection
 from .gateway import Gateway
 from .messages import DbSchemasRequest, TablesRequest
 from .metadata import CATALOGS_SCHEMA, DB_SCHEMAS_SCHEMA, TABLES_SCHEMA, TABLES_WITH_SCHEMA_SCHEMA
@@ -36,6 +44,13 @@ from .statements import RunningQuery
 CATALOG_NAME = "duckcell"
 SCHEMA_NAME = "main"
 TABLE_TYPE = "TABLE"
+VIEW_TYPE = "VIEW"
+# What a session made: (database, schema, name, type) of its tables and views.
+SESSION_OBJECTS = (
+    "SELECT database_name, schema_name, table_name, 'TABLE' FROM duckdb_tables() "
+    "WHERE NOT internal UNION ALL "
+    "SELECT database_name, schema_name, view_name, 'VIEW' FROM duckdb_views() WHERE NOT internal"
+)
 # Seconds a table's schema, read through a worker, is reused for the same catalog revision.
 SCHEMA_TTL_S = 30.0
 
@@ -75,61 +90,137 @@ class CatalogListing:
         self._lock = threading.Lock()
         self._schemas: dict[tuple[str, str], tuple[float, bytes]] = {}
 
-    def catalogs(self) -> pa.Table:
-        return pa.table({"catalog_name": [CATALOG_NAME]}, schema=CATALOGS_SCHEMA)
+    def catalogs(
+        self, caller: ApiKey, connection: Connection | None, cancelled: Cancelled
+    ) -> pa.Table:
+        names = [CATALOG_NAME]
+        for database, _schema, _name, _kind in self._own(caller, connection, cancelled):
+            if database not in names:
+                names.append(database)
+        return pa.table({"catalog_name": names}, schema=CATALOGS_SCHEMA)
 
-    def db_schemas(self, request: DbSchemasRequest) -> pa.Table:
+    def db_schemas(
+        self,
+        caller: ApiKey,
+        request: DbSchemasRequest,
+        connection: Connection | None,
+        cancelled: Cancelled,
+    ) -> pa.Table:
         found = _in_catalog(request.catalog) and like(request.db_schema_pattern, SCHEMA_NAME)
         rows = [(CATALOG_NAME, SCHEMA_NAME)] if found else []
+        for database, schema, _name, _kind in self._own(caller, connection, cancelled):
+            row = (database, schema)
+            if (
+                request.catalog in (None, database)
+                and like(request.db_schema_pattern, schema)
+                and row not in rows
+            ):
+                rows.append(row)
         return pa.Table.from_pylist(
             [dict(zip(DB_SCHEMAS_SCHEMA.names, row, strict=True)) for row in rows],
             schema=DB_SCHEMAS_SCHEMA,
         )
 
-    def tables(self, caller: ApiKey, request: TablesRequest, cancelled: Cancelled) -> pa.Table:
-        """The visible tables matching ``request``; with ``include_schema``, each one's schema
-        as IPC-serialized bytes (raises the worker's error if a table cannot be read)."""
+    def tables(
+        self,
+        caller: ApiKey,
+        request: TablesRequest,
+        cancelled: Cancelled,
+        connection: Connection | None = None,
+    ) -> pa.Table:
+        """The visible tables matching ``request`` (and, in a session, the session's own);
+        with ``include_schema``, each one's schema as IPC-serialized bytes (raises the
+        worker's error if a table cannot be read)."""
         catalog = self._gateway.catalog()
         matches = (
             _in_catalog(request.catalog)
             and like(request.db_schema_pattern, SCHEMA_NAME)
             and (not request.table_types or TABLE_TYPE in request.table_types)
         )
-        names = [
-            table.name
+        listed = [
+            (CATALOG_NAME, SCHEMA_NAME, table.name, TABLE_TYPE)
             for table in visible_tables(catalog, caller.role)
             if matches and like(request.table_pattern, table.name)
         ]
+        for database, schema, name, kind in self._own(caller, connection, cancelled):
+            if (
+                request.catalog in (None, database)
+                and like(request.db_schema_pattern, schema)
+                and like(request.table_pattern, name)
+                and (not request.table_types or kind in request.table_types)
+            ):
+                listed.append((database, schema, name, kind))
         columns: dict[str, list[object]] = {
-            "catalog_name": [CATALOG_NAME] * len(names),
-            "db_schema_name": [SCHEMA_NAME] * len(names),
-            "table_name": list(names),
-            "table_type": [TABLE_TYPE] * len(names),
+            "catalog_name": [row[0] for row in listed],
+            "db_schema_name": [row[1] for row in listed],
+            "table_name": [row[2] for row in listed],
+            "table_type": [row[3] for row in listed],
         }
         if not request.include_schema:
             return pa.table(columns, schema=TABLES_SCHEMA)
         revision = revision_of(catalog)
         columns["table_schema"] = [
-            self._schema(caller, revision, name, cancelled) for name in names
+            self._schema(caller, revision, name, cancelled, connection)
+            if database == CATALOG_NAME
+            else self._read(caller, _qualified(database, schema, name), cancelled, connection)
+            .serialize()
+            .to_pybytes()
+            for database, schema, name, _kind in listed
         ]
         return pa.table(columns, schema=TABLES_WITH_SCHEMA_SCHEMA)
 
-    def _schema(self, caller: ApiKey, revision: str, table: str, cancelled: Cancelled) -> bytes:
+    def _own(
+        self, caller: ApiKey, connection: Connection | None, cancelled: Cancelled
+    ) -> list[tuple[str, str, str, str]]:
+        """The session's own tables and views ([] outside a session), without the catalog
+        tables the sandbox bound there (temp views named like them)."""
+        if connection is None or not self._gateway.runs_in_session(caller, connection):
+            return []
+        bound = {table.name.lower() for table in self._gateway.catalog().tables.values()}
+        result = self._gateway.route(caller, SESSION_OBJECTS, b"", connection)
+        query = RunningQuery.open(self._bridge, caller.key_id, result, cancelled)
+        table = pa.Table.from_batches(list(query.batches(cancelled)), query.schema)
+        found: list[tuple[str, str, str, str]] = []
+        for row in table.to_pylist():
+            database, schema, name, kind = (str(value) for value in row.values())
+            if not (database == "temp" and kind == VIEW_TYPE and name.lower() in bound):
+                found.append((database, schema, name, kind))
+        return found
+
+    def _schema(
+        self,
+        caller: ApiKey,
+        revision: str,
+        table: str,
+        cancelled: Cancelled,
+        connection: Connection | None = None,
+    ) -> bytes:
         now = self._clock()
         with self._lock:
             cached = self._schemas.get((revision, table))
         if cached is not None and cached[0] > now:
             return cached[1]
-        schema = self.read_schema(caller, table, cancelled).serialize().to_pybytes()
+        schema = self.read_schema(caller, table, cancelled, connection).serialize().to_pybytes()
         with self._lock:
             self._schemas = {k: v for k, v in self._schemas.items() if v[0] > now}
             self._schemas[(revision, table)] = (now + self._ttl_s, schema)
         return schema
 
-    def read_schema(self, caller: ApiKey, table: str, cancelled: Cancelled) -> pa.Schema:
-        """``table``'s schema as a worker's sandbox reads it (no rows are fetched)."""
-        quoted = '"' + table.replace('"', '""') + '"'
-        result = self._gateway.route(caller, f"SELECT * FROM {quoted} LIMIT 0")
+    def read_schema(
+        self,
+        caller: ApiKey,
+        table: str,
+        cancelled: Cancelled,
+        connection: Connection | None = None,
+    ) -> pa.Schema:
+        """``table``'s schema as a worker's sandbox reads it (no rows are fetched): in the
+        connection's session when its statements run there (a session-mode role's must)."""
+        return self._read(caller, _qualified(table), cancelled, connection)
+
+    def _read(
+        self, caller: ApiKey, quoted: str, cancelled: Cancelled, connection: Connection | None
+    ) -> pa.Schema:
+        result = self._gateway.route(caller, f"SELECT * FROM {quoted} LIMIT 0", b"", connection)
         query = RunningQuery.open(self._bridge, caller.key_id, result, cancelled)
         for _batch in query.batches(cancelled):  # none; reads on to the worker's outcome
             pass
@@ -139,3 +230,7 @@ class CatalogListing:
 def _in_catalog(catalog: str | None) -> bool:
     """A ``catalog`` filter is an exact name, not a pattern (``None``: any catalog)."""
     return catalog is None or catalog == CATALOG_NAME
+
+
+def _qualified(*parts: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)

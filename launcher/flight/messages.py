@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
+import pyarrow as pa
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -39,6 +40,14 @@ M = TypeVar("M", bound=Message)
 CREATE_PREPARED_STATEMENT = "CreatePreparedStatement"
 CLOSE_PREPARED_STATEMENT = "ClosePreparedStatement"
 CLOSE_SESSION = "CloseSession"
+SET_SESSION_OPTIONS = "SetSessionOptions"
+GET_SESSION_OPTIONS = "GetSessionOptions"
+BEGIN_TRANSACTION = "BeginTransaction"
+END_TRANSACTION = "EndTransaction"
+# SetSessionOptionsResult's per-option error codes.
+INVALID_OPTION_NAME = pb.SetSessionOptionsResult.ERROR_VALUE_INVALID_NAME
+INVALID_OPTION_VALUE = pb.SetSessionOptionsResult.ERROR_VALUE_INVALID_VALUE
+OPTION_ERROR = pb.SetSessionOptionsResult.ERROR_VALUE_ERROR
 
 
 class UnsupportedRequest(Exception):
@@ -68,6 +77,20 @@ class PreparedStatementUpdate:
 @dataclass(frozen=True, slots=True)
 class StatementUpdate:
     sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngestCommand:
+    """``CommandStatementIngest``: where the uploaded batches go and what to do when the table
+    exists (``if_exists``: "fail", "append", "replace") or not (``if_missing``: "create",
+    "fail")."""
+
+    table: str
+    schema: str | None = None
+    catalog: str | None = None
+    temporary: bool = False
+    if_missing: str = "create"
+    if_exists: str = "fail"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +134,7 @@ MetadataRequest = (
     SqlInfoRequest | CatalogsRequest | DbSchemasRequest | TablesRequest | TableTypesRequest
 )
 Command = StatementQuery | PreparedStatementQuery | MetadataRequest
-PutCommand = PreparedStatementQuery | PreparedStatementUpdate | StatementUpdate
+PutCommand = PreparedStatementQuery | PreparedStatementUpdate | StatementUpdate | IngestCommand
 Ticket = StatementTicket | MetadataRequest
 
 
@@ -246,6 +269,8 @@ def parse_put(data: bytes) -> PutCommand:
         return PreparedStatementUpdate(update.prepared_statement_handle)
     if name == "CommandStatementUpdate":
         return StatementUpdate(_statement(pb.CommandStatementUpdate, body))
+    if name == "CommandStatementIngest":
+        return _ingest(_parse(pb.CommandStatementIngest, body))
     raise UnsupportedRequest(f"DoPut with {name} is not supported by this server")
 
 
@@ -285,16 +310,109 @@ def parse_close_prepared(body: bytes) -> bytes:
     return _parse(pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
 
 
-def prepared_result(handle: bytes, *, is_update: bool = False) -> bytes:
-    """``CreatePreparedStatement``'s answer. The schema is left empty ("known when it runs":
-    only the sandbox knows it); ``is_update`` makes the driver execute with
+def prepared_result(
+    handle: bytes, *, is_update: bool = False, parameters: tuple[str, ...] = ()
+) -> bytes:
+    """``CreatePreparedStatement``'s answer. The dataset schema is left empty ("known when it
+    runs": only the sandbox knows it); the parameter schema names each parameter (its type is
+    the sandbox's to decide: null here). ``is_update`` makes the driver execute with
     ``CommandPreparedStatementUpdate`` and read a row count instead of a result."""
     result = pb.ActionCreatePreparedStatementResult(
         prepared_statement_handle=handle, is_update=is_update
     )
+    if parameters:
+        schema = pa.schema([pa.field(name, pa.null()) for name in parameters])
+        result.parameter_schema = schema.serialize().to_pybytes()
     return pack(result)
 
 
 def close_session_result() -> bytes:
     """``CloseSession``'s answer (a plain Flight message, not wrapped in ``Any``)."""
     return pb.CloseSessionResult(status=pb.CloseSessionResult.STATUS_CLOSED).SerializeToString()
+
+
+_Options = pb.CommandStatementIngest.TableDefinitionOptions
+_IF_MISSING = {
+    _Options.TABLE_NOT_EXIST_OPTION_UNSPECIFIED: "create",
+    _Options.TABLE_NOT_EXIST_OPTION_CREATE: "create",
+    _Options.TABLE_NOT_EXIST_OPTION_FAIL: "fail",
+}
+_IF_EXISTS = {
+    _Options.TABLE_EXISTS_OPTION_UNSPECIFIED: "fail",
+    _Options.TABLE_EXISTS_OPTION_FAIL: "fail",
+    _Options.TABLE_EXISTS_OPTION_APPEND: "append",
+    _Options.TABLE_EXISTS_OPTION_REPLACE: "replace",
+}
+
+
+def _ingest(message: pb.CommandStatementIngest) -> IngestCommand:
+    if not message.table:
+        raise InvalidRequest("CommandStatementIngest without a table name: name the table")
+    options = message.table_definition_options
+    if_missing = _IF_MISSING.get(options.if_not_exist)
+    if_exists = _IF_EXISTS.get(options.if_exists)
+    if if_missing is None or if_exists is None:
+        raise InvalidRequest("CommandStatementIngest: unknown table definition options")
+    return IngestCommand(
+        message.table,
+        _optional(message, "schema"),
+        _optional(message, "catalog"),
+        message.temporary,
+        if_missing,
+        if_exists,
+    )
+
+
+def parse_set_options(body: bytes) -> dict[str, object]:
+    """The options a ``SetSessionOptions`` action sets: a string, bool, int, float or list of
+    strings each, ``None`` for an option sent without a value (unset it)."""
+    request = _parse(pb.SetSessionOptionsRequest, body)
+    values: dict[str, object] = {}
+    for name, option in request.session_options.items():
+        kind = option.WhichOneof("option_value")
+        value = None if kind is None else getattr(option, kind)
+        if kind == "string_list_value":
+            value = list(option.string_list_value.values)
+        values[name] = value
+    return values
+
+
+def set_options_result(errors: dict[str, int]) -> bytes:
+    """``SetSessionOptions``' answer (unwrapped): an error code per option not set."""
+    result = pb.SetSessionOptionsResult()
+    for name, code in errors.items():
+        result.errors[name].value = code  # type: ignore[assignment]
+    return result.SerializeToString()
+
+
+def get_options_result(values: dict[str, str]) -> bytes:
+    """``GetSessionOptions``' answer (unwrapped): each option as a string value."""
+    result = pb.GetSessionOptionsResult()
+    for name, value in values.items():
+        result.session_options[name].string_value = value
+    return result.SerializeToString()
+
+
+def parse_begin_transaction(body: bytes) -> None:
+    """Checks a ``BeginTransaction`` action's body (it carries nothing)."""
+    name, _value = unpack(body)
+    if name != "ActionBeginTransactionRequest":
+        raise UnsupportedRequest(f"BeginTransaction with a {name} body")
+
+
+def begin_transaction_result(transaction_id: bytes) -> bytes:
+    return pack(pb.ActionBeginTransactionResult(transaction_id=transaction_id))
+
+
+def parse_end_transaction(body: bytes) -> tuple[bytes, bool]:
+    """The transaction an ``EndTransaction`` action ends and whether it commits (else it
+    rolls back)."""
+    name, value = unpack(body)
+    if name != "ActionEndTransactionRequest":
+        raise UnsupportedRequest(f"EndTransaction with a {name} body")
+    request = _parse(pb.ActionEndTransactionRequest, value)
+    if request.action == pb.ActionEndTransactionRequest.END_TRANSACTION_COMMIT:
+        return request.transaction_id, True
+    if request.action == pb.ActionEndTransactionRequest.END_TRANSACTION_ROLLBACK:
+        return request.transaction_id, False
+    raise InvalidRequest("EndTransaction without an action: send COMMIT or ROLLBACK")

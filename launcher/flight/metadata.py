@@ -28,8 +28,10 @@ SERVER_VERSION_ID = 1
 ARROW_VERSION_ID = 2
 READ_ONLY_ID = 3
 SQL_ID = 4
-TRANSACTION_ID = 8  # SqlSupportedTransaction: 0 = none
+TRANSACTION_ID = 8  # SqlSupportedTransaction: 0 = none, 1 = transactions
 CANCEL_ID = 9
+BULK_INGESTION_ID = 10
+INGEST_TRANSACTIONS_ID = 11
 
 # The dense union's members, in the specification's order (their position is the type code).
 _STRING, _BOOL, _BIGINT, _INT32 = 0, 1, 2, 3
@@ -64,15 +66,19 @@ TABLES_WITH_SCHEMA_SCHEMA = TABLES_SCHEMA.append(
 TABLE_TYPES_SCHEMA = pa.schema([pa.field("table_type", pa.utf8(), nullable=False)])
 
 
-def _sql_info_values() -> dict[int, tuple[int, object]]:
+def _sql_info_values(sessions: bool) -> dict[int, tuple[int, object]]:
+    """What this server supports for a caller whose statements run in sessions (``sessions``:
+    transactions and bulk ingest) or each in a fresh sandbox (neither)."""
     return {
         SERVER_NAME_ID: (_STRING, SERVER_NAME),
         SERVER_VERSION_ID: (_STRING, __version__),
         ARROW_VERSION_ID: (_STRING, pa.__version__),
         READ_ONLY_ID: (_BOOL, False),
         SQL_ID: (_BOOL, True),
-        TRANSACTION_ID: (_INT32, 0),
+        TRANSACTION_ID: (_INT32, 1 if sessions else 0),
         CANCEL_ID: (_BOOL, False),
+        BULK_INGESTION_ID: (_BOOL, sessions),
+        INGEST_TRANSACTIONS_ID: (_BOOL, sessions),
     }
 
 
@@ -91,20 +97,20 @@ def schema_of(request: MetadataRequest) -> pa.Schema:
     raise TypeError(f"not a metadata request: {request!r}")
 
 
-def answer(request: MetadataRequest) -> pa.Table:
+def answer(request: MetadataRequest, *, sessions: bool = False) -> pa.Table:
     """The result ``DoGet`` streams for ``request`` when it needs no catalog (``listing.py``
-    answers those)."""
+    answers those); ``sessions``: the caller's statements run in sessions."""
     if isinstance(request, SqlInfoRequest):
-        return sql_info(request.ids)
+        return sql_info(request.ids, sessions=sessions)
     if isinstance(request, TableTypesRequest):
-        return pa.table({"table_type": ["TABLE"]}, schema=TABLE_TYPES_SCHEMA)
+        return pa.table({"table_type": ["TABLE", "VIEW"]}, schema=TABLE_TYPES_SCHEMA)
     return schema_of(request).empty_table()
 
 
-def sql_info(ids: tuple[int, ...]) -> pa.Table:
+def sql_info(ids: tuple[int, ...], *, sessions: bool = False) -> pa.Table:
     """The SqlInfo rows for ``ids`` (all known ones when empty); unknown ids are left out,
     as the specification allows."""
-    known = _sql_info_values()
+    known = _sql_info_values(sessions)
     wanted = [i for i in (ids or tuple(known)) if i in known]
     members: list[list[object]] = [[] for _ in _VALUE_TYPE]
     type_codes: list[int] = []

@@ -13,8 +13,10 @@ are cancelled through a router that is still there.
 from __future__ import annotations
 
 from launcher.controlplane.apikeys import ApiKey
+from launcher.controlplane.policies import PolicyDocuments
 from launcher.controlplane.server import ControlPlaneServer
-from launcher.errors import ControlPlaneError
+from launcher.errors import ControlPlaneError, PolicyError
+from launcher.model.policy import Isolation, load_policy_text
 
 from .server import FlightListen, FlightSqlServer
 
@@ -75,4 +77,38 @@ def _flight_server(control_plane: ControlPlaneServer, listen: FlightListen) -> F
         hosts=control_plane.hosts,
         catalog=lambda: control_plane.catalog.current.catalog,
         parser=control_plane.parser,
+        session_roles=SessionModeRoles(control_plane).__call__,
+        audit=control_plane.audit,
     )
+
+
+class SessionModeRoles:
+    """Whether a role is session-mode: its policy, as the control plane holds it
+    (``controlplane policy apply``), has ``isolation: session``. A role whose policy the
+    control plane does not hold (the workers' own ``policies/`` directories) counts as
+    per-query: the worker then refuses its statements with the policy's reason. The parsed
+    policies are kept per revision of the set."""
+
+    def __init__(self, control_plane: ControlPlaneServer) -> None:
+        self._control_plane = control_plane
+        self._revision: str | None = None
+        self._session_policies: frozenset[str] = frozenset()
+
+    def __call__(self, role_name: str) -> bool:
+        role = self._control_plane.catalog.current.catalog.role(role_name)
+        if role is None or not role.policy:
+            return False
+        return role.policy in self._sessions(self._control_plane.policies.current)
+
+    def _sessions(self, documents: PolicyDocuments) -> frozenset[str]:
+        if documents.revision != self._revision:
+            names = set()
+            for name, text in documents.texts.items():
+                try:
+                    policy = load_policy_text(text, name)
+                except PolicyError:  # validated when applied; a bad one is the workers' to refuse
+                    continue
+                if policy.isolation == Isolation.SESSION:
+                    names.add(name)
+            self._session_policies, self._revision = frozenset(names), documents.revision
+        return self._session_policies

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from launcher.controlplane.audit import AuditRecord, AuditSink, NoAudit
 from launcher.controlplane.ca import CertificateAuthority
 from launcher.errors import ControlPlaneError
 from launcher.link.wire import split_address
@@ -26,7 +30,7 @@ from launcher.model.sql import ParserPool, SqlParser
 
 from .auth import MIDDLEWARE_KEY, ApiKeyMiddlewareFactory, HandshakeAuthHandler
 from .bridge import LoopBridge
-from .gateway import CatalogSource, Gateway, empty_catalog
+from .gateway import CatalogSource, Gateway, SessionRoles, empty_catalog, no_session_roles
 from .service import FlightSqlService
 from .sessions import FlightSessions
 from .statements import (
@@ -41,6 +45,10 @@ from .types import Router, VerifyKey
 log = logging.getLogger(__name__)
 
 _WILDCARDS = {"", "0.0.0.0", "::"}
+# The audit outcome of a call refused for naming another key's or an unknown connection.
+REFUSED = "refused"
+# Seconds between two audit rows for unknown session tokens (``FlightSqlServer._refused``).
+UNKNOWN_TOKEN_AUDIT_S = 1.0
 # Seconds stop() waits for running calls (a client that stopped reading can hold one forever).
 STOP_GRACE_S = 5.0
 
@@ -88,6 +96,9 @@ class FlightSqlServer:
     ``max_parked_per_key`` unfetched results and ``max_prepared_per_key`` prepared statements
     (``statements.py``). ``parser`` parses SQL for the role rule and prepared statements
     (the control plane's; without one the server starts and stops a ``ParserPool`` of its own).
+    ``session_roles`` tells which roles are session-mode (each connection one session,
+    ``sessions.py``); ``audit`` receives a row for each call refused for naming a connection
+    that is not its caller's (``connections.py``).
     """
 
     def __init__(
@@ -103,7 +114,14 @@ class FlightSqlServer:
         max_parked_per_key: int = MAX_PARKED_PER_KEY,
         max_prepared_per_key: int = MAX_PREPARED_PER_KEY,
         parser: SqlParser | None = None,
+        session_roles: SessionRoles = no_session_roles,
+        audit: AuditSink | None = None,
     ) -> None:
+        self._session_roles = session_roles
+        self._audit: AuditSink = audit or NoAudit()
+        self._audit_lock = threading.Lock()  # refusals arrive on handler threads
+        self._last_unknown = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._own_parser: ParserPool | None = None
         if parser is None:
             parser = self._own_parser = ParserPool()
@@ -126,11 +144,12 @@ class FlightSqlServer:
         return self._listen.location(self.port)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         bridge = LoopBridge(loop)
+        keys = ApiKeyMiddlewareFactory(bridge, self._verify_key, refused=self._refused)
         options: dict[str, object] = {
             "auth_handler": HandshakeAuthHandler(),
-            "middleware": {MIDDLEWARE_KEY: ApiKeyMiddlewareFactory(bridge, self._verify_key)},
+            "middleware": {MIDDLEWARE_KEY: keys},
         }
         if not self._listen.plaintext:
             cert_pem, key_pem = self._ca.issue_server_cert(list(dict.fromkeys(self._hosts)))
@@ -145,6 +164,7 @@ class FlightSqlServer:
                     FlightSessions(self._router, bridge),
                     parser=self._parser,
                     bridge=bridge,
+                    session_roles=self._session_roles,
                 ),
                 bridge=bridge,
                 tickets=QueryTickets(
@@ -159,6 +179,38 @@ class FlightSqlServer:
                 "is the port in use?"
             ) from None
         self.port = self._service.port
+
+    def _refused(self, key_id: str, what: str) -> None:
+        """Record a call refused for naming a connection that is not its caller's: a row in
+        the audit log (outcome "refused", reason "connection"), written on the loop, whose
+        thread owns the database. Unknown tokens come from callers nobody authenticated, so
+        they get at most one row per ``UNKNOWN_TOKEN_AUDIT_S``: a flood of them must not
+        become a flood of database writes (each is still logged)."""
+        log.warning("Flight SQL call refused: key %s presented %s", key_id or "(none)", what)
+        now = time.time()
+        if not key_id:
+            with self._audit_lock:
+                if now - self._last_unknown < UNKNOWN_TOKEN_AUDIT_S:
+                    return
+                self._last_unknown = now
+        record = AuditRecord(
+            query_id="flight-" + secrets.token_hex(8),
+            caller=key_id or "(unknown)",
+            sql="",
+            worker_id="",
+            policy="",
+            started_at=now,
+            finished_at=now,
+            queued_s=0.0,
+            run_s=0.0,
+            rows=0,
+            bytes=0,
+            outcome=REFUSED,
+            reason="connection",
+            message=f"refused: {what}",
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._audit.write, record)
 
     async def stop(self) -> None:
         """Cancel queries waiting for DoGet, close the sessions clients opened, then give

@@ -10,8 +10,8 @@ Prepared statements are SQL text kept per key with the parameters last bound to 
 (``DoPut``, see ``updates.py``): the ADBC driver always prepares, even without parameters, so
 executing one routes its SQL like a plain statement. Every routed statement passes the role
 rule first (``gateway.py``). Statements that change data answer ``DoPut`` with their row count.
-A call whose ``x-duckcell-session`` header names a session runs in that session's sandbox
-(``sessions.py``); ``CloseSession`` ends it.
+A statement runs in its connection's session when the role is session-mode or the call names
+a session in ``x-duckcell-session`` (``sessions.py``); ``CloseSession`` ends it.
 """
 
 from __future__ import annotations
@@ -27,16 +27,23 @@ from launcher.errors import SessionError
 from launcher.model.sql import check_statement
 
 from . import metadata
-from .auth import caller_of, session_of
+from .auth import caller_of, connection_of
 from .bridge import LoopBridge
 from .gateway import Gateway
+from .ingest import NEEDS_SESSION as INGEST_NEEDS_SESSION
+from .ingest import catalog_ingest_sql, catalog_table, ingest_parameters, ingest_sql
 from .listing import CatalogListing
 from .messages import (
+    BEGIN_TRANSACTION,
     CLOSE_PREPARED_STATEMENT,
     CLOSE_SESSION,
     CREATE_PREPARED_STATEMENT,
+    END_TRANSACTION,
+    GET_SESSION_OPTIONS,
+    SET_SESSION_OPTIONS,
     CatalogsRequest,
     DbSchemasRequest,
+    IngestCommand,
     MetadataRequest,
     PreparedStatementQuery,
     PreparedStatementUpdate,
@@ -44,28 +51,51 @@ from .messages import (
     StatementTicket,
     TablesRequest,
     UnsupportedRequest,
+    begin_transaction_result,
     close_session_result,
+    get_options_result,
     metadata_ticket,
+    parse_begin_transaction,
     parse_close_prepared,
     parse_command,
     parse_create_prepared,
+    parse_end_transaction,
     parse_put,
+    parse_set_options,
     parse_ticket,
     prepared_result,
     put_prepared_result,
     put_update_result,
+    set_options_result,
     statement_ticket,
 )
-from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery
+from .options import SessionOptions
+from .placeholders import Placeholders, scan
+from .statements import Prepared, PreparedStatements, QueryTickets, RunningQuery, UnknownHandle
 from .status import handler, status_of, streamed, translated
-from .updates import changes_data, read_parameters, update_count
+from .transactions import NO_TRANSACTIONS, UNKNOWN_TRANSACTION, Transactions
+from .updates import (
+    EXECUTEMANY,
+    MANY_FOR_A_QUERY,
+    changes_data,
+    parameter_rows,
+    read_parameters,
+    update_count,
+)
 
 log = logging.getLogger(__name__)
+
+# A ticket handle starting so names a prepared statement run at DoGet (bound late).
+LATE_BIND = b"late:"
 
 ACTIONS = [
     (CREATE_PREPARED_STATEMENT, "prepare a statement (one parameter set per execution)"),
     (CLOSE_PREPARED_STATEMENT, "forget a prepared statement"),
-    (CLOSE_SESSION, "end the session the x-duckcell-session header names (its sandbox too)"),
+    (CLOSE_SESSION, "end this connection's session (its sandbox too)"),
+    (SET_SESSION_OPTIONS, "set the connection's catalog and schema"),
+    (GET_SESSION_OPTIONS, "the connection's catalog and schema"),
+    (BEGIN_TRANSACTION, "begin a transaction in the connection's session"),
+    (END_TRANSACTION, "commit or roll back the connection's transaction"),
 ]
 
 
@@ -88,6 +118,8 @@ class FlightSqlService(flight.FlightServerBase):
         self.listing = CatalogListing(gateway, bridge)
         self.tickets = tickets
         self.prepared = prepared
+        self.options = SessionOptions()
+        self.transactions = Transactions()
 
     @handler
     def get_flight_info(
@@ -100,9 +132,14 @@ class FlightSqlService(flight.FlightServerBase):
             return self._statement_info(caller, command.sql, b"", descriptor, context)
         if isinstance(command, PreparedStatementQuery):
             prepared = self._prepared(command.handle, caller)
-            return self._statement_info(
-                caller, prepared.sql, prepared.parameters, descriptor, context
-            )
+            if prepared.placeholders.count and not prepared.parameters:
+                # Parameters bound after GetFlightInfo (the Altertable client's order): the
+                # statement runs at DoGet with what is bound by then; the schema comes with
+                # the stream.
+                late = statement_ticket(LATE_BIND + command.handle)
+                return _info(pa.schema([]), descriptor, late)
+            parameters = _one_set(prepared.parameters)
+            return self._statement_info(caller, prepared.sql, parameters, descriptor, context)
         ticket = metadata_ticket(descriptor.command)
         return _info(metadata.schema_of(command), descriptor, ticket)
 
@@ -115,6 +152,11 @@ class FlightSqlService(flight.FlightServerBase):
             request = parse_ticket(ticket.ticket)
         if not isinstance(request, StatementTicket):
             return flight.RecordBatchStream(self._metadata(caller, request, context))
+        if request.handle.startswith(LATE_BIND):
+            prepared = self._prepared(request.handle.removeprefix(LATE_BIND), caller)
+            query = self._open(caller, prepared.sql, _one_set(prepared.parameters), context)
+            self.tickets.streaming(query)
+            return flight.GeneratorStream(query.schema, streamed(self._stream(query, context)))
         with translated():
             query = self.tickets.claim(request.handle, caller.key_id)
         if query.table is not None:  # it arrived whole at GetFlightInfo
@@ -137,18 +179,30 @@ class FlightSqlService(flight.FlightServerBase):
         caller = caller_of(context)
         with translated():
             command = parse_put(descriptor.command)
-            parameters = read_parameters(reader)
+        if isinstance(command, IngestCommand):
+            writer.write(
+                pa.py_buffer(put_update_result(self._ingest(caller, command, reader, context)))
+            )
+            return
+        with translated():
+            table = read_parameters(reader)
         if isinstance(command, PreparedStatementQuery):
+            prepared = self._prepared(command.handle, caller)
             with translated():
-                self.prepared.bind(command.handle, caller.key_id, parameters)
+                rows = parameter_rows(table, prepared.placeholders)
+                self.prepared.bind(command.handle, caller.key_id, rows)
             writer.write(pa.py_buffer(put_prepared_result(command.handle)))
             return
         if isinstance(command, PreparedStatementUpdate):
             prepared = self._prepared(command.handle, caller)
-            sql, parameters = prepared.sql, parameters or prepared.parameters
+            with translated():
+                rows = parameter_rows(table, prepared.placeholders) or prepared.parameters
+            sql = prepared.sql
         else:
             sql = command.sql
-        count = self._update(caller, sql, parameters, context)
+            with translated():
+                rows = parameter_rows(table, Placeholders(sql))
+        count = self._update_each(caller, sql, rows, context)
         writer.write(pa.py_buffer(put_update_result(count)))
 
     @handler
@@ -160,17 +214,52 @@ class FlightSqlService(flight.FlightServerBase):
                 sql = parse_create_prepared(body)
                 check_statement(sql)  # first: a prepared statement is kept until closed
                 is_update = changes_data(sql, self.gateway.parse)
-                handle = self.prepared.create(caller.key_id, sql, is_update=is_update)
-                return [prepared_result(handle, is_update=is_update)]
+                placeholders = scan(sql)
+                handle = self.prepared.create(caller.key_id, placeholders, is_update=is_update)
+                names = placeholders.names or tuple(map(str, range(placeholders.count)))
+                return [prepared_result(handle, is_update=is_update, parameters=names)]
             if action.type == CLOSE_PREPARED_STATEMENT:  # idempotent: see PreparedStatements
                 self.prepared.close(parse_close_prepared(body), caller.key_id)
                 return []
+        connection = connection_of(context)
         if action.type == CLOSE_SESSION:
-            session = session_of(context)
-            if session:
+            if connection is not None:
+                self.options.forget(caller, connection)
+                self.transactions.forget(caller, connection)
                 with translated():
-                    self.gateway.sessions.close(caller, session)
+                    self.gateway.sessions.close(caller, connection)
             return [close_session_result()]
+        if action.type == SET_SESSION_OPTIONS:
+            values = parse_set_options(body)
+            in_session = connection is not None and (
+                connection.kind == "header" or self.gateway.session_roles(caller.role)
+            )
+
+            def use(sql: str) -> None:
+                self._update(caller, sql, b"", context)
+
+            errors = self.options.set(caller, connection, values, use if in_session else None)
+            return [set_options_result(errors)]
+        if action.type == GET_SESSION_OPTIONS:
+            return [get_options_result(self.options.get(caller, connection))]
+        if action.type == BEGIN_TRANSACTION:
+            parse_begin_transaction(body)
+            if connection is None or not self.gateway.runs_in_session(caller, connection):
+                raise UnsupportedRequest(NO_TRANSACTIONS.format(role=caller.role))
+            transaction_id = self.transactions.begin(caller, connection)
+            try:
+                self._update(caller, "BEGIN TRANSACTION", b"", context)
+            except BaseException:
+                self.transactions.cancel(caller, connection, transaction_id)
+                raise
+            return [begin_transaction_result(transaction_id)]
+        if action.type == END_TRANSACTION:
+            transaction_id, commit = parse_end_transaction(body)
+            if connection is None:
+                raise UnknownHandle(UNKNOWN_TRANSACTION)
+            self.transactions.end(caller, connection, transaction_id)
+            self._update(caller, "COMMIT" if commit else "ROLLBACK", b"", context)
+            return []
         unsupported = UnsupportedRequest(f"action {action.type!r} is not supported by this server")
         raise status_of(unsupported)
 
@@ -210,14 +299,38 @@ class FlightSqlService(flight.FlightServerBase):
     def _metadata(
         self, caller: ApiKey, request: MetadataRequest, context: flight.ServerCallContext
     ) -> pa.Table:
+        connection = connection_of(context)
         with translated():
             if isinstance(request, CatalogsRequest):
-                return self.listing.catalogs()
+                return self.listing.catalogs(caller, connection, context.is_cancelled)
             if isinstance(request, DbSchemasRequest):
-                return self.listing.db_schemas(request)
+                return self.listing.db_schemas(caller, request, connection, context.is_cancelled)
             if isinstance(request, TablesRequest):
-                return self.listing.tables(caller, request, context.is_cancelled)
-            return metadata.answer(request)
+                return self.listing.tables(caller, request, context.is_cancelled, connection)
+            return metadata.answer(request, sessions=self.gateway.session_roles(caller.role))
+
+    def _ingest(
+        self,
+        caller: ApiKey,
+        command: IngestCommand,
+        reader: flight.MetadataRecordBatchReader,
+        context: flight.ServerCallContext,
+    ) -> int:
+        """Ingest the uploaded rows into a catalog table through the write path, or into the
+        connection's session (``ingest.py``)."""
+        target = catalog_table(self.gateway.catalog(), caller.role, command)
+        if target is None and not self.gateway.runs_in_session(caller, connection_of(context)):
+            raise UnsupportedRequest(INGEST_NEEDS_SESSION.format(role=caller.role))
+        table = reader.read_all()
+        with translated():
+            sql = (
+                ingest_sql(command, table.schema)
+                if target is None
+                else catalog_ingest_sql(command, target, table.schema)
+            )
+            parameters = ingest_parameters(table)
+        log.info("flight ingest of %d rows from key %s", table.num_rows, caller.key_id)
+        return self._update(caller, sql, parameters, context)
 
     def _statement_info(
         self,
@@ -237,6 +350,21 @@ class FlightSqlService(flight.FlightServerBase):
             handle = self.tickets.park(query)
         return _info(query.schema, descriptor, statement_ticket(handle))
 
+    def _update_each(
+        self,
+        caller: ApiKey,
+        sql: str,
+        rows: tuple[bytes, ...],
+        context: flight.ServerCallContext,
+    ) -> int:
+        """Run ``sql`` once per parameter set (once without any); the summed row count.
+        Several sets run in the connection's session only (``updates.py``)."""
+        if len(rows) <= 1:
+            return self._update(caller, sql, rows[0] if rows else b"", context)
+        if not self.gateway.runs_in_session(caller, connection_of(context)):
+            raise UnsupportedRequest(EXECUTEMANY.format(rows=len(rows)))
+        return sum(self._update(caller, sql, row, context) for row in rows)
+
     def _update(
         self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
     ) -> int:
@@ -250,14 +378,16 @@ class FlightSqlService(flight.FlightServerBase):
     def _open(
         self, caller: ApiKey, sql: str, parameters: bytes, context: flight.ServerCallContext
     ) -> RunningQuery:
-        """Route ``sql`` (in the call's session, if it names one) and read its schema."""
-        session = session_of(context)
+        """Route ``sql`` (in the connection's session, if it runs in one) and read its schema."""
+        connection = connection_of(context)
         with translated():
-            result = self.gateway.route(caller, sql, parameters, session)
+            result = self.gateway.route(caller, sql, parameters, connection)
             try:
                 return RunningQuery.open(self._bridge, caller.key_id, result, context.is_cancelled)
             except SessionError:
-                self.gateway.sessions.forget(caller, session)  # ended: the next call reopens
+                if connection is not None:  # ended: the connection's next statement reopens
+                    self.gateway.sessions.forget(caller, connection)
+                    self.transactions.forget(caller, connection)  # ended with its session
                 raise
 
     def _stream(
@@ -276,3 +406,10 @@ def _info(
     """One endpoint without locations: the client fetches from this same server."""
     endpoint = flight.FlightEndpoint(ticket, [])
     return flight.FlightInfo(schema, descriptor, [endpoint], -1, -1)
+
+
+def _one_set(rows: tuple[bytes, ...]) -> bytes:
+    """The one parameter set a query runs with (``b""``: none); several are refused."""
+    if len(rows) > 1:
+        raise UnsupportedRequest(MANY_FOR_A_QUERY.format(rows=len(rows)))
+    return rows[0] if rows else b""

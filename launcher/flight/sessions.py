@@ -1,27 +1,27 @@
-"""Sessions for Flight SQL clients: statements that share one sandbox, by a header.
+"""Sessions for Flight SQL clients: the statements of one connection share one sandbox.
 
-A client that wants its statements to share state (temp tables, variables) names a session in
-the header ``x-duckcell-session: <name>`` on its calls; ADBC sets it on every call with
-``adbc.flight.sql.rpc.call_header.x-duckcell-session``. The first statement with a name this
-API key has no open session for opens one through the router (one sandbox on one worker, under
-the role's policy, else ``agent-session``); later statements with that name run there. Names
-are the client's own (``[A-Za-z0-9._-]``, up to 64): a header that is the same on every call is
-all the ADBC driver can send, so the server, not the client, remembers the router's session id.
+A connection (``connections.py``: a handshake's token, the session cookie, or a name in the
+header ``x-duckcell-session: <name>``) has at most one session per API key. Whether its
+statements run there depends on the role:
 
-The session ends when the client closes it (Flight SQL's ``CloseSession`` action with the same
-header, which ``conn.close()`` sends), when it idles past its policy's TTL or outlives its
-maximum lifetime (the worker ends it and destroys the sandbox), or when the server stops. A
-statement naming a session that ended fails once with the router's message (its temp state is
-gone) and the name is forgotten, so the next statement opens a fresh session.
+- a **session-mode role** (its policy has ``isolation: session``, ``role_in_sessions``) runs
+  every statement in its connection's session, opened at the first statement; a statement on
+  a call that names no connection is refused (``SessionRequired``) with how to get one;
+- any other role runs each statement in a fresh sandbox, as before; only an explicit
+  ``x-duckcell-session`` header opens a session for it (under the role's policy, else
+  ``agent-session``), tokens and cookies do not.
 
-Flight SQL's own ``SetSessionOptions`` is not used: the ADBC driver sends it only when a client
-sets session options, and it carries no way to ask for a sandbox.
+The session ends when the client closes it (Flight SQL's ``CloseSession`` action on the same
+connection, which ADBC's ``conn.close()`` and the Altertable client's ``close()`` send), when it
+idles past its policy's TTL or outlives its maximum lifetime (the worker ends it and destroys the
+sandbox), or when the server stops. A statement in a session that ended fails once with the
+router's message (its temp state is gone) and the connection's session is forgotten, so the
+next statement opens a fresh one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 
 from launcher.controlplane.apikeys import ApiKey
@@ -31,16 +31,15 @@ from launcher.errors import SessionError
 from launcher.model.catalog import Catalog
 
 from .bridge import LoopBridge, never_cancelled
-from .messages import InvalidRequest
+from .connections import Connection
 from .types import Router
 
 # The policy of a session when the caller's role fixes none.
 SESSION_POLICY = "agent-session"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class FlightSessions:
-    """Client session names -> the router's session ids, per API key (handler threads)."""
+    """Client connections -> the router's session ids, per API key (handler threads)."""
 
     def __init__(self, router: Router, bridge: LoopBridge) -> None:
         self._router = router
@@ -49,17 +48,13 @@ class FlightSessions:
         # (key id, name) -> (the router's session id, its owner as the router knows it)
         self._ids: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def session_id(self, caller: ApiKey, name: str, catalog: Catalog) -> str:
-        """The router's id of ``caller``'s session ``name``, opened now if there is none.
+    def session_id(self, caller: ApiKey, connection: Connection, catalog: Catalog) -> str:
+        """The router's id of the session of ``caller``'s ``connection``, opened now if there
+        is none.
 
         Raises ``QueryDeniedError`` (role), ``SessionError`` (the worker could not open one)
-        or ``WorkerUnavailableError``; ``InvalidRequest`` for a malformed name."""
-        if not _NAME.fullmatch(name):
-            raise InvalidRequest(
-                f"x-duckcell-session: {name!r} is not a session name; use up to 64 letters, "
-                "digits, '.', '_' or '-'"
-            )
-        key, owner = (caller.key_id, name), caller_name(caller)
+        or ``WorkerUnavailableError``."""
+        key, owner = (caller.key_id, connection.key), caller_name(caller)
         with self._lock:
             found = self._ids.get(key)
         if found is not None:
@@ -72,15 +67,22 @@ class FlightSessions:
             self._bridge.spawn(self._close(opened, owner))
         return found[0]
 
-    def forget(self, caller: ApiKey, name: str) -> None:
-        """The session ended on its own: the next statement with ``name`` opens a new one."""
+    def current(self, caller: ApiKey, connection: Connection) -> str:
+        """The router's id of the connection's open session ("" for none); opens nothing."""
         with self._lock:
-            self._ids.pop((caller.key_id, name), None)
+            found = self._ids.get((caller.key_id, connection.key))
+        return found[0] if found is not None else ""
 
-    def close(self, caller: ApiKey, name: str) -> bool:
-        """End ``caller``'s session ``name`` and destroy its sandbox; False if none is open."""
+    def forget(self, caller: ApiKey, connection: Connection) -> None:
+        """The session ended on its own: the connection's next statement opens a new one."""
         with self._lock:
-            found = self._ids.pop((caller.key_id, name), None)
+            self._ids.pop((caller.key_id, connection.key), None)
+
+    def close(self, caller: ApiKey, connection: Connection) -> bool:
+        """End the session of ``caller``'s ``connection`` and destroy its sandbox; False if
+        none is open."""
+        with self._lock:
+            found = self._ids.pop((caller.key_id, connection.key), None)
         if found is None:
             return False
         self._bridge.call(self._close(*found), never_cancelled)

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .bridge import IpcSource, LoopBridge, RoutedResult
+from .placeholders import Placeholders
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,12 @@ class QueryTickets:
         self._loop.call_soon_threadsafe(_disarm, parked)
         return parked.query
 
+    def streaming(self, query: RunningQuery) -> None:
+        """``query`` is streamed by a DoGet without having been parked (a late-bound prepared
+        statement): ``close_all`` ends it too, ``done`` forgets it."""
+        with self._lock:
+            self._streaming.add(query)
+
     def done(self, query: RunningQuery) -> None:
         """``query``'s DoGet ended (however it ended)."""
         with self._lock:
@@ -259,13 +266,18 @@ def _disarm(parked: _Parked) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A prepared statement: its SQL, whether it changes data (``changes_data``) and the
-    parameters last bound to it (an Arrow IPC stream of one row; empty: none bound)."""
+    """A prepared statement: its SQL and placeholders (named ones made positional,
+    ``placeholders.py``), whether it changes data (``changes_data``) and the parameter sets
+    last bound to it (each an Arrow IPC stream of one row; none: nothing bound)."""
 
     key_id: str
-    sql: str
+    placeholders: Placeholders
     is_update: bool = False
-    parameters: bytes = b""
+    parameters: tuple[bytes, ...] = ()
+
+    @property
+    def sql(self) -> str:
+        return self.placeholders.sql
 
 
 class PreparedStatements:
@@ -278,13 +290,13 @@ class PreparedStatements:
         self._statements: dict[bytes, Prepared] = {}
         self._per_key: Counter[str] = Counter()
 
-    def create(self, key_id: str, sql: str, *, is_update: bool = False) -> bytes:
+    def create(self, key_id: str, placeholders: Placeholders, *, is_update: bool = False) -> bytes:
         """A new handle; raises ``LimitReached`` when ``key_id`` holds ``max_per_key``."""
         handle = secrets.token_bytes(16)
         with self._lock:
             if self._per_key[key_id] >= self._max_per_key:
                 raise LimitReached(TOO_MANY_PREPARED.format(limit=self._max_per_key))
-            self._statements[handle] = Prepared(key_id, sql, is_update)
+            self._statements[handle] = Prepared(key_id, placeholders, is_update)
             self._per_key[key_id] += 1
         return handle
 
@@ -295,7 +307,7 @@ class PreparedStatements:
             raise UnknownHandle(UNKNOWN_PREPARED)
         return found
 
-    def bind(self, handle: bytes, key_id: str, parameters: bytes) -> None:
+    def bind(self, handle: bytes, key_id: str, parameters: tuple[bytes, ...]) -> None:
         """Keep ``parameters`` for the statement's next executions (until bound again)."""
         with self._lock:
             found = self._statements.get(handle)

@@ -62,6 +62,7 @@ from launcher.errors import (
     meaning,
 )
 
+from .connections import ConnectionRefused, SessionRequired
 from .messages import InvalidRequest, UnsupportedRequest
 from .statements import LimitReached, UnknownHandle
 
@@ -101,6 +102,8 @@ STATUSES: tuple[tuple[type[Exception], Status], ...] = (
     (UnknownHandle, pa.ArrowKeyError),
     (LimitReached, flight.FlightUnavailableError),
     (InvalidRequest, pa.ArrowInvalid),
+    (SessionRequired, pa.ArrowInvalid),
+    (ConnectionRefused, flight.FlightUnauthorizedError),
     (UnsupportedRequest, pa.ArrowNotImplementedError),
 )
 

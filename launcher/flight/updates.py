@@ -6,11 +6,12 @@ server keeps them with the prepared handle as an Arrow IPC stream of that one ro
 untouched (control plane -> tunnel -> worker -> runner) to the sandbox, where DuckDB binds the
 values (``con.execute(sql, params)``): they are never written into the SQL text.
 
-One parameter set per execution: ``executemany`` sends all its rows in one ``DoPut``, and that
-is refused with a message saying so. Running a per-query sandbox once per row would start N
-sandboxes for one call, and a data-changing batch would land in N sandboxes' temp state, which
-is worse than an honest refusal; run the statement once per row, or load the rows with
-``INSERT ... SELECT`` from a table.
+``executemany`` sends all its rows in one ``DoPut``; each row is kept as a parameter set of its
+own (``parameter_rows``). In a session they all run in the session's sandbox, one execution per
+row, and the answer is the sum of their counts. On a per-query connection that is refused with
+a message saying so: a per-query sandbox per row would start N sandboxes for one call, and a
+data-changing batch would land in N sandboxes' temp state, which is worse than an honest
+refusal. Columns bound by name (``$id``) are put in the order ``placeholders.py`` gave them.
 
 Statements that change data: the driver asks at prepare time (``is_update``), and DuckDB would
 execute a non-SELECT statement merely to compute a result schema, so the kind of statement is
@@ -32,15 +33,20 @@ import pyarrow.ipc as ipc
 from launcher.errors import SqlError, StatementLimitError
 from launcher.model.sql import ParsedSql
 
-from .messages import UnsupportedRequest
+from .messages import InvalidRequest
+from .placeholders import Placeholders
 
 # Statement types that return rows (everything else is executed for its effect).
 QUERY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
 EXECUTEMANY = (
-    "this server binds one parameter set per execution and got {rows}: run the statement "
-    "once per parameter set (executemany is not supported), or insert many rows with "
-    "INSERT ... SELECT"
+    "this connection runs each statement in a fresh sandbox and got {rows} parameter sets: "
+    "executemany is not supported there (it runs in sessions only); run the statement once "
+    "per parameter set, or insert many rows with INSERT ... SELECT"
 )
+MANY_FOR_A_QUERY = (
+    "a query takes one parameter set per execution and got {rows}: execute it once per set"
+)
+UNBOUND = "no value bound for parameter ${name}: bind a column named {name!r}"
 
 
 def changes_data(sql: str, parse: Callable[[str], ParsedSql]) -> bool:
@@ -57,23 +63,37 @@ def changes_data(sql: str, parse: Callable[[str], ParsedSql]) -> bool:
     return bool(statements) and statements[-1].kind not in QUERY_TYPES
 
 
-def read_parameters(reader: flight.MetadataRecordBatchReader) -> bytes:
-    """The bound parameter set a DoPut carries, as an IPC stream of one row (``b""`` when it
-    has no rows: nothing bound). Raises ``UnsupportedRequest`` for more than one row."""
+def read_parameters(reader: flight.MetadataRecordBatchReader) -> pa.Table | None:
+    """The parameter sets a DoPut carries, one per row (``None`` when it has no rows)."""
     table = reader.read_all()
-    if table.num_rows == 0:
-        return b""
-    if table.num_rows > 1:
-        raise UnsupportedRequest(EXECUTEMANY.format(rows=table.num_rows))
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table.combine_chunks())
-    return sink.getvalue().to_pybytes()
+    return table if table.num_rows else None
+
+
+def parameter_rows(table: pa.Table | None, placeholders: Placeholders) -> tuple[bytes, ...]:
+    """Each row of ``table`` as an IPC stream of one row, its columns in placeholder order;
+    ``InvalidRequest`` when a named placeholder has no column."""
+    if table is None:
+        return ()
+    try:
+        order = placeholders.order(table.schema.names)
+    except KeyError as missing:
+        raise InvalidRequest(UNBOUND.format(name=missing.args[0])) from None
+    if order is not None:
+        table = table.select(order)
+    table = table.combine_chunks()
+    rows = []
+    for index in range(table.num_rows):
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(index, 1))
+        rows.append(sink.getvalue().to_pybytes())
+    return tuple(rows)
 
 
 def update_count(result: pa.Table, rows: int | None) -> int:
     """The affected-row count of an update: DuckDB answers DML with one ``Count`` column
-    (empty for DDL, which affects no rows); any other result counts its rows."""
-    if result.schema.names == ["Count"]:
+    (empty for DDL, which affects no rows), a write through the write path ``Count`` first;
+    any other result counts its rows."""
+    if result.schema.names[:1] == ["Count"]:  # COPY ... TO answers bytes and destination too
         return int(pc.sum(result.column(0)).as_py() or 0)
     return rows if rows is not None else result.num_rows

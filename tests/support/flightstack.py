@@ -28,6 +28,7 @@ from adbc_driver_flightsql import DatabaseOptions
 
 from launcher.controlplane.access import authorize, tables_read
 from launcher.controlplane.apikeys import ApiKey
+from launcher.controlplane.audit import AuditRecord
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone
 from launcher.errors import ApiKeyError, SessionError, SqlError
@@ -39,7 +40,9 @@ DEADLINE_S = 10.0
 # How an ADBC client names its session: a header on every call.
 SESSION_OPTION = "adbc.flight.sql.rpc.call_header.x-duckcell-session"
 # API keys of the fake key store: "dck1.<role>" has that role.
-ROLES = ("analyst", "admin", "intern")
+ROLES = ("analyst", "admin", "intern", "notebook")
+# The session-mode role of the test catalog (its policy has isolation: session).
+SESSION_ROLE = "notebook"
 CATALOG = """
 connections:
   files: {kind: local}
@@ -48,6 +51,7 @@ tables:
   salaries: {connection: files, path: salaries.parquet, format: parquet}
 roles:
   analyst: {policy: default, tables: [trips]}
+  notebook: {policy: agent-session, tables: [trips]}
   admin: {}
 """
 TRIPS = pa.table(
@@ -146,7 +150,10 @@ class DuckRouter:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return con.execute(sql, values).to_arrow_table()
+                result = con.execute(sql, values)
+                if result.description is None:  # USE, BEGIN, COMMIT: no result set
+                    return pa.table({})
+                return result.to_arrow_table()
         except duckdb.Error as error:
             raise SqlError(str(error)) from None
 
@@ -167,12 +174,26 @@ async def verify(key: str) -> ApiKey:
     raise ApiKeyError("unknown API key: create one with `duckcell controlplane apikey create`")
 
 
+class AuditList:
+    """The audit sink of the stack: the records written, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+
+    def open(self, record: AuditRecord) -> None:
+        self.records.append(record)
+
+    def write(self, record: AuditRecord) -> None:
+        self.records.append(record)
+
+
 class FlightStack:
     """A TLS Flight SQL server on loopback with ``DuckRouter``; ``connect`` as a role."""
 
     def __init__(self, tmp_path: Path, catalog: Catalog) -> None:
         self.router = DuckRouter(catalog)
         self.catalog = catalog
+        self.audit = AuditList()
         self.ca_pem = ControlPlaneData(tmp_path / "cp").ca().cert_pem()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -184,6 +205,8 @@ class FlightStack:
             ca=ControlPlaneData(tmp_path / "cp").ca(),
             hosts=["localhost", "127.0.0.1"],
             catalog=lambda: self.catalog,
+            session_roles=lambda role: role == SESSION_ROLE,
+            audit=self.audit,
         )
         self.on(self.server.start())
 

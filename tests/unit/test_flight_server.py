@@ -9,6 +9,7 @@ as in the control plane; the test drives pyarrow's blocking Flight client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import signal
 import subprocess
@@ -230,14 +231,35 @@ def test_calls_without_a_valid_key_are_unauthenticated(served: Served, header: s
     assert served.router.closed == []
 
 
-def test_basic_auth_handshake_returns_the_key_as_bearer_token(served: Served) -> None:
+def test_a_handshake_returns_a_fresh_opaque_token_never_the_key(served: Served) -> None:
     with served.client() as client:
-        assert client.authenticate_basic_token("anyone", KEY) == (
-            b"authorization",
-            f"Bearer {KEY}".encode(),
-        )
+        name, first = client.authenticate_basic_token("anyone", KEY)
+        _name, second = client.authenticate_basic_token("anyone", KEY)
+        assert name == b"authorization" and first.startswith(b"Bearer dcs1.")
+        assert first != second and KEY.encode() not in first + second
+        token = first.decode().removeprefix("Bearer ")
+        info = client.get_flight_info(statement(WHOLE), bearer(token))
+        assert client.do_get(info.endpoints[0].ticket, bearer(token)).read_all().equals(TABLE)
+        # A token the server did not hand out is refused, whatever it looks like.
+        guessed = "dcs1." + token.removeprefix("dcs1.")[::-1]
+        with pytest.raises(flight.FlightUnauthenticatedError, match="unknown or expired session"):
+            client.get_flight_info(statement(WHOLE), bearer(guessed))
         with pytest.raises(flight.FlightUnauthenticatedError, match="unknown API key"):
             client.authenticate_basic_token("anyone", "dck1.wrong")
+
+
+def test_basic_auth_is_accepted_on_every_call(served: Served) -> None:
+    basic = base64.b64encode(f"user:{KEY}".encode())
+    options = flight.FlightCallOptions(
+        headers=[(b"authorization", b"Basic " + basic)], timeout=DEADLINE_S
+    )
+    with served.client() as client:
+        info = client.get_flight_info(statement(WHOLE), options)
+        assert client.do_get(info.endpoints[0].ticket, options).read_all().equals(TABLE)
+        wrong = base64.b64encode(b"user:dck1.wrong")
+        refused = flight.FlightCallOptions(headers=[(b"authorization", b"Basic " + wrong)])
+        with pytest.raises(flight.FlightUnauthenticatedError, match="unknown API key"):
+            client.get_flight_info(statement(WHOLE), refused)
 
 
 def test_sql_info_answers_name_versions_and_transactions(served: Served) -> None:
