@@ -93,7 +93,7 @@ def test_a_session_mode_role_gets_one_session_per_connection(tmp_path: Path) -> 
             assert await asyncio.to_thread(in_connection) == [(7,)]
             in_sessions = [r for r in s.records if r.session_id is not None]
             assert len(in_sessions) == 2 and len({r.sandbox for r in in_sessions}) == 1
-            await eventually(lambda: len(s.harness.sessions) == 0, "closed with the connection")
+            await eventually(lambda: len(s.host.sessions) == 0, "closed with the connection")
             with pytest.raises(adbc_driver_manager.ProgrammingError, match="names no connection"):
                 await asyncio.to_thread(without_connection)
 
