@@ -164,6 +164,48 @@ def test_a_session_reads_what_it_binds_and_nothing_else(
     run(with_launcher(cached_config, body))
 
 
+def test_a_session_attaches_in_memory_databases_and_names_tables_as_clients_see_them(
+    cached_config: LauncherConfig, catalog_file: Path
+) -> None:
+    """In a real session sandbox: ``ATTACH ':memory:' AS name`` works (and DETACH), a file
+    ATTACH in the session's own directory is refused; ``duckcell.main.trips`` (the catalog
+    name Flight SQL shows) reads the bound table, per query and in the session."""
+    assert cached_config.cache_dir is not None
+    cache = ObjectCache(cached_config.cache_dir, budget_bytes=64 * 2**20)
+    data = DataPath(load_catalog(catalog_file), cache, parser=InlineParser())
+
+    async def body(launcher: LocalLauncher) -> None:
+        async def rows(sql: str, session: Session | None = None) -> list[dict[str, object]]:
+            policy = session.policy if session else launcher.policies.get("default")
+            tables = await data.prepare(sql, policy)
+            execution = launcher.executor.execute(
+                sql,
+                policy=None if session else policy,
+                session_id=session and session.session_id,
+                tables=tables,
+            )
+            return (await collect_table(execution)).to_pylist()
+
+        n = "SELECT count(*) AS n FROM duckcell.main.trips"
+        assert await rows(n) == [{"n": 1000}]
+        session = await launcher.open_session("tight-session")
+        try:
+            assert await rows(n, session) == [{"n": 1000}]
+            await rows("ATTACH ':memory:' AS pad", session)
+            await rows("CREATE TABLE pad.notes AS SELECT 7 AS k", session)
+            assert await rows("SELECT k FROM pad.notes", session) == [{"k": 7}]
+            await rows("DETACH pad", session)
+            files = session.sandbox.files
+            assert files is not None
+            with pytest.raises(QueryError, match="may only ATTACH ':memory:'"):
+                await rows(f"ATTACH '{files.sandbox}/x.db' AS f", session)
+        finally:
+            launcher.close_session(session.session_id)
+        await cache.close()
+
+    run(with_launcher(cached_config, body))
+
+
 def test_a_session_without_a_cache_keeps_the_first_query_lock(
     image: str, policies_dir: Path
 ) -> None:

@@ -612,6 +612,61 @@ def test_a_session_binds_new_tables_from_its_directory_only(dirs: RunnerConfig) 
         assert "Permission Error" in last.failure.message, sql
 
 
+def _session_runner(dirs: RunnerConfig) -> tuple[RunnerService, Path]:
+    session_dir = Path(dirs.cache_dir) / ".sessions" / "i" / "s"
+    session_dir.mkdir(parents=True)
+    os.link(Path(dirs.cache_dir) / "a.parquet", session_dir / "a.parquet")
+    config = RunnerConfig(**{**_fields(dirs), "session_dir": str(session_dir)})
+    runner = RunnerService(open_locked(config), default_timeout_s=2, batch_rows=64, config=config)
+    return runner, session_dir
+
+
+def test_a_session_attaches_in_memory_databases_and_nothing_else(dirs: RunnerConfig) -> None:
+    """ATTACH ':memory:' AS name (and DETACH) run in a session sandbox; a path, an option or
+    an extension-backed type stay refused, as every ATTACH in a per-query sandbox is."""
+    runner, session_dir = _session_runner(dirs)
+    for sql in (
+        "ATTACH ':memory:' AS scratchpad",
+        "CREATE TABLE scratchpad.notes AS SELECT 5 AS n",
+        "ATTACH IF NOT EXISTS ':memory:' AS \"other db\";",
+        "ATTACH DATABASE ':memory:' AS third",
+    ):
+        _, last = execute(runner, sql)
+        assert not last.HasField("failure"), (sql, last.failure.message)
+    rows, _ = execute(runner, "SELECT n FROM scratchpad.notes")
+    assert rows == [{"n": 5}]
+    _, last = execute(runner, "DETACH scratchpad")
+    assert not last.HasField("failure")
+    _, last = execute(runner, "SELECT n FROM scratchpad.notes")
+    assert last.failure.reason == pb.FAILURE_REASON_SQL  # gone with its database
+    for sql in (
+        f"ATTACH '{session_dir}/x.db' AS f",
+        f"ATTACH '{session_dir}/a.parquet' AS f",
+        "ATTACH ':memory:' AS f (READ_ONLY)",
+        "ATTACH ':memory:' AS f (TYPE sqlite)",
+        "ATTACH 'md:' AS f",
+        "ATTACH ':memory:' AS f; ATTACH '/etc/passwd' AS g",
+        "ATTACH ':memory:' AS f -- trailing",
+    ):
+        _, last = execute(runner, sql)
+        assert last.failure.reason == pb.FAILURE_REASON_DENIED, sql
+        assert "may only ATTACH ':memory:' AS name" in last.failure.message, sql
+    assert not (session_dir / "x.db").exists()
+
+
+def test_the_catalog_clients_are_shown_names_the_bound_tables(dirs: RunnerConfig) -> None:
+    """Flight SQL shows tables as duckcell.main.<name>: that name works in SQL, per query and
+    in a session, next to the bare name."""
+    tables = [binding(dirs, "a", "a.parquet")]
+    runner = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=64, config=dirs)
+    rows, _ = execute(runner, "SELECT x FROM duckcell.main.a UNION ALL FROM a", tables=tables)
+    assert rows == [{"x": 1}, {"x": 1}]
+    session, session_dir = _session_runner(dirs)
+    linked = pb.TableBinding(name="a", format="parquet", paths=[f"{session_dir}/a.parquet"])
+    rows, _ = execute(session, "SELECT x FROM duckcell.main.a", tables=[linked])
+    assert rows == [{"x": 1}]
+
+
 def test_a_session_directory_outside_the_cache_breaks_the_sandbox(dirs: RunnerConfig) -> None:
     config = RunnerConfig(**{**_fields(dirs), "session_dir": dirs.cache_dir})
     runner = RunnerService(open_locked(config), default_timeout_s=2, batch_rows=64, config=config)

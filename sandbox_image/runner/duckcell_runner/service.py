@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 import time
@@ -42,7 +43,8 @@ from .lockdown import RunnerConfig, lock_statements, path_problem, session_dir_p
 from .warmup import warm_parquet
 
 # Statements a sandbox never runs, whatever the locked configuration would say. ATTACH is
-# here because DuckDB allows attaching a database file inside an allowed directory.
+# here because DuckDB allows attaching a database file inside an allowed directory; a session
+# sandbox makes one exception, an in-memory database (``_ATTACH_MEMORY``), and may DETACH.
 _DENIED = {
     "ATTACH": "ATTACH is not allowed in a duckcell sandbox; query catalog tables instead",
     "DETACH": "DETACH is not allowed in a duckcell sandbox",
@@ -51,6 +53,17 @@ _DENIED = {
     "EXPORT": "EXPORT DATABASE is not allowed in a duckcell sandbox",
     "COPY_DATABASE": "COPY FROM DATABASE is not allowed in a duckcell sandbox",
 }
+# The one ATTACH a session sandbox runs: a new in-memory database under a plain name, no
+# options (no TYPE, no READ_ONLY, no path). Matched on the statement's whole text.
+_ATTACH_MEMORY = re.compile(
+    r"\s*ATTACH\s+(?:DATABASE\s+)?(?:IF\s+NOT\s+EXISTS\s+)?':memory:'\s+AS\s+"
+    r"(?:[A-Za-z_][A-Za-z0-9_]*|\"[^\"\x00]{1,64}\")\s*;?\s*",
+    re.IGNORECASE,
+)
+_SESSION_ALLOWED = {"ATTACH", "DETACH"}
+# The catalog name Flight SQL clients are shown (``launcher.flight``): every bound table is
+# also a view in this in-memory database, so ``duckcell.main.trips`` works in SQL.
+_CATALOG = "duckcell"
 # Statement types whose rows come from a lazy relation (no extra copy); others are
 # executed directly and their (small) result read afterwards.
 _QUERY_TYPES = {"SELECT", "EXPLAIN"}
@@ -287,6 +300,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                 # Under the state lock: a cancel or timeout waits the few SETs out rather than
                 # interrupting one and leaving the sandbox half-locked (it is seen just below).
                 with self._state:
+                    self._con.execute(f"ATTACH ':memory:' AS {_CATALOG}")
                     for statement in lock_statements(self._config, sorted(paths)):
                         self._con.execute(statement)
             except duckdb.Error as error:
@@ -301,9 +315,14 @@ class RunnerService(pb_grpc.RunnerServicer):
         try:
             for table in tables:
                 files = ", ".join(_quote(path) for path in table.paths)
+                name = _identifier(table.name)
                 self._con.execute(
-                    f"CREATE OR REPLACE TEMP VIEW {_identifier(table.name)} AS "
+                    f"CREATE OR REPLACE TEMP VIEW {name} AS "
                     f"SELECT * FROM {_READERS[table.format]}([{files}])"
+                )
+                self._con.execute(
+                    f"CREATE OR REPLACE VIEW {_CATALOG}.main.{name} AS "
+                    f"SELECT * FROM temp.main.{name}"
                 )
         except duckdb.Error as error:
             raise self._translate(error, running) from None
@@ -441,10 +460,27 @@ class RunnerService(pb_grpc.RunnerServicer):
         if not statements:
             raise QueryFailed(pb.FAILURE_REASON_SQL, "no SQL statement given")
         for statement in statements:
-            denied = _DENIED.get(_statement_kind(statement))
+            kind = _statement_kind(statement)
+            denied = _DENIED.get(kind)
+            if denied and self._session_allows(kind, statement):
+                continue
             if denied:
                 raise QueryFailed(pb.FAILURE_REASON_DENIED, f"Permission Error: {denied}")
         return statements
+
+    def _session_allows(self, kind: str, statement: duckdb.Statement) -> bool:
+        """A session sandbox attaches in-memory databases (nothing else) and detaches them."""
+        if not self._config.session_dir or kind not in _SESSION_ALLOWED:
+            return False
+        if kind == "DETACH":
+            return True
+        if _ATTACH_MEMORY.fullmatch(statement.query) is None:
+            raise QueryFailed(
+                pb.FAILURE_REASON_DENIED,
+                "Permission Error: a session may only ATTACH ':memory:' AS name (an in-memory "
+                "database, no options); files, URLs and extensions stay refused",
+            )
+        return True
 
     def _ipc_chunks(self, reader: pa.RecordBatchReader) -> Iterator[tuple[bytes, int]]:
         sink = _ChunkSink()
