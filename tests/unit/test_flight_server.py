@@ -15,48 +15,42 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-import pyarrow.ipc as ipc
 import pytest
 from google.protobuf import any_pb2
 
 from bench.controlplane_process import ControlPlaneProcess
 from launcher.cli.main import main
-from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.datadir import ControlPlaneData
 from launcher.controlplane.routing import QueryDone, WholeResult
-from launcher.errors import ApiKeyError, ControlPlaneError, ResultLimitError, SqlError
+from launcher.errors import ControlPlaneError, ResultLimitError, SqlError
 from launcher.flight import FlightListen, FlightSqlServer
 from launcher.flight import messages as msg
 from launcher.flight.metadata import SQL_INFO_SCHEMA
 from launcher.protocol import flightsql_pb2 as pb
+from tests.support.flightserver import (
+    DEADLINE_S,
+    KEY,
+    OTHER_KEY,
+    TABLE,
+    bearer,
+    ipc_messages,
+    on,
+    statement,
+    verify,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "dck1.good"
-OTHER_KEY = "dck1.other"
-DEADLINE_S = 5.0
-END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 # SQL the role rule parses (DuckDB's parser) before the scripted router sees it.
 OK, HANG, FAIL = "SELECT 'ok'", "SELECT 'hang'", "SELECT fail"
 # A small result that arrives in one piece (inline through the tunnel), then its outcome.
 WHOLE, WHOLE_THEN_FAIL = "SELECT 'whole'", "SELECT 'whole', 'then fail'"
 # The same bytes in one chunk but streamed (not marked whole): never read ahead.
 ONE_CHUNK = "SELECT 'one chunk'"
-TABLE = pa.table({"n": pa.array([1, 2, 3], pa.int64()), "s": ["a", "b", None]})
-
-
-def ipc_messages(table: pa.Table) -> list[bytes]:
-    """The IPC stream of ``table`` cut as the runner cuts it: schema, each batch, end marker."""
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1)
-    messages = ipc.MessageReader.open_stream(pa.BufferReader(sink.getvalue()))
-    return [message.serialize().to_pybytes() for message in messages] + [END_OF_STREAM]
 
 
 class ScriptedRouter:
@@ -99,12 +93,6 @@ class ScriptedRouter:
             return list(self.closed)
 
 
-async def verify(key: str) -> ApiKey:
-    if key in (KEY, OTHER_KEY):
-        return ApiKey(key_id=key, role="analyst")
-    raise ApiKeyError("unknown API key: create one with `duckcell controlplane apikey create`")
-
-
 class Served:
     def __init__(self, server: FlightSqlServer, router: ScriptedRouter, ca_pem: bytes) -> None:
         self.server = server
@@ -126,10 +114,6 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(DEADLINE_S)
-
-
 @pytest.fixture
 def served(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[Served]:
     ca = ControlPlaneData(tmp_path / "cp").ca()
@@ -147,15 +131,6 @@ def served(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[Served]:
         yield Served(server, router, ca.cert_pem())
     finally:
         on(loop, server.stop())
-
-
-def bearer(key: str) -> flight.FlightCallOptions:
-    headers = [(b"authorization", f"Bearer {key}".encode())]
-    return flight.FlightCallOptions(headers=headers, timeout=DEADLINE_S)
-
-
-def statement(sql: str) -> flight.FlightDescriptor:
-    return flight.FlightDescriptor.for_command(msg.pack(pb.CommandStatementQuery(query=sql)))
 
 
 def test_a_statement_streams_the_workers_batches_with_the_announced_schema(

@@ -40,8 +40,16 @@ from launcher.errors import (
 from launcher.flight import FlightListen, FlightSqlServer
 from launcher.flight import messages as msg
 from launcher.protocol import flightsql_pb2 as pb
-
-from .test_flight_server import KEY, OTHER_KEY, TABLE, bearer, ipc_messages, on, statement, verify
+from tests.support.flightserver import (
+    KEY,
+    OTHER_KEY,
+    TABLE,
+    bearer,
+    ipc_messages,
+    on,
+    statement,
+    verify,
+)
 
 DEADLINE_S = 5.0
 # What the worker fails with, by name.

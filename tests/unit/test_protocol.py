@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from launcher.protocol import flightsql_pb2
+
 REPO = Path(__file__).resolve().parents[2]
-PROTOS = ["runner", "controlplane"]
+PROTOS = ["runner", "controlplane", "flightsql"]
 
 
 @pytest.mark.parametrize("name", PROTOS)
@@ -36,3 +38,9 @@ def test_generated_code_is_up_to_date(tmp_path: Path, name: str) -> None:
         fresh = (tmp_path / "launcher" / "protocol" / generated).read_bytes()
         committed = (REPO / "launcher" / "protocol" / generated).read_bytes()
         assert fresh == committed, f"launcher/protocol/{generated} is stale: run `make proto`"
+
+
+def test_flightsql_messages_live_in_duckcells_own_package() -> None:
+    """The specification's own package in protobuf's global pool belongs to whichever client
+    library loads it (pyarrow, the Altertable client): duckcell's copy keeps its own."""
+    assert flightsql_pb2.DESCRIPTOR.package == "duckcell.flightsql.v1"
