@@ -30,8 +30,14 @@ from . import metadata
 from .auth import caller_of, connection_of
 from .bridge import LoopBridge
 from .gateway import Gateway
+from .ingest import (
+    MAX_INGEST_BYTES,
+    catalog_ingest_sql,
+    catalog_table,
+    ingest_parameters,
+    ingest_sql,
+)
 from .ingest import NEEDS_SESSION as INGEST_NEEDS_SESSION
-from .ingest import catalog_ingest_sql, catalog_table, ingest_parameters, ingest_sql
 from .listing import CatalogListing
 from .messages import (
     BEGIN_TRANSACTION,
@@ -80,6 +86,7 @@ from .updates import (
     changes_data,
     parameter_rows,
     read_parameters,
+    read_upload,
     update_count,
 )
 
@@ -321,8 +328,8 @@ class FlightSqlService(flight.FlightServerBase):
         target = catalog_table(self.gateway.catalog(), caller.role, command)
         if target is None and not self.gateway.runs_in_session(caller, connection_of(context)):
             raise UnsupportedRequest(INGEST_NEEDS_SESSION.format(role=caller.role))
-        table = reader.read_all()
         with translated():
+            table = read_upload(reader, MAX_INGEST_BYTES, "an ingest")
             sql = (
                 ingest_sql(command, table.schema)
                 if target is None

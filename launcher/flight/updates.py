@@ -63,9 +63,43 @@ def changes_data(sql: str, parse: Callable[[str], ParsedSql]) -> bool:
     return bool(statements) and statements[-1].kind not in QUERY_TYPES
 
 
+# What one DoPut may bind: parameter sets are kept per row with the prepared handle until it is
+# closed (each as an IPC stream, its schema included), so both the rows and their bytes are
+# bounded. Past either the call is refused, having held at most this much.
+MAX_PARAMETER_ROWS = 10_000
+MAX_PARAMETER_BYTES = 16 * 1024 * 1024
+
+
+def read_upload(reader: flight.MetadataRecordBatchReader, max_bytes: int, what: str) -> pa.Table:
+    """The record batches a DoPut uploads, read one at a time and refused (``InvalidRequest``)
+    as soon as their Arrow data passes ``max_bytes``: never the whole upload first."""
+    batches: list[pa.RecordBatch] = []
+    size = 0
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            break
+        if chunk.data is None:
+            continue
+        size += chunk.data.nbytes
+        if size > max_bytes:
+            raise InvalidRequest(
+                f"{what} of more than {max_bytes} bytes of Arrow data: send it in smaller calls"
+            )
+        batches.append(chunk.data)
+    return pa.Table.from_batches(batches, schema=reader.schema)
+
+
 def read_parameters(reader: flight.MetadataRecordBatchReader) -> pa.Table | None:
-    """The parameter sets a DoPut carries, one per row (``None`` when it has no rows)."""
-    table = reader.read_all()
+    """The parameter sets a DoPut carries, one per row (``None`` when it has no rows); at most
+    ``MAX_PARAMETER_ROWS`` rows and ``MAX_PARAMETER_BYTES`` of Arrow data."""
+    table = read_upload(reader, MAX_PARAMETER_BYTES, "parameters")
+    if table.num_rows > MAX_PARAMETER_ROWS:
+        raise InvalidRequest(
+            f"{table.num_rows} parameter sets in one call; bind at most {MAX_PARAMETER_ROWS} "
+            "(or ingest the rows: adbc_ingest)"
+        )
     return table if table.num_rows else None
 
 

@@ -4,6 +4,9 @@ Flight SQL server, with an in-process DuckDB standing in for router and worker
 
 from __future__ import annotations
 
+import itertools
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import pyarrow.flight as flight
 import pytest
 
 from launcher.flight import messages as msg
-from launcher.flight.listing import like
+from launcher.flight.listing import MAX_PATTERN_CHARS, like
+from launcher.flight.messages import InvalidRequest
 from launcher.flight.updates import changes_data
 from launcher.model.sql.tables import analyze
 from launcher.protocol import flightsql_pb2 as pb
@@ -135,6 +139,29 @@ def test_executemany_is_refused_with_what_to_do(stack: FlightStack) -> None:
 )
 def test_like_patterns(pattern: str | None, value: str, matches: bool) -> None:
     assert like(pattern, value) is matches
+
+
+def test_like_agrees_with_a_regex_and_takes_linear_time_on_hostile_patterns() -> None:
+    """Every pattern of up to 6 of ``ab%_`` against every name of up to 6 of ``ab``, as the
+    regex reading of LIKE says; then patterns that make a backtracking regex run for minutes
+    (``'%' * 1000 + 'x'`` held the GIL past 19 s) answer at once, and an overlong one is refused."""
+
+    def regex(pattern: str, value: str) -> bool:
+        text = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+        return re.fullmatch(text, value, re.DOTALL) is not None
+
+    for size in range(7):
+        for pattern in map("".join, itertools.product("ab%_", repeat=size)):
+            for length in range(7):
+                for value in map("".join, itertools.product("ab", repeat=length)):
+                    assert like(pattern, value) is regex(pattern, value), (pattern, value)
+    began = time.process_time()
+    assert not like("%" * 1000 + "x", "trips_2024_yellow")
+    assert not like("%a" * 500 + "b", "a" * 1000 + "c")
+    assert like("%" * MAX_PATTERN_CHARS, "main")
+    assert time.process_time() - began < 1  # CPU seconds: minutes with a backtracking regex
+    with pytest.raises(InvalidRequest, match="at most 1024"):
+        like("%" * (MAX_PATTERN_CHARS + 1), "main")
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 from adbc_driver_flightsql import DatabaseOptions
 
+from launcher.flight.updates import MAX_PARAMETER_ROWS
 from tests.support.altertable import run_client
 from tests.support.flightstack import SESSION_ROLE, FlightStack, flight_stack
 
@@ -194,6 +195,25 @@ def test_adbc_executemany_runs_every_set_in_the_session(stack: FlightStack) -> N
         pytest.raises(adbc_driver_manager.NotSupportedError, match="sessions only"),
     ):
         cursor.executemany("SELECT ?", [(1,), (2,)])
+
+
+def test_uploads_past_their_bounds_are_refused_while_they_are_read(stack: FlightStack) -> None:
+    """Parameter sets and ingests are read batch by batch and refused past their caps (rows,
+    bytes), so one call cannot make the control plane hold an upload of any size."""
+    with connect(stack, SESSION_ROLE, autocommit=True) as conn, conn.cursor() as cursor:
+        too_many = [(n,) for n in range(MAX_PARAMETER_ROWS + 1)]
+        with pytest.raises(adbc_driver_manager.Error, match="bind at most 10000"):
+            cursor.executemany("SELECT ?", too_many)
+        one = pa.record_batch({"0": pa.array([b"x" * (1 << 20)], pa.binary())})
+        wide = pa.Table.from_batches([one] * 17)  # 17 messages of 1 MiB: each under gRPC's cap
+        with pytest.raises(adbc_driver_manager.Error, match="more than 16777216 bytes"):
+            cursor.executemany("SELECT ?", wide)
+        row = pa.record_batch({"s": pa.array([b"y" * (1 << 20)], pa.binary())})
+        big = pa.Table.from_batches([row] * 33)
+        with pytest.raises(adbc_driver_manager.Error, match="more than 33554432 bytes"):
+            cursor.adbc_ingest("big", big, mode="create")
+        cursor.execute("SELECT 42")  # the connection goes on
+        assert cursor.fetchall() == [(42,)]
 
 
 def test_metadata_in_a_session_lists_what_the_session_made(stack: FlightStack) -> None:
