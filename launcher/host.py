@@ -18,6 +18,7 @@ from .errors import ImageMissingError
 from .executor import Executor, QueryExecution, TablePreparer
 from .model.policy import Policy, PolicySet, check_no_downgrade, load_policies
 from .sandbox.backend.docker_engine import DockerBackend
+from .sandbox.backend.paths import EnginePaths
 from .sandbox.backend.runtimes import RUNSC, RuntimeGate, docker_runtimes
 from .sandbox.capacity import Capacity
 from .sandbox.factory import FactorySettings, SandboxFactory
@@ -53,7 +54,11 @@ class LocalLauncher:
 
     async def start(self) -> None:
         config = self.config
-        backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
+        backend = DockerBackend(
+            config.run_dir,
+            timeout_s=config.engine_timeout_s,
+            paths=EnginePaths(config.engine_paths),
+        )
         self.backend = backend
         await backend.ping()
         if not await backend.image_present(config.image):

@@ -1,0 +1,320 @@
+"""``duckcell worker``: keep this worker's tunnel open (parse and wire only).
+
+Before the ``Worker`` starts, in this order, each failure one line on stderr and exit 2 (so
+``docker compose logs worker`` says what to do and the restart policy sees the failure):
+
+1. the state directory (and the cache, when apart) must be writable;
+2. in a container (``--host-paths`` not ``none``): an engine socket must be mounted, and the
+   host paths of the state and cache directories found (``launcher.worker.hostpaths``);
+3. with no identity in the state directory and a token given (``--enroll-token-file``,
+   ``DUCKCELL_ENROLL_TOKEN``, or the Docker secret ``/run/secrets/duckcell_enroll_token``), it
+   enrolls at ``--enroll-address``; with an identity it skips enrollment, so a restarted
+   container is the same worker.
+
+While it runs it keeps ``STATE/health`` saying ``connected`` or ``disconnected`` (the compose
+health check reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ..config import LauncherConfig
+from ..data.grants import grants_from
+from ..errors import DuckcellError
+from ..inputs import read_small_file
+from ..sandbox.backend.docker_engine import DockerBackend
+from ..worker.audit import AUDIT_FILE
+from ..worker.daemon import Worker, host_data_path
+from ..worker.dialing import ProxyConfig
+from ..worker.enroll import IDENTITY_DIR, Identity, enroll
+from ..worker.hostpaths import MOUNTINFO, parse_host_paths, resolve_host_paths
+from ..worker.tunnel import DEFAULT_DRAIN_GRACE_S
+from .secrets import secret_store
+
+MAX_DRAIN_GRACE_S = 86400.0
+SECRET_TOKEN_FILE = Path("/run/secrets/duckcell_enroll_token")
+HEALTH_FILE = "health"
+ENGINE_SOCKET = Path("/var/run/docker.sock")
+_HEALTH_POLL_S = 1.0
+
+
+def add_worker_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    address: Callable[[str], str],
+) -> None:
+    run = commands.add_parser(
+        "worker",
+        help="keep this worker's tunnel to the control plane open until SIGTERM",
+        description="Dial out to the control plane over mTLS, send heartbeats, reconnect with "
+        "backoff, and run the queries the control plane routes here in this host's sandboxes "
+        "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
+        "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
+        "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
+        "at once. Each query is recorded in STATE/audit.jsonl before it runs and when it ends "
+        "(one a crash cut short, as lost at the next start); catalog secrets named "
+        "{store: NAME} come from STATE/secrets (`duckcell secrets`). HTTPS_PROXY/NO_PROXY are "
+        "honoured. With no identity in STATE and an enrollment token given, it enrolls first.",
+    )
+    state = os.environ.get("DUCKCELL_STATE_DIR")
+    run.add_argument(
+        "--state",
+        type=Path,
+        required=not state,
+        default=Path(state) if state else None,
+        help="worker state directory (default: DUCKCELL_STATE_DIR)",
+    )
+    run.add_argument(
+        "--control-plane",
+        type=address,
+        help="HOST:PORT of the tunnel (default: from the enrolled identity)",
+    )
+    run.add_argument(
+        "--enroll-token-file",
+        type=Path,
+        help="enroll first when STATE holds no identity, with the token in FILE (else "
+        f"DUCKCELL_ENROLL_TOKEN, else the Docker secret {SECRET_TOKEN_FILE}); ignored once "
+        "enrolled",
+    )
+    run.add_argument(
+        "--enroll-address",
+        type=address,
+        default=os.environ.get("DUCKCELL_ENROLL_ADDRESS") or None,
+        help="HOST:PORT of the control plane to enroll with (DUCKCELL_ENROLL_ADDRESS)",
+    )
+    run.add_argument(
+        "--name",
+        default=os.environ.get("DUCKCELL_WORKER_NAME") or socket.gethostname(),
+        help="worker name when enrolling (DUCKCELL_WORKER_NAME; default: the host name)",
+    )
+    run.add_argument(
+        "--host-paths",
+        default=os.environ.get("DUCKCELL_HOST_PATHS") or "none",
+        metavar="none|auto|INSIDE=HOST,...",
+        help="where the engine sees STATE and the cache when this worker runs in a container: "
+        "`auto` inspects its own container's mounts, INSIDE=HOST pairs say it (default: "
+        "DUCKCELL_HOST_PATHS, else none: the same paths)",
+    )
+    run.add_argument(
+        "--drain-grace",
+        type=_grace_seconds,
+        default=DEFAULT_DRAIN_GRACE_S,
+        help="seconds running queries may take to finish on SIGTERM (default 30)",
+    )
+    run.add_argument(
+        "--local-policies-only",
+        action="store_true",
+        help="ignore policies the control plane pushes; use only this host's policies/ "
+        "(pushed ones may never turn a gVisor policy of this host into runc either way)",
+    )
+    run.add_argument(
+        "--allow-endpoint",
+        action="append",
+        metavar="URL",
+        help="an S3 endpoint the control plane's catalog may point this worker at, with its "
+        "secrets (repeatable; `aws` for AWS S3; default: DUCKCELL_ALLOW_ENDPOINTS, "
+        "comma-separated, else none)",
+    )
+    run.add_argument(
+        "--allow-local-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="a directory whose files the control plane's catalog may declare as local tables "
+        "(repeatable; default: DUCKCELL_ALLOW_LOCAL_DIRS, comma-separated, else none)",
+    )
+    run.add_argument(
+        "--allow-secret",
+        action="append",
+        metavar="REF",
+        help="a secret the control plane's catalog may name besides this worker's secret store: "
+        "env:NAME or file:PATH (a file, or a directory for the files under it) (repeatable; "
+        "default: DUCKCELL_ALLOW_SECRETS, comma-separated, else none)",
+    )
+
+
+def _grace_seconds(text: str) -> float:
+    """``--drain-grace``: finite seconds from 0 to a day (it travels as milliseconds in a
+    uint32 when the worker drains; a bad value would fail only then, at SIGTERM)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_DRAIN_GRACE_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds from 0 to {MAX_DRAIN_GRACE_S:.0f}, got {text!r}"
+        )
+    return seconds
+
+
+async def run_worker(
+    args: argparse.Namespace, config: LauncherConfig, progress: Callable[[str], None]
+) -> int:
+    state: Path = args.state
+    config = dataclasses.replace(config, state_dir=state)
+    _require_writable(state, "state directory")
+    if config.cache_dir is not None:
+        _require_writable(config.cache_dir, "cache directory")
+    config = await _place_sandboxes(args.host_paths, config, os.environ)
+    identity = await _identity(args, state, os.environ)
+    grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
+    health = Health(state / HEALTH_FILE)
+    async with (
+        host_data_path(config, grants, secret_store(state)) as data,
+        Worker(
+            identity,
+            config,
+            data=data,
+            grants=grants,
+            audit_file=state / AUDIT_FILE,
+            address=args.control_plane,
+            proxy=ProxyConfig.from_env(os.environ),
+            drain_grace_s=args.drain_grace,
+            accept_policies=not args.local_policies_only,
+            progress=progress,
+        ) as worker,
+    ):
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, worker.drain)
+        address = args.control_plane or identity.tunnel_address
+        _say(f"worker {identity.worker_id} dialing the control plane at {address}")
+        _say(grants.describe())
+        if config.engine_paths:
+            _say(f"in a container: sandboxes' mounts as the engine sees them: {_pairs(config)}")
+        if args.local_policies_only:
+            _say("--local-policies-only: policies the control plane pushes are ignored")
+        watcher = asyncio.create_task(health.follow(worker.tunnel.connected))
+        try:
+            await worker.run()
+        finally:
+            watcher.cancel()
+            health.write("stopped")
+    return 0
+
+
+def _say(line: str) -> None:
+    print(f"duckcell: {line}", file=sys.stderr, flush=True)
+
+
+def _pairs(config: LauncherConfig) -> str:
+    return ", ".join(f"{inside} -> {engine}" for inside, engine in config.engine_paths)
+
+
+def _require_writable(directory: Path, what: str) -> None:
+    """A volume the container may not write fails here, in one line, not in a traceback."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise DuckcellError(
+            f"the {what} {directory} is not writable ({error.strerror or error}): mount a "
+            "writable volume or host directory there, owned by the user the worker runs as"
+        ) from None
+
+
+async def _place_sandboxes(
+    setting: str, config: LauncherConfig, env: Mapping[str, str]
+) -> LauncherConfig:
+    """The config with the engine's view of STATE/run and the cache (``--host-paths``)."""
+    if parse_host_paths(setting) == ():
+        return config
+    if not env.get("DOCKER_HOST") and not ENGINE_SOCKET.exists():
+        raise DuckcellError(
+            f"no Docker engine socket at {ENGINE_SOCKET}: mount the engine's socket into the "
+            f"worker container (-v /var/run/docker.sock:{ENGINE_SOCKET}; rootless: "
+            f"$XDG_RUNTIME_DIR/docker.sock), or set DOCKER_HOST"
+        )
+    try:
+        mountinfo = MOUNTINFO.read_text()
+    except OSError:
+        mountinfo = ""
+    backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
+    try:
+        await backend.ping()
+        needed = {"state directory": config.state_dir, "cache": config.cache_root}
+        paths = await resolve_host_paths(setting, needed, backend, mountinfo)
+    finally:
+        backend.close()
+    return dataclasses.replace(config, engine_paths=paths.pairs)
+
+
+async def _identity(args: argparse.Namespace, state: Path, env: Mapping[str, str]) -> Identity:
+    """The enrolled identity; enrolls first when there is none and a token is given."""
+    if (state / IDENTITY_DIR).exists():
+        return Identity.load(state)
+    token = _start_token(args.enroll_token_file, env)
+    if token is None:
+        return Identity.load(state)  # its error says to enroll
+    if not args.enroll_address:
+        raise DuckcellError(
+            "an enrollment token is given but not where to enroll: pass --enroll-address "
+            "HOST:PORT (or set DUCKCELL_ENROLL_ADDRESS) of the control plane"
+        )
+    try:
+        identity = await enroll(args.enroll_address, token, state, args.name)
+    except DuckcellError as error:
+        raise type(error)(
+            f"enrollment at start failed: {error} (the state {state} holds no identity; give "
+            "this worker a new token from `duckcell controlplane token create`)"
+        ) from None
+    _say(f"enrolled as {identity.worker_id} ({identity.name}) with {args.enroll_address}")
+    return identity
+
+
+def _start_token(given: Path | None, env: Mapping[str, str]) -> str | None:
+    """The token from --enroll-token-file, DUCKCELL_ENROLL_TOKEN or the Docker secret."""
+    path = given
+    if path is None:
+        if env.get("DUCKCELL_ENROLL_TOKEN"):
+            return env["DUCKCELL_ENROLL_TOKEN"].strip()
+        if not SECRET_TOKEN_FILE.is_file():
+            return None
+        path = SECRET_TOKEN_FILE
+    holds = "the line `duckcell controlplane token create` printed"
+    data = read_small_file(path, "--enroll-token-file", holds)
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise DuckcellError(
+            f"--enroll-token-file: {path} is not a token (not text); it should hold {holds}"
+        ) from None
+    if not token:
+        raise DuckcellError(f"--enroll-token-file: {path} is empty; it should hold {holds}")
+    return token
+
+
+class Health:
+    """``STATE/health``: one word the container's health check reads (``connected`` while the
+    tunnel is up). Polled once a second: a health check needs no finer grain."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._last = ""
+        self.write("starting")
+
+    def write(self, word: str) -> None:
+        if word == self._last:
+            return
+        with contextlib.suppress(OSError):  # a report only: never ends the worker
+            tmp = self._path.with_suffix(".tmp")
+            tmp.write_text(word + "\n")
+            tmp.replace(self._path)
+            self._last = word
+
+    async def follow(self, connected: asyncio.Event) -> None:
+        while True:
+            self.write("connected" if connected.is_set() else "disconnected")
+            await asyncio.sleep(_HEALTH_POLL_S)
