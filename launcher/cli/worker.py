@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..config import LauncherConfig
+from ..config import LauncherConfig, default_launcher_id
 from ..data.grants import grants_from
 from ..errors import DuckcellError
 from ..inputs import read_small_file
@@ -162,10 +163,12 @@ async def run_worker(
     args: argparse.Namespace, config: LauncherConfig, progress: Callable[[str], None]
 ) -> int:
     state: Path = args.state
-    config = dataclasses.replace(config, state_dir=state)
-    _require_writable(state, "state directory")
-    if config.cache_dir is not None:
-        _require_writable(config.cache_dir, "cache directory")
+    for directory, what in (
+        (state, "state directory"),
+        (config.state_dir, "launcher state directory"),
+        (config.cache_root, "cache directory"),
+    ):
+        _require_writable(directory, what)
     config = await _place_sandboxes(args.host_paths, config, os.environ)
     identity = await _identity(args, state, os.environ)
     grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
@@ -248,7 +251,16 @@ async def _place_sandboxes(
         paths = await resolve_host_paths(setting, needed, backend, mountinfo)
     finally:
         backend.close()
-    return dataclasses.replace(config, engine_paths=paths.pairs)
+    placed = dataclasses.replace(config, engine_paths=paths.pairs)
+    if config.launcher_id == default_launcher_id(config.state_dir):
+        # Every worker container has the same STATE path inside: the default label (a hash of
+        # it) would let one compose project reap another's sandboxes. Hash the engine's path
+        # of STATE instead (one per volume or host directory), unless an id was given.
+        # Not the host name either: a recreated container has another.
+        engine_state = paths.engine_path(str(config.state_dir))
+        digest = hashlib.sha256(engine_state.encode()).hexdigest()[:12]
+        placed = dataclasses.replace(placed, launcher_id=f"container-{digest}")
+    return placed
 
 
 async def _identity(args: argparse.Namespace, state: Path, env: Mapping[str, str]) -> Identity:
