@@ -48,6 +48,8 @@ _RUNTIME_FALLBACK = (
     "boto3", "cryptography", "docker", "duckdb", "grpcio", "protobuf", "pyarrow", "pyyaml",
 )  # fmt: skip
 _SKIP_DIRS = {"__pycache__", "_resources"}
+# What of deploy/ the image runs; the compose files and scripts stay on the host.
+_DEPLOY_FILES = {"catalog.yaml", "controlplane-start.sh"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,7 @@ def duckcell_files(repo: Path, package_dir: Path = PACKAGE_DIR) -> ContextFiles:
     entries = [("Dockerfile", deploy / "Dockerfile")]
     entries += _tree(package_dir, "app/launcher", lambda p: p.suffix == ".py")
     entries += _tree(repo / "policies", "app/policies", lambda p: p.suffix in (".yaml", ".yml"))
-    entries += _tree(deploy, "app/deploy", lambda p: p.name != "Dockerfile")
+    entries += _tree(deploy, "app/deploy", lambda p: p.name in _DEPLOY_FILES)
     trips = repo / "sample_data" / "trips"
     entries += _tree(trips, "app/sample_data/trips", lambda p: p.suffix == ".parquet")
     if not any(name.startswith("app/sample_data/") for name, _ in entries):
