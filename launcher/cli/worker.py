@@ -168,9 +168,15 @@ async def run_worker(
         (config.state_dir, "launcher state directory"),
         (config.cache_root, "cache directory"),
     ):
-        _require_writable(directory, what)
+        require_writable(directory, what)
     config = await _place_sandboxes(args.host_paths, config, os.environ)
-    identity = await _identity(args, state, os.environ)
+    identity = await identity_at_start(
+        state,
+        token_file=args.enroll_token_file,
+        address=args.enroll_address,
+        name=args.name,
+        env=os.environ,
+    )
     grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
     health = Health(state / HEALTH_FILE)
     async with (
@@ -215,7 +221,7 @@ def _pairs(config: LauncherConfig) -> str:
     return ", ".join(f"{inside} -> {engine}" for inside, engine in config.engine_paths)
 
 
-def _require_writable(directory: Path, what: str) -> None:
+def require_writable(directory: Path, what: str) -> None:
     """A volume the container may not write fails here, in one line, not in a traceback."""
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -263,38 +269,48 @@ async def _place_sandboxes(
     return placed
 
 
-async def _identity(args: argparse.Namespace, state: Path, env: Mapping[str, str]) -> Identity:
-    """The enrolled identity; enrolls first when there is none and a token is given."""
+async def identity_at_start(
+    state: Path,
+    *,
+    token_file: Path | None,
+    address: str | None,
+    name: str,
+    env: Mapping[str, str],
+    secret_file: Path = SECRET_TOKEN_FILE,
+) -> Identity:
+    """The enrolled identity in ``state``; when there is none and a token is given
+    (``token_file``, else DUCKCELL_ENROLL_TOKEN in ``env``, else ``secret_file``), enrolls at
+    ``address`` first. A token is never used over an existing identity."""
     if (state / IDENTITY_DIR).exists():
         return Identity.load(state)
-    token = _start_token(args.enroll_token_file, env)
+    token = _start_token(token_file, env, secret_file)
     if token is None:
         return Identity.load(state)  # its error says to enroll
-    if not args.enroll_address:
+    if not address:
         raise DuckcellError(
             "an enrollment token is given but not where to enroll: pass --enroll-address "
             "HOST:PORT (or set DUCKCELL_ENROLL_ADDRESS) of the control plane"
         )
     try:
-        identity = await enroll(args.enroll_address, token, state, args.name)
+        identity = await enroll(address, token, state, name)
     except DuckcellError as error:
         raise type(error)(
             f"enrollment at start failed: {error} (the state {state} holds no identity; give "
             "this worker a new token from `duckcell controlplane token create`)"
         ) from None
-    _say(f"enrolled as {identity.worker_id} ({identity.name}) with {args.enroll_address}")
+    _say(f"enrolled as {identity.worker_id} ({identity.name}) with {address}")
     return identity
 
 
-def _start_token(given: Path | None, env: Mapping[str, str]) -> str | None:
+def _start_token(given: Path | None, env: Mapping[str, str], secret_file: Path) -> str | None:
     """The token from --enroll-token-file, DUCKCELL_ENROLL_TOKEN or the Docker secret."""
     path = given
     if path is None:
-        if env.get("DUCKCELL_ENROLL_TOKEN"):
+        if env.get("DUCKCELL_ENROLL_TOKEN", "").strip():
             return env["DUCKCELL_ENROLL_TOKEN"].strip()
-        if not SECRET_TOKEN_FILE.is_file():
+        if not secret_file.is_file():
             return None
-        path = SECRET_TOKEN_FILE
+        path = secret_file
     holds = "the line `duckcell controlplane token create` printed"
     data = read_small_file(path, "--enroll-token-file", holds)
     try:
