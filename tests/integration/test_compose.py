@@ -2,7 +2,8 @@
 duckcell and sandbox images, and the real ADBC client on the published loopback port.
 
 One stack (a project name of this module's own, ports picked free) is brought up once and
-shared in order: first query, no listener, restart, kill mid-query, down/up. The refusals (a
+shared in order: first query, no listener, restart, stop while a query runs, kill
+mid-query, down/up. The refusals (a
 used token, no engine socket, a read-only state volume) run as extra worker services of the
 same project (``_FAILING``), each with its own volume and no restart. Teardown is ``down -v``
 whatever happened; the engine fixture then checks that no volume was left.
@@ -44,6 +45,8 @@ LONG_QUERY = (
     "SELECT 'i19-kill-marker' AS m, sum(hash(a.range * b.range)) "
     "FROM range(200000) a, range(200000) b"
 )
+# A few seconds of work on one core: still running when `stop` arrives, done within the grace.
+DRAIN_QUERY = "SELECT 'i19-drain-marker' AS m, sum(hash(range)) FROM range(1200000000)"
 _FAILING = """
 services:
   worker-used-token:
@@ -253,6 +256,30 @@ def test_restart_keeps_the_worker_and_reaps_the_old_sandboxes(stack: Stack) -> N
     stack.wait(lambda: not old & set(stack.sandboxes()), "the old sandboxes removed")
     assert stack.worker_ids() == before_ids
     assert stack.query() == [(24000,)]
+
+
+def test_stop_drains_a_running_query_and_leaves_no_sandbox(stack: Stack) -> None:
+    audit = stack.volume_path("worker-state") / "audit.jsonl"
+    results: list[object] = []
+
+    def drained_query() -> None:
+        try:
+            results.append(stack.query(DRAIN_QUERY))
+        except BaseException as error:
+            results.append(error)
+
+    client = threading.Thread(target=drained_query, daemon=True)
+    client.start()
+    stack.wait(
+        lambda: audit.exists() and "i19-drain-marker" in audit.read_text(), "the query running"
+    )
+    stack.compose("stop", "--timeout", "60", "worker")
+    client.join(STEP_DEADLINE_S)
+    assert len(results) == 1 and isinstance(results[0], list), results
+    assert results[0][0][0] == "i19-drain-marker"
+    assert not stack.sandboxes(), "the stopped worker left sandboxes"
+    stack.compose("start", "worker")
+    stack.wait(lambda: stack.healthy("worker"), "the worker back after stop")
 
 
 def test_kill_mid_query_is_unavailable_and_leaves_no_sandbox(stack: Stack) -> None:
