@@ -2,11 +2,11 @@
 duckcell and sandbox images, and the real ADBC client on the published loopback port.
 
 One stack (a project name of this module's own, ports picked free) is brought up once and
-shared in order: first query, no listener, restart, stop while a query runs, kill
-mid-query, down/up. The refusals (a
-used token, no engine socket, a read-only state volume) run as extra worker services of the
-same project (``_FAILING``), each with its own volume and no restart. Teardown is ``down -v``
-whatever happened; the engine fixture then checks that no volume was left.
+shared in order: first query, no listener, restart, stop while a query runs, kill mid-query,
+down/up. The refusals (a used token, no engine socket, a read-only state volume) run as extra
+worker services of the same project (``_FAILING``), each with its own volume and no restart.
+Teardown is ``down -v`` whatever happened; the engine fixture then checks that no volume was
+left.
 """
 
 from __future__ import annotations
