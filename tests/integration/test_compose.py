@@ -3,8 +3,10 @@ duckcell and sandbox images, and the real ADBC client on the published loopback 
 
 One stack (a project name of this module's own, ports picked free) is brought up once and
 shared in order: first query, no listener, restart, stop while a query runs, kill mid-query,
-down/up. The refusals (a used token, no engine socket, a read-only state volume) run as extra
-worker services of the same project (``_FAILING``), each with its own volume and no restart.
+down/up. The worker's state is a named volume and its cache a host directory (bind mount), so both
+ways of placing sandboxes' mounts are exercised. The refusals (a used token, no engine socket,
+a read-only state volume) run as extra worker services of the same project (``_FAILING``),
+each with its own volume and no restart.
 Teardown is ``down -v`` whatever happened; the engine fixture then checks that no volume was
 left.
 """
@@ -49,6 +51,8 @@ LONG_QUERY = (
 DRAIN_QUERY = "SELECT 'i19-drain-marker' AS m, sum(hash(range)) FROM range(1200000000)"
 _FAILING = """
 services:
+  worker:
+    volumes: ["{cache}:/var/lib/duckcell/cache"]  # a host directory, the state a named volume
   worker-used-token:
     image: ${DUCKCELL_IMAGE_TAG:-duckcell:latest}
     restart: "no"
@@ -103,6 +107,7 @@ class Stack:
     override: Path
     engine: docker.DockerClient
     env: dict[str, str] = field(default_factory=dict)
+    cache: Path = Path()  # the worker's cache: a host directory (bind mount)
     started: float = 0.0  # when `up` began
 
     def compose(self, *args: str, check: bool = True, timeout: float = 180) -> str:
@@ -190,14 +195,15 @@ def stack(
 ) -> Iterator[Stack]:
     ImageBuilder(client=engine, tag=DUCKCELL_TAG, recipe=duckcell_recipe()).build()
     override = tmp_path_factory.mktemp("compose") / "failing.yml"
-    override.write_text(_FAILING)
+    cache = tmp_path_factory.mktemp("worker-cache")
+    override.write_text(_FAILING.replace("{cache}", str(cache)))
     env = {
         **os.environ,
         "DUCKCELL_QUERY_PORT": str(_free_port()),
         "DUCKCELL_FLIGHT_PORT": str(_free_port()),
         "DUCKCELL_SANDBOX_IMAGE": image,
     }
-    built = Stack(f"dctest{uuid.uuid4().hex[:8]}", override, engine, env, time.monotonic())
+    built = Stack(f"dctest{uuid.uuid4().hex[:8]}", override, engine, env, cache, time.monotonic())
     try:
         built.compose("up", "-d", "controlplane", "worker")
         assert built.launcher_id  # known before `down -v` removes its volume
@@ -225,6 +231,10 @@ def test_up_answers_a_first_adbc_query_on_the_loopback_port(stack: Stack) -> Non
     print(f"\ncompose up to the first ADBC query answered: {elapsed:.1f} s")
     assert rows == [(24000,)]
     assert len(stack.worker_ids()) == 1
+    placed = stack.compose("logs", "--no-color", "worker")
+    assert f"/var/lib/duckcell -> {stack.volume_path('worker-state')}" in placed
+    assert f"/var/lib/duckcell/cache -> {stack.cache}" in placed
+    assert any(stack.cache.joinpath(".sandboxes").iterdir()), "no sandbox directory in the cache"
 
 
 def test_the_worker_publishes_no_port_and_listens_on_loopback_only(stack: Stack) -> None:
@@ -316,7 +326,7 @@ def test_kill_mid_query_is_unavailable_and_leaves_no_sandbox(stack: Stack) -> No
 
 def test_down_then_up_keeps_identity_catalog_audit_and_cache(stack: Stack) -> None:
     ids = stack.worker_ids()
-    marker = stack.volume_path("worker-cache") / f"kept-{uuid.uuid4().hex[:6]}"
+    marker = stack.cache / f"kept-{uuid.uuid4().hex[:6]}"
     marker.write_text("kept")
     audited = stack.exec("controlplane", "duckcell", "controlplane", "audit", "--json")
     assert json.loads(audited), "no audit record before down"
