@@ -252,9 +252,13 @@ def test_the_worker_publishes_no_port_and_listens_on_loopback_only(stack: Stack)
     # 127.0.0.0/8 (Docker's DNS answers on 127.0.0.11 in every container) or ::1.
     outside = [a for a in listening if not a.endswith("7F") and a != "0" * 24 + "01000000"]
     assert listening and not outside, f"non-loopback listeners: {outside}"
-    # And the control plane does publish, on loopback only.
-    published = stack.container("controlplane").attrs["HostConfig"]["PortBindings"]
+    # The control plane publishes, on loopback only, and runs without root or capabilities.
+    control = stack.container("controlplane").attrs
+    published = control["HostConfig"]["PortBindings"]
     assert {b["HostIp"] for bindings in published.values() for b in bindings} == {"127.0.0.1"}
+    assert control["Config"]["User"] == "65534:65534"
+    assert control["HostConfig"]["ReadonlyRootfs"] is True
+    assert control["HostConfig"]["CapDrop"] == ["ALL"]
 
 
 def test_restart_keeps_the_worker_and_reaps_the_old_sandboxes(stack: Stack) -> None:
