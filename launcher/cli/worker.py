@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..config import LauncherConfig, default_launcher_id
 from ..data.grants import grants_from
-from ..errors import DuckcellError
+from ..errors import ControlPlaneError, DuckcellError
 from ..inputs import read_small_file
 from ..sandbox.backend.docker_engine import DockerBackend
 from ..worker.audit import AUDIT_FILE
@@ -285,7 +285,11 @@ async def identity_at_start(
         return Identity.load(state)
     token = _start_token(token_file, env, secret_file)
     if token is None:
-        return Identity.load(state)  # its error says to enroll
+        raise ControlPlaneError(
+            f"{state / IDENTITY_DIR} holds no worker identity and no enrollment token is given: "
+            "pass --enroll-token-file FILE, set DUCKCELL_ENROLL_TOKEN or mount the Docker "
+            f"secret duckcell_enroll_token (or run `duckcell enroll --state {state}` first)"
+        )
     if not address:
         raise DuckcellError(
             "an enrollment token is given but not where to enroll: pass --enroll-address "
