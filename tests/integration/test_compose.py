@@ -5,8 +5,8 @@ One stack (a project name of this module's own, ports picked free) is brought up
 shared in order: first query, no listener, restart, stop while a query runs, kill mid-query,
 down/up. The worker's state is a named volume and its cache a host directory (bind mount), so both
 ways of placing sandboxes' mounts are exercised. The refusals (a used token, no engine socket,
-a read-only state volume) run as extra worker services of the same project (``_FAILING``),
-each with its own volume and no restart.
+a read-only state volume, a state directory on no mount) run as extra worker services of the
+same project (``_FAILING``), each with its own volume and no restart.
 Teardown is ``down -v`` whatever happened; the engine fixture then checks that no volume was
 left.
 """
@@ -77,6 +77,12 @@ services:
     volumes:
       - /var/run/docker.sock:/var/run/docker.sock
       - fail-state-3:/var/lib/duckcell:ro
+  worker-no-volume:
+    image: ${DUCKCELL_IMAGE_TAG:-duckcell:latest}
+    restart: "no"
+    command: [worker]
+    environment: {DUCKCELL_HOST_PATHS: auto}
+    volumes: [/var/run/docker.sock:/var/run/docker.sock]
 volumes:
   fail-state-1:
   fail-state-2:
@@ -351,6 +357,7 @@ def test_down_then_up_keeps_identity_catalog_audit_and_cache(stack: Stack) -> No
         ("worker-used-token", "enrollment at start failed"),
         ("worker-no-socket", "no Docker engine socket at /var/run/docker.sock: mount"),
         ("worker-read-only", "is not writable (Read-only file system): mount a writable volume"),
+        ("worker-no-volume", "cannot place sandboxes: the state directory /var/lib/duckcell is"),
     ],
 )
 def test_a_worker_that_cannot_start_says_why_in_one_line(
