@@ -169,6 +169,8 @@ async def run_worker(
         (config.cache_root, "cache directory"),
     ):
         require_writable(directory, what)
+    # First, before anything slow: a killed worker left `connected` there.
+    health = Health(state / HEALTH_FILE)
     config = await _place_sandboxes(args.host_paths, config, os.environ)
     identity = await identity_at_start(
         state,
@@ -178,7 +180,6 @@ async def run_worker(
         env=os.environ,
     )
     grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
-    health = Health(state / HEALTH_FILE)
     async with (
         host_data_path(config, grants, secret_store(state)) as data,
         Worker(

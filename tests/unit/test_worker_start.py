@@ -1,6 +1,7 @@
 """`duckcell worker` at start: enrollment from a token (file, environment, Docker secret) when
 the state holds no identity, none when it does, and one-line refusals; the state directory's
-write check. Real TLS against an in-thread control plane (tests/support/controlplane.py)."""
+write check; the health file the compose health check reads. Real TLS against an in-thread
+control plane (tests/support/controlplane.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli.worker import identity_at_start, require_writable
+from launcher.cli.worker import Health, identity_at_start, require_writable
 from launcher.errors import ControlPlaneError, DuckcellError, UsedTokenError
 from tests.support.controlplane import ControlPlane
+from tests.support.waiting import eventually, run
 
 
 def _start(cp: ControlPlane, state: Path, **kwargs: object) -> object:
@@ -92,3 +94,22 @@ def test_a_state_directory_that_cannot_be_written_is_one_line(tmp_path: Path) ->
         require_writable(blocked / "state", "state directory")
     require_writable(tmp_path / "fine", "state directory")
     assert (tmp_path / "fine").is_dir() and not list((tmp_path / "fine").iterdir())
+
+
+def test_the_health_file_forgets_a_killed_worker_and_follows_the_tunnel(tmp_path: Path) -> None:
+    path = tmp_path / "health"
+    path.write_text("connected\n")  # what a worker killed while connected leaves
+    health = Health(path)
+    assert path.read_text() == "starting\n"
+
+    async def scenario() -> None:
+        connected = asyncio.Event()
+        follower = asyncio.create_task(health.follow(connected))
+        await eventually(lambda: path.read_text() == "disconnected\n", "disconnected")
+        connected.set()
+        await eventually(lambda: path.read_text() == "connected\n", "connected")
+        follower.cancel()
+        health.write("stopped")
+
+    run(scenario)
+    assert path.read_text() == "stopped\n"
