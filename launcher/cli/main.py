@@ -46,7 +46,7 @@ from .cache import add_cache_parser, run_cache_command
 from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
 from .output import FORMATS, check_output, write_result
 from .secrets import add_secrets_parser, run_secrets_command, secret_store
-from .worker import add_worker_parser, run_worker
+from .worker import add_worker_parser, place_sandboxes, run_worker
 
 log = logging.getLogger("duckcell.worker")
 
@@ -313,7 +313,9 @@ async def _enroll(args: argparse.Namespace) -> int:
 
 
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
-    config = _config(args)
+    # In the worker's container, the same label as the worker's sandboxes (docs/deploy.md).
+    host_paths = os.environ.get("DUCKCELL_HOST_PATHS", "none")
+    config = await place_sandboxes(host_paths, _config(args), os.environ)
     backend = DockerBackend(config.run_dir, timeout_s=config.engine_timeout_s)
     try:
         await backend.ping()

@@ -171,7 +171,7 @@ async def run_worker(
         require_writable(directory, what)
     # First, before anything slow: a killed worker left `connected` there.
     health = Health(state / HEALTH_FILE)
-    config = await _place_sandboxes(args.host_paths, config, os.environ)
+    config = await place_sandboxes(args.host_paths, config, os.environ)
     identity = await identity_at_start(
         state,
         token_file=args.enroll_token_file,
@@ -235,10 +235,12 @@ def require_writable(directory: Path, what: str) -> None:
         ) from None
 
 
-async def _place_sandboxes(
+async def place_sandboxes(
     setting: str, config: LauncherConfig, env: Mapping[str, str]
 ) -> LauncherConfig:
-    """The config with the engine's view of STATE/run and the cache (``--host-paths``)."""
+    """The config with the engine's view of STATE/run and the cache (``--host-paths``), and in
+    a container, the launcher id its sandboxes are labelled with (``duckcell sandboxes`` uses
+    it too, so it lists and reaps the worker's own)."""
     if parse_host_paths(setting) == ():
         return config
     if not env.get("DOCKER_HOST") and not ENGINE_SOCKET.exists():

@@ -276,6 +276,16 @@ def test_restart_keeps_the_worker_and_reaps_the_old_sandboxes(stack: Stack) -> N
     stack.wait(lambda: not old & set(stack.sandboxes()), "the old sandboxes removed")
     assert stack.worker_ids() == before_ids
     assert stack.query() == [(24000,)]
+    # `duckcell sandboxes list` in the worker's container knows the worker's label.
+    listed = stack.exec("worker", "duckcell", "sandboxes", "list")
+    names = {
+        str(c["Names"][0]).lstrip("/")
+        for c in stack.engine.api.containers(
+            all=True, filters={"label": f"duckcell.launcher={stack.launcher_id}"}
+        )
+    }
+    shown = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    assert shown and shown & names, (listed, names)  # the pool may refill in between
 
 
 def test_stop_drains_a_running_query_and_leaves_no_sandbox(stack: Stack) -> None:
