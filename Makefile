@@ -4,7 +4,7 @@
 PYTHON ?= python3
 STAMP := .make/installed
 
-.PHONY: install engine image proto proto-check lint test test-unit test-integration demo bench bench-data bench-flight clean
+.PHONY: install engine image up down proto proto-check lint test test-unit test-integration demo bench bench-data bench-flight clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
@@ -17,6 +17,17 @@ engine:
 
 image: install engine
 	duckcell image build
+
+# docker-compose.yml on this host (docs/deploy.md): both images built when missing or out of
+# date, compose up, wait for health, print how to connect. `make down VOLUMES=1` also drops the
+# volumes (identity, catalog, audit, cache); plain `make down` keeps them.
+up: install engine
+	$(PYTHON) -m launcher.cli image build
+	$(PYTHON) -m launcher.cli image build --duckcell
+	bash deploy/compose.sh up
+
+down:
+	DUCKCELL_DOWN_VOLUMES=$(if $(VOLUMES),1,0) bash deploy/compose.sh down
 
 proto: install
 	$(PYTHON) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \

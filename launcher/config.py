@@ -51,6 +51,9 @@ class LauncherConfig:
     engine_timeout_s: float = 30.0
     start_timeout_s: float = 60.0
     kill_grace_s: float = 5.0
+    # (inside, engine) path prefixes for a launcher in a container (``EnginePaths``); empty:
+    # the engine sees this process's paths. Set by `duckcell worker --host-paths`.
+    engine_paths: tuple[tuple[str, str], ...] = ()
 
     @property
     def run_dir(self) -> Path:

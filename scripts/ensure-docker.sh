@@ -3,7 +3,8 @@
 #
 # An engine that already answers is left as it is (only runsc is registered when that is
 # possible), so people with Docker installed never need more. On a fresh Debian host, as
-# root, it installs docker.io, runsc and debootstrap, registers runsc and starts dockerd.
+# root, it installs docker.io, runsc, debootstrap and docker-compose, registers runsc and starts
+# dockerd. With an engine already up, it still installs docker-compose when missing.
 # Safe to run again: when everything is in place it returns in well under two seconds.
 set -euo pipefail
 
@@ -202,8 +203,13 @@ ensure_runsc_on_running_engine() {
 	confirm_runsc || say "note: dockerd did not pick up runsc's flags; see its log"
 }
 
+# docker-compose.yml (`make up`, tests/integration/test_compose.py) needs Compose: Debian's
+# docker-compose 1.29 or the v2 plugin.
+compose_present() { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; }
+
 missing_packages() {
 	command -v dockerd >/dev/null || echo docker.io
+	compose_present || echo docker-compose
 	[[ -x $RUNSC ]] || echo runsc
 	command -v debootstrap >/dev/null || echo debootstrap
 }
@@ -222,9 +228,21 @@ install_packages() {
 	fi
 }
 
+# With an engine already up: install Compose too when root can, else say how.
+ensure_compose() {
+	compose_present && return 0
+	if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+		say "note: no docker-compose, so \`make up\` and the compose tests cannot run" \
+			"(sudo apt-get install docker-compose, or install Compose v2)"
+		return 0
+	fi
+	install_packages docker-compose
+}
+
 main() {
 	if command -v docker >/dev/null && engine_answers 5; then
 		ensure_runsc_on_running_engine
+		ensure_compose
 		exit 0
 	fi
 	if [[ $EUID -ne 0 ]]; then

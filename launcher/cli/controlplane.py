@@ -1,7 +1,7 @@
 """``duckcell controlplane ...``: the reference control plane's commands (parse and wire only).
 
-Every command takes ``--data DIR`` and reaches the control plane's parts through
-``ControlPlaneData``; ``serve`` runs the servers until SIGINT/SIGTERM.
+Every command takes ``--data DIR`` (default: DUCKCELL_CONTROLPLANE_DATA) and reaches the
+control plane's parts through ``ControlPlaneData``; ``serve`` runs the servers until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -41,26 +42,26 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     control = commands.add_parser("controlplane", help="the reference control plane")
     control_commands = control.add_subparsers(dest="controlplane_command", required=True)
     ca = control_commands.add_parser("ca", help="print the CA certificate (PEM), creating it")
-    ca.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(ca)
     token = control_commands.add_parser("token", help="enrollment tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="print a new one-time enrollment token")
-    create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(create)
     create.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h (default 1h)")
     apikey = control_commands.add_parser("apikey", help="API keys for query clients")
     apikey_commands = apikey.add_subparsers(dest="apikey_command", required=True)
     key_create = apikey_commands.add_parser("create", help="print a new API key")
-    key_create.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(key_create)
     key_create.add_argument("--role", required=True, help="the role the key's queries run as")
     key_list = apikey_commands.add_parser("list", help="key ids, roles and creation times")
-    key_list.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(key_list)
     key_revoke = apikey_commands.add_parser("revoke", help="refuse a key from now on")
-    key_revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(key_revoke)
     key_revoke.add_argument(
         "key_id", metavar="ID", help="the key's id (the middle part of the key)"
     )
     serve = control_commands.add_parser("serve", help="run the control plane until interrupted")
-    serve.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(serve)
     serve.add_argument(
         "--listen", required=True, type=listen_address, help="HOST:PORT to listen on"
     )
@@ -118,22 +119,22 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     apply = catalog_commands.add_parser(
         "apply", help="check a catalog YAML file and make it current (running servers push it)"
     )
-    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(apply)
     apply.add_argument("file", type=Path, help="catalog YAML file")
     show = catalog_commands.add_parser("show", help="print the current catalog (JSON)")
-    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(show)
     _add_policy_parser(control_commands)
     workers = control_commands.add_parser("workers", help="list enrolled workers and their state")
-    workers.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(workers)
     worker_admin = control_commands.add_parser("worker", help="manage one worker")
     worker_commands = worker_admin.add_subparsers(dest="worker_command", required=True)
     revoke = worker_commands.add_parser(
         "revoke", help="revoke a worker: its tunnel closes and it cannot reconnect"
     )
-    revoke.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(revoke)
     revoke.add_argument("worker_id", metavar="ID", help="worker id (wkr-...)")
     audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
-    audit.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(audit)
     audit.add_argument(
         "--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
     )
@@ -146,6 +147,22 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     )
 
 
+DATA_ENV = "DUCKCELL_CONTROLPLANE_DATA"
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    """``--data DIR``: required unless DUCKCELL_CONTROLPLANE_DATA names it (the duckcell image
+    sets it, so `docker compose exec controlplane duckcell controlplane ca` works)."""
+    default = os.environ.get(DATA_ENV) or None
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=default is None,
+        default=Path(default) if default else None,
+        help=f"control plane data directory (default: {DATA_ENV})",
+    )
+
+
 def _add_policy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = commands.add_parser(
         "policy", help="policies pushed to workers (none: workers use their own policies/)"
@@ -154,15 +171,15 @@ def _add_policy_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     apply = policy_commands.add_parser(
         "apply", help="check policy YAML files and add them, or none (running servers push them)"
     )
-    apply.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(apply)
     apply.add_argument("files", type=Path, nargs="+", metavar="FILE", help="policy YAML file")
     listing = policy_commands.add_parser("list", help="list the control plane's policies")
-    listing.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(listing)
     show = policy_commands.add_parser("show", help="print one policy's YAML")
-    show.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(show)
     show.add_argument("name", metavar="NAME")
     remove = policy_commands.add_parser("remove", help="take a policy out (workers are told)")
-    remove.add_argument("--data", type=Path, required=True, help="control plane data directory")
+    _add_data(remove)
     remove.add_argument("name", metavar="NAME")
 
 

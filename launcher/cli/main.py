@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -29,7 +27,6 @@ from ..client import ControlPlaneClient
 from ..config import LauncherConfig, load_config
 from ..data.cache import ObjectCache
 from ..data.datapath import DataPath
-from ..data.grants import grants_from
 from ..errors import DuckcellError
 from ..executor import collect_table
 from ..host import LocalLauncher
@@ -41,21 +38,18 @@ from ..sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
 from ..sandbox.backend.docker_engine import DockerBackend
 from ..sandbox.files import remove_stale
 from ..sandbox.image.build import ImageBuilder
+from ..sandbox.image.recipe import DUCKCELL_TAG, duckcell_recipe
 from ..sandbox.instance import instance_alive, reap_orphans
-from ..worker.audit import AUDIT_FILE
-from ..worker.daemon import Worker, host_data_path
-from ..worker.dialing import ProxyConfig
-from ..worker.enroll import Identity, enroll
-from ..worker.tunnel import DEFAULT_DRAIN_GRACE_S
+from ..worker.enroll import enroll
 from .allocator import tune_allocator
 from .cache import add_cache_parser, run_cache_command
 from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
 from .mcp import add_mcp_parser, run_mcp_command
 from .output import FORMATS, check_output, write_result
 from .secrets import add_secrets_parser, run_secrets_command, secret_store
+from .worker import add_worker_parser, place_sandboxes, run_worker
 
 log = logging.getLogger("duckcell.worker")
-MAX_DRAIN_GRACE_S = 86400.0
 
 
 class Progress:
@@ -116,8 +110,16 @@ def _parser() -> argparse.ArgumentParser:
 
     image = commands.add_parser("image", help="sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True)
-    build = image_commands.add_parser("build", help="build the sandbox image if out of date")
+    build = image_commands.add_parser(
+        "build", help="build the sandbox image (or --duckcell: the package's) if out of date"
+    )
     build.add_argument("--base", help="base image (default: python:3.11-slim or offline)")
+    build.add_argument(
+        "--duckcell",
+        action="store_true",
+        help=f"build the duckcell image ({DUCKCELL_TAG}: worker, control plane, CLI) for "
+        "docker compose, instead of the sandbox image",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
 
     policy = commands.add_parser("policy", help="policies")
@@ -138,62 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--state", type=Path, required=True, help="worker state directory")
     join.add_argument("--name", default=socket.gethostname(), help="worker name (host name)")
 
-    run = commands.add_parser(
-        "worker",
-        help="keep this worker's tunnel to the control plane open until SIGTERM",
-        description="Dial out to the control plane over mTLS, send heartbeats, reconnect with "
-        "backoff, and run the queries the control plane routes here in this host's sandboxes "
-        "(launcher config as for `duckcell query`). On SIGTERM or SIGINT it drains: takes no "
-        "new query, lets running ones finish for --drain-grace seconds, stops the rest (their "
-        "clients are told to retry), removes its sandboxes and exits 0; a second signal stops "
-        "at once. Each query is recorded in STATE/audit.jsonl before it runs and when it ends "
-        "(one a crash cut short, as lost at the next start); catalog secrets named "
-        "{store: NAME} come from STATE/secrets (`duckcell secrets`). HTTPS_PROXY/NO_PROXY are "
-        "honoured.",
-    )
-    run.add_argument("--state", type=Path, required=True, help="worker state directory")
-    run.add_argument(
-        "--control-plane",
-        type=dial_address,
-        help="HOST:PORT of the tunnel (default: from the enrolled identity)",
-    )
-    run.add_argument(
-        "--drain-grace",
-        type=_grace_seconds,
-        default=DEFAULT_DRAIN_GRACE_S,
-        help="seconds running queries may take to finish on SIGTERM (default 30)",
-    )
-    run.add_argument(
-        "--local-policies-only",
-        action="store_true",
-        help="ignore policies the control plane pushes; use only this host's policies/ "
-        "(pushed ones may never turn a gVisor policy of this host into runc either way)",
-    )
-
-    run.add_argument(
-        "--allow-endpoint",
-        action="append",
-        metavar="URL",
-        help="an S3 endpoint the control plane's catalog may point this worker at, with its "
-        "secrets (repeatable; `aws` for AWS S3; default: DUCKCELL_ALLOW_ENDPOINTS, "
-        "comma-separated, else none)",
-    )
-    run.add_argument(
-        "--allow-local-dir",
-        action="append",
-        type=Path,
-        metavar="DIR",
-        help="a directory whose files the control plane's catalog may declare as local tables "
-        "(repeatable; default: DUCKCELL_ALLOW_LOCAL_DIRS, comma-separated, else none)",
-    )
-    run.add_argument(
-        "--allow-secret",
-        action="append",
-        metavar="REF",
-        help="a secret the control plane's catalog may name besides this worker's secret store: "
-        "env:NAME or file:PATH (a file, or a directory for the files under it) (repeatable; "
-        "default: DUCKCELL_ALLOW_SECRETS, comma-separated, else none)",
-    )
+    add_worker_parser(commands, dial_address)
 
     add_cache_parser(commands)
     add_secrets_parser(commands)
@@ -204,20 +151,6 @@ def _parser() -> argparse.ArgumentParser:
     sandbox_commands.add_parser("list", help="list them")
     sandbox_commands.add_parser("reap", help="remove those whose launcher process is gone")
     return parser
-
-
-def _grace_seconds(text: str) -> float:
-    """``--drain-grace``: finite seconds from 0 to a day (it travels as milliseconds in a
-    uint32 when the worker drains; a bad value would fail only then, at SIGTERM)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 <= seconds <= MAX_DRAIN_GRACE_S:
-        raise argparse.ArgumentTypeError(
-            f"expected seconds from 0 to {MAX_DRAIN_GRACE_S:.0f}, got {text!r}"
-        )
-    return seconds
 
 
 def _config(args: argparse.Namespace) -> LauncherConfig:
@@ -326,10 +259,11 @@ async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) 
 
 
 def _image_build(args: argparse.Namespace, progress: Progress) -> int:
-    config = _config(args)
-    built = ImageBuilder(tag=config.image, progress=Progress(True)).build(
-        base=args.base, force=args.force
-    )
+    if args.duckcell:
+        builder = ImageBuilder(tag=DUCKCELL_TAG, progress=Progress(True), recipe=duckcell_recipe())
+    else:
+        builder = ImageBuilder(tag=_config(args).image, progress=Progress(True))
+    built = builder.build(base=args.base, force=args.force)
     state = "up to date" if built.reused else f"built in {built.seconds:.0f} s"
     print(f"{built.tag} {state} (content hash {built.content_hash[:12]})")
     return 0
@@ -382,47 +316,10 @@ async def _enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _worker(args: argparse.Namespace, progress: Progress) -> int:
-    identity = Identity.load(args.state)
-    config = _config(args)
-    grants = grants_from(args.allow_endpoint, args.allow_local_dir, os.environ, args.allow_secret)
-    async with (
-        host_data_path(config, grants, secret_store(args.state)) as data,
-        Worker(
-            identity,
-            config,
-            data=data,
-            grants=grants,
-            audit_file=args.state / AUDIT_FILE,
-            address=args.control_plane,
-            proxy=ProxyConfig.from_env(os.environ),
-            drain_grace_s=args.drain_grace,
-            accept_policies=not args.local_policies_only,
-            progress=progress,
-        ) as worker,
-    ):
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, worker.drain)
-        address = args.control_plane or identity.tunnel_address
-        print(
-            f"duckcell: worker {identity.worker_id} dialing the control plane at {address}",
-            file=sys.stderr,
-            flush=True,
-        )
-        print(f"duckcell: {grants.describe()}", file=sys.stderr, flush=True)
-        if args.local_policies_only:
-            print(
-                "duckcell: --local-policies-only: policies the control plane pushes are ignored",
-                file=sys.stderr,
-                flush=True,
-            )
-        await worker.run()
-    return 0
-
-
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
-    config = _config(args)
+    # In the worker's container, the same label as the worker's sandboxes (docs/deploy.md).
+    host_paths = os.environ.get("DUCKCELL_HOST_PATHS", "none")
+    config = await place_sandboxes(host_paths, _config(args), os.environ)
     backend = DockerBackend.for_config(config)
     try:
         await backend.ping()
@@ -469,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "enroll":
             return asyncio.run(_enroll(args))
         if args.command == "worker":
-            return asyncio.run(_worker(args, progress))
+            return asyncio.run(run_worker(args, _config(args), progress))
         if args.command == "sandboxes":
             return asyncio.run(_sandboxes(args, progress))
         if args.command == "cache":

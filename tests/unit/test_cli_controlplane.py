@@ -98,3 +98,17 @@ def test_audit_limit_must_be_positive(
         main(["controlplane", "audit", "--data", str(tmp_path), "--limit", limit])
     assert exit_info.value.code == 2
     assert "expected a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_data_defaults_to_the_environment_as_in_the_duckcell_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "cp"
+    monkeypatch.setenv("DUCKCELL_CONTROLPLANE_DATA", str(data))
+    assert main(["controlplane", "ca"]) == 0
+    assert capsys.readouterr().out == ControlPlaneData(data).ca().cert_pem().decode()
+    monkeypatch.delenv("DUCKCELL_CONTROLPLANE_DATA")
+    with pytest.raises(SystemExit) as usage:
+        main(["controlplane", "ca"])
+    assert usage.value.code == 2
+    assert "--data" in capsys.readouterr().err

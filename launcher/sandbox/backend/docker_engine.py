@@ -23,6 +23,7 @@ import requests.exceptions
 from ...config import LauncherConfig
 from ...errors import BackendError, EngineTimeoutError, EngineUnavailableError, ImageMissingError
 from .base import SANDBOX_FILES, ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
+from .paths import EngineMount, EnginePaths
 from .seccomp import profile_json
 
 T = TypeVar("T")
@@ -56,8 +57,10 @@ class DockerBackend:
         *,
         timeout_s: float = 30.0,
         client: docker.DockerClient | None = None,
+        paths: EnginePaths = EnginePaths.SAME,
     ) -> None:
         self._run_dir = run_dir
+        self._paths = paths
         self._timeout_s = timeout_s
         # Connected at the first engine call (in a worker thread, under that call's
         # deadline), so building a backend never blocks or fails: its user reports both.
@@ -68,7 +71,11 @@ class DockerBackend:
     @classmethod
     def for_config(cls, config: LauncherConfig) -> Self:
         """The engine backend a launcher's config describes (its run directory, its deadline)."""
-        return cls(config.run_dir, timeout_s=config.engine_timeout_s)
+        return cls(
+            config.run_dir,
+            timeout_s=config.engine_timeout_s,
+            paths=EnginePaths(config.engine_paths),
+        )
 
     @property
     def _api(self) -> docker.APIClient:
@@ -139,7 +146,9 @@ class DockerBackend:
         return SandboxHandle(container_id, spec.name, f"unix://{socket_dir / SOCKET_NAME}")
 
     def _create(self, spec: SandboxSpec, socket_dir: Path) -> str:
-        created = self._api.create_container(**container_config(self._api, spec, socket_dir))
+        created = self._api.create_container(
+            **container_config(self._api, spec, socket_dir, self._paths)
+        )
         return str(created["Id"])
 
     async def start(self, handle: SandboxHandle) -> None:
@@ -211,6 +220,19 @@ class DockerBackend:
             for item in found
         ]
 
+    async def container_mounts(self, container_id: str) -> list[EngineMount]:
+        """The mounts of a container (the launcher's own, when it runs in one)."""
+        info = await self._call("inspect", lambda: self._api.inspect_container(container_id))
+        return [
+            EngineMount(
+                kind=str(mount.get("Type", "")),
+                source=str(mount.get("Source", "")),
+                destination=str(mount.get("Destination", "")),
+                name=str(mount.get("Name", "")),
+            )
+            for mount in info.get("Mounts") or ()
+        ]
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -258,11 +280,17 @@ def _ulimits(spec: SandboxSpec) -> list[docker.types.Ulimit]:
     return [docker.types.Ulimit(name=name, soft=n, hard=n) for name, n in limits.items()]
 
 
-def container_config(api: docker.APIClient, spec: SandboxSpec, socket_dir: Path) -> dict[str, Any]:
-    """The ``create_container`` arguments of a sandbox: every hardening flag lives here."""
-    binds = {str(socket_dir): {"bind": RUNNER_DIR, "mode": "rw"}}
+def container_config(
+    api: docker.APIClient,
+    spec: SandboxSpec,
+    socket_dir: Path,
+    paths: EnginePaths = EnginePaths.SAME,
+) -> dict[str, Any]:
+    """The ``create_container`` arguments of a sandbox: every hardening flag lives here.
+    Bind sources are the engine's paths (``paths``: a launcher in a container)."""
+    binds = {paths.engine_path(str(socket_dir)): {"bind": RUNNER_DIR, "mode": "rw"}}
     if spec.files_dir:
-        binds[spec.files_dir] = {"bind": SANDBOX_FILES, "mode": "ro"}
+        binds[paths.engine_path(spec.files_dir)] = {"bind": SANDBOX_FILES, "mode": "ro"}
     host_config = api.create_host_config(
         binds=binds,
         network_mode="none",

@@ -54,6 +54,7 @@ from .context import (
     site_dir,
     write_context,
 )
+from .recipe import SANDBOX_TAG, Recipe, sandbox_recipe
 
 __all__ = [
     "BASE_LABEL",
@@ -69,6 +70,7 @@ __all__ = [
     "ImageBuilder",
     "Installed",
     "Progress",
+    "Recipe",
     "WheelSet",
     "content_hash",
     "find_sandbox_dir",
@@ -80,7 +82,7 @@ __all__ = [
 
 Progress = Callable[[str], None]
 
-DEFAULT_TAG = "duckcell-sandbox:latest"
+DEFAULT_TAG = SANDBOX_TAG
 PYTHON_BASE = "python:3.11-slim"
 OFFLINE_BASE = "duckcell-base:bookworm"
 HASH_LABEL = "duckcell.content-hash"
@@ -119,7 +121,8 @@ def _engine_errors(what: str) -> Iterator[None]:
 
 
 class ImageBuilder:
-    """Builds the sandbox image when its content hash changed; see the module docstring."""
+    """Builds an image (the sandbox's unless ``recipe`` says otherwise: see
+    ``launcher.sandbox.image.recipe``) when its content hash changed; see the module docstring."""
 
     def __init__(
         self,
@@ -132,35 +135,37 @@ class ImageBuilder:
         cache_dir: Path | None = None,
         timeout_s: float = 30.0,
         pull_deadline_s: float = 5.0,
+        recipe: Recipe | None = None,
     ) -> None:
         self._client = client
         self._tag = tag
         self._progress = progress or (lambda line: None)
-        self._sandbox_dir = sandbox_dir or find_sandbox_dir(package_dir)
+        self._sandbox_dir = sandbox_dir or (None if recipe else find_sandbox_dir(package_dir))
         self._package_dir = package_dir
         self._cache_dir = cache_dir or Path.home() / ".cache" / "duckcell"
         self._timeout_s = timeout_s
         self._pull_deadline_s = pull_deadline_s
+        self._recipe = recipe or sandbox_recipe(self._sandbox_dir, package_dir)
 
     def build(self, base: str | None = None, force: bool = False) -> BuiltImage:
         started = time.monotonic()
-        files = ContextFiles.collect(self._sandbox_dir, self._package_dir)
-        wheels = WheelSet.pinned(self._engine_arch())
+        files, wheels = self._recipe.collect(), self._wheels()
         existing = self._inspect(self._tag)
         if not force and (reused := self._reusable(existing, files, wheels, base, started)):
             return reused
         self._progress("resolving base image")
         base_ref = self._resolve_base(base)
         base_id = self._require(base_ref)["Id"]
-        digest = content_hash(files, wheels, base_id)
+        digest = content_hash(files, wheels, base_id, self._recipe.scheme)
         self._progress(f"base image {base_ref} ({base_id.removeprefix('sha256:')[:12]})")
         if not force and existing and _labels(existing).get(HASH_LABEL) == digest:
             return self._done(existing, digest, True, started)
-        self._progress(f"installing wheels ({wheels.describe()})")
-        site = prepare_site(wheels, self._cache_dir)
+        verb = "installing" if self._recipe.context_dir == "site" else "fetching"
+        self._progress(f"{verb} wheels ({wheels.describe()})")
+        site = self._recipe.prepare(wheels, self._cache_dir)
         labels = {HASH_LABEL: digest, BASE_LABEL: base_ref, WHEELS_LABEL: wheels.describe()}
         with tempfile.TemporaryFile(prefix="duckcell-context-") as context:
-            write_context(context, files, site)
+            write_context(context, files, site, self._recipe.context_dir)
             self._progress(f"sending build context ({context.tell() / 2**20:.0f} MiB)")
             context.seek(0)
             self._docker_build(context, base_ref, labels)
@@ -176,8 +181,7 @@ class ImageBuilder:
 
     def is_current(self) -> bool:
         """True when the tagged image matches the sources and wheels as they are now."""
-        files = ContextFiles.collect(self._sandbox_dir, self._package_dir)
-        wheels = WheelSet.pinned(self._engine_arch())
+        files, wheels = self._recipe.collect(), self._wheels()
         existing = self._inspect(self._tag)
         return self._reusable(existing, files, wheels, None, time.monotonic()) is not None
 
@@ -198,7 +202,7 @@ class ImageBuilder:
         base_image = self._inspect(base_ref) if base_ref else None
         if base_image is None:
             return None
-        digest = content_hash(files, wheels, base_image["Id"])
+        digest = content_hash(files, wheels, base_image["Id"], self._recipe.scheme)
         if labels.get(HASH_LABEL) != digest:
             return None
         return self._done(existing, digest, True, started)
@@ -210,6 +214,9 @@ class ImageBuilder:
         state = "is up to date" if reused else f"ready in {seconds:.0f} s"
         self._progress(f"image {self._tag} {state} (hash {digest[:12]})")
         return BuiltImage(self._tag, image["Id"], digest, reused, seconds)
+
+    def _wheels(self) -> WheelSet:
+        return WheelSet.pinned(self._engine_arch(), self._recipe.packages)
 
     def _resolve_base(self, base: str | None) -> str:
         if base:
@@ -256,7 +263,8 @@ class ImageBuilder:
             wait_s = 60.0
 
     def _build_offline_base(self) -> None:
-        script = self._sandbox_dir / "build-offline-base.sh"
+        sandbox_dir = self._sandbox_dir or find_sandbox_dir(self._package_dir)
+        script = sandbox_dir / "build-offline-base.sh"
         if os.geteuid() != 0 or shutil.which("debootstrap") is None:
             raise ImageBuildError(
                 f"no base image: {PYTHON_BASE} cannot be pulled and {OFFLINE_BASE} is missing; "

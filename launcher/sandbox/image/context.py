@@ -156,9 +156,11 @@ class ContextFiles:
         return cls(tuple(sorted(entries)))
 
 
-def content_hash(files: ContextFiles, wheels: WheelSet, base_id: str) -> str:
+def content_hash(
+    files: ContextFiles, wheels: WheelSet, base_id: str, scheme: str = HASH_SCHEME
+) -> str:
     """sha256 over everything that decides the image; needs neither pip nor the engine."""
-    digest = hashlib.sha256(f"{HASH_SCHEME}\n".encode())
+    digest = hashlib.sha256(f"{scheme}\n".encode())
     for name, source in files.entries:
         digest.update(f"file {name} {hashlib.sha256(source.read_bytes()).hexdigest()}\n".encode())
     digest.update(f"wheels {wheels.key()}\nbase {base_id}\n".encode())
@@ -198,16 +200,22 @@ def prepare_site(wheels: WheelSet, cache_dir: Path) -> Path:
     return target
 
 
+def binary_wheel_flags(wheels: WheelSet) -> list[str]:
+    """pip's flags for binary wheels of the image's Python and CPU, not this host's."""
+    return [
+        "--only-binary=:all:", "--no-deps", "--implementation", "cp",
+        "--python-version", _PYTHON_VERSION, "--abi", "cp" + _PYTHON_VERSION.replace(".", ""),
+        *(flag for platform in wheels.platforms() for flag in ("--platform", platform)),
+    ]  # fmt: skip
+
+
 def _pip_install(wheels: WheelSet, target: Path, pip_cache: Path) -> None:
     command = [
         sys.executable, "-m", "pip", "install", "--quiet", "--no-input",
         "--disable-pip-version-check", "--target", str(target), "--cache-dir", str(pip_cache),
-        # Binary wheels for the image's Python and CPU, not this host's. --no-deps: the
-        # requirements already list every dependency (the build's import check proves it).
-        "--only-binary=:all:", "--no-deps", "--no-compile", "--implementation", "cp",
-        "--python-version", _PYTHON_VERSION, "--abi", "cp" + _PYTHON_VERSION.replace(".", ""),
-        *(flag for platform in wheels.platforms() for flag in ("--platform", platform)),
-        *wheels.requirements(),
+        # --no-deps (in the flags): the requirements already list every dependency (the
+        # build's import check proves it).
+        "--no-compile", *binary_wheel_flags(wheels), *wheels.requirements(),
     ]  # fmt: skip
     env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}
     try:
@@ -220,8 +228,9 @@ def _pip_install(wheels: WheelSet, target: Path, pip_cache: Path) -> None:
         raise ImageBuildError(f"pip could not fetch the sandbox wheels: {detail}")
 
 
-def write_context(out: BinaryIO, files: ContextFiles, site: Path) -> None:
-    """The build context as a tar with normalized owners, modes and times."""
+def write_context(out: BinaryIO, files: ContextFiles, site: Path, prefix: str = "site") -> None:
+    """The build context as a tar with normalized owners, modes and times; ``site`` goes in
+    under ``prefix`` (the sandbox's installed wheels, or the duckcell image's wheel files)."""
 
     def normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
@@ -234,5 +243,5 @@ def write_context(out: BinaryIO, files: ContextFiles, site: Path) -> None:
         for name, source in files.entries:
             tar.add(source, name, recursive=False, filter=normalized)
         for path in sorted(site.rglob("*")):
-            name = f"site/{path.relative_to(site).as_posix()}"
+            name = f"{prefix}/{path.relative_to(site).as_posix()}"
             tar.add(path, name, recursive=False, filter=normalized)
