@@ -70,7 +70,8 @@ class DockerBackend:
 
     @classmethod
     def for_config(cls, config: LauncherConfig) -> Self:
-        """The engine backend a launcher's config describes (its run directory, its deadline)."""
+        """The engine backend a launcher's config describes: its run directory, its deadline, and
+        where the engine sees its bind sources (a worker in a container)."""
         return cls(
             config.run_dir,
             timeout_s=config.engine_timeout_s,
