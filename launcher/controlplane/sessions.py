@@ -27,6 +27,10 @@ from .access import role_of
 
 # How many ended sessions are remembered for their error message.
 ENDED_MEMORY = 4096
+# Sessions one API key may hold at once (opening or open): each is a sandbox on a worker, so
+# without a cap one key (a Flight SQL client opening connections in a loop, an agent framework
+# spawning conversations) could take every worker's session capacity from the others.
+MAX_SESSIONS_PER_OWNER = 16
 
 Outbox = asyncio.Queue[pb.ControlMessage]
 
@@ -61,6 +65,15 @@ class SessionTable:
         return session_id in self._sessions
 
     def add(self, session: RoutedSession) -> None:
+        """Take a session being opened; raises ``SessionError`` when its owner already holds
+        ``MAX_SESSIONS_PER_OWNER``."""
+        held = sum(1 for other in self._sessions.values() if other.owner == session.owner)
+        if held >= MAX_SESSIONS_PER_OWNER:
+            raise SessionError(
+                f"this API key already holds {held} sessions (at most "
+                f"{MAX_SESSIONS_PER_OWNER}): close one (CloseSession, or close the connection) "
+                "or wait for one to end"
+            )
         self._sessions[session.session_id] = session
 
     def answered(self, worker_id: str, outbox: Outbox, answer: pb.SessionOpened) -> None:

@@ -16,6 +16,7 @@ current values. What is accepted:
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from launcher.controlplane.apikeys import ApiKey
@@ -35,12 +36,19 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Connections whose options are remembered: a client that sets options on every new
+# connection and never closes one must not grow the table without end.
+MAX_CONNECTIONS = 10_000
+
+
 class SessionOptions:
     """Each connection's options, per API key (handler threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, str], dict[str, str]] = {}
+        # Per (key, connection), the most recently set last; the oldest are dropped past
+        # MAX_CONNECTIONS (a connection that comes back then reads the defaults again).
+        self._values: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
 
     def get(self, caller: ApiKey, connection: Connection | None) -> dict[str, str]:
         if connection is None:
@@ -89,6 +97,9 @@ class SessionOptions:
         if connection is not None:
             with self._lock:
                 self._values[(caller.key_id, connection.key)] = current
+                self._values.move_to_end((caller.key_id, connection.key))
+                while len(self._values) > MAX_CONNECTIONS:
+                    self._values.popitem(last=False)
         return errors
 
     def forget(self, caller: ApiKey, connection: Connection) -> None:

@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 _WILDCARDS = {"", "0.0.0.0", "::"}
 # The audit outcome of a call refused for naming another key's or an unknown connection.
 REFUSED = "refused"
-# Seconds between two audit rows for unknown session tokens (``FlightSqlServer._refused``).
-UNKNOWN_TOKEN_AUDIT_S = 1.0
+# Seconds between two records (log line, audit row) of refused calls by one caller
+# (``FlightSqlServer._refused``).
+REFUSAL_RECORD_S = 1.0
+# Callers whose last refusal is remembered for the rate above (then the memory starts over).
+MAX_REFUSING_CALLERS = 10_000
 # Seconds stop() waits for running calls (a client that stopped reading can hold one forever).
 STOP_GRACE_S = 5.0
 
@@ -120,7 +123,7 @@ class FlightSqlServer:
         self._session_roles = session_roles
         self._audit: AuditSink = audit or NoAudit()
         self._audit_lock = threading.Lock()  # refusals arrive on handler threads
-        self._last_unknown = 0.0
+        self._last_refused: dict[str, float] = {}  # key id ("" unknown) -> last recorded
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_parser: ParserPool | None = None
         if parser is None:
@@ -181,18 +184,19 @@ class FlightSqlServer:
         self.port = self._service.port
 
     def _refused(self, key_id: str, what: str) -> None:
-        """Record a call refused for naming a connection that is not its caller's: a row in
-        the audit log (outcome "refused", reason "connection"), written on the loop, whose
-        thread owns the database. Unknown tokens come from callers nobody authenticated, so
-        they get at most one row per ``UNKNOWN_TOKEN_AUDIT_S``: a flood of them must not
-        become a flood of database writes (each is still logged)."""
-        log.warning("Flight SQL call refused: key %s presented %s", key_id or "(none)", what)
+        """Record a call refused for naming a connection that is not its caller's: a log line
+        and a row in the audit log (outcome "refused", reason "connection"), written on the
+        loop, whose thread owns the database. At most one of each per caller (unknown tokens,
+        which nobody authenticated, count as one caller) per ``REFUSAL_RECORD_S``: a flood of
+        refused calls must not become a flood of log lines and database writes."""
         now = time.time()
-        if not key_id:
-            with self._audit_lock:
-                if now - self._last_unknown < UNKNOWN_TOKEN_AUDIT_S:
-                    return
-                self._last_unknown = now
+        with self._audit_lock:
+            if now - self._last_refused.get(key_id, 0.0) < REFUSAL_RECORD_S:
+                return
+            if len(self._last_refused) >= MAX_REFUSING_CALLERS:
+                self._last_refused.clear()
+            self._last_refused[key_id] = now
+        log.warning("Flight SQL call refused: key %s presented %s", key_id or "(none)", what)
         record = AuditRecord(
             query_id="flight-" + secrets.token_hex(8),
             caller=key_id or "(unknown)",

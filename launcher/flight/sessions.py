@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 
 from launcher.controlplane.apikeys import ApiKey
 from launcher.controlplane.query import caller_name
@@ -38,6 +39,10 @@ from .types import Router
 SESSION_POLICY = "agent-session"
 
 
+# Connections whose session ids are remembered at once (see ``FlightSessions._ids``).
+MAX_CONNECTIONS = 10_000
+
+
 class FlightSessions:
     """Client connections -> the router's session ids, per API key (handler threads)."""
 
@@ -45,8 +50,11 @@ class FlightSessions:
         self._router = router
         self._bridge = bridge
         self._lock = threading.Lock()
-        # (key id, name) -> (the router's session id, its owner as the router knows it)
-        self._ids: dict[tuple[str, str], tuple[str, str]] = {}
+        # (key id, name) -> (the router's session id, its owner as the router knows it), the
+        # latest opened last. An entry stays until its connection closes it or learns that it
+        # ended; past MAX_CONNECTIONS the oldest is closed and dropped, so connections that
+        # are abandoned after their session ended cannot grow the table without end.
+        self._ids: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
 
     def session_id(self, caller: ApiKey, connection: Connection, catalog: Catalog) -> str:
         """The router's id of the session of ``caller``'s ``connection``, opened now if there
@@ -63,8 +71,13 @@ class FlightSessions:
         opened = self._bridge.call(self._router.open_session(policy, owner=owner))
         with self._lock:
             found = self._ids.setdefault(key, (opened, owner))
+            dropped = []
+            while len(self._ids) > MAX_CONNECTIONS:
+                dropped.append(self._ids.popitem(last=False)[1])
         if found[0] != opened:  # another call opened it meanwhile: keep one
             self._bridge.spawn(self._close(opened, owner))
+        for session_id, its_owner in dropped:
+            self._bridge.spawn(self._close(session_id, its_owner))
         return found[0]
 
     def current(self, caller: ApiKey, connection: Connection) -> str:
@@ -91,7 +104,7 @@ class FlightSessions:
     def close_all(self) -> None:
         """The server is stopping: end every session it opened."""
         with self._lock:
-            found, self._ids = list(self._ids.values()), {}
+            found, self._ids = list(self._ids.values()), OrderedDict()
         for session_id, owner in found:
             self._bridge.spawn(self._close(session_id, owner))
 

@@ -26,6 +26,9 @@ from ..errors import DuckcellError
 from .stream import IpcDecoder
 
 Format = Literal["parquet", "csv"]
+# With ``max_bytes``, the result (Arrow IPC) may be this many times the file's cap before the
+# export stops while it is written, not after: Parquet and CSV rarely shrink a result further.
+_RESULT_PER_FILE_BYTE = 8
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -83,9 +86,19 @@ class Exports:
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         decoder = IpcDecoder()
         writer: _Writer | None = None
-        rows = 0
+        rows = received = 0
+        # Readable by the operator's user only, from its first byte (the writer opens it again
+        # and keeps the mode): the results of a conversation are not every local user's.
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         try:
             async for chunk in chunks:
+                received += len(chunk)
+                if self.max_bytes is not None and received > _RESULT_PER_FILE_BYTE * self.max_bytes:
+                    raise ExportError(
+                        f"the result passed {received / 2**20:.0f} MiB, more than an export of "
+                        f"at most {self.max_bytes / 2**20:.0f} MiB may hold here: filter or "
+                        "aggregate it in SQL"
+                    )
                 for batch in decoder.feed(chunk):
                     if writer is None:
                         writer = _Writer(partial, batch.schema, fmt)

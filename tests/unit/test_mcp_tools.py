@@ -8,6 +8,7 @@ integration tier's (``tests/integration/test_mcp_stdio.py``).
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -171,6 +172,7 @@ def test_export_writes_every_row_under_the_directory_only(tmp_path: Path) -> Non
         path = Path(done.structured_content["path"])
         assert path == tmp_path / "exports" / "all.parquet"
         assert pq.read_table(path).column("i").to_pylist() == list(range(50000))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the operator's user reads it only
         assert again.is_error and "exists already" in again.content[0].text
         assert escape.is_error and "not allowed" in escape.content[0].text
         assert failed.is_error and list((tmp_path / "exports").iterdir()) == [path]

@@ -16,6 +16,12 @@ import pytest
 from grpc import aio
 
 from launcher.controlplane.routing import QueryRouter
+from launcher.controlplane.sessions import (
+    MAX_SESSIONS_PER_OWNER,
+    Outbox,
+    RoutedSession,
+    SessionTable,
+)
 from launcher.errors import SessionError, SqlError
 from launcher.protocol import controlplane_pb2 as pb
 from launcher.protocol import controlplane_pb2_grpc as pb_grpc
@@ -207,3 +213,26 @@ async def _raw_run(s: Sessions, session_id: str) -> aio.AioRpcError:
             async for _ in call:
                 pass
     return failed.value
+
+
+def test_one_api_key_holds_at_most_a_fixed_number_of_sessions() -> None:
+    """Opening or open, one key's sessions are capped (each is a sandbox on a worker); another
+    key still opens, and a session that ends frees its place."""
+
+    async def scenario() -> None:
+        table = SessionTable()
+        outbox: Outbox = asyncio.Queue()
+
+        def session(n: int, owner: str) -> RoutedSession:
+            return RoutedSession(f"ses-{owner}-{n}", "w1", outbox, owner)
+
+        for n in range(MAX_SESSIONS_PER_OWNER):
+            table.add(session(n, "key-a"))
+        with pytest.raises(SessionError, match="already holds 16 sessions"):
+            table.add(session(99, "key-a"))
+        table.add(session(0, "key-b"))
+        table.forget("ses-key-a-0", "was closed by its client")
+        table.add(session(99, "key-a"))
+        assert len(table) == MAX_SESSIONS_PER_OWNER + 1
+
+    run(scenario)
