@@ -127,7 +127,8 @@ class CatalogListing:
         self._ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._schemas: dict[tuple[str, str], tuple[float, bytes]] = {}
+        # (catalog revision, table, scope: "" or the session's key and connection)
+        self._schemas: dict[tuple[str, str, str], tuple[float, bytes]] = {}
 
     def catalogs(
         self, caller: ApiKey, connection: Connection | None, cancelled: Cancelled
@@ -235,14 +236,19 @@ class CatalogListing:
         connection: Connection | None = None,
     ) -> bytes:
         now = self._clock()
+        # A schema read in a session came from that session's sandbox, which the caller's SQL
+        # has run in (and may own, if it broke DuckDB): it is reused for that connection only.
+        # Read per query (a fresh sandbox, this server's own SQL), it is reused for every key.
+        in_session = connection is not None and self._gateway.runs_in_session(caller, connection)
+        scope = f"{caller.key_id}:{connection.key}" if in_session and connection else ""
         with self._lock:
-            cached = self._schemas.get((revision, table))
+            cached = self._schemas.get((revision, table, scope))
         if cached is not None and cached[0] > now:
             return cached[1]
         schema = self.read_schema(caller, table, cancelled, connection).serialize().to_pybytes()
         with self._lock:
             self._schemas = {k: v for k, v in self._schemas.items() if v[0] > now}
-            self._schemas[(revision, table)] = (now + self._ttl_s, schema)
+            self._schemas[(revision, table, scope)] = (now + self._ttl_s, schema)
         return schema
 
     def read_schema(
