@@ -274,11 +274,13 @@ class _Guard:
             await self._app(scope, receive, self._binding(send, digest))
             return
         owner = self._owners.get(session_id)
-        if owner is not None and owner[0] != digest:
-            await _answer(send, 404, "Session not found")  # as for an unknown one
+        if owner is None or owner[0] != digest:
+            # Another key's session, or one this guard no longer knows (swept as idle, or
+            # never opened through it): answered as an unknown one, so that no key reaches
+            # (or ends) a session it did not open.
+            await _answer(send, 404, "Session not found")
             return
-        if owner is not None:
-            self._owners[session_id] = (digest, time.monotonic())
+        self._owners[session_id] = (digest, time.monotonic())
         await self._app(scope, receive, send)
         if scope["method"] == "DELETE":
             await self._ended(session_id)

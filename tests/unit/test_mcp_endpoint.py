@@ -75,6 +75,21 @@ def test_keys_are_checked_and_a_session_belongs_to_its_key() -> None:
                     endpoint.url, json=listing, headers=_headers("dck_b_secret", **version)
                 )
                 assert other.status_code == 404
+                ending = await http.delete(
+                    endpoint.url, headers=_headers("dck_b_secret", **version)
+                )
+                assert ending.status_code == 404  # nor may it end it
+                assert (
+                    await http.post(
+                        endpoint.url, json=listing, headers=_headers("dck_a_secret", **version)
+                    )
+                ).status_code == 200
+                # A session id the guard never saw opened is unknown to every key.
+                unknown = {**version, "mcp-session-id": "0123456789abcdef0123456789abcdef"}
+                guessed = await http.post(
+                    endpoint.url, json=listing, headers=_headers("dck_a_secret", **unknown)
+                )
+                assert guessed.status_code == 404
         finally:
             await endpoint.stop()
 
