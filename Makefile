@@ -63,6 +63,8 @@ bench: image
 	$(PYTHON) bench/bench_sandbox.py
 	$(PYTHON) bench/bench_data.py
 	$(PYTHON) bench/bench_flight.py
+	$(PYTHON) bench/bench_sessions.py
+	$(PYTHON) bench/bench_mcp.py
 	$(PYTHON) bench/bench_result_check.py
 	$(PYTHON) bench/bench_load.py
 
