@@ -69,7 +69,9 @@ class ResultBuilder:
         if self._cut is None:
             self._keep(batch)
         self.total_rows += batch.num_rows
-        return self.total_rows < self.bounds.count_limit
+        # Past the limit, not at it: a result of exactly ``count_limit`` rows is read to its
+        # end and counted whole.
+        return self.total_rows <= self.bounds.count_limit
 
     def _keep(self, batch: pa.RecordBatch) -> None:
         bounds = self.bounds

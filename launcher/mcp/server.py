@@ -319,7 +319,7 @@ async def _bounded(
             async for chunk in stream:
                 for batch in decoder.feed(chunk):
                     if not builder.add(batch):
-                        return f"counting stopped after {bounds.count_limit} rows"
+                        return f"counting stopped after more than {bounds.count_limit} rows"
         except ResultLimitError as error:
             if builder.schema is None:
                 raise

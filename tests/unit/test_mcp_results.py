@@ -83,9 +83,15 @@ def test_a_whole_small_result_is_not_truncated() -> None:
 
 def test_counting_stops_at_the_count_limit_and_the_total_is_unknown() -> None:
     builder = _built(pa.table({"i": list(range(10_000))}), Bounds(max_rows=5, count_limit=1000))
-    result = builder.result(0.0, stopped="counting stopped after 1000 rows")
-    assert result["total_rows"] is None and result["counted_rows"] == 1000
-    assert "at least 1000" in text_table(result, 500)
+    result = builder.result(0.0, stopped="counting stopped after more than 1000 rows")
+    assert result["total_rows"] is None and result["counted_rows"] == 1100  # one batch past
+    assert "at least 1100" in text_table(result, 500)
+
+
+def test_a_result_of_exactly_the_count_limit_is_counted_whole() -> None:
+    builder = _built(pa.table({"i": list(range(1000))}), Bounds(max_rows=5, count_limit=1000))
+    result = builder.result(0.0)
+    assert result["total_rows"] == 1000 and result["truncated"]
 
 
 def test_cells_become_json() -> None:
