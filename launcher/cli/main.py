@@ -20,18 +20,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography import x509
-
 from .. import __version__
 from ..client import ControlPlaneClient
 from ..config import LauncherConfig, load_config
-from ..data.cache import ObjectCache
-from ..data.datapath import DataPath
 from ..errors import DuckcellError
 from ..executor import collect_table
 from ..host import LocalLauncher
 from ..inputs import check_statement_text, read_small_file, statement_text, stream_bytes
-from ..model.catalog import load_catalog
 from ..model.policy import load_policies, load_policy_file
 from ..model.sql import ParserPool, check_statement
 from ..sandbox.backend.base import LABEL_LAUNCHER, LABEL_POLICY
@@ -46,7 +41,8 @@ from .cache import add_cache_parser, run_cache_command
 from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
 from .mcp import add_mcp_parser, run_mcp_command
 from .output import FORMATS, check_output, write_result
-from .secrets import add_secrets_parser, run_secrets_command, secret_store
+from .secrets import add_secrets_parser, run_secrets_command
+from .wiring import control_plane_ca, local_data_path
 from .worker import add_worker_parser, place_sandboxes, run_worker
 
 log = logging.getLogger("duckcell.worker")
@@ -182,7 +178,7 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
     parser = ParserPool(size=1) if args.catalog else None
     if parser is not None:
         await parser.start()
-    data = _data_path(args.catalog, config, parser)
+    data = local_data_path(args.catalog, config, parser)
     if data is not None:
         config = dataclasses.replace(config, cache_dir=data.cache.root)
     try:
@@ -223,32 +219,11 @@ def _statement(given: str) -> str:
     return statement_text(stream_bytes(sys.stdin))
 
 
-def _data_path(
-    catalog: Path | None, config: LauncherConfig, parser: ParserPool | None
-) -> DataPath | None:
-    """The data path for ``--catalog``; its cache is ``cache_dir``, else STATE_DIR/cache, and
-    ``{store: NAME}`` secrets come from STATE_DIR/secrets."""
-    if catalog is None or parser is None:
-        return None
-    cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    secrets = secret_store(config.state_dir)
-    return DataPath(load_catalog(catalog), cache, parser=parser, secrets=secrets)
-
-
 async def _remote_query(args: argparse.Namespace, sql: str, progress: Progress) -> int:
     api_key = args.api_key or os.environ.get("DUCKCELL_API_KEY")
     if not api_key:
         raise DuckcellError("--control-plane needs --api-key KEY (or DUCKCELL_API_KEY)")
-    if args.ca_file is None:
-        raise DuckcellError("--control-plane needs --ca-file PEM (`duckcell controlplane ca`)")
-    ca_pem = read_small_file(args.ca_file, "--ca-file", "the control plane's CA certificate")
-    try:
-        x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
-        raise DuckcellError(
-            f"--ca-file: {args.ca_file} is not a PEM certificate; get the control plane's with "
-            "`duckcell controlplane ca --data DIR > FILE`"
-        ) from None
+    ca_pem = control_plane_ca(args.ca_file)
     chosen = f"policy {args.policy}" if args.policy else "your role's policy, else the default"
     progress(f"running on a worker through {args.control_plane} ({chosen})")
     async with ControlPlaneClient(args.control_plane, api_key, ca_pem) as client:

@@ -18,12 +18,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography import x509
-
 from ..client import ControlPlaneClient
 from ..config import LauncherConfig
-from ..data.cache import ObjectCache
-from ..data.datapath import DataPath
 from ..errors import DuckcellError, SessionError
 from ..host import LocalLauncher
 from ..inputs import read_small_file
@@ -33,12 +29,11 @@ from ..mcp.local import LocalBackend
 from ..mcp.remote import AGENT_POLICY, RemoteBackend
 from ..mcp.results import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, Bounds
 from ..mcp.server import ToolSettings, build_server
-from ..model.catalog import load_catalog
 from ..model.sql import ParserPool
 from ..resources import PACKAGE_DIR
 from ..sandbox.backend.docker_engine import DockerBackend
 from .controlplane import dial_address
-from .secrets import secret_store
+from .wiring import control_plane_ca, local_data_path
 
 SAMPLE_CATALOG = PACKAGE_DIR.parent / "sample_data" / "catalog.yaml"
 
@@ -137,13 +132,11 @@ async def _serve_local(
     if args.cache_dir is not None:
         config = dataclasses.replace(config, cache_dir=args.cache_dir)
     parser = ParserPool(size=1) if catalog_file else None
-    data: DataPath | None = None
-    if parser is not None and catalog_file is not None:
+    if parser is not None:
         await parser.start()
-        cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-        secrets = secret_store(config.state_dir)
-        data = DataPath(load_catalog(catalog_file), cache, parser=parser, secrets=secrets)
-        config = dataclasses.replace(config, cache_dir=cache.root)
+    data = local_data_path(catalog_file, config, parser)
+    if data is not None:
+        config = dataclasses.replace(config, cache_dir=data.cache.root)
     try:
         async with LocalLauncher(
             config, DockerBackend.for_config(config), warm_override=0
@@ -159,16 +152,7 @@ async def _serve_local(
 
 async def _serve_remote(args: argparse.Namespace, settings: ToolSettings) -> None:
     api_key = _api_key(args.api_key_file)
-    if args.ca_file is None:
-        raise DuckcellError("--control-plane needs --ca-file PEM (`duckcell controlplane ca`)")
-    ca_pem = read_small_file(args.ca_file, "--ca-file", "the control plane's CA certificate")
-    try:
-        x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
-        raise DuckcellError(
-            f"--ca-file: {args.ca_file} is not a PEM certificate; get the control plane's with "
-            "`duckcell controlplane ca --data DIR > FILE`"
-        ) from None
+    ca_pem = control_plane_ca(args.ca_file)
     async with ControlPlaneClient(args.control_plane, api_key, ca_pem) as client:
         # Refuse a wrong key (or an unreachable control plane) now, not at the agent's first
         # statement: closing a session that does not exist authenticates, and changes nothing.
