@@ -2,11 +2,14 @@
 (its instance lock) and "does a query pin that cache entry" (its pin file).
 
 The probe takes the lock exclusively without waiting and lets go at once: failing means some
-holder (in any process on the host) has it. A missing file is nobody's lock.
+holder (in any process on the host) has it. A missing file (or a symlink planted in its place)
+is nobody's lock; a file that cannot be opened for another reason (permissions) raises
+``OSError``: "not held" would let a caller remove what a live process still uses.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -20,8 +23,12 @@ def lock_held(path: Path) -> bool:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a symlink in place of the lock file
+            return False
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

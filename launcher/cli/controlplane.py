@@ -229,13 +229,13 @@ async def _serve(args: argparse.Namespace) -> int:
         check_listen(args.mcp_listen, plaintext=args.mcp_plaintext)  # before anything listens
     served = ControlPlaneWithFlight(server, flight_listen)
     await served.start()
-    mcp = _mcp_endpoint(args, server)
-    if mcp is not None:
-        try:
+    try:
+        mcp = _mcp_endpoint(args, server)
+        if mcp is not None:
             await mcp.start()
-        except BaseException:
-            await served.stop()
-            raise
+    except BaseException:
+        await served.stop()
+        raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -201,5 +201,9 @@ def check_entry(path: Path, size: int, sha256: str) -> tuple[str | None, FileKey
 
 
 def is_pinned(pin_path: Path) -> bool:
-    """Whether a lease (any process) pins the entry."""
-    return lock_held(pin_path)
+    """Whether a lease (any process) pins the entry (for ``stats``: a pin file that cannot be
+    opened counts as unpinned; removal never relies on this, it takes the lock itself)."""
+    try:
+        return lock_held(pin_path)
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import ssl
 import tempfile
 import time
@@ -143,15 +144,20 @@ class McpHttpEndpoint:
                 **tls_files,
             )
             config.load()  # reads the certificate now, before the directory goes
+        # The socket is bound here, not by uvicorn, which answers a port in use with
+        # sys.exit() from inside its task: a traceback and exit code 3 instead of one line.
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        try:
+            listening = socket.create_server((self._host, self._port), family=family)
+        except OSError as error:
+            raise ControlPlaneError(
+                f"cannot serve MCP on {self._host}:{self._port} ({error.strerror}); is the "
+                "port in use? (--mcp-listen)"
+            ) from None
+        self._port = listening.getsockname()[1]
         server = uvicorn.Server(config)
         self._uvicorn = server
-        self._serving = asyncio.ensure_future(server.serve())
-        while not server.started:
-            if self._serving.done():
-                self._serving.result()
-                raise ControlPlaneError(f"--mcp-listen: could not listen on {self._host}")
-            await asyncio.sleep(0.02)
-        self._port = server.servers[0].sockets[0].getsockname()[1]
+        self._serving = asyncio.ensure_future(server.serve(sockets=[listening]))
         self._spool = Path(tempfile.mkdtemp(prefix="duckcell-mcp-exports-"))
         self._sweeping = asyncio.ensure_future(self._sweep())
 

@@ -6,6 +6,8 @@ whole endpoint with a control plane and a worker is ``tests/integration/test_mcp
 
 from __future__ import annotations
 
+import socket
+
 import httpx2
 import pytest
 
@@ -34,9 +36,9 @@ def _verify(key: str) -> str:
     return KEYS[key]
 
 
-def _endpoint() -> McpHttpEndpoint:
+def _endpoint(listen: str = "127.0.0.1:0") -> McpHttpEndpoint:
     return McpHttpEndpoint(
-        "127.0.0.1:0",
+        listen,
         query_address="127.0.0.1:1",  # never dialled here
         ca_pem=b"",
         verify=_verify,
@@ -119,3 +121,15 @@ def test_plaintext_only_on_loopback() -> None:
     assert check_listen("0.0.0.0:7444", plaintext=False) == ("0.0.0.0", 7444)
     with pytest.raises(ControlPlaneError, match="loopback only"):
         check_listen("0.0.0.0:7444", plaintext=True)
+
+
+def test_a_port_in_use_is_one_clear_error() -> None:
+    """uvicorn would sys.exit() from inside its task; the endpoint binds first and says why."""
+
+    async def scenario() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            with pytest.raises(ControlPlaneError, match="is the port in use"):
+                await _endpoint(f"127.0.0.1:{port}").start()
+
+    run(scenario)
