@@ -28,6 +28,9 @@ from .messages import INVALID_OPTION_NAME, INVALID_OPTION_VALUE
 CATALOG, SCHEMA = "catalog", "schema"
 DEFAULTS = {CATALOG: CATALOG_NAME, SCHEMA: SCHEMA_NAME}
 
+# The database a session's statements run in before any USE (DuckDB's in-memory default); the
+# catalog clients are shown, ``duckcell``, holds views of the catalog tables beside it.
+SESSION_DATABASE = "memory"
 # Runs a statement in the connection's session; raises DuckDB's error.
 Use = Callable[[str], None]
 
@@ -76,6 +79,21 @@ class SessionOptions:
                 errors[name] = INVALID_OPTION_VALUE
                 continue
             if wanted == DEFAULTS[name]:
+                if current[name] != wanted and use is not None:
+                    # Back home from another catalog or schema: the session's own database
+                    # (its default schema), where statements ran before any USE.
+                    home = (
+                        quote(SESSION_DATABASE)
+                        if name == CATALOG or current[CATALOG] == CATALOG_NAME
+                        else quote(current[CATALOG])
+                    )
+                    try:
+                        use(f"USE {home}.{quote(SCHEMA_NAME)}")
+                    except Exception:  # DuckDB's refusal (the session detached its database)
+                        errors[name] = INVALID_OPTION_VALUE
+                        continue
+                    if name == CATALOG:
+                        current[SCHEMA] = SCHEMA_NAME
                 current[name] = wanted
                 continue
             if use is None:

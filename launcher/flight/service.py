@@ -253,6 +253,9 @@ class FlightSqlService(flight.FlightServerBase):
             parse_begin_transaction(body)
             if connection is None or not self.gateway.runs_in_session(caller, connection):
                 raise UnsupportedRequest(NO_TRANSACTIONS.format(role=caller.role))
+            if not self.gateway.sessions.current(caller, connection):
+                # No session (never opened, or it ended unseen): no transaction either.
+                self.transactions.forget(caller, connection)
             transaction_id = self.transactions.begin(caller, connection)
             try:
                 self._update(caller, "BEGIN TRANSACTION", b"", context)
@@ -395,6 +398,7 @@ class FlightSqlService(flight.FlightServerBase):
                 if connection is not None:  # ended: the connection's next statement reopens
                     self.gateway.sessions.forget(caller, connection)
                     self.transactions.forget(caller, connection)  # ended with its session
+                    self.options.forget(caller, connection)  # a new session starts at home
                 raise
 
     def _stream(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import OrderedDict
 
 from launcher.controlplane.apikeys import ApiKey
 
@@ -29,12 +30,18 @@ ALREADY_OPEN = "this connection already has a transaction open: commit or roll i
 UNKNOWN_TRANSACTION = "unknown transaction (ended, or begun on another connection): begin a new one"
 
 
+# Open transactions remembered at once (one per connection at most).
+MAX_OPEN = 10_000
+
+
 class Transactions:
     """The open transaction id of each connection, per API key (handler threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, str], bytes] = {}
+        # Bounded like the connections' other tables: past MAX_OPEN the oldest is dropped
+        # (its connection's next EndTransaction is then an unknown one).
+        self._open: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
     def begin(self, caller: ApiKey, connection: Connection) -> bytes:
         """A new id for the connection's transaction; ``InvalidRequest`` if one is open."""
@@ -44,6 +51,8 @@ class Transactions:
             if key in self._open:
                 raise InvalidRequest(ALREADY_OPEN)
             self._open[key] = transaction_id
+            while len(self._open) > MAX_OPEN:
+                self._open.popitem(last=False)
         return transaction_id
 
     def end(self, caller: ApiKey, connection: Connection, transaction_id: bytes) -> None:

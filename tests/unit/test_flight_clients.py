@@ -111,6 +111,20 @@ def test_adbc_session_options_are_the_advertised_catalog_and_schema(stack: Fligh
                 conn.adbc_current_db_schema = "elsewhere"
 
 
+def test_a_session_uses_another_catalog_and_comes_back_home(stack: FlightStack) -> None:
+    """In a session, catalog = an attached in-memory database runs USE there; catalog =
+    duckcell again runs USE back to the session's own database (it is not just recorded)."""
+    with connect(stack, SESSION_ROLE, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute("ATTACH ':memory:' AS pad")
+        conn.adbc_current_catalog = "pad"
+        cursor.execute("CREATE TABLE there AS SELECT 1 AS n")
+        assert rows(cursor, "SELECT current_database()") == [("pad",)]
+        conn.adbc_current_catalog = "duckcell"
+        assert conn.adbc_current_catalog == "duckcell"
+        assert rows(cursor, "SELECT current_database(), current_schema()") == [("memory", "main")]
+        assert rows(cursor, "SELECT n FROM pad.there") == [(1,)]
+
+
 def test_the_altertable_client_options_transactions_and_ingest(
     stack: FlightStack, tmp_path: Path
 ) -> None:
