@@ -91,19 +91,23 @@ class Exports:
         # and keeps the mode): the results of a conversation are not every local user's.
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         try:
-            async for chunk in chunks:
-                received += len(chunk)
-                if self.max_bytes is not None and received > _RESULT_PER_FILE_BYTE * self.max_bytes:
-                    raise ExportError(
-                        f"the result passed {received / 2**20:.0f} MiB, more than an export of "
-                        f"at most {self.max_bytes / 2**20:.0f} MiB may hold here: filter or "
-                        "aggregate it in SQL"
-                    )
-                for batch in decoder.feed(chunk):
-                    if writer is None:
-                        writer = _Writer(partial, batch.schema, fmt)
-                    await asyncio.to_thread(writer.write, batch)
-                    rows += batch.num_rows
+            async with contextlib.aclosing(chunks) as stream:  # type: ignore[type-var]
+                async for chunk in stream:
+                    received += len(chunk)
+                    if (
+                        self.max_bytes is not None
+                        and received > _RESULT_PER_FILE_BYTE * self.max_bytes
+                    ):
+                        raise ExportError(
+                            f"the result passed {received / 2**20:.0f} MiB, more than an export of "
+                            f"at most {self.max_bytes / 2**20:.0f} MiB may hold here: filter or "
+                            "aggregate it in SQL"
+                        )
+                    for batch in decoder.feed(chunk):
+                        if writer is None:
+                            writer = _Writer(partial, batch.schema, fmt)
+                        await asyncio.to_thread(writer.write, batch)
+                        rows += batch.num_rows
             decoder.finish()
             if writer is None:  # no batch: the file still has the columns
                 assert decoder.schema is not None  # finish() checked it

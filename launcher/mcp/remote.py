@@ -12,6 +12,7 @@ again with no name (the control plane then uses the role's).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from ..client import ControlPlaneClient
@@ -48,8 +49,11 @@ class RemoteBackend:
         await self._client.close_session(session_id)
 
     async def chunks(self, sql: str, session_id: str) -> AsyncIterator[bytes]:
-        async for chunk in self._client.chunks(sql, session_id=session_id):
-            yield chunk
+        # Closed however the reader stops: the statement ends now, not when the garbage
+        # collector finalizes an abandoned stream.
+        async with contextlib.aclosing(self._client.chunks(sql, session_id=session_id)) as stream:
+            async for chunk in stream:
+                yield chunk
 
     async def tables(self) -> list[TableInfo]:
         return [
