@@ -23,6 +23,7 @@ from pathlib import Path
 from .. import __version__
 from ..client import ControlPlaneClient
 from ..config import LauncherConfig, load_config
+from ..data.datapath import DataPath
 from ..errors import DuckcellError
 from ..executor import collect_table
 from ..host import LocalLauncher
@@ -42,8 +43,8 @@ from .controlplane import add_controlplane_parser, dial_address, run_controlplan
 from .mcp import add_mcp_parser, run_mcp_command
 from .output import FORMATS, check_output, write_result
 from .secrets import add_secrets_parser, run_secrets_command
-from .wiring import control_plane_ca, local_data_path
-from .worker import add_worker_parser, place_sandboxes, run_worker
+from .wiring import control_plane_ca, local_data_path, placed
+from .worker import add_worker_parser, run_worker
 
 log = logging.getLogger("duckcell.worker")
 
@@ -173,15 +174,16 @@ async def _query(args: argparse.Namespace, progress: Progress) -> int:
         if args.catalog:
             raise DuckcellError("--catalog is for local queries; the control plane has its own")
         return await _remote_query(args, sql, progress)
-    config = _config(args)
+    config = await placed(_config(args))
     # Only a catalog's tables need the SQL parsed; its child starts while the launcher does.
     parser = ParserPool(size=1) if args.catalog else None
-    if parser is not None:
-        await parser.start()
-    data = local_data_path(args.catalog, config, parser)
-    if data is not None:
-        config = dataclasses.replace(config, cache_dir=data.cache.root)
+    data: DataPath | None = None
     try:
+        if parser is not None:
+            await parser.start()
+        data = local_data_path(args.catalog, config, parser)
+        if data is not None:
+            config = dataclasses.replace(config, cache_dir=data.cache.root)
         async with LocalLauncher(
             config, DockerBackend.for_config(config), warm_override=0, progress=progress
         ) as launcher:
@@ -293,8 +295,7 @@ async def _enroll(args: argparse.Namespace) -> int:
 
 async def _sandboxes(args: argparse.Namespace, progress: Progress) -> int:
     # In the worker's container, the same label as the worker's sandboxes (docs/deploy.md).
-    host_paths = os.environ.get("DUCKCELL_HOST_PATHS", "none")
-    config = await place_sandboxes(host_paths, _config(args), os.environ)
+    config = await placed(_config(args))
     backend = DockerBackend.for_config(config)
     try:
         await backend.ping()

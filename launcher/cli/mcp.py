@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..client import ControlPlaneClient
 from ..config import LauncherConfig
+from ..data.datapath import DataPath
 from ..errors import DuckcellError, SessionError
 from ..host import LocalLauncher
 from ..inputs import read_small_file
@@ -33,7 +34,7 @@ from ..model.sql import ParserPool
 from ..resources import PACKAGE_DIR
 from ..sandbox.backend.docker_engine import DockerBackend
 from .controlplane import dial_address
-from .wiring import control_plane_ca, local_data_path
+from .wiring import control_plane_ca, local_data_path, placed
 
 SAMPLE_CATALOG = PACKAGE_DIR.parent / "sample_data" / "catalog.yaml"
 
@@ -131,13 +132,15 @@ async def _serve_local(
     catalog_file = args.catalog or (SAMPLE_CATALOG if SAMPLE_CATALOG.is_file() else None)
     if args.cache_dir is not None:
         config = dataclasses.replace(config, cache_dir=args.cache_dir)
+    config = await placed(config)
     parser = ParserPool(size=1) if catalog_file else None
-    if parser is not None:
-        await parser.start()
-    data = local_data_path(catalog_file, config, parser)
-    if data is not None:
-        config = dataclasses.replace(config, cache_dir=data.cache.root)
+    data: DataPath | None = None
     try:
+        if parser is not None:
+            await parser.start()
+        data = local_data_path(catalog_file, config, parser)
+        if data is not None:
+            config = dataclasses.replace(config, cache_dir=data.cache.root)
         async with LocalLauncher(
             config, DockerBackend.for_config(config), warm_override=0
         ) as launcher:

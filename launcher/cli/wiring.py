@@ -1,9 +1,11 @@
 """What several commands build the same way: the control plane's CA from ``--ca-file`` (for
-``query --control-plane`` and ``mcp --control-plane``), and the host's data path for
-``--catalog`` (for ``query`` and ``mcp`` in local mode)."""
+``query --control-plane`` and ``mcp --control-plane``), the host's data path for ``--catalog``
+(for ``query`` and ``mcp`` in local mode), and where sandboxes' mounts are placed when the
+command runs in the worker's container (``query``, ``mcp``, ``sandboxes``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -16,6 +18,7 @@ from ..inputs import read_small_file
 from ..model.catalog import load_catalog
 from ..model.sql import ParserPool
 from .secrets import secret_store
+from .worker import place_sandboxes
 
 
 def control_plane_ca(ca_file: Path | None) -> bytes:
@@ -45,3 +48,11 @@ def local_data_path(
     return DataPath(
         load_catalog(catalog), cache, parser=parser, secrets=secret_store(config.state_dir)
     )
+
+
+async def placed(config: LauncherConfig) -> LauncherConfig:
+    """In the worker's container (``DUCKCELL_HOST_PATHS``, which the duckcell image sets), the
+    config with the engine's view of STATE and the cache and the worker's sandbox label, so a
+    command run there places its sandboxes' mounts as the worker does; elsewhere ``config``."""
+    setting = os.environ.get("DUCKCELL_HOST_PATHS", "none")
+    return await place_sandboxes(setting, config, os.environ)

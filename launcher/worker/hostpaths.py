@@ -99,7 +99,16 @@ async def resolve_host_paths(
     """The engine's view of ``needed`` (e.g. {"state directory": ..., "cache": ...})."""
     given = parse_host_paths(setting)
     if given is not None:
-        return EnginePaths(given)
+        explicit = EnginePaths(given)
+        for what, directory in needed.items():  # refused at start, not at the first query
+            try:
+                explicit.engine_path(str(directory))
+            except DuckcellError:
+                raise HostPathsError(
+                    f"--host-paths: the {what} {directory} is under none of the INSIDE paths "
+                    f"given ({explicit.describe()}); add {directory}=HOST_PATH"
+                ) from None
+        return explicit
     container = own_container_id(mountinfo)
     if container is None:
         raise HostPathsError(

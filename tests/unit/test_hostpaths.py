@@ -4,6 +4,7 @@ and named volume), the one-line refusals, and the translated binds of a sandbox'
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import docker
@@ -18,6 +19,7 @@ from launcher.worker.hostpaths import (
     own_container_id,
     parse_host_paths,
     place,
+    resolve_host_paths,
 )
 
 CONTAINER = "3f" * 32
@@ -116,3 +118,16 @@ def test_a_sandbox_config_binds_the_engine_paths_and_keeps_its_hardening() -> No
     )
     assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"] and "no-new-privileges:true" in host["SecurityOpt"]
+
+
+def test_explicit_pairs_must_cover_every_directory_at_start() -> None:
+    """INSIDE=HOST pairs that leave the cache out stop the worker at start, naming it, rather
+    than failing every query later; pairs that cover both are taken as given."""
+    needed = {"state directory": Path("/var/lib/duckcell"), "cache": Path("/cache")}
+    no_engine = None  # explicit pairs never inspect the container
+    state_only = "/var/lib/duckcell=/srv/state"
+    with pytest.raises(HostPathsError, match="the cache /cache is under none"):
+        asyncio.run(resolve_host_paths(state_only, needed, no_engine, ""))  # type: ignore[arg-type]
+    both = "/var/lib/duckcell=/srv/state,/cache=/srv/cache"
+    paths = asyncio.run(resolve_host_paths(both, needed, no_engine, ""))  # type: ignore[arg-type]
+    assert paths.engine_path("/cache/objects") == "/srv/cache/objects"
