@@ -56,7 +56,14 @@ def scan(sql: str) -> Placeholders:
     while i < length:
         char = sql[i]
         if char == "'" or char == '"':
-            i = _closing(sql, i + 1, char)
+            # E'...' takes backslash escapes (\' is a quote inside it), unless E ends a word.
+            escapes = (
+                char == "'"
+                and i > 0
+                and sql[i - 1] in "eE"
+                and not (i > 1 and _IDENTIFIER_CHAR.match(sql[i - 2]))
+            )
+            i = _closing(sql, i + 1, char, backslash=escapes)
         elif sql.startswith("--", i):
             end = sql.find("\n", i)
             i = length if end < 0 else end + 1
@@ -93,11 +100,16 @@ def scan(sql: str) -> Placeholders:
     return Placeholders("".join(pieces) + sql[start:], tuple(names), len(names))
 
 
-def _closing(sql: str, i: int, quote: str) -> int:
+def _closing(sql: str, i: int, quote: str, *, backslash: bool = False) -> int:
     """The index after the quote that closes a literal opened before ``i`` (doubled quotes
-    are part of it)."""
+    are part of it; with ``backslash``, so is any character after a backslash)."""
     while True:
         end = sql.find(quote, i)
+        if backslash:
+            escape = sql.find("\\", i)
+            if 0 <= escape < end or (end < 0 <= escape):
+                i = escape + 2
+                continue
         if end < 0:
             return len(sql)
         if sql.startswith(quote * 2, end):

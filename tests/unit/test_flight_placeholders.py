@@ -36,3 +36,16 @@ def test_named_values_are_taken_by_name() -> None:
     with pytest.raises(KeyError, match="b"):
         placeholders.order(["a"])
     assert scan("SELECT ?").order(["whatever"]) is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "count"),
+    [
+        ("SELECT E'\\'', ?", 1),  # \' inside E'...' is a quote, not the end
+        ("SELECT e'a\\\\', ?", 1),  # an escaped backslash, then the end
+        ("SELECT 'x\\', ?", 1),  # a plain string: the backslash is a character
+        ("SELECT name'x', ?", 1),  # E at the end of a word opens no E-string
+    ],
+)
+def test_backslash_escapes_only_in_e_strings(sql: str, count: int) -> None:
+    assert scan(sql).count == count

@@ -639,6 +639,10 @@ def test_a_session_attaches_in_memory_databases_and_nothing_else(dirs: RunnerCon
     assert not last.HasField("failure")
     _, last = execute(runner, "SELECT n FROM scratchpad.notes")
     assert last.failure.reason == pb.FAILURE_REASON_SQL  # gone with its database
+    for sql in ("DETACH duckcell", 'detach database if exists "DUCKCELL";'):
+        _, last = execute(runner, sql)
+        assert last.failure.reason == pb.FAILURE_REASON_DENIED, sql
+        assert "stays attached" in last.failure.message
     for sql in (
         f"ATTACH '{session_dir}/x.db' AS f",
         f"ATTACH '{session_dir}/a.parquet' AS f",

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -65,6 +66,7 @@ class DockerBackend:
         # Connected at the first engine call (in a worker thread, under that call's
         # deadline), so building a backend never blocks or fails: its user reports both.
         self._client = client
+        self._connecting = threading.Lock()
         self._run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self._run_dir, 0o700)
 
@@ -81,7 +83,9 @@ class DockerBackend:
     @property
     def _api(self) -> docker.APIClient:
         if self._client is None:
-            self._client = _connect(self._timeout_s)
+            with self._connecting:  # engine calls run in several threads at once
+                if self._client is None:
+                    self._client = _connect(self._timeout_s)
         return self._client.api
 
     async def _call(self, what: str, fn: Callable[[], T], deadline_s: float | None = None) -> T:

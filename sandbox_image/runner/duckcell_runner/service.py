@@ -61,6 +61,11 @@ _ATTACH_MEMORY = re.compile(
     re.IGNORECASE,
 )
 _SESSION_ALLOWED = {"ATTACH", "DETACH"}
+# DETACH of the catalog clients are shown (below), however it is spelled.
+_DETACH_CATALOG = re.compile(
+    r'\s*DETACH\s+(?:DATABASE\s+)?(?:IF\s+EXISTS\s+)?(?:duckcell|"duckcell")\s*;?\s*',
+    re.IGNORECASE,
+)
 # The catalog name Flight SQL clients are shown (``launcher.flight``): every bound table is
 # also a view in this in-memory database, so ``duckcell.main.trips`` works in SQL.
 _CATALOG = "duckcell"
@@ -473,6 +478,11 @@ class RunnerService(pb_grpc.RunnerServicer):
         if not self._config.session_dir or kind not in _SESSION_ALLOWED:
             return False
         if kind == "DETACH":
+            if _DETACH_CATALOG.fullmatch(statement.query) is not None:
+                raise QueryFailed(
+                    pb.FAILURE_REASON_DENIED,
+                    f"Permission Error: {_CATALOG} holds the catalog's tables; it stays attached",
+                )
             return True
         if _ATTACH_MEMORY.fullmatch(statement.query) is None:
             raise QueryFailed(
