@@ -171,6 +171,17 @@ def containers_of(engine: docker.DockerClient, launcher_id: str) -> list[str]:
     return [name.lstrip("/") for c in found for name in c["Names"][:1]]
 
 
+async def until_no_container(
+    engine: docker.DockerClient, launcher_id: str, deadline_s: float = 60.0
+) -> None:
+    """Wait until the engine lists no container of ``launcher_id`` (its sandboxes are gone);
+    fails the test after ``deadline_s``. The engine call runs in a thread: the test's loop
+    goes on serving the code that removes them."""
+    async with asyncio.timeout(deadline_s):
+        while await asyncio.to_thread(containers_of, engine, launcher_id):
+            await asyncio.sleep(0.2)
+
+
 QUERY_STARTED = re.compile(rb"runner: query \S+ started")
 
 

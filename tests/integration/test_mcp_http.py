@@ -34,7 +34,7 @@ from launcher.worker.enroll import enroll
 from tests.support.controlplane import FAST
 from tests.support.mcp import REPO
 
-from .conftest import containers_of
+from .conftest import containers_of, until_no_container
 
 pytestmark = pytest.mark.docker
 DEADLINE_S = 60.0
@@ -104,12 +104,6 @@ async def _sql(client: Client, sql: str) -> dict:
     return answer.structured_content
 
 
-async def _no_sandbox(engine: docker.DockerClient, launcher_id: str) -> None:
-    async with asyncio.timeout(DEADLINE_S):
-        while await asyncio.to_thread(containers_of, engine, launcher_id):
-            await asyncio.sleep(0.2)
-
-
 def test_each_mcp_session_is_a_session_of_its_own_and_ends_with_it(
     config: LauncherConfig, engine: docker.DockerClient, tmp_path: Path
 ) -> None:
@@ -145,7 +139,7 @@ def test_each_mcp_session_is_a_session_of_its_own_and_ends_with_it(
                 with pytest.raises(MCPError, match="no export named"):
                     await second.read_resource(uri)
             # Leaving the clients deletes their MCP sessions: their sandboxes go too.
-            await _no_sandbox(engine, config.launcher_id)
+            await until_no_container(engine, config.launcher_id, DEADLINE_S)
             async with httpx2.AsyncClient() as raw:
                 for header in ({"Authorization": "Bearer dck_wrong_key"}, {}):
                     reply = await raw.post(url, headers=header, json=_INITIALIZE)

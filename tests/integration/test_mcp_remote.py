@@ -24,7 +24,7 @@ from tests.support.controlplane import ControlPlane
 from tests.support.mcp import REPO, stdio_server
 from tests.support.waiting import eventually
 
-from .conftest import containers_of
+from .conftest import containers_of, until_no_container
 from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
@@ -53,12 +53,6 @@ def _args(control_plane: ControlPlane, tmp_path: Path, key: str) -> list[str]:
         "--ca-file",
         str(tmp_path / "ca.pem"),
     ]
-
-
-async def _no_sandbox(engine: docker.DockerClient, launcher_id: str) -> None:
-    async with asyncio.timeout(DEADLINE_S):
-        while await asyncio.to_thread(containers_of, engine, launcher_id):
-            await asyncio.sleep(0.2)
 
 
 def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
@@ -95,7 +89,7 @@ def test_a_conversation_keeps_its_session_on_the_worker_and_is_audited(
                 gone = await client.call_tool("run_sql", {"sql": "SELECT answer FROM notes"})
                 assert gone.is_error and "notes does not exist" in gone.content[0].text
                 assert sandbox not in containers_of(engine, config.launcher_id)
-            await _no_sandbox(engine, config.launcher_id)
+            await until_no_container(engine, config.launcher_id, DEADLINE_S)
             records = AuditLog(control_plane.data.database()).recent(50)
             # Every statement of the conversation's session is audited with the session's id.
             in_session = [r.sql for r in records if r.session_id == session_id]

@@ -26,7 +26,7 @@ from tests.conftest import RUN_ID, TEST_LAUNCHER_PREFIX
 from tests.support.mcp import stdio_server
 from tests.support.waiting import eventually
 
-from .conftest import containers_of
+from .conftest import containers_of, until_no_container
 
 pytestmark = pytest.mark.docker
 
@@ -88,12 +88,6 @@ async def _sql(client: Client, sql: str) -> dict:
     return answer.structured_content
 
 
-async def _no_sandbox(engine: docker.DockerClient, launcher_id: str) -> None:
-    async with asyncio.timeout(DEADLINE_S):
-        while await asyncio.to_thread(containers_of, engine, launcher_id):
-            await asyncio.sleep(0.2)
-
-
 def test_a_temp_table_lives_across_calls_and_closing_leaves_no_sandbox(
     mcp_env: dict[str, str], engine: docker.DockerClient
 ) -> None:
@@ -116,7 +110,7 @@ def test_a_temp_table_lives_across_calls_and_closing_leaves_no_sandbox(
             trips = await _sql(client, "SELECT count(*) AS n FROM trips")
             assert trips["rows"][0][0] > 0
             assert len(containers_of(engine, launcher_id)) == 1  # one sandbox: the session's
-        await _no_sandbox(engine, launcher_id)
+        await until_no_container(engine, launcher_id, DEADLINE_S)
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
@@ -137,7 +131,7 @@ def test_two_conversations_do_not_share_state_or_sandbox(
             assert (await _sql(first, "SELECT note FROM secret"))["rows"] == [["only mine"]]
             sandboxes = containers_of(engine, launcher_id)
             assert len(sandboxes) == 2 and len(set(sandboxes)) == 2
-        await _no_sandbox(engine, launcher_id)
+        await until_no_container(engine, launcher_id, DEADLINE_S)
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
@@ -262,7 +256,7 @@ def test_a_session_duckcell_ended_is_said_once_then_a_fresh_one_opens(
         async with _client(mcp_env, "--policy", "mcp-idle") as client:
             first = await _sql(client, "CREATE TEMP TABLE kept AS SELECT 1 AS v")
             # The idle TTL ends the session and its sandbox goes.
-            await _no_sandbox(engine, launcher_id)
+            await until_no_container(engine, launcher_id, DEADLINE_S)
             told = await client.call_tool("run_sql", {"sql": "SELECT v FROM kept"})
             assert told.is_error
             text = told.content[0].text

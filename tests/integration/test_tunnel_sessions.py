@@ -17,18 +17,12 @@ from launcher.controlplane.datadir import ControlPlaneData
 from launcher.errors import SessionError, SqlError
 from tests.support.controlplane import ControlPlane
 
-from .conftest import containers_of
+from .conftest import containers_of, until_no_container
 from .remote_stack import remote_stack
 
 pytestmark = pytest.mark.docker
 # Removing a container takes the engine a moment after the launcher lets it go.
 REMOVAL_DEADLINE_S = 30.0
-
-
-async def _until_no_container(engine: docker.DockerClient, launcher_id: str) -> None:
-    async with asyncio.timeout(REMOVAL_DEADLINE_S):
-        while await asyncio.to_thread(containers_of, engine, launcher_id):
-            await asyncio.sleep(0.2)
 
 
 def test_a_session_keeps_its_temp_table_in_one_real_sandbox_until_closed(
@@ -53,7 +47,7 @@ def test_a_session_keeps_its_temp_table_in_one_real_sandbox_until_closed(
             await client.close_session(session_id)
             with pytest.raises(SessionError, match="has ended: it was closed"):
                 await client.table("SELECT * FROM notes", session_id=session_id)
-            await _until_no_container(engine, config.launcher_id)
+            await until_no_container(engine, config.launcher_id, REMOVAL_DEADLINE_S)
         assert containers_of(engine, config.launcher_id) == []
 
     try:
