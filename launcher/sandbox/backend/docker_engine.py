@@ -140,13 +140,26 @@ class DockerBackend:
         else:
             # The run dir above is 0700 and ours; inside it the runner's uid must write.
             os.chmod(socket_dir, 0o777)
+        returned = threading.Event()
+
+        def create() -> str:
+            try:
+                return self._create(spec, socket_dir)
+            finally:
+                returned.set()
+
         try:
-            container_id = await self._call("create", lambda: self._create(spec, socket_dir))
+            container_id = await self._call("create", create)
         except BaseException:
-            remove_socket_dir(socket_dir)
-            # A create that timed out here may still complete in the engine: remove by name.
+            # A deadline or a cancel (a pool closing) stops the wait, not the engine call, which
+            # may still create the container: let that call return first (within the engine
+            # deadline), so that the removal by name comes after it, never before.
+            ended = asyncio.ensure_future(asyncio.to_thread(returned.wait, self._timeout_s))
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(ended)
             with contextlib.suppress(Exception):
                 await self.remove_by_id(spec.name)
+            remove_socket_dir(socket_dir)
             raise
         return SandboxHandle(container_id, spec.name, f"unix://{socket_dir / SOCKET_NAME}")
 
