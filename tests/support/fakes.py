@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -23,7 +22,13 @@ from duckcell_runner.lockdown import RunnerConfig, open_locked
 from duckcell_runner.service import RunnerService
 from launcher.errors import ImageMissingError
 from launcher.protocol import runner_pb2_grpc as pb_grpc
-from launcher.sandbox.backend.base import ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
+from launcher.sandbox.backend.base import (
+    ContainerInfo,
+    ContainerState,
+    RuntimeRegistration,
+    SandboxHandle,
+    SandboxSpec,
+)
 
 
 @dataclass
@@ -46,7 +51,9 @@ class FakeBackend:
     fail_start: bool = False
     # The engine's runtime registrations (no runsc: the gate refuses runsc policies), how often
     # they were read, and an error to answer the read with instead.
-    registered: dict[str, Any] = field(default_factory=lambda: {"runc": {"path": "runc"}})
+    registered: dict[str, RuntimeRegistration] = field(
+        default_factory=lambda: {"runc": {"path": "runc"}}
+    )
     runtime_reads: int = 0
     runtimes_error: Exception | None = None
 
@@ -130,7 +137,7 @@ class FakeBackend:
             if all(c.spec.labels.get(k) == v for k, v in labels.items())
         ]
 
-    async def runtimes(self) -> dict[str, Any]:
+    async def runtimes(self) -> dict[str, RuntimeRegistration]:
         self.runtime_reads += 1
         if self.runtimes_error is not None:
             raise self.runtimes_error

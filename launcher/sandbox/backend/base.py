@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 # Label keys every sandbox carries, so orphans can be found after a crash.
 LABEL_LAUNCHER = "duckcell.launcher"
@@ -69,6 +69,13 @@ class ContainerInfo:
     labels: Mapping[str, str]
 
 
+class RuntimeRegistration(TypedDict, total=False):
+    """One runtime as the engine registered it (``docker info``'s "Runtimes" values)."""
+
+    path: str
+    runtimeArgs: list[str]
+
+
 class SandboxBackend(Protocol):
     """Runs sandbox containers. Every method has a deadline and raises BackendError."""
 
@@ -99,8 +106,8 @@ class SandboxBackend(Protocol):
 
     async def remove_by_id(self, container_id: str) -> None: ...
 
-    async def runtimes(self) -> Mapping[str, Any]:
-        """The engine's runtime registrations (name -> {path, runtimeArgs}), read anew."""
+    async def runtimes(self) -> Mapping[str, RuntimeRegistration]:
+        """The engine's runtime registrations by name, read anew."""
         ...
 
     def close(self) -> None:

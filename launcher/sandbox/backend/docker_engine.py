@@ -23,7 +23,14 @@ import requests.exceptions
 
 from ...config import LauncherConfig
 from ...errors import BackendError, EngineTimeoutError, EngineUnavailableError, ImageMissingError
-from .base import SANDBOX_FILES, ContainerInfo, ContainerState, SandboxHandle, SandboxSpec
+from .base import (
+    SANDBOX_FILES,
+    ContainerInfo,
+    ContainerState,
+    RuntimeRegistration,
+    SandboxHandle,
+    SandboxSpec,
+)
 from .paths import EngineMount, EnginePaths
 from .seccomp import profile_json
 
@@ -112,7 +119,7 @@ class DockerBackend:
     async def ping(self) -> None:
         await self._call("ping", lambda: self._api.ping())
 
-    async def runtimes(self) -> dict[str, Any]:
+    async def runtimes(self) -> dict[str, RuntimeRegistration]:
         """The engine's runtime registrations (``docker info``: name -> path, runtimeArgs)."""
         info = await self._call("info", lambda: self._api.info())
         return dict(info.get("Runtimes") or {})

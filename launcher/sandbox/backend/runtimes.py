@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
 from ...errors import DuckcellError, EngineUnavailableError
-from .base import ContainerInfo, ContainerState, SandboxBackend, SandboxHandle, SandboxSpec
+from .base import (
+    ContainerInfo,
+    ContainerState,
+    RuntimeRegistration,
+    SandboxBackend,
+    SandboxHandle,
+    SandboxSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,7 @@ _BOOLEAN_FLAGS = frozenset({"oci-seccomp"})
 _TRUE = frozenset({"1", "t", "true"})  # Go's strconv.ParseBool, case-folded
 _FALSE = frozenset({"0", "f", "false"})
 
-Runtimes = Mapping[str, Any]  # ``docker info``'s "Runtimes": name -> {path, runtimeArgs}
+Runtimes = Mapping[str, RuntimeRegistration]  # ``docker info``'s "Runtimes", by name
 
 
 def runsc_flags(args: Sequence[str]) -> dict[str, str]:
