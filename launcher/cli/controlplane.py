@@ -29,13 +29,14 @@ from ..controlplane.policies import (
 )
 from ..controlplane.registry import Worker, WorkerRegistry
 from ..controlplane.server import ControlPlaneServer
-from ..errors import ControlPlaneError, DuckcellError
+from ..errors import DuckcellError
 from ..flight import ControlPlaneWithFlight, FlightListen
 from ..link.wire import split_address
 from ..mcp.endpoint import McpHttpEndpoint, check_listen
 from ..mcp.server import ToolSettings
 from ..model.catalog import load_catalog
 from ..yamlfile import parse_duration
+from .arguments import listen_address, positive_days, positive_int
 
 
 def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -108,7 +109,7 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     )
     serve.add_argument(
         "--audit-retention-days",
-        type=_positive_days,
+        type=positive_days,
         metavar="DAYS",
         help="delete audit records older than DAYS, at start and hourly (default: keep all)",
     )
@@ -136,12 +137,12 @@ def add_controlplane_parser(commands: argparse._SubParsersAction[argparse.Argume
     audit = control_commands.add_parser("audit", help="list recently routed queries, newest first")
     _add_data(audit)
     audit.add_argument(
-        "--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
+        "--limit", type=positive_int, default=DEFAULT_AUDIT_LIMIT, help="how many (default 50)"
     )
     audit.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     audit.add_argument(
         "--prune-older-than",
-        type=_positive_days,
+        type=positive_days,
         metavar="DAYS",
         help="instead of listing, delete the records of queries started more than DAYS ago",
     )
@@ -379,45 +380,6 @@ def _print_workers(workers: list[Worker], now: float) -> None:
 
 
 DAY_S = 86_400.0
-
-
-def listen_address(text: str) -> str:
-    """An argparse type: ``HOST:PORT`` to listen on (port 0: any free port)."""
-    return _address(text, listening=True)
-
-
-def dial_address(text: str) -> str:
-    """An argparse type: ``HOST:PORT`` to connect to."""
-    return _address(text, listening=False)
-
-
-def _address(text: str, *, listening: bool) -> str:
-    try:
-        split_address(text, listening=listening)
-    except ControlPlaneError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
-def _positive_days(text: str) -> float:
-    """An argparse type: a positive number of days (fractions allowed)."""
-    try:
-        days = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not days > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of days")
-    return days
 
 
 def _apikey_command(args: argparse.Namespace, data: ControlPlaneData) -> int:

@@ -38,8 +38,9 @@ from ..sandbox.image.recipe import DUCKCELL_TAG, duckcell_recipe
 from ..sandbox.instance import instance_alive, reap_orphans
 from ..worker.enroll import enroll
 from .allocator import tune_allocator
+from .arguments import dial_address
 from .cache import add_cache_parser, run_cache_command
-from .controlplane import add_controlplane_parser, dial_address, run_controlplane_command
+from .controlplane import add_controlplane_parser, run_controlplane_command
 from .mcp import add_mcp_parser, run_mcp_command
 from .output import FORMATS, check_output, write_result
 from .secrets import add_secrets_parser, run_secrets_command

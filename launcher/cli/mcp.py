@@ -33,7 +33,7 @@ from ..mcp.server import ToolSettings, build_server
 from ..model.sql import ParserPool
 from ..resources import PACKAGE_DIR
 from ..sandbox.backend.docker_engine import DockerBackend
-from .controlplane import dial_address
+from .arguments import dial_address
 from .wiring import control_plane_ca, local_data_path, placed
 
 SAMPLE_CATALOG = PACKAGE_DIR.parent / "sample_data" / "catalog.yaml"
