@@ -217,15 +217,7 @@ def _pip_install(wheels: WheelSet, target: Path, pip_cache: Path) -> None:
         # build's import check proves it).
         "--no-compile", *binary_wheel_flags(wheels), *wheels.requirements(),
     ]  # fmt: skip
-    env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    except subprocess.TimeoutExpired:
-        raise ImageBuildError("pip did not install the sandbox wheels within 30 minutes") from None
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
-        detail = (errors or done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ImageBuildError(f"pip could not fetch the sandbox wheels: {detail}")
+    run_pip(command, "the sandbox wheels")
 
 
 def write_context(out: BinaryIO, files: ContextFiles, site: Path, prefix: str = "site") -> None:
@@ -245,3 +237,17 @@ def write_context(out: BinaryIO, files: ContextFiles, site: Path, prefix: str = 
         for path in sorted(site.rglob("*")):
             name = f"{prefix}/{path.relative_to(site).as_posix()}"
             tar.add(path, name, recursive=False, filter=normalized)
+
+
+def run_pip(command: list[str], what: str) -> None:
+    """Run pip (``command``, fetching or installing ``what``) within 30 minutes; raises
+    ``ImageBuildError`` with pip's last error line."""
+    env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise ImageBuildError(f"pip did not fetch {what} within 30 minutes") from None
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+        detail = (errors or done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ImageBuildError(f"pip could not fetch {what}: {detail}")

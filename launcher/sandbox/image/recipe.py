@@ -17,9 +17,7 @@ Raises ImageBuildError when a source file is missing or pip cannot fetch a wheel
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from .context import (
     find_sandbox_dir,
     installed_here,
     prepare_site,
+    run_pip,
 )
 
 SANDBOX_TAG = "duckcell-sandbox:latest"
@@ -143,15 +142,7 @@ def download_wheels(wheels: WheelSet, cache_dir: Path) -> Path:
             "--cache-dir", str(cache_dir / "pip"), *binary_wheel_flags(wheels),
             *wheels.requirements(),
         ]  # fmt: skip
-        env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-        except subprocess.TimeoutExpired:
-            raise ImageBuildError("pip did not fetch the duckcell wheels in 30 minutes") from None
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
-            detail = (errors or done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ImageBuildError(f"pip could not fetch the duckcell wheels: {detail}")
+        run_pip(command, "the duckcell wheels")
         try:
             staging.rename(target)
         except OSError:
