@@ -8,8 +8,9 @@ and the server recognises both (besides duckcell's own ``x-duckcell-session`` he
   sends it as ``Bearer <token>`` on its later calls. The server keeps the token's SHA-256 mapped
   to the API key that authenticated the handshake (the key is checked again on every call, so a
   revoked key ends its tokens too) and to a connection id; the API key itself is never handed
-  back. Tokens idle for ``TOKEN_IDLE_S`` are forgotten, and each API key holds at most
-  ``MAX_TOKENS_PER_KEY`` (the oldest goes first).
+  back, and is kept sealed (AES-GCM) under a key derived from the token, which the server does
+  not keep: its memory holds no usable API key between calls. Tokens idle for ``TOKEN_IDLE_S``
+  are forgotten, and each API key holds at most ``MAX_TOKENS_PER_KEY`` (the oldest goes first).
 - **The Flight SQL session cookie** ``arrow_flight_session_id``, set on the first answer to a
   caller that sent none, which clients with cookie middleware send back. It is
   ``<connection id>.<MAC>``, the MAC (HMAC-SHA-256 under a secret made at start) binding the id
@@ -32,6 +33,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 TOKEN_PREFIX = "dcs1."
 COOKIE_NAME = "arrow_flight_session_id"
@@ -72,7 +75,7 @@ class Connection:
 
 @dataclass
 class _Token:
-    api_key: str
+    sealed_key: bytes  # the API key, sealed under the token (``_seal``)
     key_id: str
     connection: str
     last_used: float
@@ -97,7 +100,7 @@ class HandshakeTokens:
     def issue(self, api_key: str, key_id: str) -> str:
         """A fresh token for a connection authenticated by ``api_key``."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        entry = _Token(api_key, key_id, secrets.token_hex(12), self._clock())
+        entry = _Token(_seal(token, api_key), key_id, secrets.token_hex(12), self._clock())
         with self._lock:
             self._expire(entry.last_used)
             mine = [d for d, t in self._tokens.items() if t.key_id == key_id]
@@ -118,7 +121,7 @@ class HandshakeTokens:
                 return None
             entry.last_used = now
             self._tokens.move_to_end(digest)
-        return entry.api_key, Connection("token", entry.connection)
+        return _unseal(token, entry.sealed_key), Connection("token", entry.connection)
 
     def __len__(self) -> int:
         with self._lock:
@@ -178,3 +181,17 @@ def set_cookie(value: str) -> str:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sealing_key(token: str) -> bytes:
+    # Another hash of the token than ``_digest`` (the table's key): one cannot give the other.
+    return hashlib.sha256(b"duckcell token seal\x00" + token.encode()).digest()
+
+
+def _seal(token: str, api_key: str) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(_sealing_key(token)).encrypt(nonce, api_key.encode(), None)
+
+
+def _unseal(token: str, sealed: bytes) -> str:
+    return AESGCM(_sealing_key(token)).decrypt(sealed[:12], sealed[12:], None).decode()

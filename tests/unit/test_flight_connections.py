@@ -23,6 +23,7 @@ from adbc_driver_flightsql import DatabaseOptions
 
 from launcher.controlplane.audit import AuditRecord
 from launcher.flight import messages as msg
+from launcher.flight.connections import HandshakeTokens
 from launcher.protocol import flightsql_pb2 as pb
 from tests.support.altertable import run_client
 from tests.support.flightstack import SESSION_ROLE, FlightStack, flight_stack
@@ -185,3 +186,16 @@ def test_the_altertable_client_with_its_defaults(stack: FlightStack, tmp_path: P
     assert per_query[:3] == [{"ok": [{"a": 42}]}, {"ok": 0}, {"error": per_query[2]["error"]}]
     assert "Table with name t does not exist" in per_query[2]["error"]
     assert stack.router.sessions == {}  # Client.close() sent CloseSession
+
+
+def test_the_token_table_holds_no_usable_api_key() -> None:
+    """A token resolves to its API key, but the table keeps only the token's digest and the key
+    sealed under the token: a dump of the server's memory between calls shows neither."""
+    tokens = HandshakeTokens()
+    api_key = "dck1.0123456789abcdef.a-secret-that-must-not-be-kept"
+    token = tokens.issue(api_key, "0123456789abcdef")
+    held = repr(vars(tokens))
+    assert "a-secret-that-must-not-be-kept" not in held and token not in held
+    found = tokens.resolve(token)
+    assert found is not None and found[0] == api_key
+    assert tokens.resolve(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
