@@ -44,10 +44,9 @@ def local_data_path(
     ``{store: NAME}`` secrets come from STATE_DIR/secrets."""
     if catalog is None or parser is None:
         return None
+    tables = load_catalog(catalog)  # first: a catalog that fails to load opens no cache
     cache = ObjectCache(config.cache_root, budget_bytes=config.cache_budget_bytes)
-    return DataPath(
-        load_catalog(catalog), cache, parser=parser, secrets=secret_store(config.state_dir)
-    )
+    return DataPath(tables, cache, parser=parser, secrets=secret_store(config.state_dir))
 
 
 async def placed(config: LauncherConfig) -> LauncherConfig:

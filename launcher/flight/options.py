@@ -70,7 +70,8 @@ class SessionOptions:
         ``USE`` in the connection's session (``None``: it runs in no session)."""
         current = self.get(caller, connection)
         errors: dict[str, int] = {}
-        for name, value in values.items():
+        # The catalog first, whatever order the client sent: a schema is one of the catalog's.
+        for name, value in sorted(values.items(), key=lambda item: item[0] != CATALOG):
             if name not in DEFAULTS:
                 errors[name] = INVALID_OPTION_NAME
                 continue
@@ -78,40 +79,20 @@ class SessionOptions:
             if not isinstance(wanted, str) or not wanted:
                 errors[name] = INVALID_OPTION_VALUE
                 continue
-            if wanted == DEFAULTS[name]:
-                if current[name] != wanted and use is not None:
-                    # Back home from another catalog or schema: the session's own database
-                    # (its default schema), where statements ran before any USE.
-                    home = (
-                        quote(SESSION_DATABASE)
-                        if name == CATALOG or current[CATALOG] == CATALOG_NAME
-                        else quote(current[CATALOG])
-                    )
-                    try:
-                        use(f"USE {home}.{quote(SCHEMA_NAME)}")
-                    except Exception:  # DuckDB's refusal (the session detached its database)
-                        errors[name] = INVALID_OPTION_VALUE
-                        continue
-                    if name == CATALOG:
-                        current[SCHEMA] = SCHEMA_NAME
-                current[name] = wanted
+            if wanted == current[name]:
                 continue
-            if use is None:
+            if use is None:  # no session: only the defaults, which are in force already
                 errors[name] = INVALID_OPTION_VALUE
                 continue
-            target = (
-                quote(wanted)
-                if name == CATALOG
-                else f"{quote(current[CATALOG])}.{quote(wanted)}"
-                if current[CATALOG] != CATALOG_NAME
-                else quote(wanted)
-            )
+            # Always fully qualified: a bare name is a database first to DuckDB's USE.
+            catalog = wanted if name == CATALOG else current[CATALOG]
+            schema = SCHEMA_NAME if name == CATALOG else wanted
             try:
-                use(f"USE {target}")
+                use(f"USE {quote(_database(catalog))}.{quote(schema)}")
             except Exception:  # DuckDB's refusal: the value is not one the session has
                 errors[name] = INVALID_OPTION_VALUE
                 continue
-            current[name] = wanted
+            current[CATALOG], current[SCHEMA] = catalog, schema
         if connection is not None:
             with self._lock:
                 self._values[(caller.key_id, connection.key)] = current
@@ -123,3 +104,9 @@ class SessionOptions:
     def forget(self, caller: ApiKey, connection: Connection) -> None:
         with self._lock:
             self._values.pop((caller.key_id, connection.key), None)
+
+
+def _database(catalog: str) -> str:
+    """The DuckDB database of a catalog name: ``duckcell`` (what clients are shown) is where a
+    session's statements run before any USE, the session's own database."""
+    return SESSION_DATABASE if catalog == CATALOG_NAME else catalog

@@ -103,11 +103,14 @@ def scan(sql: str) -> Placeholders:
 def _closing(sql: str, i: int, quote: str, *, backslash: bool = False) -> int:
     """The index after the quote that closes a literal opened before ``i`` (doubled quotes
     are part of it; with ``backslash``, so is any character after a backslash)."""
+    escape = -1  # the next backslash at or after i; len(sql) when there is none
     while True:
         end = sql.find(quote, i)
         if backslash:
-            escape = sql.find("\\", i)
-            if 0 <= escape < end or (end < 0 <= escape):
+            if escape < i:  # searched again only once passed: linear in the literal
+                found = sql.find("\\", i)
+                escape = len(sql) if found < 0 else found
+            if escape < len(sql) and (end < 0 or escape < end):
                 i = escape + 2
                 continue
         if end < 0:

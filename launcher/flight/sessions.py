@@ -51,7 +51,7 @@ class FlightSessions:
         self._bridge = bridge
         self._lock = threading.Lock()
         # (key id, name) -> (the router's session id, its owner as the router knows it), the
-        # latest opened last. An entry stays until its connection closes it or learns that it
+        # latest used last. An entry stays until its connection closes it or learns that it
         # ended; past MAX_CONNECTIONS the oldest is closed and dropped, so connections that
         # are abandoned after their session ended cannot grow the table without end.
         self._ids: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
@@ -65,6 +65,8 @@ class FlightSessions:
         key, owner = (caller.key_id, connection.key), caller_name(caller)
         with self._lock:
             found = self._ids.get(key)
+            if found is not None:
+                self._ids.move_to_end(key)  # in use: the last to be dropped
         if found is not None:
             return found[0]
         policy = session_policy(catalog, caller.role, "") or SESSION_POLICY

@@ -80,6 +80,15 @@ class Exports:
             raise ExportError(f"{name} exists already: choose another name or set overwrite")
         return path
 
+    def _check_size(self, partial: Path) -> None:
+        size = partial.stat().st_size
+        if self.max_bytes is not None and size > self.max_bytes:
+            cap = self.max_bytes / 2**20
+            raise ExportError(
+                f"the export passed {size / 2**20:.1f} MiB, more than the {cap:.0f} MiB an "
+                "export may hold here: filter or aggregate it in SQL"
+            )
+
     async def write(self, chunks: AsyncIterator[bytes], path: Path, fmt: Format) -> Exported:
         """Stream ``chunks`` (one statement's IPC bytes) into ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,18 +117,15 @@ class Exports:
                             writer = _Writer(partial, batch.schema, fmt)
                         await asyncio.to_thread(writer.write, batch)
                         rows += batch.num_rows
+                        # The file itself, too: a CSV of dictionary-encoded text can be a
+                        # thousand times its IPC (each row writes the whole label).
+                        self._check_size(partial)
             decoder.finish()
             if writer is None:  # no batch: the file still has the columns
                 assert decoder.schema is not None  # finish() checked it
                 writer = _Writer(partial, decoder.schema, fmt)
             await asyncio.to_thread(writer.close)
-            size = partial.stat().st_size
-            if self.max_bytes is not None and size > self.max_bytes:
-                cap = self.max_bytes / 2**20
-                raise ExportError(
-                    f"the result is {size / 2**20:.1f} MiB, more than the {cap:.0f} MiB an "
-                    "export may hold here: filter or aggregate it in SQL"
-                )
+            self._check_size(partial)
             os.replace(partial, path)
         except BaseException:
             if writer is not None:

@@ -46,7 +46,15 @@ class InstanceLock:
 
 def instance_alive(instances_dir: Path, instance_id: str) -> bool:
     """True while the launcher that owns ``instance_id`` still holds its lock."""
-    return lock_held(instances_dir / f"{instance_id}.lock")
+    try:
+        return lock_held(instances_dir / f"{instance_id}.lock")
+    except OSError as error:  # not ours to read: keep what it owns rather than reap it
+        log.warning(
+            "cannot tell whether launcher %s is alive (%s); keeping its sandboxes",
+            instance_id,
+            error.strerror or error,
+        )
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -639,7 +639,12 @@ def test_a_session_attaches_in_memory_databases_and_nothing_else(dirs: RunnerCon
     assert not last.HasField("failure")
     _, last = execute(runner, "SELECT n FROM scratchpad.notes")
     assert last.failure.reason == pb.FAILURE_REASON_SQL  # gone with its database
-    for sql in ("DETACH duckcell", 'detach database if exists "DUCKCELL";'):
+    for sql in (
+        "DETACH duckcell",
+        'detach database if exists "DUCKCELL";',
+        "DETACH /* x */ duckcell",
+        "DETACH duckcell -- x",
+    ):
         _, last = execute(runner, sql)
         assert last.failure.reason == pb.FAILURE_REASON_DENIED, sql
         assert "stays attached" in last.failure.message

@@ -148,8 +148,15 @@ class DockerBackend:
             # The run dir above is 0700 and ours; inside it the runner's uid must write.
             os.chmod(socket_dir, 0o777)
         returned = threading.Event()
+        state = threading.Lock()
+        began = abandoned = False
 
         def create() -> str:
+            nonlocal began
+            with state:
+                if abandoned:  # given up before the thread got to it: never call the engine
+                    raise BackendError("create abandoned before it reached the engine")
+                began = True
             try:
                 return self._create(spec, socket_dir)
             finally:
@@ -159,11 +166,15 @@ class DockerBackend:
             container_id = await self._call("create", create)
         except BaseException:
             # A deadline or a cancel (a pool closing) stops the wait, not the engine call, which
-            # may still create the container: let that call return first (within the engine
-            # deadline), so that the removal by name comes after it, never before.
-            ended = asyncio.ensure_future(asyncio.to_thread(returned.wait, self._timeout_s))
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(ended)
+            # may still create the container: let a call that began return first (within the
+            # engine deadline), so that the removal by name comes after it, never before.
+            with state:
+                abandoned = True
+                running = began
+            if running:
+                ended = asyncio.ensure_future(asyncio.to_thread(returned.wait, self._timeout_s))
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(ended)
             with contextlib.suppress(Exception):
                 await self.remove_by_id(spec.name)
             remove_socket_dir(socket_dir)

@@ -61,9 +61,10 @@ _ATTACH_MEMORY = re.compile(
     re.IGNORECASE,
 )
 _SESSION_ALLOWED = {"ATTACH", "DETACH"}
-# DETACH of the catalog clients are shown (below), however it is spelled.
-_DETACH_CATALOG = re.compile(
-    r'\s*DETACH\s+(?:DATABASE\s+)?(?:IF\s+EXISTS\s+)?(?:duckcell|"duckcell")\s*;?\s*',
+# The one DETACH a session sandbox runs: a plain or quoted name, nothing else (no comment).
+_DETACH = re.compile(
+    r"\s*DETACH\s+(?:DATABASE\s+)?(?:IF\s+EXISTS\s+)?"
+    r"(?P<name>[A-Za-z_][A-Za-z0-9_]*|\"[^\"\x00]{1,64}\")\s*;?\s*",
     re.IGNORECASE,
 )
 # The catalog name Flight SQL clients are shown (``launcher.flight``): every bound table is
@@ -478,10 +479,12 @@ class RunnerService(pb_grpc.RunnerServicer):
         if not self._config.session_dir or kind not in _SESSION_ALLOWED:
             return False
         if kind == "DETACH":
-            if _DETACH_CATALOG.fullmatch(statement.query) is not None:
+            detach = _DETACH.fullmatch(statement.query)
+            if detach is None or detach["name"].strip('"').lower() == _CATALOG:
                 raise QueryFailed(
                     pb.FAILURE_REASON_DENIED,
-                    f"Permission Error: {_CATALOG} holds the catalog's tables; it stays attached",
+                    f"Permission Error: a session may DETACH what it attached (DETACH name); "
+                    f"{_CATALOG} holds the catalog's tables and stays attached",
                 )
             return True
         if _ATTACH_MEMORY.fullmatch(statement.query) is None:
