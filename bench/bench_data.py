@@ -57,7 +57,7 @@ import duckdb
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import settle
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.report import render_data, target
 from bench.stats import Json, Progress, process_cpu_seconds, summarize
 from launcher.config import LauncherConfig, load_config
@@ -491,19 +491,13 @@ def parse_args(argv: list[str] | None) -> Plan:
         default=Path.home() / ".cache" / "duckcell" / "bench",
         help="where generated TPC-H data is kept and reused (default ~/.cache/duckcell/bench)",
     )
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
     parser.add_argument(
         "--listing-ttl",
         default="60s",
         help="the connection's listing_ttl for the 'listing reused' warm case (default 60s; the "
         "main warm case always uses the catalog default, 0s)",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     return Plan(
         scale=args.scale,

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import POLICY, SELECT_42, settle
 from bench.controlplane_process import ControlPlaneProcess
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.flight_paths import (
     ChainClient,
     Fetch,
@@ -264,13 +264,7 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--warm", type=int, default=10, help="warm pool size = burst length (10)")
     parser.add_argument("--wide-reps", type=int, default=5, help="10M-row reps per path (5)")
     parser.add_argument("--quick", action="store_true", help="10 SELECT 42 reps, 2 10M-row reps")
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     if min(args.reps, args.warm, args.wide_reps) < 1:
         parser.error("--reps, --warm and --wide-reps must be at least 1")

@@ -50,7 +50,7 @@ from bench.cases import POLICY, SELECT_42
 from bench.client_process import ClientProcess
 from bench.controlplane_process import ControlPlaneProcess
 from bench.engine import ContainerPeak, containers_by_policy
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.load_report import cpu_summary, phase_summary, render_load
 from bench.stats import Json, MachineCpu, Progress, cpu_seconds_of, cpu_spent, process_tree
 from bench.worker_process import WorkerProcess
@@ -293,13 +293,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         "--queries", type=int, default=50, help="statements per client and phase (50)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 clients x 5")
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     if args.clients < 1 or args.queries < 2:
         parser.error("--clients must be at least 1 and --queries at least 2")

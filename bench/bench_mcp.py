@@ -53,7 +53,7 @@ from mcp import Client, StdioServerParameters
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import remove_leftovers
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.stats import Json, Progress, cpu_seconds_of, cpu_spent, process_tree, summarize
 from launcher.cli.secrets import secret_store
 from launcher.config import load_config
@@ -373,13 +373,7 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--reps", type=int, default=60, help="SELECT 42 per conversation (60)")
     parser.add_argument("--big-reps", type=int, default=3, help="bounded results per conv. (3)")
     parser.add_argument("--quick", action="store_true", help="1 conversation, 10 reps, 1 big")
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "bench" / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     if min(args.conversations, args.reps, args.big_reps) < 1:
         parser.error("--conversations, --reps and --big-reps must be at least 1")

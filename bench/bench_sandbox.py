@@ -58,7 +58,7 @@ from bench.cases import (
     sustained,
 )
 from bench.engine import engine_churn, machine_info, sandbox_starts
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.report import render, targets
 from bench.stats import Json, Progress, summarize
 from bench.tunnel import tunnel_cases
@@ -221,13 +221,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         action="store_true",
         help="leave out the control plane + tunnel vs local path case",
     )
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     repeat = args.repeat or (5 if args.quick else 30)
     return Plan(

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import SELECT_42, settle
 from bench.controlplane_process import ControlPlaneProcess
-from bench.entry import run_benchmark
+from bench.entry import add_image_and_output, run_benchmark
 from bench.flight_paths import ChainClient, InProcessDuckDB
 from bench.stats import Json, Progress, summarize
 from bench.tunnel import CONNECT_TIMEOUT_S
@@ -369,13 +369,7 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--reps", type=int, default=80, help="SELECT 42 per role (80)")
     parser.add_argument("--opens", type=int, default=10, help="session connections opened (10)")
     parser.add_argument("--quick", action="store_true", help="10 reps, 3 opens")
-    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "bench" / "results",
-        help="directory for the JSON results (default bench/results)",
-    )
+    add_image_and_output(parser)
     args = parser.parse_args(argv)
     if min(args.reps, args.opens) < 1:
         parser.error("--reps and --opens must be at least 1")

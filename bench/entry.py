@@ -3,6 +3,7 @@ containers whatever happens (SIGTERM included), the table on stdout and the resu
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -19,6 +20,20 @@ from launcher.cli.allocator import tune_allocator
 from launcher.errors import DuckcellError
 
 Run = Callable[[str, Progress], Coroutine[Any, Any, Json]]
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_image_and_output(parser: argparse.ArgumentParser) -> None:
+    """The two arguments every benchmark script takes: the sandbox image, the results folder."""
+    parser.add_argument("--image", default="duckcell-sandbox:latest", help="sandbox image tag")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="directory for the JSON results (default bench/results)",
+    )
 
 
 def make_progress() -> Progress:
