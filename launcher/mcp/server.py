@@ -216,12 +216,14 @@ class _Tools:
                 return shape, None
             count = ResultBuilder(bounds)
             await _bounded(conversation.chunks(f"SELECT count(*) FROM {quoted}"), count, bounds)
-            return shape, int(count.rows[0][0]) if count.rows else None
+            counted = count.rows[0][0] if count.rows else None
+            # What the sandbox answered is not trusted to be the count it was asked for.
+            return shape, counted if isinstance(counted, int) and counted >= 0 else None
 
         shape, rows = await self._guarded(ctx, describe(), lambda: 0)
         columns = shape.result(0.0)["columns"]
         lines = [f"{c['name']}  {c['type']}" for c in columns]
-        lines.append(f"({rows} rows)" if rows is not None else "(rows not counted: a CSV table)")
+        lines.append(f"({rows} rows)" if rows is not None else "(rows not counted)")
         return CallToolResult(
             content=[TextContent(type="text", text="\n".join(lines))],
             structured_content={"table": table, "columns": columns, "row_count": rows},
@@ -229,7 +231,9 @@ class _Tools:
 
     async def export_result(
         self,
-        sql: Annotated[str, Field(description="the statement whose result to write")],
+        sql: Annotated[
+            str, Field(description="the statement whose result to write", max_length=1_000_000)
+        ],
         file_name: Annotated[str, Field(description="a plain file name, no directories")],
         ctx: Context,
         format: Literal["parquet", "csv"] = "parquet",  # the tool's word
