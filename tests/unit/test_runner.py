@@ -663,10 +663,15 @@ def test_a_session_attaches_in_memory_databases_and_nothing_else(dirs: RunnerCon
     assert not (session_dir / "x.db").exists()
 
 
-def test_the_catalog_clients_are_shown_names_the_bound_tables(dirs: RunnerConfig) -> None:
-    """Flight SQL shows tables as duckcell.main.<name>: that name works in SQL, per query and
-    in a session, next to the bare name."""
+def test_the_catalog_clients_are_shown_names_the_bound_tables(
+    dirs: RunnerConfig, service: RunnerService
+) -> None:
+    """Flight SQL shows tables as duckcell.main.<name>: that name works in SQL, per query (its
+    database attached at warm-up, or at the lock when there was none) and in a session, next
+    to the bare name."""
     tables = [binding(dirs, "a", "a.parquet")]
+    rows, _ = execute(service, "SELECT x FROM duckcell.main.a UNION ALL FROM a", tables=tables)
+    assert rows == [{"x": 1}, {"x": 1}]
     runner = RunnerService(open_locked(dirs), default_timeout_s=2, batch_rows=64, config=dirs)
     rows, _ = execute(runner, "SELECT x FROM duckcell.main.a UNION ALL FROM a", tables=tables)
     assert rows == [{"x": 1}, {"x": 1}]

@@ -202,6 +202,7 @@ class RunnerService(pb_grpc.RunnerServicer):
         self._con = con
         self._config = config if config is not None else RunnerConfig.from_env()
         self._allowed: frozenset[str] | None = None  # set by the first Execute's lock
+        self._catalog_attached = False  # the `duckcell` database (``_attach_catalog``)
         self._broken: str | None = None  # the lock failed half-way: serve nothing more
         self._default_timeout_s = default_timeout_s
         self._batch_rows = batch_rows
@@ -216,12 +217,19 @@ class RunnerService(pb_grpc.RunnerServicer):
         """Scan a small Parquet file (``warmup``), then run one query through the whole Execute
         path, so a tenant's first query is not cold. Before the lock; no tenant SQL yet."""
         warm_parquet(self._con, self._config.scratch_dir, self._batch_rows)
+        self._attach_catalog()  # here, in the pool, not on the first query's path (~1 ms)
         request = pb.ExecuteRequest(query_id="warmup", sql="SELECT 42::INTEGER AS answer")
         chunks = list(self._execute(request, _Running("warmup")))
         if not chunks or not chunks[-1].HasField("summary"):
             raise RuntimeError("runner warm-up query failed")
         self._warmup_ipc = b"".join(chunk.ipc for chunk in chunks if chunk.HasField("ipc"))
         self._startup_seconds = time.perf_counter() - started
+
+    def _attach_catalog(self) -> None:
+        """Attach the in-memory database named as the catalog clients are shown (once)."""
+        if not self._catalog_attached:
+            self._con.execute(f"ATTACH ':memory:' AS {_CATALOG}")
+            self._catalog_attached = True
 
     # --- RPCs -------------------------------------------------------------------------
     def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.ReadyReply:
@@ -306,7 +314,7 @@ class RunnerService(pb_grpc.RunnerServicer):
                 # Under the state lock: a cancel or timeout waits the few SETs out rather than
                 # interrupting one and leaving the sandbox half-locked (it is seen just below).
                 with self._state:
-                    self._con.execute(f"ATTACH ':memory:' AS {_CATALOG}")
+                    self._attach_catalog()  # done already unless warm-up was skipped
                     for statement in lock_statements(self._config, sorted(paths)):
                         self._con.execute(statement)
             except duckdb.Error as error:
